@@ -1,0 +1,451 @@
+//! cutover's configuration: the TOML file, environment overrides, and the
+//! validation that turns both into typed settings.
+//!
+//! Every key can be overridden by an environment variable named
+//! `CUTOVER_<SECTION>__<KEY>` (`CUTOVER_OLD__URL`, `CUTOVER_ADMIN__TOKEN`).
+//! Unknown keys are errors, and every error names the key and the reason, so
+//! an operator never runs with a setting that was silently ignored.
+
+mod url;
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use url::BackendUrl;
+
+/// A configuration problem, naming the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(String),
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The raw shape of the file. `deny_unknown_fields` makes a typo an error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    admin: RawAdmin,
+    old: RawBackend,
+    new: Option<RawBackend>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<String>,
+    max_client_connections: Option<u32>,
+    max_message_bytes: Option<u64>,
+    pool_timeout_ms: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    method: Option<String>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password: Option<String>,
+    password_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    url: String,
+    pool_size: Option<u32>,
+}
+
+/// How clients prove who they are to cutover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+impl AuthMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Trust => "trust",
+        }
+    }
+}
+
+/// One entry of the user list: cutover authenticates the client with this
+/// password and logs in to the backends as the same user with it.
+#[derive(Clone)]
+pub struct User {
+    pub name: String,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub max_client_connections: u32,
+    pub max_message_bytes: usize,
+    pub pool_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub method: AuthMethod,
+    pub users: Vec<User>,
+}
+
+impl AuthConfig {
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub url: BackendUrl,
+    pub pool_size: u32,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
+    pub old: BackendConfig,
+    pub new: Option<BackendConfig>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
+
+impl Config {
+    /// Loads `path` (TOML), applies `CUTOVER_*` environment overrides, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, vars)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Load(format!(
+                "file {} does not exist",
+                path.display()
+            )));
+        }
+        let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        let source = config::Environment::with_prefix("CUTOVER")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env.clone()));
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(source)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+        Self::validate(raw, &env)
+    }
+
+    /// Parses configuration text (TOML) without environment overrides.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        Self::validate(raw, &std::collections::HashMap::new())
+    }
+
+    fn validate(
+        raw: RawConfig,
+        env: &std::collections::HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let listen = parse_addr(
+            "proxy.listen",
+            raw.proxy.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+        )?;
+        let tls = match (raw.proxy.tls_cert, raw.proxy.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                for (k, p) in [("proxy.tls_cert", &cert), ("proxy.tls_key", &key)] {
+                    if !p.is_file() {
+                        return Err(ConfigError::invalid(
+                            k,
+                            format!("file {} does not exist", p.display()),
+                        ));
+                    }
+                }
+                Some(TlsFiles { cert, key })
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "proxy.tls_key",
+                    "tls_cert is set, so tls_key must be set too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "proxy.tls_cert",
+                    "tls_key is set, so tls_cert must be set too",
+                ))
+            }
+        };
+        let max_message_bytes = raw.proxy.max_message_bytes.unwrap_or(64 * 1024 * 1024);
+        if !(1024..=1 << 30).contains(&max_message_bytes) {
+            return Err(ConfigError::invalid(
+                "proxy.max_message_bytes",
+                "must be between 1024 and 1073741824",
+            ));
+        }
+        let max_client_connections = raw.proxy.max_client_connections.unwrap_or(1000);
+        if max_client_connections == 0 {
+            return Err(ConfigError::invalid(
+                "proxy.max_client_connections",
+                "must be at least 1",
+            ));
+        }
+        let proxy = ProxyConfig {
+            listen,
+            max_client_connections,
+            max_message_bytes: max_message_bytes as usize,
+            pool_timeout: Duration::from_millis(raw.proxy.pool_timeout_ms.unwrap_or(5_000)),
+            shutdown_timeout: Duration::from_millis(
+                raw.proxy.shutdown_timeout_ms.unwrap_or(30_000),
+            ),
+            connect_timeout: Duration::from_millis(raw.proxy.connect_timeout_ms.unwrap_or(5_000)),
+            tls,
+        };
+
+        let method = match raw.auth.method.as_deref().unwrap_or("scram-sha-256") {
+            "scram-sha-256" => AuthMethod::ScramSha256,
+            "md5" => AuthMethod::Md5,
+            "trust" => AuthMethod::Trust,
+            other => {
+                return Err(ConfigError::invalid(
+                    "auth.method",
+                    format!(
+                        "unknown method {other:?}; use \"scram-sha-256\", \"md5\" or \"trust\""
+                    ),
+                ))
+            }
+        };
+        let mut users = Vec::new();
+        for (i, u) in raw.auth.users.into_iter().enumerate() {
+            let key = format!("auth.users[{i}]");
+            if u.name.is_empty() {
+                return Err(ConfigError::invalid(&key, "name must not be empty"));
+            }
+            let password = match (u.password, u.password_env) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        &key,
+                        "set either password or password_env, not both",
+                    ))
+                }
+                (Some(p), None) => Some(p),
+                (None, Some(var)) => {
+                    match env.get(&var).cloned().or_else(|| std::env::var(&var).ok()) {
+                        Some(p) => Some(p),
+                        None => {
+                            return Err(ConfigError::invalid(
+                                &format!("{key}.password_env"),
+                                format!("environment variable {var} is not set"),
+                            ))
+                        }
+                    }
+                }
+                (None, None) => None,
+            };
+            if password.is_none() && method != AuthMethod::Trust {
+                return Err(ConfigError::invalid(
+                    &key,
+                    format!(
+                        "user {:?} has no password, which auth.method = \"{}\" needs",
+                        u.name,
+                        method.name()
+                    ),
+                ));
+            }
+            users.push(User {
+                name: u.name,
+                password,
+            });
+        }
+
+        let admin = AdminConfig {
+            listen: parse_addr(
+                "admin.listen",
+                raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+            )?,
+            token: raw.admin.token.filter(|t| !t.is_empty()),
+        };
+        let old = backend("old", raw.old)?;
+        let new = raw.new.map(|b| backend("new", b)).transpose()?;
+        Ok(Config {
+            proxy,
+            auth: AuthConfig { method, users },
+            admin,
+            old,
+            new,
+        })
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("{value:?} is not an address like \"127.0.0.1:6432\""),
+        )
+    })
+}
+
+fn backend(section: &str, raw: RawBackend) -> Result<BackendConfig, ConfigError> {
+    let url = BackendUrl::parse(&raw.url)
+        .map_err(|reason| ConfigError::invalid(&format!("{section}.url"), reason))?;
+    let pool_size = raw.pool_size.unwrap_or(50);
+    if pool_size == 0 {
+        return Err(ConfigError::invalid(
+            &format!("{section}.pool_size"),
+            "must be at least 1",
+        ));
+    }
+    Ok(BackendConfig { url, pool_size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [old]
+        url = "postgres://cutover:secret@127.0.0.1:5432/app"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.proxy.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.old.url.database, "app");
+        assert_eq!(c.old.pool_size, 50);
+        assert_eq!(c.auth.method, AuthMethod::ScramSha256);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::from_toml(&format!("{MINIMAL}\npool_sise = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("pool_sise"), "{err}");
+    }
+
+    #[test]
+    fn bad_method_names_the_key() {
+        let err = Config::from_toml(&format!("[auth]\nmethod = \"ldap\"\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("auth.method"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = std::env::temp_dir().join(format!("cutover-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let c = Config::load_with_env(
+            &path,
+            [
+                (
+                    "CUTOVER_OLD__URL".to_string(),
+                    "postgres://u@127.0.0.1:7000/other".to_string(),
+                ),
+                ("CUTOVER_OLD__POOL_SIZE".to_string(), "7".to_string()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.old.url.port, 7000);
+        assert_eq!(c.old.url.database, "other");
+        assert_eq!(c.old.pool_size, 7);
+    }
+
+    #[test]
+    fn password_env_is_resolved() {
+        let dir = std::env::temp_dir().join(format!("cutover-config-pe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[auth]\nusers = [{{ name = \"app\", password_env = \"APP_PW_X\" }}]\n{MINIMAL}"
+            ),
+        )
+        .unwrap();
+        let c = Config::load_with_env(&path, [("APP_PW_X".to_string(), "pw".to_string())]).unwrap();
+        assert_eq!(c.auth.user("app").unwrap().password.as_deref(), Some("pw"));
+        let err = Config::load_with_env(&path, []).unwrap_err();
+        assert!(err.to_string().contains("APP_PW_X"), "{err}");
+    }
+}

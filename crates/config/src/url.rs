@@ -1,0 +1,148 @@
+//! `postgres://user:password@host:port/database` URLs for the backends.
+
+/// A parsed backend URL. The user and password are the control-plane login;
+/// client sessions log in as the client's own user.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendUrl {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for BackendUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+impl BackendUrl {
+    /// `host:port`, for messages and status.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The URL with the password hidden, safe to log.
+    pub fn redacted(&self) -> String {
+        let pw = if self.password.is_some() { ":***" } else { "" };
+        format!(
+            "postgres://{}{}@{}/{}",
+            self.user,
+            pw,
+            self.address(),
+            self.database
+        )
+    }
+
+    pub fn parse(text: &str) -> Result<BackendUrl, String> {
+        let rest = text
+            .strip_prefix("postgres://")
+            .or_else(|| text.strip_prefix("postgresql://"))
+            .ok_or_else(|| format!("{text:?} must start with postgres://"))?;
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let (authority, database) = match rest.split_once('/') {
+            Some((a, d)) => (a, d),
+            None => (rest, ""),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            None => (String::new(), None),
+            Some(u) => match u.split_once(':') {
+                Some((name, pw)) => (decode(name)?, Some(decode(pw)?)),
+                None => (decode(u)?, None),
+            },
+        };
+        if user.is_empty() {
+            return Err("the URL must name a user (postgres://USER@host/db)".to_string());
+        }
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| "unterminated [ in host".to_string())?;
+            (h.to_string(), after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err("the URL must name a host".to_string());
+        }
+        let port = match port {
+            None | Some("") => 5432,
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| format!("port {p:?} is not a number from 1 to 65535"))?,
+        };
+        let database = decode(database)?;
+        let database = if database.is_empty() {
+            user.clone()
+        } else {
+            database
+        };
+        Ok(BackendUrl {
+            host,
+            port,
+            database,
+            user,
+            password,
+        })
+    }
+}
+
+fn decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_url() {
+        let u = BackendUrl::parse("postgres://cut%40over:p%3Aw@127.0.0.1:5433/app").unwrap();
+        assert_eq!(u.user, "cut@over");
+        assert_eq!(u.password.as_deref(), Some("p:w"));
+        assert_eq!(u.address(), "127.0.0.1:5433");
+        assert_eq!(u.database, "app");
+    }
+
+    #[test]
+    fn defaults_port_and_database() {
+        let u = BackendUrl::parse("postgresql://bob@[::1]").unwrap();
+        assert_eq!(u.address(), "[::1]:5432");
+        assert_eq!(u.database, "bob");
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(BackendUrl::parse("mysql://x@h/d").is_err());
+        assert!(BackendUrl::parse("postgres://h:99999/d").is_err());
+        assert!(BackendUrl::parse("postgres://u@h:99999/d").is_err());
+    }
+}
