@@ -1,1 +1,235 @@
-fn main() {}
+//! The `cutover` command: `serve` runs the daemon, `status` asks a running
+//! one how it is, `demo` runs the daemon in front of a throwaway PostgreSQL.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use cutover::cli_http;
+use cutover::Server;
+use cutover_config::Config;
+use cutover_control::Status;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cutover",
+    version,
+    about = "PostgreSQL proxy for zero-downtime database migrations"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and its admin API.
+    Serve {
+        /// TOML configuration; every key can be overridden by CUTOVER_<SECTION>__<KEY>.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show a running cutover's phase, backends, pools and clients.
+    Status {
+        /// Admin API base URL (default: admin.listen from --config, else http://127.0.0.1:9187).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Read the admin address from this configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a throwaway PostgreSQL and serve it through cutover; Ctrl-C cleans up.
+    Demo {
+        /// Where clients connect.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: String,
+        /// Where the admin API listens.
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        admin_listen: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cutover: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("cutover: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            report(runtime.block_on(serve(config)))
+        }
+        Command::Status {
+            admin,
+            config,
+            json,
+        } => report(status(admin, config, json)),
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => report(runtime.block_on(demo(listen, admin_listen))),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cutover: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    wait_for_signal().await?;
+    tracing::info!("signal received; shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn status(admin: Option<String>, config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let base = match (admin, config) {
+        (Some(url), _) => url,
+        (None, Some(path)) => format!("http://{}", Config::load(&path)?.admin.listen),
+        (None, None) => format!("http://{}", cutover_config::DEFAULT_ADMIN_LISTEN),
+    };
+    let response = cli_http::request(&base, "GET", "/v1/status", None, None)?;
+    if response.status != 200 {
+        anyhow::bail!("admin API answered {}: {}", response.status, response.body);
+    }
+    if json {
+        println!("{}", response.body);
+        return Ok(());
+    }
+    let status: Status = serde_json::from_str(&response.body).context("reading /v1/status")?;
+    print!("{}", render_status(&status));
+    Ok(())
+}
+
+fn render_status(s: &Status) -> String {
+    let mut out = format!(
+        "cutover {}  up {}s\nphase:   {}\nclients: {}\n\n",
+        s.version, s.uptime_seconds, s.phase, s.clients
+    );
+    out.push_str("BACKEND  ROLE       ADDRESS                DATABASE   HEALTH   POOL (in use/idle/waiting of size)\n");
+    for b in &s.backends {
+        let health = match b.healthy {
+            None => "unknown",
+            Some(true) => "up",
+            Some(false) => "DOWN",
+        };
+        let pool = b
+            .pool
+            .map(|p| format!("{}/{}/{} of {}", p.in_use, p.idle, p.waiting, p.size))
+            .unwrap_or_else(|| "-".to_string());
+        out.push_str(&format!(
+            "{:<8} {:<10} {:<22} {:<10} {:<8} {}\n",
+            b.name, b.role, b.address, b.database, health, pool
+        ));
+        if let Some(e) = &b.last_error {
+            out.push_str(&format!("         last error: {e}\n"));
+        }
+    }
+    out
+}
+
+async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
+    eprintln!("cutover demo: starting a throwaway PostgreSQL...");
+    let cluster = tokio::task::spawn_blocking(|| {
+        cutover_pgcluster::Cluster::start(cutover_pgcluster::ClusterOptions::default())
+    })
+    .await??;
+    cluster.psql("postgres", "CREATE ROLE app LOGIN PASSWORD 'app'")?;
+    cluster.psql("postgres", "CREATE DATABASE app OWNER app")?;
+    let config = Config::from_toml(&format!(
+        r#"
+        [proxy]
+        listen = "{listen}"
+        shutdown_timeout_ms = 2000
+        [auth]
+        method = "scram-sha-256"
+        users = [{{ name = "app", password = "app" }}]
+        [admin]
+        listen = "{admin_listen}"
+        [old]
+        url = "{}"
+        pool_size = 20
+        "#,
+        cluster.url(
+            cutover_pgcluster::SUPERUSER,
+            cutover_pgcluster::SUPERUSER_PASSWORD,
+            "app"
+        )
+    ))?;
+    let server = Server::start(config).await?;
+    println!();
+    println!(
+        "  PostgreSQL {} is on 127.0.0.1:{} (data in a temporary directory)",
+        cluster.bindir().display(),
+        cluster.port()
+    );
+    println!("  cutover listens on {listen}; connect with:");
+    println!();
+    println!("    psql \"postgres://app:app@{listen}/app\"");
+    println!();
+    println!("  status:  cargo run -- status --admin http://{admin_listen}");
+    println!("  metrics: curl http://{admin_listen}/metrics");
+    println!();
+    println!("  Ctrl-C stops cutover and deletes the database.");
+    wait_for_signal().await?;
+    eprintln!("cutover demo: stopping");
+    server.shutdown().await;
+    drop(cluster);
+    Ok(())
+}

@@ -1,1 +1,37 @@
-//! placeholder
+//! Backend sessions: logging in to a PostgreSQL backend as a given user over
+//! the raw protocol, pooling those sessions, forwarding cancel requests, and
+//! probing a backend's health. The proxy forwards bytes over these sessions;
+//! this crate never looks at query traffic.
+
+pub mod connection;
+pub mod pool;
+
+pub use connection::{send_cancel, BackendConnection, ConnectError, LoginTarget};
+pub use pool::{Checkout, OnReturn, Pool, PoolKey, PoolSettings, PoolStats};
+
+use cutover_config::BackendUrl;
+use std::time::{Duration, Instant};
+
+/// Logs in with the control-plane credentials from `url` and logs out again;
+/// returns how long the login took.
+pub async fn probe(
+    backend: &str,
+    url: &BackendUrl,
+    timeout: Duration,
+) -> Result<Duration, ConnectError> {
+    let started = Instant::now();
+    let address = url.address();
+    let target = LoginTarget {
+        backend,
+        address: &address,
+        database: &url.database,
+        user: &url.user,
+        password: url.password.as_deref(),
+        params: &[("application_name".to_string(), "cutover-health".to_string())],
+        timeout,
+    };
+    let conn = BackendConnection::connect(&target).await?;
+    let elapsed = started.elapsed();
+    conn.terminate().await;
+    Ok(elapsed)
+}

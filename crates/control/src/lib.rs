@@ -1,1 +1,11 @@
-//! placeholder
+//! Control state shared by the data path and the control plane: the
+//! migration phase and the metrics registry. It does no I/O; the admin crate
+//! serves it and the proxy updates it.
+
+pub mod metrics;
+pub mod phase;
+
+pub use metrics::{BackendMetrics, Metrics};
+pub use phase::Phase;
+pub mod status;
+pub use status::{BackendStatus, Health, PoolStatus, Status};

@@ -1,1 +1,147 @@
-//! placeholder
+//! The proxy's data path: the client listener, one session per client
+//! (handshake, backend checkout, relay), cancel forwarding and graceful
+//! shutdown. Sessions are pinned: a client owns one backend session for its
+//! lifetime. Routing beyond "everything to the primary" arrives with the
+//! read dial.
+
+mod cancel;
+pub mod relay;
+mod session;
+
+use cancel::CancelRegistry;
+use cutover_backend::{Pool, PoolSettings};
+use cutover_config::Config;
+use cutover_control::Metrics;
+use cutover_wire::auth::Authenticator;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+/// How long a client may take to complete startup and authentication
+/// (PostgreSQL's authentication_timeout default).
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Tls(#[from] cutover_wire::tls::TlsError),
+}
+
+/// Everything sessions share.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub authenticator: Authenticator,
+    pub tls: Option<TlsAcceptor>,
+    pub primary: Pool,
+    pub metrics: Arc<Metrics>,
+    pub cancels: CancelRegistry,
+    pub next_session: AtomicU64,
+    pub clients: AtomicI64,
+}
+
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Result<Proxy, ProxyError> {
+        let tls = match &config.proxy.tls {
+            Some(files) => Some(cutover_wire::tls::acceptor(&files.cert, &files.key)?),
+            None => None,
+        };
+        let primary = Pool::new(PoolSettings {
+            backend: "old".to_string(),
+            address: config.old.url.address(),
+            database: config.old.url.database.clone(),
+            size: config.old.pool_size,
+            connect_timeout: config.proxy.connect_timeout,
+            checkout_timeout: config.proxy.pool_timeout,
+        });
+        Ok(Proxy {
+            shared: Arc::new(Shared {
+                authenticator: Authenticator::new(&config.auth),
+                tls,
+                primary,
+                metrics,
+                cancels: CancelRegistry::default(),
+                next_session: AtomicU64::new(1),
+                clients: AtomicI64::new(0),
+                config,
+            }),
+        })
+    }
+
+    /// The pool of sessions on the primary (old) backend.
+    pub fn primary_pool(&self) -> &Pool {
+        &self.shared.primary
+    }
+
+    /// Clients connected and logged in now.
+    pub fn clients(&self) -> i64 {
+        self.shared.clients.load(Ordering::Relaxed)
+    }
+
+    /// Accepts clients until `shutdown` resolves; then stops accepting, lets
+    /// sessions finish for up to `proxy.shutdown_timeout`, closes the rest
+    /// with 57P01 as PostgreSQL's fast shutdown would, and returns once every
+    /// session task has ended.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let (close_tx, close_rx) = watch::channel(false);
+        let mut sessions = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let shared = self.shared.clone();
+                        let close = close_rx.clone();
+                        sessions.spawn(session::run(shared, tcp, peer, close));
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let timeout = self.shared.config.proxy.shutdown_timeout;
+        tracing::info!(
+            sessions = sessions.len(),
+            ?timeout,
+            "stopped accepting; waiting for sessions to finish"
+        );
+        let drained = tokio::time::timeout(timeout, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                sessions = sessions.len(),
+                "shutdown timeout reached; closing remaining sessions"
+            );
+            let _ = close_tx.send(true);
+            if tokio::time::timeout(Duration::from_secs(5), async {
+                while sessions.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
+            {
+                sessions.abort_all();
+            }
+        }
+        self.shared.primary.close_idle().await;
+    }
+}

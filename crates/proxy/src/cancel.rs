@@ -1,0 +1,54 @@
+//! Cancel keys. Clients get a (pid, secret) minted by the proxy; a
+//! CancelRequest carrying one is forwarded to the backend session that client
+//! is pinned to, with that session's real key. Unknown keys are ignored, as
+//! PostgreSQL ignores them.
+
+use cutover_wire::messages::backend_key_data::CancelKey;
+use rand::RngExt;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Where a cancel for a client key goes.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub address: String,
+    pub key: CancelKey,
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    targets: Mutex<HashMap<CancelKey, CancelTarget>>,
+}
+
+impl CancelRegistry {
+    /// Mints a fresh client key for `target`.
+    pub fn register(&self, target: CancelTarget) -> CancelKey {
+        let mut rng = rand::rng();
+        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let key = CancelKey {
+                pid: rng.random_range(1..i32::MAX),
+                secret: rng.random(),
+            };
+            if let std::collections::hash_map::Entry::Vacant(slot) = targets.entry(key) {
+                slot.insert(target);
+                return key;
+            }
+        }
+    }
+
+    pub fn forget(&self, key: CancelKey) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
+    pub fn lookup(&self, key: CancelKey) -> Option<CancelTarget> {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+    }
+}

@@ -1,0 +1,297 @@
+//! The hot loop: bytes from the client to its backend session and back.
+//!
+//! Each direction reads into its own buffer, walks the message headers in
+//! place, and writes the original bytes on in one write per read. Bodies are
+//! streamed through without being buffered whole, except the few backend
+//! messages whose contents the proxy needs (ReadyForQuery, ParameterStatus,
+//! ErrorResponse), which are small. The two directions run concurrently, so
+//! a client pushing COPY data never blocks notices or NOTIFY coming back.
+
+use bytes::{Buf, BytesMut};
+use cutover_control::BackendMetrics;
+use cutover_wire::frame::{self, FrameError};
+use cutover_wire::messages::ready_for_query::TransactionStatus;
+use cutover_wire::messages::{parameter_status, ready_for_query, ErrorResponse};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// State both directions touch: replies still owed and the transaction status.
+pub struct Shared {
+    /// Query, Sync and FunctionCall messages sent minus ReadyForQuery received.
+    pub outstanding: AtomicI64,
+    status: AtomicU8,
+    /// When each outstanding request was sent, for the latency histogram.
+    sent_at: Mutex<VecDeque<Instant>>,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared {
+            outstanding: AtomicI64::new(0),
+            status: AtomicU8::new(b'I'),
+            sent_at: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn status(&self) -> Option<TransactionStatus> {
+        TransactionStatus::from_byte(self.status.load(Ordering::Relaxed))
+    }
+
+    fn request_sent(&self) {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.sent_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Instant::now());
+    }
+
+    fn ready(&self, status: TransactionStatus, metrics: &BackendMetrics) {
+        self.status.store(status.byte(), Ordering::Relaxed);
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let sent = self
+            .sent_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        if let Some(sent) = sent {
+            metrics.duration.observe(sent.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Per-direction framing position.
+#[derive(Default)]
+pub struct Cursor {
+    pub buf: BytesMut,
+    /// Bytes of the current message still to pass through unexamined.
+    pub remaining: usize,
+}
+
+impl Cursor {
+    /// True at a message boundary with nothing buffered.
+    pub fn is_clean(&self) -> bool {
+        self.remaining == 0 && self.buf.is_empty()
+    }
+}
+
+/// The client side's framing, plus whether an extended-protocol batch is open.
+#[derive(Default)]
+pub struct ClientCursor {
+    pub cursor: Cursor,
+    /// False after Parse/Bind/Describe/Execute/Close/Flush until the next Sync.
+    pub unsynced: bool,
+}
+
+/// How the client direction ended.
+#[derive(Debug)]
+pub enum ClientEnd {
+    Terminated,
+    Disconnected,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("invalid frontend message type {0}")]
+    UnknownType(u8),
+    #[error("client i/o: {0}")]
+    ClientIo(std::io::Error),
+    #[error("backend i/o: {0}")]
+    BackendIo(std::io::Error),
+}
+
+impl ClientError {
+    pub fn protocol_reason(&self) -> Option<&'static str> {
+        match self {
+            ClientError::Frame(e) => Some(e.reason()),
+            ClientError::UnknownType(_) => Some("unknown_message_type"),
+            _ => None,
+        }
+    }
+}
+
+/// Client → backend. Returns when the client terminates or disconnects.
+pub async fn client_to_backend<R, W>(
+    client: &mut R,
+    backend: &mut W,
+    state: &mut ClientCursor,
+    shared: &Shared,
+    max_message: usize,
+    metrics: &BackendMetrics,
+) -> Result<ClientEnd, ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let cur = &mut state.cursor;
+        cur.buf.reserve(READ_CHUNK);
+        let n = client
+            .read_buf(&mut cur.buf)
+            .await
+            .map_err(ClientError::ClientIo)?;
+        if n == 0 {
+            return Ok(ClientEnd::Disconnected);
+        }
+        metrics.bytes_in.inc_by(n as u64);
+        let mut pos = 0;
+        let mut terminated = false;
+        loop {
+            let avail = cur.buf.len() - pos;
+            if cur.remaining > 0 {
+                let take = cur.remaining.min(avail);
+                pos += take;
+                cur.remaining -= take;
+                if cur.remaining > 0 {
+                    break;
+                }
+                continue;
+            }
+            if avail < 5 {
+                break;
+            }
+            let h = &cur.buf[pos..pos + 5];
+            let frame = frame::header([h[0], h[1], h[2], h[3], h[4]], max_message)?;
+            match frame.tag {
+                b'Q' => {
+                    shared.request_sent();
+                    metrics.simple_queries.inc();
+                }
+                b'S' => {
+                    shared.request_sent();
+                    state.unsynced = false;
+                }
+                b'F' => {
+                    shared.request_sent();
+                    metrics.function_calls.inc();
+                }
+                b'E' => {
+                    metrics.extended_queries.inc();
+                    state.unsynced = true;
+                }
+                b'P' | b'B' | b'D' | b'C' | b'H' => state.unsynced = true,
+                b'd' | b'c' | b'f' => {}
+                b'X' => {
+                    terminated = true;
+                    break;
+                }
+                other => return Err(ClientError::UnknownType(other)),
+            }
+            cur.remaining = frame.len;
+        }
+        if pos > 0 {
+            backend
+                .write_all(&cur.buf[..pos])
+                .await
+                .map_err(ClientError::BackendIo)?;
+            cur.buf.advance(pos);
+        }
+        if terminated {
+            cur.buf.clear();
+            return Ok(ClientEnd::Terminated);
+        }
+    }
+}
+
+/// How the backend direction ended.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("the backend closed the connection")]
+    Closed,
+    #[error("backend i/o: {0}")]
+    BackendIo(std::io::Error),
+    #[error("client i/o: {0}")]
+    ClientIo(std::io::Error),
+    #[error("malformed backend message: {0}")]
+    Malformed(String),
+}
+
+/// Backend → client. Runs until either side fails; `saw_fatal` tells whether
+/// the backend already explained itself with a FATAL error before closing.
+#[allow(clippy::too_many_arguments)]
+pub async fn backend_to_client<R, W>(
+    backend: &mut R,
+    client: &mut W,
+    cur: &mut Cursor,
+    shared: &Shared,
+    params: &mut Vec<(String, String)>,
+    saw_fatal: &mut bool,
+    metrics: &BackendMetrics,
+) -> BackendError
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        cur.buf.reserve(READ_CHUNK);
+        match backend.read_buf(&mut cur.buf).await {
+            Ok(0) => return BackendError::Closed,
+            Ok(_) => {}
+            Err(e) => return BackendError::BackendIo(e),
+        }
+        let mut pos = 0;
+        loop {
+            let avail = cur.buf.len() - pos;
+            if cur.remaining > 0 {
+                let take = cur.remaining.min(avail);
+                pos += take;
+                cur.remaining -= take;
+                if cur.remaining > 0 {
+                    break;
+                }
+                continue;
+            }
+            if avail < 5 {
+                break;
+            }
+            let h = &cur.buf[pos..pos + 5];
+            let frame = match frame::header([h[0], h[1], h[2], h[3], h[4]], usize::MAX) {
+                Ok(f) => f,
+                Err(e) => return BackendError::Malformed(e.to_string()),
+            };
+            if matches!(frame.tag, b'Z' | b'S' | b'E') {
+                if avail < frame.len {
+                    break;
+                }
+                let body = &cur.buf[pos + 5..pos + frame.len];
+                match frame.tag {
+                    b'Z' => match ready_for_query::decode(body) {
+                        Some(status) => shared.ready(status, metrics),
+                        None => return BackendError::Malformed("bad ReadyForQuery".to_string()),
+                    },
+                    b'S' => {
+                        if let Some((name, value)) = parameter_status::decode(body) {
+                            match params.iter_mut().find(|(n, _)| *n == name) {
+                                Some(entry) => entry.1 = value,
+                                None => params.push((name, value)),
+                            }
+                        }
+                    }
+                    _ => {
+                        if let Some(fields) = ErrorResponse::decode(body) {
+                            if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                                *saw_fatal = true;
+                            }
+                        }
+                    }
+                }
+                pos += frame.len;
+            } else {
+                cur.remaining = frame.len;
+            }
+        }
+        if pos > 0 {
+            if let Err(e) = client.write_all(&cur.buf[..pos]).await {
+                return BackendError::ClientIo(e);
+            }
+            metrics.bytes_out.inc_by(pos as u64);
+            cur.buf.advance(pos);
+        }
+    }
+}
