@@ -115,6 +115,14 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
 }
 
+/// The server's message for a tokio-postgres error (its Display says only "db error").
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
 /// One protocol message as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Msg {
