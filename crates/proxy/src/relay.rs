@@ -141,7 +141,7 @@ where
         }
         metrics.bytes_in.inc_by(n as u64);
         let mut pos = 0;
-        let mut terminated = false;
+        let mut stop = None;
         loop {
             let avail = cur.buf.len() - pos;
             if cur.remaining > 0 {
@@ -157,7 +157,13 @@ where
                 break;
             }
             let h = &cur.buf[pos..pos + 5];
-            let frame = frame::header([h[0], h[1], h[2], h[3], h[4]], max_message)?;
+            let frame = match frame::header([h[0], h[1], h[2], h[3], h[4]], max_message) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    stop = Some(Err(e.into()));
+                    break;
+                }
+            };
             match frame.tag {
                 b'Q' => {
                     shared.request_sent();
@@ -178,13 +184,17 @@ where
                 b'P' | b'B' | b'D' | b'C' | b'H' => state.unsynced = true,
                 b'd' | b'c' | b'f' => {}
                 b'X' => {
-                    terminated = true;
+                    stop = Some(Ok(ClientEnd::Terminated));
                     break;
                 }
-                other => return Err(ClientError::UnknownType(other)),
+                other => {
+                    stop = Some(Err(ClientError::UnknownType(other)));
+                    break;
+                }
             }
             cur.remaining = frame.len;
         }
+        // Whatever came before a Terminate or a bad message is still delivered.
         if pos > 0 {
             backend
                 .write_all(&cur.buf[..pos])
@@ -192,9 +202,9 @@ where
                 .map_err(ClientError::BackendIo)?;
             cur.buf.advance(pos);
         }
-        if terminated {
+        if let Some(end) = stop {
             cur.buf.clear();
-            return Ok(ClientEnd::Terminated);
+            return end;
         }
     }
 }
@@ -210,18 +220,30 @@ pub enum BackendError {
     ClientIo(std::io::Error),
     #[error("malformed backend message: {0}")]
     Malformed(String),
+    /// Only when draining: every outstanding reply has been delivered.
+    #[error("all outstanding replies delivered")]
+    Drained,
 }
 
-/// Backend → client. Runs until either side fails; `saw_fatal` tells whether
-/// the backend already explained itself with a FATAL error before closing.
-#[allow(clippy::too_many_arguments)]
+/// What the backend direction tracks besides framing.
+pub struct BackendView<'a> {
+    /// The session's ParameterStatus values, kept current.
+    pub params: &'a mut Vec<(String, String)>,
+    /// Set when the backend sent a FATAL error (it explained itself before closing).
+    pub saw_fatal: bool,
+    /// Stop once no reply is outstanding (used to answer what a client sent
+    /// before the message that got it disconnected).
+    pub drain: bool,
+}
+
+/// Backend → client. Runs until either side fails, or, when draining, until
+/// no reply is outstanding.
 pub async fn backend_to_client<R, W>(
     backend: &mut R,
     client: &mut W,
     cur: &mut Cursor,
     shared: &Shared,
-    params: &mut Vec<(String, String)>,
-    saw_fatal: &mut bool,
+    view: &mut BackendView<'_>,
     metrics: &BackendMetrics,
 ) -> BackendError
 where
@@ -229,6 +251,9 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
+        if view.drain && shared.outstanding.load(Ordering::Relaxed) <= 0 {
+            return BackendError::Drained;
+        }
         cur.buf.reserve(READ_CHUNK);
         match backend.read_buf(&mut cur.buf).await {
             Ok(0) => return BackendError::Closed,
@@ -267,16 +292,16 @@ where
                     },
                     b'S' => {
                         if let Some((name, value)) = parameter_status::decode(body) {
-                            match params.iter_mut().find(|(n, _)| *n == name) {
+                            match view.params.iter_mut().find(|(n, _)| *n == name) {
                                 Some(entry) => entry.1 = value,
-                                None => params.push((name, value)),
+                                None => view.params.push((name, value)),
                             }
                         }
                     }
                     _ => {
                         if let Some(fields) = ErrorResponse::decode(body) {
                             if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                                *saw_fatal = true;
+                                view.saw_fatal = true;
                             }
                         }
                     }

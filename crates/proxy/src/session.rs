@@ -195,6 +195,10 @@ async fn serve(shared: Arc<Shared>, request: StartupRequest, mut close: watch::R
     checkout.on_return(outcome);
 }
 
+/// How long replies to a client's last valid messages may take to arrive
+/// before it is disconnected for a protocol violation.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn shutdown_error() -> ErrorResponse {
     ErrorResponse::fatal(
         sqlstate::ADMIN_SHUTDOWN,
@@ -220,10 +224,13 @@ where
     let state = relay::Shared::new();
     let mut client_cursor = ClientCursor::default();
     let mut backend_cursor = Cursor::default();
-    let mut saw_fatal = false;
     let conn = checkout.conn();
     let (mut backend_r, mut backend_w) = conn.stream.split();
-    let params = &mut conn.params;
+    let mut view = relay::BackendView {
+        params: &mut conn.params,
+        saw_fatal: false,
+        drain: false,
+    };
 
     enum End {
         Client(Result<ClientEnd, ClientError>),
@@ -237,7 +244,7 @@ where
         ) => End::Client(r),
         e = relay::backend_to_client(
             &mut backend_r, &mut client_w, &mut backend_cursor, &state,
-            params, &mut saw_fatal, &metrics,
+            &mut view, &metrics,
         ) => End::Backend(e),
         _ = close.wait_for(|closing| *closing) => End::Shutdown,
     };
@@ -263,6 +270,21 @@ where
                     .with_label_values(&[reason])
                     .inc();
                 tracing::info!(error = %e, "closing client for protocol violation");
+                // Answer what the client sent before the bad message, as
+                // PostgreSQL would have, then refuse.
+                view.drain = true;
+                let _ = tokio::time::timeout(
+                    DRAIN_TIMEOUT,
+                    relay::backend_to_client(
+                        &mut backend_r,
+                        &mut client_w,
+                        &mut backend_cursor,
+                        &state,
+                        &mut view,
+                        &metrics,
+                    ),
+                )
+                .await;
                 let response = ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
                 let _ = client_w.write_all(&response.to_bytes()).await;
             } else if let ClientError::BackendIo(io) = &e {
@@ -279,7 +301,7 @@ where
                 BackendError::ClientIo(io) => {
                     tracing::debug!(error = %io, "client connection failed")
                 }
-                _ if saw_fatal => tracing::info!(error = %e, "backend ended the session"),
+                _ if view.saw_fatal => tracing::info!(error = %e, "backend ended the session"),
                 _ => {
                     tracing::warn!(error = %e, "lost the backend session");
                     let response = backend_lost(shared, &e);
