@@ -372,7 +372,7 @@ async fn psql_script_output_is_identical_through_cutover() {
         &script,
         format!(
             r#"
-CREATE TEMP TABLE words (id int primary key, word text);
+CREATE TABLE words (id int primary key, word text);
 \copy words from '{data}'
 SELECT * FROM words ORDER BY id;
 SELECT wrod FROM words;
@@ -386,6 +386,7 @@ COMMIT;
 \copy (SELECT * FROM words ORDER BY id) to stdout
 SELECT current_user, current_database(), current_setting('application_name');
 \d words
+DROP TABLE words;
 "#,
             data = data.display()
         ),

@@ -52,7 +52,7 @@ pub enum ConnectError {
         backend: String,
         /// The backend's own ErrorResponse, forwarded to the client unchanged.
         raw: BytesMut,
-        fields: ErrorFields,
+        fields: Box<ErrorFields>,
     },
     #[error("{backend} backend {address} asked for a password for user \"{user}\", but auth.users has none for that user")]
     NoPassword {
@@ -151,7 +151,7 @@ impl BackendConnection {
         let mut startup: Vec<(&str, &str)> =
             vec![("user", target.user), ("database", target.database)];
         startup.extend(target.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        frontend::startup_message(startup.into_iter(), &mut out)
+        frontend::startup_message(startup, &mut out)
             .map_err(|e| protocol(format!("cannot encode startup packet: {e}")))?;
         stream.write_all(&out).await.map_err(unreachable)?;
 
@@ -244,7 +244,7 @@ impl BackendConnection {
                     stream.write_all(&out).await.map_err(unreachable)?;
                 }
                 b'E' => {
-                    let fields = ErrorResponse::decode(body).unwrap_or_default();
+                    let fields = Box::new(ErrorResponse::decode(body).unwrap_or_default());
                     return Err(ConnectError::Refused {
                         backend: target.backend.to_string(),
                         raw: msg,

@@ -29,6 +29,12 @@ pub struct Shared {
     sent_at: Mutex<VecDeque<Instant>>,
 }
 
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Shared {
     pub fn new() -> Shared {
         Shared {

@@ -1,0 +1,241 @@
+//! The `cutover` binary as operators run it: configuration errors, environment
+//! overrides, the admin API, `cutover status`, JSON logs and SIGTERM.
+
+mod support;
+
+use cutover_pgcluster::{free_port, HostAuth};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("cutover-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn serve_fails(config: &str) -> (i32, String) {
+    let path = write_config("bad.toml", config);
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_key_and_reason() {
+    let old = "[old]\nurl = \"postgres://u:p@127.0.0.1:5432/app\"\n";
+    let cases = [
+        (format!("{old}pool_sise = 3\n"), "pool_sise"),
+        (
+            format!("[proxy]\nlisten = \"nowhere\"\n{old}"),
+            "proxy.listen",
+        ),
+        (
+            format!("[auth]\nmethod = \"kerberos\"\n{old}"),
+            "auth.method",
+        ),
+        ("[old]\nurl = \"mysql://x@h/d\"\n".to_string(), "old.url"),
+        (
+            format!("{old}[new]\nurl = \"postgres://u@h:99999/d\"\n"),
+            "new.url",
+        ),
+        (
+            format!("[auth]\nusers = [{{ name = \"app\" }}]\n{old}"),
+            "auth.users[0]",
+        ),
+        (
+            format!(
+                "[proxy]\ntls_cert = \"/nonexistent.crt\"\ntls_key = \"/nonexistent.key\"\n{old}"
+            ),
+            "proxy.tls_cert",
+        ),
+        ("[proxy]\nlisten = \"127.0.0.1:1\"\n".to_string(), "old"),
+        ("this is not toml".to_string(), "bad.toml"),
+    ];
+    for (text, key) in cases {
+        let (code, stderr) = serve_fails(&text);
+        assert_eq!(code, 2, "{text}\n{stderr}");
+        assert!(stderr.contains(key), "expected {key:?} in: {stderr}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "/does/not/exist.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+struct Daemon {
+    child: Child,
+    admin: String,
+    port: u16,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_daemon(config: &str, env: &[(&str, String)]) -> Daemon {
+    let port = free_port().unwrap();
+    let admin_port = free_port().unwrap();
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout_ms = 1500\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{config}"
+    );
+    let path = write_config(&format!("serve-{port}.toml"), &text);
+    let child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&path)
+        .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cutover::cli_http::request(&admin, "GET", "/healthz", None, None).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon { child, admin, port }
+}
+
+fn users_section() -> String {
+    format!("[auth]\nusers = [{{ name = \"{APP_USER}\", password = \"{APP_PASSWORD}\" }}]\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_cli_admin_api_and_sigterm_behave_as_documented() {
+    let cluster = cluster(HostAuth::ScramSha256);
+    // The file points at a dead port; the environment override wins.
+    let config = format!(
+        "{}[old]\nurl = \"postgres://postgres:wrong@127.0.0.1:1/{DB}\"\npool_size = 7\n",
+        users_section()
+    );
+    let mut daemon = spawn_daemon(
+        &config,
+        &[(
+            "CUTOVER_OLD__URL",
+            cluster.url(
+                cutover_pgcluster::SUPERUSER,
+                cutover_pgcluster::SUPERUSER_PASSWORD,
+                DB,
+            ),
+        )],
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+    let client = connect(addr).await;
+    client.simple_query("SELECT 1").await.unwrap();
+
+    let get =
+        |path: &str| cutover::cli_http::request(&daemon.admin, "GET", path, None, None).unwrap();
+    assert_eq!(get("/readyz").status, 200);
+    let status: serde_json::Value = serde_json::from_str(&get("/v1/status").body).unwrap();
+    assert_eq!(status["phase"], "passthrough");
+    assert_eq!(status["clients"], 1);
+    assert_eq!(status["backends"][0]["name"], "old");
+    assert_eq!(status["backends"][0]["role"], "primary");
+    assert_eq!(
+        status["backends"][0]["address"],
+        format!("127.0.0.1:{}", cluster.port())
+    );
+    assert_eq!(status["backends"][0]["pool"]["size"], 7);
+    assert_eq!(status["backends"][0]["pool"]["in_use"], 1);
+    let metrics = get("/metrics");
+    assert!(
+        metrics.body.contains("cutover_client_connections 1"),
+        "{}",
+        metrics.body
+    );
+    for name in [
+        "cutover_client_connections_total",
+        "cutover_queries_total{backend=\"old\",kind=\"simple\"}",
+        "cutover_query_duration_seconds_bucket",
+        "cutover_client_bytes_received_total",
+        "cutover_client_bytes_sent_total",
+        "cutover_pool_connections{backend=\"old\",state=\"in_use\"}",
+        "cutover_backend_up{backend=\"old\"}",
+    ] {
+        assert!(metrics.body.contains(name), "missing {name}");
+    }
+    let missing = get("/v2/nothing");
+    assert_eq!(missing.status, 404);
+    assert!(missing.body.contains("\"reason\""), "{}", missing.body);
+
+    let human = Command::new(BIN)
+        .args(["status", "--admin", &daemon.admin])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(human.status.success(), "{human:?}");
+    assert!(text.contains("phase:   passthrough"), "{text}");
+    assert!(text.contains("old      primary"), "{text}");
+    assert!(text.contains("1/0/0 of 7"), "{text}");
+    let json = Command::new(BIN)
+        .args(["status", "--json", "--admin", &daemon.admin])
+        .output()
+        .unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(parsed["phase"], "passthrough");
+    let down = Command::new(BIN)
+        .args(["status", "--admin", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("is `cutover serve` running?"));
+
+    // SIGTERM: stop accepting, give the idle session the shutdown timeout,
+    // then close it with 57P01 and exit 0.
+    let sent = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        connect_as(addr, APP_USER, APP_PASSWORD).await.is_err(),
+        "no new clients after SIGTERM"
+    );
+    assert!(client
+        .simple_query("SELECT 'still served while draining'")
+        .await
+        .is_ok());
+    let exit = tokio::task::block_in_place(|| daemon.child.wait()).unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        sent.elapsed()
+    );
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        err.as_db_error().map(|e| e.code().code()) == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
+
+    // Logs are JSON lines.
+    let stderr = daemon.child.stderr.take().unwrap();
+    let lines: Vec<String> = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("cutover is serving")),
+        "{lines:?}"
+    );
+    for line in &lines {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+}
