@@ -449,3 +449,21 @@ mod tests {
         assert!(err.to_string().contains("APP_PW_X"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cutover.toml");
+        let c = Config::load_with_env(
+            &path,
+            [("APP_DB_PASSWORD".to_string(), "pw".to_string())],
+        )
+        .unwrap();
+        assert_eq!(c.auth.user("app").unwrap().password.as_deref(), Some("pw"));
+        assert_eq!(c.old.url.address(), "127.0.0.1:5432");
+        assert!(c.new.is_none());
+    }
+}
