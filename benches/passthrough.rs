@@ -155,6 +155,7 @@ fn start_cutover(dir: &Path, cluster: &Cluster, pool: u32) -> (Guard, u16) {
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        .envs(std::env::var("BENCH_CUTOVER_THREADS").ok().map(|n| ("TOKIO_WORKER_THREADS", n)))
         .stdout(Stdio::null())
         .spawn()
         .expect("start cutover");
