@@ -10,7 +10,9 @@
 //! PgBouncer is taken from PATH or /usr/sbin; install it with
 //! `apt-get install -y pgbouncer` if it is missing.
 
-use cutover_pgcluster::{free_port, Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
+use cutover_pgcluster::{
+    free_port, Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +22,10 @@ const PASSWORD: &str = "app-bench";
 const DB: &str = "app";
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Target {
@@ -35,17 +40,44 @@ struct Sample {
     latency_ms: f64,
 }
 
-fn pgbench(bindir: &Path, target: &Target, script: &str, protocol: &str, clients: u32, seconds: u64) -> Sample {
-    let db = if protocol == "prepared" { target.db_for_prepared } else { DB };
+fn pgbench(
+    bindir: &Path,
+    target: &Target,
+    script: &str,
+    protocol: &str,
+    clients: u32,
+    seconds: u64,
+) -> Sample {
+    let db = if protocol == "prepared" {
+        target.db_for_prepared
+    } else {
+        DB
+    };
     let mut cmd = Command::new(bindir.join("pgbench"));
-    cmd.args(["-h", "127.0.0.1", "-p", &target.port.to_string(), "-U", USER])
-        .args(["-n", "-T", &seconds.to_string(), "-M", protocol])
-        .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string()]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &target.port.to_string(),
+        "-U",
+        USER,
+    ])
+    .args(["-n", "-T", &seconds.to_string(), "-M", protocol])
+    .args([
+        "-c",
+        &clients.to_string(),
+        "-j",
+        &clients.min(2).to_string(),
+    ]);
     match script {
         "select-only" => cmd.arg("-S"),
         _ => cmd.arg("-N"),
     };
-    let out = cmd.arg(db).env("PGPASSWORD", PASSWORD).output().expect("run pgbench");
+    let out = cmd
+        .arg(db)
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("run pgbench");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let find = |prefix: &str| -> f64 {
         text.lines()
@@ -81,10 +113,19 @@ fn find_pgbouncer() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-struct Guard(Child);
+/// A child process, killed on drop; `pidfile` names the real server when the
+/// child is only a `runuser` wrapper.
+struct Guard(Child, Option<PathBuf>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if let Some(pid) = self
+            .1
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -100,13 +141,20 @@ fn wait_for_port(port: u16) {
 
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 fn start_pgbouncer(dir: &Path, pg_port: u16, pool: u32) -> (Guard, u16) {
-    let binary = find_pgbouncer().expect("pgbouncer not found; install it: apt-get install -y pgbouncer");
+    let binary =
+        find_pgbouncer().expect("pgbouncer not found; install it: apt-get install -y pgbouncer");
     let port = free_port().unwrap();
-    std::fs::write(dir.join("userlist.txt"), format!("\"{USER}\" \"{PASSWORD}\"\n")).unwrap();
+    std::fs::write(
+        dir.join("userlist.txt"),
+        format!("\"{USER}\" \"{PASSWORD}\"\n"),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("pgbouncer.ini"),
         format!(
@@ -114,9 +162,10 @@ fn start_pgbouncer(dir: &Path, pg_port: u16, pool: u32) -> (Guard, u16) {
              {DB}_session = host=127.0.0.1 port={pg_port} dbname={DB} pool_mode=session\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
-             max_client_conn = 500\ndefault_pool_size = {pool}\nlogfile = {}\n",
+             max_client_conn = 500\ndefault_pool_size = {pool}\nlogfile = {}\npidfile = {}\n",
             dir.join("userlist.txt").display(),
-            dir.join("pgbouncer.log").display()
+            dir.join("pgbouncer.log").display(),
+            dir.join("pgbouncer.pid").display()
         ),
     )
     .unwrap();
@@ -134,7 +183,7 @@ fn start_pgbouncer(dir: &Path, pg_port: u16, pool: u32) -> (Guard, u16) {
         .spawn()
         .expect("start pgbouncer");
     wait_for_port(port);
-    (Guard(child), port)
+    (Guard(child, Some(dir.join("pgbouncer.pid"))), port)
 }
 
 fn start_cutover(dir: &Path, cluster: &Cluster, pool: u32) -> (Guard, u16) {
@@ -155,12 +204,16 @@ fn start_cutover(dir: &Path, cluster: &Cluster, pool: u32) -> (Guard, u16) {
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
-        .envs(std::env::var("BENCH_CUTOVER_THREADS").ok().map(|n| ("TOKIO_WORKER_THREADS", n)))
+        .envs(
+            std::env::var("BENCH_CUTOVER_THREADS")
+                .ok()
+                .map(|n| ("CUTOVER_PROXY__WORKER_THREADS", n)),
+        )
         .stdout(Stdio::null())
         .spawn()
         .expect("start cutover");
     wait_for_port(port);
-    (Guard(child), port)
+    (Guard(child, None), port)
 }
 
 fn main() {
@@ -178,35 +231,89 @@ fn main() {
         settings: vec!["max_connections = 200".to_string()],
     })
     .expect("start PostgreSQL");
-    cluster.psql("postgres", &format!("CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")).unwrap();
-    cluster.psql("postgres", &format!("CREATE DATABASE {DB} OWNER {USER}")).unwrap();
+    cluster
+        .psql(
+            "postgres",
+            &format!("CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'"),
+        )
+        .unwrap();
+    cluster
+        .psql("postgres", &format!("CREATE DATABASE {DB} OWNER {USER}"))
+        .unwrap();
     let init = Command::new(cluster.bindir().join("pgbench"))
-        .args(["-i", "-q", "-s", &scale.to_string(), "-h", "127.0.0.1", "-p", &cluster.port().to_string(), "-U", USER, DB])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            &scale.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port().to_string(),
+            "-U",
+            USER,
+            DB,
+        ])
         .env("PGPASSWORD", PASSWORD)
         .output()
         .expect("pgbench -i");
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
 
     let dir = std::env::temp_dir().join(format!("cutover-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     if running_as_root() {
-        let _ = Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status();
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(&dir)
+            .status();
     }
     let (_bouncer, bouncer_port) = start_pgbouncer(&dir, cluster.port(), pool);
     let (_cutover, cutover_port) = start_cutover(&dir, &cluster, pool);
     let targets = [
-        Target { name: "direct", port: cluster.port(), db_for_prepared: DB },
-        Target { name: "pgbouncer", port: bouncer_port, db_for_prepared: "app_session" },
-        Target { name: "cutover", port: cutover_port, db_for_prepared: DB },
+        Target {
+            name: "direct",
+            port: cluster.port(),
+            db_for_prepared: DB,
+        },
+        Target {
+            name: "pgbouncer",
+            port: bouncer_port,
+            db_for_prepared: "app_session",
+        },
+        Target {
+            name: "cutover",
+            port: cutover_port,
+            db_for_prepared: DB,
+        },
     ];
 
-    let protocols: &[&str] = if quick { &["simple"] } else { &["simple", "extended", "prepared"] };
+    let protocols: &[&str] = if quick {
+        &["simple"]
+    } else {
+        &["simple", "extended", "prepared"]
+    };
     println!(
         "pgbench scale {scale}, {seconds}s per run, median of {rounds} interleaved rounds; PgBouncer pool_mode=transaction (session for -M prepared), pool {pool}"
     );
     println!(
         "{:<14} {:<9} {:>3} | {:>10} {:>10} {:>10} | {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>9} {:>9}",
-        "script", "protocol", "c", "direct", "pgbouncer", "cutover", "cut/dir", "cut/pgb", "lat dir", "lat pgb", "lat cut", "+lat pgb", "+lat cut"
+        "script",
+        "protocol",
+        "c",
+        "direct",
+        "pgbouncer",
+        "cutover",
+        "cut/dir",
+        "cut/pgb",
+        "lat dir",
+        "lat pgb",
+        "lat cut",
+        "+lat pgb",
+        "+lat cut"
     );
     for script in ["select-only", "simple-update"] {
         for protocol in protocols {

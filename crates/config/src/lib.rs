@@ -56,6 +56,7 @@ struct RawProxy {
     pool_timeout_ms: Option<u64>,
     shutdown_timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
+    worker_threads: Option<u32>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
 }
@@ -133,6 +134,8 @@ pub struct ProxyConfig {
     pub pool_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Threads running client sessions; 1 means a single-threaded runtime.
+    pub worker_threads: usize,
     pub tls: Option<TlsFiles>,
 }
 
@@ -279,6 +282,10 @@ impl Config {
                 raw.proxy.shutdown_timeout_ms.unwrap_or(30_000),
             ),
             connect_timeout: Duration::from_millis(raw.proxy.connect_timeout_ms.unwrap_or(5_000)),
+            worker_threads: match raw.proxy.worker_threads.unwrap_or(0) {
+                0 => default_worker_threads(),
+                n => n as usize,
+            },
             tls,
         };
 
@@ -355,6 +362,15 @@ impl Config {
             new,
         })
     }
+}
+
+/// Half the cores, at least one. A proxy's work is mostly waking peers; on a
+/// machine it shares with databases or applications, extra threads cost more
+/// in cross-thread wakeups than they win (see benches/README.md).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| (n.get() / 2).max(1))
+        .unwrap_or(1)
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -457,11 +473,8 @@ mod example_file {
     #[test]
     fn shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cutover.toml");
-        let c = Config::load_with_env(
-            &path,
-            [("APP_DB_PASSWORD".to_string(), "pw".to_string())],
-        )
-        .unwrap();
+        let c = Config::load_with_env(&path, [("APP_DB_PASSWORD".to_string(), "pw".to_string())])
+            .unwrap();
         assert_eq!(c.auth.user("app").unwrap().password.as_deref(), Some("pw"));
         assert_eq!(c.old.url.address(), "127.0.0.1:5432");
         assert!(c.new.is_none());

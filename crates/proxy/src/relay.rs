@@ -12,9 +12,7 @@ use cutover_control::BackendMetrics;
 use cutover_wire::frame::{self, FrameError};
 use cutover_wire::messages::ready_for_query::TransactionStatus;
 use cutover_wire::messages::{parameter_status, ready_for_query, ErrorResponse};
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -25,8 +23,11 @@ pub struct Shared {
     /// Query, Sync and FunctionCall messages sent minus ReadyForQuery received.
     pub outstanding: AtomicI64,
     status: AtomicU8,
-    /// When each outstanding request was sent, for the latency histogram.
-    sent_at: Mutex<VecDeque<Instant>>,
+    /// When the oldest outstanding request was sent (nanoseconds since
+    /// `epoch`), for the latency histogram. Pipelined requests are timed from
+    /// the previous reply, which is what their client waits for.
+    oldest_sent: AtomicU64,
+    epoch: Instant,
 }
 
 impl Default for Shared {
@@ -40,7 +41,8 @@ impl Shared {
         Shared {
             outstanding: AtomicI64::new(0),
             status: AtomicU8::new(b'I'),
-            sent_at: Mutex::new(VecDeque::new()),
+            oldest_sent: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -48,25 +50,24 @@ impl Shared {
         TransactionStatus::from_byte(self.status.load(Ordering::Relaxed))
     }
 
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
     fn request_sent(&self) {
-        self.outstanding.fetch_add(1, Ordering::Relaxed);
-        self.sent_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(Instant::now());
+        if self.outstanding.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.oldest_sent.store(self.now(), Ordering::Relaxed);
+        }
     }
 
     fn ready(&self, status: TransactionStatus, metrics: &BackendMetrics) {
         self.status.store(status.byte(), Ordering::Relaxed);
+        let now = self.now();
+        let sent = self.oldest_sent.swap(now, Ordering::Relaxed);
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
-        let sent = self
-            .sent_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
-        if let Some(sent) = sent {
-            metrics.duration.observe(sent.elapsed().as_secs_f64());
-        }
+        metrics
+            .duration
+            .observe(now.saturating_sub(sent) as f64 / 1e9);
     }
 }
 
