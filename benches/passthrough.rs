@@ -271,8 +271,8 @@ fn main() {
             .arg(&dir)
             .status();
     }
-    let (_bouncer, bouncer_port) = start_pgbouncer(&dir, cluster.port(), pool);
-    let (_cutover, cutover_port) = start_cutover(&dir, &cluster, pool);
+    let (bouncer, bouncer_port) = start_pgbouncer(&dir, cluster.port(), pool);
+    let (cutover, cutover_port) = start_cutover(&dir, &cluster, pool);
     let targets = [
         Target {
             name: "direct",
@@ -337,5 +337,7 @@ fn main() {
         }
     }
     println!("latencies in ms (pgbench 'latency average'); +lat = added over direct");
+    // The servers go first: PgBouncer is found through its pidfile in `dir`.
+    drop((bouncer, cutover));
     let _ = std::fs::remove_dir_all(&dir);
 }

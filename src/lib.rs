@@ -40,6 +40,8 @@ struct Daemon {
     started: Instant,
     old_health: Health,
     new_health: Health,
+    /// Salted passwords for the control-plane logins of the probes.
+    scram: cutover_backend::ScramCache,
 }
 
 impl Daemon {
@@ -108,7 +110,7 @@ impl AdminSource for Daemon {
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            cutover_backend::probe("old", &self.config.old.url, PROBE_TIMEOUT)
+            cutover_backend::probe("old", &self.config.old.url, PROBE_TIMEOUT, &self.scram)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -141,6 +143,7 @@ impl Server {
             started: Instant::now(),
             old_health: Health::default(),
             new_health: Health::default(),
+            scram: cutover_backend::ScramCache::default(),
         });
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -200,7 +203,7 @@ async fn probe_backends(daemon: Arc<Daemon>, stopped: impl std::future::Future<O
             targets.push(("new", new, &daemon.new_health));
         }
         for (name, cfg, health) in targets {
-            let result = cutover_backend::probe(name, &cfg.url, PROBE_TIMEOUT).await;
+            let result = cutover_backend::probe(name, &cfg.url, PROBE_TIMEOUT, &daemon.scram).await;
             daemon
                 .metrics
                 .backend_up

@@ -260,19 +260,22 @@ async fn cancel_request_stops_the_running_query_and_unknown_keys_do_nothing() {
     let err = sleeper.await.unwrap().expect_err("cancelled query fails");
     assert_eq!(sqlstate(&err), "57014");
     assert!(started.elapsed() < Duration::from_secs(10));
-    let (_, metrics) = admin_get(&server, "/metrics");
     assert_eq!(
-        metric(
-            &metrics,
-            "cutover_cancel_requests_total{result=\"forwarded\"}"
-        ),
+        wait_for_metric(
+            &server,
+            "cutover_cancel_requests_total{result=\"forwarded\"}",
+            1.0
+        )
+        .await,
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &metrics,
-            "cutover_cancel_requests_total{result=\"unknown_key\"}"
-        ),
+        wait_for_metric(
+            &server,
+            "cutover_cancel_requests_total{result=\"unknown_key\"}",
+            1.0
+        )
+        .await,
         Some(1.0)
     );
     server.shutdown().await;

@@ -189,6 +189,7 @@ impl RawClient {
             password: Some(password),
             params: &params,
             timeout: Duration::from_secs(10),
+            scram: &cutover_backend::ScramCache::default(),
         })
         .await
         .expect("raw login");
@@ -313,6 +314,20 @@ pub fn admin_get(server: &Server, path: &str) -> (u16, String) {
     )
     .expect("admin request");
     (r.status, r.body)
+}
+
+/// Polls /metrics until `name_and_labels` has `value` (for counters updated
+/// by background work), returning the last value seen after 5 s.
+pub async fn wait_for_metric(server: &Server, name_and_labels: &str, value: f64) -> Option<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = tokio::task::block_in_place(|| admin_get(server, "/metrics"));
+        let seen = metric(&body, name_and_labels);
+        if seen == Some(value) || std::time::Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The value of a metric line (exact name with labels) in a /metrics body.

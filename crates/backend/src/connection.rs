@@ -2,17 +2,19 @@
 //! (whatever method the server asks for), the server's ParameterStatus values
 //! and cancel key, and the socket the proxy forwards bytes over.
 
+use crate::scram::{ScramCache, ScramClient};
 use bytes::BytesMut;
 use cutover_wire::frame::{self, Frame};
 use cutover_wire::messages::backend_key_data::CancelKey;
 use cutover_wire::messages::error_response::ErrorFields;
 use cutover_wire::messages::{parameter_status, ready_for_query, ErrorResponse};
 use cutover_wire::sqlstate;
-use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 
 /// Messages from a backend during login are small; anything bigger is a bug.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
@@ -29,6 +31,8 @@ pub struct LoginTarget<'a> {
     /// Startup parameters other than user and database.
     pub params: &'a [(String, String)],
     pub timeout: Duration,
+    /// Salted SCRAM passwords from earlier logins.
+    pub scram: &'a ScramCache,
 }
 
 /// Why a backend session could not be had. Each variant renders as the
@@ -159,7 +163,7 @@ impl BackendConnection {
         let mut params: Vec<(String, String)> = Vec::new();
         let mut key = None;
         let mut notices = BytesMut::new();
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramClient> = None;
         loop {
             let frame = read_frame(&mut stream, &mut buf, MAX_LOGIN_MESSAGE)
                 .await
@@ -204,16 +208,15 @@ impl BackendConnection {
                         10 => {
                             let offers_scram = data
                                 .split(|b| *b == 0)
-                                .any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
+                                .any(|m| m == SCRAM_SHA_256.as_bytes());
                             if !offers_scram {
                                 return Err(protocol(
                                     "server offers no SASL mechanism cutover supports (SCRAM-SHA-256)"
                                         .to_string(),
                                 ));
                             }
-                            let client =
-                                ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, client.message(), &mut out)
+                            let client = ScramClient::new(target.scram, target.user, password()?);
+                            frontend::sasl_initial_response(SCRAM_SHA_256, &client.client_first(), &mut out)
                                 .map_err(|e| protocol(e.to_string()))?;
                             scram = Some(client);
                         }
@@ -221,18 +224,17 @@ impl BackendConnection {
                             let client = scram
                                 .as_mut()
                                 .ok_or_else(|| protocol("SASLContinue before SASL".to_string()))?;
-                            client
-                                .update(data)
+                            let last = client
+                                .client_final(data)
                                 .map_err(|e| protocol(format!("SCRAM: {e}")))?;
-                            frontend::sasl_response(client.message(), &mut out)
-                                .map_err(|e| protocol(e.to_string()))?;
+                            frontend::sasl_response(&last, &mut out).map_err(|e| protocol(e.to_string()))?;
                         }
                         12 => {
                             scram
-                                .as_mut()
+                                .as_ref()
                                 .ok_or_else(|| protocol("SASLFinal before SASL".to_string()))?
-                                .finish(data)
-                                .map_err(|e| protocol(format!("SCRAM server signature: {e}")))?;
+                                .verify_server(data)
+                                .map_err(|e| protocol(format!("SCRAM: {e}")))?;
                             continue;
                         }
                         other => {

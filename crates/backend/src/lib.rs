@@ -5,9 +5,11 @@
 
 pub mod connection;
 pub mod pool;
+pub mod scram;
 
 pub use connection::{send_cancel, BackendConnection, ConnectError, LoginTarget};
 pub use pool::{Checkout, OnReturn, Pool, PoolKey, PoolSettings, PoolStats};
+pub use scram::ScramCache;
 
 use cutover_config::BackendUrl;
 use std::time::{Duration, Instant};
@@ -18,6 +20,7 @@ pub async fn probe(
     backend: &str,
     url: &BackendUrl,
     timeout: Duration,
+    scram_cache: &ScramCache,
 ) -> Result<Duration, ConnectError> {
     let started = Instant::now();
     let address = url.address();
@@ -29,6 +32,7 @@ pub async fn probe(
         password: url.password.as_deref(),
         params: &[("application_name".to_string(), "cutover-health".to_string())],
         timeout,
+        scram: scram_cache,
     };
     let conn = BackendConnection::connect(&target).await?;
     let elapsed = started.elapsed();

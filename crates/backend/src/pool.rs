@@ -8,6 +8,7 @@
 //! half-read reply must never reach the next client.
 
 use crate::connection::{BackendConnection, ConnectError, LoginTarget};
+use crate::scram::ScramCache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,7 @@ struct Inner {
     permits: Arc<Semaphore>,
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     returned: Notify,
+    scram: ScramCache,
     in_use: AtomicI64,
     idle_count: AtomicI64,
     waiting: AtomicI64,
@@ -75,6 +77,7 @@ impl Pool {
                 settings,
                 idle: Mutex::new(HashMap::new()),
                 returned: Notify::new(),
+                scram: ScramCache::default(),
                 in_use: AtomicI64::new(0),
                 idle_count: AtomicI64::new(0),
                 waiting: AtomicI64::new(0),
@@ -153,6 +156,7 @@ impl Pool {
             password,
             params: &key.params,
             timeout: inner.settings.connect_timeout,
+            scram: &inner.scram,
         };
         match BackendConnection::connect(&target).await {
             Ok(conn) => Ok(self.guard(key, conn, permit, true)),

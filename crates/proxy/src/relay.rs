@@ -9,7 +9,7 @@
 
 use bytes::{Buf, BytesMut};
 use cutover_control::BackendMetrics;
-use cutover_wire::frame::{self, FrameError};
+use cutover_wire::frame::{self, Frame, FrameError};
 use cutover_wire::messages::ready_for_query::TransactionStatus;
 use cutover_wire::messages::{parameter_status, ready_for_query, ErrorResponse};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
@@ -84,6 +84,21 @@ impl Cursor {
     pub fn is_clean(&self) -> bool {
         self.remaining == 0 && self.buf.is_empty()
     }
+
+    /// Moves `pos` past what is buffered of the message being streamed
+    /// through, then reads the next header. None when the buffer ends first
+    /// (inside a message, or with fewer than 5 bytes of the next header).
+    fn next_header(&mut self, pos: &mut usize, max: usize) -> Option<Result<Frame, FrameError>> {
+        let avail = self.buf.len() - *pos;
+        let take = self.remaining.min(avail);
+        *pos += take;
+        self.remaining -= take;
+        if self.remaining > 0 || self.buf.len() - *pos < 5 {
+            return None;
+        }
+        let h = &self.buf[*pos..*pos + 5];
+        Some(frame::header([h[0], h[1], h[2], h[3], h[4]], max))
+    }
 }
 
 /// The client side's framing, plus whether an extended-protocol batch is open.
@@ -150,23 +165,10 @@ where
         let mut pos = 0;
         let mut stop = None;
         loop {
-            let avail = cur.buf.len() - pos;
-            if cur.remaining > 0 {
-                let take = cur.remaining.min(avail);
-                pos += take;
-                cur.remaining -= take;
-                if cur.remaining > 0 {
-                    break;
-                }
-                continue;
-            }
-            if avail < 5 {
-                break;
-            }
-            let h = &cur.buf[pos..pos + 5];
-            let frame = match frame::header([h[0], h[1], h[2], h[3], h[4]], max_message) {
-                Ok(frame) => frame,
-                Err(e) => {
+            let frame = match cur.next_header(&mut pos, max_message) {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
                     stop = Some(Err(e.into()));
                     break;
                 }
@@ -269,26 +271,13 @@ where
         }
         let mut pos = 0;
         loop {
-            let avail = cur.buf.len() - pos;
-            if cur.remaining > 0 {
-                let take = cur.remaining.min(avail);
-                pos += take;
-                cur.remaining -= take;
-                if cur.remaining > 0 {
-                    break;
-                }
-                continue;
-            }
-            if avail < 5 {
-                break;
-            }
-            let h = &cur.buf[pos..pos + 5];
-            let frame = match frame::header([h[0], h[1], h[2], h[3], h[4]], usize::MAX) {
-                Ok(f) => f,
-                Err(e) => return BackendError::Malformed(e.to_string()),
+            let frame = match cur.next_header(&mut pos, usize::MAX) {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return BackendError::Malformed(e.to_string()),
             };
             if matches!(frame.tag, b'Z' | b'S' | b'E') {
-                if avail < frame.len {
+                if cur.buf.len() - pos < frame.len {
                     break;
                 }
                 let body = &cur.buf[pos + 5..pos + frame.len];
