@@ -5,12 +5,13 @@
 
 pub mod cli_http;
 
-use cutover_admin::{AdminSource, BoxFuture};
+use cutover_admin::{AdminSource, ApiError, BoxFuture};
 use cutover_config::{BackendConfig, Config};
 use cutover_control::{BackendStatus, Health, Metrics, Phase, PoolStatus, Status};
 use cutover_proxy::Proxy;
+use cutover_stream::{Mirror, MirrorSettings};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -42,7 +43,11 @@ struct Daemon {
     new_health: Health,
     /// Salted passwords for the control-plane logins of the probes.
     scram: cutover_backend::ScramCache,
+    mirror: Mutex<Option<Mirror>>,
 }
+
+/// Name of the replication slot and publication cutover owns on the primary.
+pub const SLOT: &str = "cutover";
 
 impl Daemon {
     fn backend_status(
@@ -63,6 +68,25 @@ impl Daemon {
             last_error,
             pool,
         }
+    }
+
+    fn mirror_settings(&self) -> Option<MirrorSettings> {
+        Some(MirrorSettings {
+            old: self.config.old.url.clone(),
+            new: self.config.new.as_ref()?.url.clone(),
+            slot: SLOT.to_string(),
+        })
+    }
+
+    /// Starts the mirror unless one runs; false if one was already running.
+    fn ensure_mirror(&self, settings: MirrorSettings) -> bool {
+        let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        if mirror.is_some() {
+            return false;
+        }
+        tracing::info!(old = %settings.old.redacted(), new = %settings.new.redacted(), "starting mirroring");
+        *mirror = Some(Mirror::start(settings));
+        true
     }
 
     fn pool_status(&self) -> PoolStatus {
@@ -88,12 +112,24 @@ impl AdminSource for Daemon {
         if let Some(new) = &self.config.new {
             backends.push(self.backend_status("new", "secondary", new, &self.new_health, None));
         }
+        let mirror = self
+            .mirror
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| m.status());
+        let phase = if mirror.is_some() {
+            Phase::Mirroring
+        } else {
+            Phase::Passthrough
+        };
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            phase: Phase::Passthrough.name().to_string(),
+            phase: phase.name().to_string(),
             clients: self.proxy.clients(),
             backends,
+            mirror: mirror.and_then(|m| serde_json::to_value(m).ok()),
         }
     }
 
@@ -106,6 +142,24 @@ impl AdminSource for Daemon {
             .with_label_values(&["old", "waiting"])
             .set(pool.waiting);
         self.metrics.render()
+    }
+
+    fn token(&self) -> Option<&str> {
+        self.config.admin.token.as_deref()
+    }
+
+    fn start_mirror(&self) -> Result<serde_json::Value, ApiError> {
+        let settings = self.mirror_settings().ok_or_else(|| {
+            ApiError::conflict(
+                "no [new] backend is configured; add [new] url = ... and restart cutover",
+            )
+        })?;
+        if !self.ensure_mirror(settings) {
+            return Err(ApiError::conflict(
+                "mirroring is already running; see /v1/status for its progress",
+            ));
+        }
+        Ok(serde_json::json!({ "phase": Phase::Mirroring.name(), "started": true }))
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
@@ -144,7 +198,11 @@ impl Server {
             old_health: Health::default(),
             new_health: Health::default(),
             scram: cutover_backend::ScramCache::default(),
+            mirror: Mutex::new(None),
         });
+        if let Some(settings) = daemon.mirror_settings() {
+            tokio::spawn(resume_mirror(daemon.clone(), settings));
+        }
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -165,7 +223,24 @@ impl Server {
                 }
             }
         }));
-        tasks.push(tokio::spawn(probe_backends(daemon, until_stopped(stopped))));
+        tasks.push(tokio::spawn(probe_backends(
+            daemon.clone(),
+            until_stopped(stopped.clone()),
+        )));
+        tasks.push(tokio::spawn({
+            let daemon = daemon.clone();
+            async move {
+                until_stopped(stopped).await;
+                let mirror = daemon
+                    .mirror
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(mirror) = mirror {
+                    mirror.stop().await;
+                }
+            }
+        }));
         tracing::info!(%proxy_addr, %admin_addr, "cutover is serving");
         Ok(Server {
             proxy_addr,
@@ -182,6 +257,38 @@ impl Server {
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+}
+
+/// Restarts mirroring after a restart of cutover: the slot on the primary and
+/// the applied position on the secondary say it was running.
+async fn resume_mirror(daemon: Arc<Daemon>, settings: MirrorSettings) {
+    let was_running = async {
+        let old = cutover_stream::control_client(&settings.old, "cutover-control")
+            .await
+            .ok()?;
+        let new = cutover_stream::control_client(&settings.new, "cutover-control")
+            .await
+            .ok()?;
+        let slot = old
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&settings.slot],
+            )
+            .await
+            .ok()??;
+        let applied = new
+            .query_opt(
+                "SELECT 1 FROM cutover.applied WHERE slot = $1",
+                &[&settings.slot],
+            )
+            .await
+            .ok()??;
+        drop((slot, applied));
+        Some(())
+    };
+    if was_running.await.is_some() {
+        daemon.ensure_mirror(settings);
     }
 }
 

@@ -2,7 +2,7 @@
 //! one how it is, `demo` runs the daemon in front of a throwaway PostgreSQL.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use cutover::cli_http;
 use cutover::Server;
 use cutover_config::Config;
@@ -38,17 +38,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show a running cutover's phase, backends, pools and clients.
+    /// Show a running cutover's phase, backends, pools, clients and mirroring.
     Status {
-        /// Admin API base URL (default: admin.listen from --config, else http://127.0.0.1:9187).
-        #[arg(long)]
-        admin: Option<String>,
-        /// Read the admin address from this configuration.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        target: AdminTarget,
         /// Print the raw JSON document.
         #[arg(long)]
         json: bool,
+    },
+    /// Control mirroring to the new database.
+    Mirror {
+        #[command(subcommand)]
+        action: MirrorAction,
     },
     /// Start a throwaway PostgreSQL and serve it through cutover; Ctrl-C cleans up.
     Demo {
@@ -59,6 +60,50 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9187")]
         admin_listen: String,
     },
+}
+
+#[derive(Subcommand)]
+enum MirrorAction {
+    /// Check preconditions, create the slot, copy, then stream changes.
+    Start {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+/// Which running cutover to talk to.
+#[derive(Args)]
+struct AdminTarget {
+    /// Admin API base URL (default: admin.listen from --config, else http://127.0.0.1:9187).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Read the admin address and token from this configuration.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Bearer token for mutating calls (default: admin.token from --config, or CUTOVER_ADMIN__TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+}
+
+impl AdminTarget {
+    fn resolve(&self) -> anyhow::Result<(String, Option<String>)> {
+        let config = self.config.as_deref().map(Config::load).transpose()?;
+        let base = match (&self.admin, &config) {
+            (Some(url), _) => url.clone(),
+            (None, Some(c)) => format!("http://{}", c.admin.listen),
+            (None, None) => format!("http://{}", cutover_config::DEFAULT_ADMIN_LISTEN),
+        };
+        let token = self
+            .token
+            .clone()
+            .or_else(|| config.and_then(|c| c.admin.token))
+            .or_else(|| {
+                std::env::var("CUTOVER_ADMIN__TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty())
+            });
+        Ok((base, token))
+    }
 }
 
 fn main() -> ExitCode {
@@ -75,11 +120,10 @@ fn main() -> ExitCode {
             };
             report(runtime(config.proxy.worker_threads).and_then(|rt| rt.block_on(serve(config))))
         }
-        Command::Status {
-            admin,
-            config,
-            json,
-        } => report(status(admin, config, json)),
+        Command::Status { target, json } => report(status(&target, json)),
+        Command::Mirror {
+            action: MirrorAction::Start { target },
+        } => report(mirror_start(&target)),
         Command::Demo {
             listen,
             admin_listen,
@@ -142,12 +186,28 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status(admin: Option<String>, config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let base = match (admin, config) {
-        (Some(url), _) => url,
-        (None, Some(path)) => format!("http://{}", Config::load(&path)?.admin.listen),
-        (None, None) => format!("http://{}", cutover_config::DEFAULT_ADMIN_LISTEN),
-    };
+fn mirror_start(target: &AdminTarget) -> anyhow::Result<()> {
+    let (base, token) = target.resolve()?;
+    let response = cli_http::request(
+        &base,
+        "POST",
+        "/v1/mirror/start",
+        Some("{}"),
+        token.as_deref(),
+    )?;
+    if response.status != 200 {
+        let reason = serde_json::from_str::<serde_json::Value>(&response.body)
+            .ok()
+            .and_then(|v| v["reason"].as_str().map(str::to_string))
+            .unwrap_or(response.body);
+        anyhow::bail!("refused ({}): {reason}", response.status);
+    }
+    println!("mirroring started; follow it with `cutover status`");
+    Ok(())
+}
+
+fn status(target: &AdminTarget, json: bool) -> anyhow::Result<()> {
+    let (base, _) = target.resolve()?;
     let response = cli_http::request(&base, "GET", "/v1/status", None, None)?;
     if response.status != 200 {
         anyhow::bail!("admin API answered {}: {}", response.status, response.body);
@@ -183,6 +243,31 @@ fn render_status(s: &Status) -> String {
         ));
         if let Some(e) = &b.last_error {
             out.push_str(&format!("         last error: {e}\n"));
+        }
+    }
+    if let Some(m) = &s.mirror {
+        let text = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+        out.push_str(&format!(
+            "\nmirror:  {}  applied {}  primary {}  lag {} bytes / {:.1}s  ({} transactions, {} rows applied)\n",
+            text("state"),
+            text("applied_lsn"),
+            text("primary_lsn"),
+            m["lag_bytes"].as_u64().unwrap_or(0),
+            m["lag_seconds"].as_f64().unwrap_or(0.0),
+            m["applied_transactions"].as_u64().unwrap_or(0),
+            m["applied_rows"].as_u64().unwrap_or(0),
+        ));
+        if let Some(e) = m["error"].as_str() {
+            out.push_str(&format!("         error: {e}\n"));
+        }
+        for t in m["copy"].as_array().into_iter().flatten() {
+            let done = t["done"].as_bool().unwrap_or(false);
+            out.push_str(&format!(
+                "         copy {:<40} {} {} rows\n",
+                t["table"].as_str().unwrap_or("?"),
+                if done { "[##########]" } else { "[..........]" },
+                t["rows"].as_u64().unwrap_or(0)
+            ));
         }
     }
     out

@@ -3,9 +3,9 @@
 //! protocol. What it reports comes from an [`AdminSource`] the daemon provides.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use cutover_control::Status;
 use serde_json::json;
@@ -23,6 +23,60 @@ pub trait AdminSource: Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// Ok when the primary accepts a login right now; Err says why not.
     fn ready(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// The bearer token mutating endpoints require, if any.
+    fn token(&self) -> Option<&str>;
+    /// Starts mirroring to the new database.
+    fn start_mirror(&self) -> Result<serde_json::Value, ApiError>;
+}
+
+/// A refused request: HTTP status and the reason, sent as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub reason: String,
+}
+
+impl ApiError {
+    pub fn conflict(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 409,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(json!({ "error": status.canonical_reason().unwrap_or("error"), "reason": self.reason })))
+            .into_response()
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured.
+fn authorize(source: &dyn AdminSource, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = source.token() else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError {
+            status: 401,
+            reason: "the bearer token does not match admin.token".to_string(),
+        }),
+        None => Err(ApiError {
+            status: 401,
+            reason: "this endpoint needs `Authorization: Bearer <admin.token>`".to_string(),
+        }),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn router(source: Arc<dyn AdminSource>) -> Router {
@@ -31,6 +85,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/mirror/start", post(mirror_start))
         .fallback(not_found)
         .with_state(source)
 }
@@ -76,12 +131,22 @@ async fn status(State(source): State<Arc<dyn AdminSource>>) -> Json<Status> {
     Json(source.status())
 }
 
+async fn mirror_start(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(source.as_ref(), &headers) {
+        return e.into_response();
+    }
+    match source.start_mirror() {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(json!({
             "error": "not found",
-            "reason": "no such endpoint; try /healthz, /readyz, /metrics or /v1/status"
+            "reason": "no such endpoint; try /healthz, /readyz, /metrics, /v1/status or POST /v1/mirror/start"
         })),
     )
         .into_response()

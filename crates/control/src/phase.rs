@@ -1,4 +1,5 @@
-//! The migration phase. Only `passthrough` is reachable until mirroring lands.
+//! The migration phase. `passthrough` and `mirroring` exist so far; the read
+//! dial, promote and rollback add the rest.
 
 use serde::Serialize;
 
@@ -7,12 +8,15 @@ use serde::Serialize;
 pub enum Phase {
     /// Every statement goes to the old database; nothing is mirrored.
     Passthrough,
+    /// The new database is being copied and kept in step; reads stay on old.
+    Mirroring,
 }
 
 impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Passthrough => "passthrough",
+            Phase::Mirroring => "mirroring",
         }
     }
 }

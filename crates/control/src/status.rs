@@ -11,6 +11,9 @@ pub struct Status {
     pub phase: String,
     pub clients: i64,
     pub backends: Vec<BackendStatus>,
+    /// Copy progress, stream position and lag while mirroring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,79 @@
+//! Keeping the new database in step with the old one: the change stream
+//! (logical replication with `pgoutput` from a slot cutover owns), the
+//! applier that writes it to the secondary in commit order, and the initial
+//! copy, consistent with the stream's start.
+//!
+//! Why the copy cannot lose or resurrect a row: the slot is created with
+//! EXPORT_SNAPSHOT, and every table is copied inside that snapshot. The
+//! snapshot holds exactly the transactions committed before the slot's
+//! consistent point; the slot streams exactly the transactions committed
+//! after it. Each committed change is therefore in the copy or in the
+//! stream, never both and never neither.
+
+pub mod applier;
+pub mod mirror;
+pub mod pgoutput;
+pub mod preconditions;
+pub mod replication;
+
+pub use mirror::{Mirror, MirrorSettings, MirrorStatus, TableCopy};
+pub use pgoutput::Lsn;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Precondition(String),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error("{context}: {message} (SQLSTATE {code})")]
+    Server {
+        code: String,
+        message: String,
+        context: String,
+    },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Control(String),
+}
+
+impl From<tokio_postgres::Error> for StreamError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => StreamError::Server {
+                code: db.code().code().to_string(),
+                message: db.message().to_string(),
+                context: "control connection".to_string(),
+            },
+            None => StreamError::Lost(e.to_string()),
+        }
+    }
+}
+
+/// A tokio-postgres connection for control work (copy, introspection, apply).
+pub async fn control_client(
+    url: &cutover_config::BackendUrl,
+    application_name: &str,
+) -> Result<tokio_postgres::Client, StreamError> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&url.host)
+        .port(url.port)
+        .user(&url.user)
+        .dbname(&url.database)
+        .application_name(application_name)
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(pw) = &url.password {
+        config.password(pw);
+    }
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| StreamError::Connect(format!("{}: {e}", url.address())))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}

@@ -1,0 +1,157 @@
+//! Checks made before mirroring starts, each failing with the fix.
+
+use crate::StreamError;
+use std::collections::BTreeMap;
+use tokio_postgres::Client;
+
+/// A user table to mirror: schema, name, and its columns in order with types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableShape {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<(String, String)>,
+}
+
+impl TableShape {
+    pub fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::applier::quote_ident(&self.schema),
+            crate::applier::quote_ident(&self.name)
+        )
+    }
+}
+
+const USER_TABLES: &str = "SELECT n.nspname, c.relname, \
+       coalesce(array_agg(a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) \
+                FILTER (WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''), '{}') \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     LEFT JOIN pg_attribute a ON a.attrelid = c.oid \
+     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover') AND n.nspname NOT LIKE 'pg_toast%' \
+       AND n.nspname NOT LIKE 'pg_temp%' \
+     GROUP BY n.nspname, c.relname ORDER BY 1, 2";
+
+async fn tables(client: &Client) -> Result<Vec<TableShape>, StreamError> {
+    Ok(client
+        .query(USER_TABLES, &[])
+        .await?
+        .into_iter()
+        .map(|row| {
+            let cols: Vec<String> = row.get(2);
+            TableShape {
+                schema: row.get(0),
+                name: row.get(1),
+                columns: cols
+                    .into_iter()
+                    .map(|c| match c.split_once(' ') {
+                        Some((n, t)) => (n.to_string(), t.to_string()),
+                        None => (c, String::new()),
+                    })
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
+/// Verifies the old and new databases can be mirrored; returns the tables.
+pub async fn check(
+    old: &Client,
+    new: &Client,
+    old_address: &str,
+    user: &str,
+) -> Result<Vec<TableShape>, StreamError> {
+    let wal_level: String = old.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level != "logical" {
+        return Err(StreamError::Precondition(format!(
+            "old backend {old_address}: wal_level is '{wal_level}'; set wal_level = logical and restart it"
+        )));
+    }
+    let privileged: bool = old
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !privileged {
+        return Err(StreamError::Precondition(format!(
+            "old backend {old_address}: role \"{user}\" may not replicate; run ALTER ROLE \"{user}\" REPLICATION"
+        )));
+    }
+    let slots = old
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int, \
+                    (SELECT count(*)::int FROM pg_replication_slots WHERE slot_name <> 'cutover')",
+            &[],
+        )
+        .await?;
+    let (max, used): (i32, i32) = (slots.get(0), slots.get(1));
+    if used >= max {
+        return Err(StreamError::Precondition(format!(
+            "old backend {old_address}: all {max} replication slots are in use; raise max_replication_slots and restart, or drop an unused slot"
+        )));
+    }
+    let no_key: Vec<String> = old
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover') \
+               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+               AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+             ORDER BY 1",
+            &[],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !no_key.is_empty() {
+        return Err(StreamError::Precondition(format!(
+            "tables without a primary key cannot be mirrored: {}; add a primary key to each \
+             (REPLICA IDENTITY FULL tables without a key are not supported yet)",
+            no_key.join(", ")
+        )));
+    }
+    let old_tables = tables(old).await?;
+    let new_tables: BTreeMap<(String, String), TableShape> = tables(new)
+        .await?
+        .into_iter()
+        .map(|t| ((t.schema.clone(), t.name.clone()), t))
+        .collect();
+    for t in &old_tables {
+        let Some(n) = new_tables.get(&(t.schema.clone(), t.name.clone())) else {
+            return Err(StreamError::Precondition(format!(
+                "table {} is missing on the new database; create it with the same columns",
+                t.qualified()
+            )));
+        };
+        for (i, (name, ty)) in t.columns.iter().enumerate() {
+            match n.columns.get(i) {
+                Some((n_name, n_ty)) if n_name == name && n_ty == ty => {}
+                Some((n_name, n_ty)) => {
+                    return Err(StreamError::Precondition(format!(
+                        "table {} differs on the new database: column {} is `{name} {ty}` on old but `{n_name} {n_ty}` on new",
+                        t.qualified(),
+                        i + 1
+                    )))
+                }
+                None => {
+                    return Err(StreamError::Precondition(format!(
+                        "table {} differs on the new database: column `{name} {ty}` is missing",
+                        t.qualified()
+                    )))
+                }
+            }
+        }
+        if n.columns.len() > t.columns.len() {
+            return Err(StreamError::Precondition(format!(
+                "table {} differs on the new database: it has extra column `{}`",
+                t.qualified(),
+                n.columns[t.columns.len()].0
+            )));
+        }
+    }
+    Ok(old_tables)
+}
