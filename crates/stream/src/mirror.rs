@@ -20,6 +20,9 @@ use tokio::task::JoinHandle;
 const MAX_BATCH_ROWS: u64 = 5_000;
 /// How often the slot hears from us even when nothing happens.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Sequences are brought forward at the first quiet moment after changes
+/// were applied, and at least this often.
+const SEQUENCE_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// After this long without a message while behind, ask the primary where it is.
 const IDLE_PROBE: Duration = Duration::from_millis(500);
 /// Back-off before reconnecting after a lost connection.
@@ -184,7 +187,7 @@ async fn session(settings: &MirrorSettings, shared: &Shared) -> Result<(), Strea
         s.caught_up_lsn = Some(start.to_string());
     });
     shared.caught_up.send_replace(start);
-    stream(settings, shared, &new, &mut repl, start).await
+    stream(settings, shared, &old, &new, &mut repl, start).await
 }
 
 /// Creates the publication and slot, copies every table in the slot's
@@ -261,18 +264,7 @@ async fn initial_copy(
         });
         tracing::info!(table = %table.qualified(), rows, "table copied");
     }
-    let sequences = reader
-        .query(
-            "SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences \
-             WHERE last_value IS NOT NULL AND schemaname NOT IN ('pg_catalog', 'information_schema')",
-            &[],
-        )
-        .await?;
-    for seq in sequences {
-        let (name, value): (String, i64) = (seq.get(0), seq.get(1));
-        new.execute("SELECT setval($1::regclass, $2, true)", &[&name, &value])
-            .await?;
-    }
+    sync_sequences(&reader, new).await?;
     reader.batch_execute("COMMIT").await?;
     new.execute(
         &format!(
@@ -284,6 +276,33 @@ async fn initial_copy(
     )
     .await?;
     Ok(consistent)
+}
+
+/// Moves every sequence on the secondary forward to the primary's value.
+/// Logical replication carries rows, not sequence advances, so this runs
+/// after the copy and again whenever the stream is idle.
+async fn sync_sequences(
+    old: &tokio_postgres::Client,
+    new: &tokio_postgres::Client,
+) -> Result<(), StreamError> {
+    let sequences = old
+        .query(
+            "SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences \
+             WHERE last_value IS NOT NULL AND schemaname NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )
+        .await?;
+    for seq in sequences {
+        let (name, value): (String, i64) = (seq.get(0), seq.get(1));
+        new.execute(
+            "SELECT setval(s, greatest($2, (SELECT last_value FROM pg_sequences \
+               WHERE format('%I.%I', schemaname, sequencename) = $1)), true) \
+             FROM (SELECT $1::text::regclass AS s) q WHERE to_regclass($1) IS NOT NULL",
+            &[&name, &value],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Replaces the table's contents on the secondary with the snapshot's, in
@@ -316,6 +335,7 @@ async fn copy_table(
 async fn stream(
     settings: &MirrorSettings,
     shared: &Shared,
+    old: &tokio_postgres::Client,
     new: &tokio_postgres::Client,
     repl: &mut ReplicationConnection,
     start: Lsn,
@@ -325,6 +345,8 @@ async fn stream(
     let mut primary_end = start;
     let mut caught_up_at = Instant::now();
     let mut last_status = Instant::now();
+    let mut last_sequence_sync = Instant::now();
+    let mut applied_at_sequence_sync = start;
     loop {
         let payload = match tokio::time::timeout(IDLE_PROBE, repl.next_copy_data()).await {
             Ok(Ok(Some(p))) => p,
@@ -335,6 +357,13 @@ async fn stream(
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
+                apply(shared, new, &mut applier).await?;
+                let applied_since = applier.applied() != applied_at_sequence_sync;
+                if applied_since || last_sequence_sync.elapsed() >= SEQUENCE_SYNC_INTERVAL {
+                    sync_sequences(old, new).await?;
+                    last_sequence_sync = Instant::now();
+                    applied_at_sequence_sync = applier.applied();
+                }
                 // Quiet: have the primary tell us its WAL end, so lag can
                 // reach zero without waiting for its own keepalive.
                 let caught_up = *shared.caught_up.borrow();
@@ -350,9 +379,7 @@ async fn stream(
                 let msg = decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
                 in_transaction = !matches!(msg, crate::pgoutput::Logical::Commit { .. })
                     && (in_transaction || matches!(msg, crate::pgoutput::Logical::Begin { .. }));
-                let committed = applier.feed(msg)?;
-                let more = repl.has_buffered_message();
-                if committed && (!more || applier.batch.rows >= MAX_BATCH_ROWS) {
+                if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
                     apply(shared, new, &mut applier).await?;
                     reply = true;
                 }
@@ -363,6 +390,10 @@ async fn stream(
             } => {
                 primary_end = primary_end.max(end);
                 reply = reply_requested;
+                // Apply what is pending before claiming to be caught up.
+                if applier.batch.end_lsn.is_some() {
+                    apply(shared, new, &mut applier).await?;
+                }
                 if !in_transaction && applier.batch.end_lsn.is_none() {
                     // Nothing pending: the secondary holds everything up to `end`.
                     shared.caught_up.send_if_modified(|lsn| {
@@ -372,6 +403,11 @@ async fn stream(
                     });
                 }
             }
+        }
+        // Batch whatever has already arrived; apply once the buffer is empty.
+        if applier.batch.end_lsn.is_some() && !repl.has_buffered_message() {
+            apply(shared, new, &mut applier).await?;
+            reply = true;
         }
         let caught_up = *shared.caught_up.borrow();
         if caught_up >= primary_end {
