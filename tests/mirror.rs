@@ -261,7 +261,7 @@ fn workload(
             if n % 25 == 24 {
                 client.batch_execute("TRUNCATE scratch").await.unwrap();
             }
-            if n % 10 == 0 {
+            if n.is_multiple_of(10) {
                 client
                     .execute("UPDATE docs SET body = body || md5(random()::text) WHERE id = $1", &[&(1 + id % 40)])
                     .await

@@ -219,7 +219,7 @@ impl Applier {
     ) -> Result<String, StreamError> {
         let r = self.relation(oid)?;
         check_width(r, new)?;
-        let unchanged = new.iter().any(|d| *d == Datum::Unchanged);
+        let unchanged = new.contains(&Datum::Unchanged);
         let mut sql = String::new();
         if let Some(old) = old {
             if !unchanged {
