@@ -51,6 +51,16 @@ enum Command {
         #[command(subcommand)]
         action: MirrorAction,
     },
+    /// Prove old and new hold the same rows (no daemon needed). Exit 1 on differences.
+    Verify {
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Re-copy from old the rows verify finds different, then verify again.
+    Repair {
+        #[command(flatten)]
+        check: CheckArgs,
+    },
     /// Start a throwaway PostgreSQL and serve it through cutover; Ctrl-C cleans up.
     Demo {
         /// Where clients connect.
@@ -69,6 +79,84 @@ enum MirrorAction {
         #[command(flatten)]
         target: AdminTarget,
     },
+}
+
+/// What verify and repair look at.
+#[derive(Args)]
+struct CheckArgs {
+    /// Configuration naming the [old] and [new] databases.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Only this table (`name` or `schema.name`); repeatable.
+    #[arg(long = "table")]
+    tables: Vec<String>,
+    /// Rows per checksum chunk.
+    #[arg(long, default_value_t = 10_000)]
+    chunk_rows: i64,
+    /// Times a differing chunk is re-checked (0.5 s apart) before it is
+    /// reported, so changes still in flight on the stream are not reported.
+    #[arg(long, default_value_t = 5)]
+    rechecks: u32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CheckArgs {
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<(
+        tokio_postgres::Client,
+        tokio_postgres::Client,
+        cutover_stream::VerifyOptions,
+    )> {
+        let config = Config::load(&self.config)?;
+        let new = config
+            .new
+            .as_ref()
+            .context("the configuration has no [new] section; add [new] url = ...")?;
+        let old = cutover_stream::control_client(&config.old.url, "cutover-verify").await?;
+        let new = cutover_stream::control_client(&new.url, "cutover-verify").await?;
+        let options = cutover_stream::VerifyOptions {
+            chunk_rows: self.chunk_rows.max(1),
+            tables: self.tables.clone(),
+            rechecks: self.rechecks,
+            ..Default::default()
+        };
+        Ok((old, new, options))
+    }
+
+    fn print(&self, report: &cutover_stream::VerifyReport) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        } else {
+            print!("{}", report.render());
+        }
+        if report.clean {
+            Ok(())
+        } else {
+            anyhow::bail!("old and new differ")
+        }
+    }
+}
+
+async fn verify(check: CheckArgs) -> anyhow::Result<()> {
+    let (old, new, options) = check.connect().await?;
+    let report = cutover_stream::verify(&old, &new, &options).await?;
+    check.print(&report)
+}
+
+async fn repair(check: CheckArgs) -> anyhow::Result<()> {
+    let (old, new, options) = check.connect().await?;
+    let report = cutover_stream::verify(&old, &new, &options).await?;
+    if report.clean {
+        return check.print(&report);
+    }
+    let (repaired, again) = cutover_stream::repair(&old, &new, &report, &options).await?;
+    if !check.json {
+        println!("repaired {repaired} rows; verifying again");
+    }
+    check.print(&again)
 }
 
 /// Which running cutover to talk to.
@@ -124,6 +212,8 @@ fn main() -> ExitCode {
         Command::Mirror {
             action: MirrorAction::Start { target },
         } => report(mirror_start(&target)),
+        Command::Verify { check } => report(runtime(1).and_then(|rt| rt.block_on(verify(check)))),
+        Command::Repair { check } => report(runtime(1).and_then(|rt| rt.block_on(repair(check)))),
         Command::Demo {
             listen,
             admin_listen,

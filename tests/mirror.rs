@@ -468,3 +468,113 @@ async fn wait_for_failure(server: &cutover::Server) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+fn run_cli(args: &[&str], config: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
+    let p = pair();
+    seed(&p.old);
+    let config = mirror_config(&p, "");
+    let path = std::env::temp_dir().join(format!("cutover-verify-{}.toml", std::process::id()));
+    std::fs::write(&path, &config).unwrap();
+    let server = start_proxy_with(&config).await;
+    assert_eq!(post(&server, "/v1/mirror/start", None).0, 200);
+    drained(&server, &p.old).await;
+
+    let (code, out) =
+        tokio::task::block_in_place(|| run_cli(&["verify", "--chunk-rows", "7"], &path));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("old and new hold the same rows"), "{out}");
+
+    // Damage the new side behind the stream's back.
+    p.new
+        .psql(
+            DB,
+            "UPDATE accounts SET balance = 999999 WHERE id = 42; DELETE FROM accounts WHERE id = 43; \
+             INSERT INTO accounts (id, balance) VALUES (100000, 1); \
+             UPDATE \"Odd \"\"Name\"\"\" SET tags = '{tampered}' WHERE k = 'a''b'; \
+             UPDATE docs SET body = body || 'x' WHERE id = 40",
+        )
+        .unwrap();
+    let (code, out) = tokio::task::block_in_place(|| {
+        run_cli(
+            &["verify", "--json", "--chunk-rows", "7", "--rechecks", "1"],
+            &path,
+        )
+    });
+    assert_eq!(code, 1, "{out}");
+    let json_end = out.rfind('}').unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out[..=json_end]).unwrap();
+    assert_eq!(report["clean"], false);
+    let found: Vec<(String, String, String)> = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| {
+            t["differences"].as_array().unwrap().iter().map(move |d| {
+                let key: Vec<String> = d["key"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect();
+                (
+                    t["table"].as_str().unwrap().to_string(),
+                    d["kind"].as_str().unwrap().to_string(),
+                    key.join(","),
+                )
+            })
+        })
+        .collect();
+    let expected = [
+        ("\"public\".\"Odd \"\"Name\"\"\"", "different", "a'b"),
+        ("\"public\".\"accounts\"", "different", "42"),
+        ("\"public\".\"accounts\"", "missing_on_new", "43"),
+        ("\"public\".\"accounts\"", "missing_on_old", "100000"),
+        // The UPDATE made directly on new fired new's own audit trigger.
+        ("\"public\".\"audit\"", "missing_on_old", "1"),
+        ("\"public\".\"docs\"", "different", "40"),
+    ];
+    let expected: Vec<(String, String, String)> = expected
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    let mut found_sorted = found.clone();
+    found_sorted.sort();
+    assert_eq!(found_sorted, expected, "{out}");
+
+    let (code, out) = tokio::task::block_in_place(|| {
+        run_cli(&["verify", "--table", "docs", "--rechecks", "1"], &path)
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("different") && out.contains("id=40") && !out.contains("accounts"),
+        "{out}"
+    );
+
+    let (code, out) = tokio::task::block_in_place(|| {
+        run_cli(&["repair", "--chunk-rows", "7", "--rechecks", "1"], &path)
+    });
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("repaired 6 rows"), "{out}");
+    assert_identical(&p);
+    server.shutdown().await;
+}

@@ -15,9 +15,11 @@ pub mod mirror;
 pub mod pgoutput;
 pub mod preconditions;
 pub mod replication;
+pub mod verify;
 
 pub use mirror::{Mirror, MirrorSettings, MirrorStatus, TableCopy};
 pub use pgoutput::Lsn;
+pub use verify::{repair, verify, VerifyOptions, VerifyReport};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StreamError {

@@ -32,7 +32,8 @@ const USER_TABLES: &str = "SELECT n.nspname, c.relname, \
        AND n.nspname NOT LIKE 'pg_temp%' \
      GROUP BY n.nspname, c.relname ORDER BY 1, 2";
 
-async fn tables(client: &Client) -> Result<Vec<TableShape>, StreamError> {
+/// The user tables of a database with their columns.
+pub async fn user_tables(client: &Client) -> Result<Vec<TableShape>, StreamError> {
     Ok(client
         .query(USER_TABLES, &[])
         .await?
@@ -114,8 +115,8 @@ pub async fn check(
             no_key.join(", ")
         )));
     }
-    let old_tables = tables(old).await?;
-    let new_tables: BTreeMap<(String, String), TableShape> = tables(new)
+    let old_tables = user_tables(old).await?;
+    let new_tables: BTreeMap<(String, String), TableShape> = user_tables(new)
         .await?
         .into_iter()
         .map(|t| ((t.schema.clone(), t.name.clone()), t))

@@ -1,0 +1,440 @@
+//! Verify proves old and new hold the same rows; repair fixes the rows it
+//! finds different.
+//!
+//! Verify walks each table in primary-key order in chunks (keyset: each
+//! chunk starts after the last key of the previous one, never OFFSET). For a
+//! chunk, each database computes a row count and a sum of 64-bit hashes of
+//! the rows' text form, so rows cross the network only when a chunk
+//! differs; then both sides' (key, hash) pairs are fetched and compared to
+//! name the exact keys. Writes may be in flight while verify runs (the
+//! stream applies them moments later), so a differing chunk is checked again
+//! a few times before it is reported.
+
+use crate::applier::{quote_ident, quote_literal};
+use crate::preconditions::TableShape;
+use crate::StreamError;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub chunk_rows: i64,
+    /// Only these tables (`schema.name` or `name`); all when empty.
+    pub tables: Vec<String>,
+    /// How many times a differing chunk is re-checked before it is reported.
+    pub rechecks: u32,
+    pub recheck_delay: Duration,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            chunk_rows: 10_000,
+            tables: Vec::new(),
+            rechecks: 5,
+            recheck_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A row that differs, by its key (column name → text value).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RowDiff {
+    /// `missing_on_new`, `missing_on_old` or `different`.
+    pub kind: String,
+    pub key: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TableReport {
+    pub table: String,
+    pub rows_checked: u64,
+    pub chunks: u64,
+    pub differences: Vec<RowDiff>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VerifyReport {
+    pub clean: bool,
+    pub tables: Vec<TableReport>,
+}
+
+impl VerifyReport {
+    /// The report for humans.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for t in &self.tables {
+            let verdict = if t.differences.is_empty() {
+                "identical".to_string()
+            } else {
+                format!("{} rows differ", t.differences.len())
+            };
+            out.push_str(&format!(
+                "{:<40} {:>10} rows in {:>5} chunks  {verdict}\n",
+                t.table, t.rows_checked, t.chunks
+            ));
+            for d in t.differences.iter().take(20) {
+                let key: Vec<String> = d.key.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                out.push_str(&format!("    {:<15} {}\n", d.kind, key.join(", ")));
+            }
+            if t.differences.len() > 20 {
+                out.push_str(&format!(
+                    "    ... and {} more (use --json)\n",
+                    t.differences.len() - 20
+                ));
+            }
+        }
+        out.push_str(if self.clean {
+            "verify: old and new hold the same rows\n"
+        } else {
+            "verify: DIFFERENCES FOUND; `cutover repair` re-copies them from old\n"
+        });
+        out
+    }
+}
+
+/// The primary-key columns of a table, in key order.
+async fn key_columns(client: &Client, table: &TableShape) -> Result<Vec<String>, StreamError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary \
+             ORDER BY array_position(i.indkey, a.attnum)",
+            &[&table.qualified()],
+        )
+        .await?;
+    let keys: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
+    if keys.is_empty() {
+        return Err(StreamError::Precondition(format!(
+            "table {} has no primary key; verify compares rows by key",
+            table.qualified()
+        )));
+    }
+    Ok(keys)
+}
+
+/// SQL pieces for one table.
+struct Shape {
+    table: String,
+    keys: Vec<String>,
+    /// Each key column's type, for casting key literals.
+    types: Vec<String>,
+    /// `("k1", "k2")`
+    key_tuple: String,
+    /// `"k1"::text, "k2"::text`
+    key_text: String,
+}
+
+impl Shape {
+    fn range(&self, after: Option<&[String]>, upto: Option<&[String]>) -> String {
+        let literal = |vals: &[String]| {
+            let parts: Vec<String> = self
+                .types
+                .iter()
+                .zip(vals)
+                .map(|(t, v)| format!("{}::text::{t}", quote_literal(v)))
+                .collect();
+            format!("({})", parts.join(", "))
+        };
+        let mut conds = Vec::new();
+        if let Some(a) = after {
+            conds.push(format!("{} > {}", self.key_tuple, literal(a)));
+        }
+        if let Some(u) = upto {
+            conds.push(format!("{} <= {}", self.key_tuple, literal(u)));
+        }
+        if conds.is_empty() {
+            "true".to_string()
+        } else {
+            conds.join(" AND ")
+        }
+    }
+}
+
+/// Key literals are cast through text to the key column's type, so that
+/// comparisons use the column's own ordering.
+async fn shape(client: &Client, table: &TableShape) -> Result<Shape, StreamError> {
+    let keys = key_columns(client, table).await?;
+    let types: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            table
+                .columns
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, t)| t.clone())
+                .unwrap_or_else(|| "text".to_string())
+        })
+        .collect();
+    let quoted: Vec<String> = keys.iter().map(|k| quote_ident(k)).collect();
+    Ok(Shape {
+        table: table.qualified(),
+        key_tuple: format!("({})", quoted.join(", ")),
+        key_text: quoted
+            .iter()
+            .map(|k| format!("{k}::text"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        keys,
+        types,
+    })
+}
+
+/// Count and hash-sum of the rows in a key range, computed by the database.
+async fn checksum(
+    client: &Client,
+    shape: &Shape,
+    range: &str,
+) -> Result<(i64, String), StreamError> {
+    let sql = format!(
+        "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text FROM {} t WHERE {range}",
+        shape.table
+    );
+    let row = client.query_one(&sql, &[]).await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// (key → row hash) for the rows in a key range.
+async fn row_hashes(
+    client: &Client,
+    shape: &Shape,
+    range: &str,
+) -> Result<BTreeMap<Vec<String>, i64>, StreamError> {
+    let sql = format!(
+        "SELECT ARRAY[{}], hashtextextended(t::text, 0) FROM {} t WHERE {range}",
+        shape.key_text, shape.table
+    );
+    Ok(client
+        .query(&sql, &[])
+        .await?
+        .into_iter()
+        .map(|r| (r.get::<_, Vec<String>>(0), r.get::<_, i64>(1)))
+        .collect())
+}
+
+fn diff(
+    shape: &Shape,
+    old: &BTreeMap<Vec<String>, i64>,
+    new: &BTreeMap<Vec<String>, i64>,
+) -> Vec<RowDiff> {
+    let key = |k: &Vec<String>| shape.keys.iter().cloned().zip(k.iter().cloned()).collect();
+    let mut out = Vec::new();
+    for (k, h) in old {
+        match new.get(k) {
+            None => out.push(RowDiff {
+                kind: "missing_on_new".to_string(),
+                key: key(k),
+            }),
+            Some(h2) if h2 != h => out.push(RowDiff {
+                kind: "different".to_string(),
+                key: key(k),
+            }),
+            Some(_) => {}
+        }
+    }
+    for k in new.keys() {
+        if !old.contains_key(k) {
+            out.push(RowDiff {
+                kind: "missing_on_old".to_string(),
+                key: key(k),
+            });
+        }
+    }
+    out
+}
+
+/// Verifies every table (or those named in `options.tables`).
+pub async fn verify(
+    old: &Client,
+    new: &Client,
+    options: &VerifyOptions,
+) -> Result<VerifyReport, StreamError> {
+    let tables = crate::preconditions::user_tables(old).await?;
+    let mut reports = Vec::new();
+    for table in tables {
+        let wanted = options.tables.is_empty()
+            || options.tables.iter().any(|t| {
+                *t == table.name
+                    || *t == format!("{}.{}", table.schema, table.name)
+                    || *t == table.qualified()
+            });
+        if wanted {
+            reports.push(verify_table(old, new, &table, options).await?);
+        }
+    }
+    Ok(VerifyReport {
+        clean: reports.iter().all(|r| r.differences.is_empty()),
+        tables: reports,
+    })
+}
+
+async fn verify_table(
+    old: &Client,
+    new: &Client,
+    table: &TableShape,
+    options: &VerifyOptions,
+) -> Result<TableReport, StreamError> {
+    let shape = shape(old, table).await?;
+    let mut report = TableReport {
+        table: shape.table.clone(),
+        rows_checked: 0,
+        chunks: 0,
+        differences: Vec::new(),
+    };
+    let mut after: Option<Vec<String>> = None;
+    loop {
+        // The chunk's upper bound: the last of the next `chunk_rows` keys on old.
+        let bound_sql = format!(
+            "SELECT ARRAY[{}] FROM {} WHERE {} ORDER BY {} LIMIT {}",
+            shape.key_text,
+            shape.table,
+            shape.range(after.as_deref(), None),
+            shape
+                .keys
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", "),
+            options.chunk_rows
+        );
+        let keys = old.query(&bound_sql, &[]).await?;
+        let last: Option<Vec<String>> = keys.last().map(|r| r.get(0));
+        // The final chunk is open-ended, so rows only on new past old's last key count.
+        let upto = if (keys.len() as i64) < options.chunk_rows {
+            None
+        } else {
+            last.clone()
+        };
+        let range = shape.range(after.as_deref(), upto.as_deref());
+        report.chunks += 1;
+        let mut differences = Vec::new();
+        for attempt in 0..=options.rechecks {
+            let (a, b) = (
+                checksum(old, &shape, &range).await?,
+                checksum(new, &shape, &range).await?,
+            );
+            if attempt == 0 {
+                report.rows_checked += a.0 as u64;
+            }
+            if a == b {
+                differences.clear();
+                break;
+            }
+            differences = diff(
+                &shape,
+                &row_hashes(old, &shape, &range).await?,
+                &row_hashes(new, &shape, &range).await?,
+            );
+            if differences.is_empty() || attempt == options.rechecks {
+                break;
+            }
+            tokio::time::sleep(options.recheck_delay).await;
+        }
+        report.differences.extend(differences);
+        match upto {
+            None => break,
+            Some(u) => after = Some(u),
+        }
+    }
+    report.differences.sort();
+    Ok(report)
+}
+
+/// Re-copies the rows `report` names from old to new (upsert, or delete
+/// where old no longer has the row), then verifies those tables again.
+pub async fn repair(
+    old: &Client,
+    new: &Client,
+    report: &VerifyReport,
+    options: &VerifyOptions,
+) -> Result<(u64, VerifyReport), StreamError> {
+    let tables = crate::preconditions::user_tables(old).await?;
+    let mut repaired = 0u64;
+    let mut touched = Vec::new();
+    for t in report.tables.iter().filter(|t| !t.differences.is_empty()) {
+        let Some(table) = tables.iter().find(|s| s.qualified() == t.table) else {
+            continue;
+        };
+        touched.push(table.qualified());
+        let shape = shape(old, table).await?;
+        let cols: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+        let sets: Vec<String> = table
+            .columns
+            .iter()
+            .filter(|(n, _)| !shape.keys.contains(n))
+            .map(|(n, _)| format!("{0} = EXCLUDED.{0}", quote_ident(n)))
+            .collect();
+        let action = if sets.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", sets.join(", "))
+        };
+        for d in &t.differences {
+            let key_vals: Vec<String> = shape
+                .keys
+                .iter()
+                .map(|k| d.key.get(k).cloned().unwrap_or_default())
+                .collect();
+            let cond = shape
+                .keys
+                .iter()
+                .zip(&shape.types)
+                .zip(&key_vals)
+                .map(|((k, t), v)| format!("{} = {}::text::{t}", quote_ident(k), quote_literal(v)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            // The row as old has it now, as text values.
+            let values: Vec<String> = table
+                .columns
+                .iter()
+                .map(|(n, _)| format!("{}::text", quote_ident(n)))
+                .collect();
+            let current = old
+                .query_opt(
+                    &format!(
+                        "SELECT ARRAY[{}] FROM {} WHERE {cond}",
+                        values.join(", "),
+                        shape.table
+                    ),
+                    &[],
+                )
+                .await?;
+            let sql = match current {
+                None => format!(
+                    "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {} WHERE {cond}; COMMIT",
+                    shape.table
+                ),
+                Some(row) => {
+                    let vals: Vec<Option<String>> = row.get(0);
+                    let literals: Vec<String> = vals
+                        .iter()
+                        .map(|v| v.as_deref().map(quote_literal).unwrap_or_else(|| "NULL".to_string()))
+                        .collect();
+                    format!(
+                        "BEGIN; SET LOCAL session_replication_role = replica; \
+                         INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) ON CONFLICT {} {action}; COMMIT",
+                        shape.table,
+                        cols.join(", "),
+                        literals.join(", "),
+                        shape.key_tuple
+                    )
+                }
+            };
+            new.batch_execute(&sql).await?;
+            repaired += 1;
+        }
+    }
+    let again = verify(
+        old,
+        new,
+        &VerifyOptions {
+            tables: touched,
+            ..options.clone()
+        },
+    )
+    .await?;
+    Ok((repaired, again))
+}
