@@ -85,7 +85,7 @@ impl Daemon {
             return false;
         }
         tracing::info!(old = %settings.old.redacted(), new = %settings.new.redacted(), "starting mirroring");
-        *mirror = Some(Mirror::start(settings));
+        *mirror = Some(Mirror::start(settings, self.metrics.stream.clone()));
         true
     }
 

@@ -326,6 +326,19 @@ async fn concurrent_writes_during_copy_and_stream_leave_old_and_new_identical() 
         p.old.psql(DB, "SELECT count(*) FROM audit").unwrap(),
         p.new.psql(DB, "SELECT count(*) FROM audit").unwrap()
     );
+    let (_, metrics) = admin_get(&server, "/metrics");
+    assert!(metric(&metrics, "cutover_stream_applied_transactions_total").unwrap() > 0.0);
+    assert!(metric(&metrics, "cutover_stream_applied_rows_total").unwrap() > 0.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "cutover_copy_rows_total{table=\"\\\"public\\\".\\\"docs\\\"\"}"
+        ),
+        Some(40.0),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cutover_stream_apply_batch_seconds_count"));
+    assert!(metric(&metrics, "cutover_stream_lag_bytes").is_some());
     server.shutdown().await;
 }
 

@@ -4,7 +4,7 @@
 //! lookups.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -22,6 +22,19 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub cancel_requests: IntCounterVec,
+    pub stream: StreamMetrics,
+}
+
+/// The change stream's and the copy's metrics.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    pub lag_bytes: IntGauge,
+    pub lag_seconds: Gauge,
+    pub applied_transactions: IntCounter,
+    pub applied_rows: IntCounter,
+    pub apply_batch_seconds: Histogram,
+    pub reconnects: IntCounter,
+    pub copy_rows: IntCounterVec,
 }
 
 /// The per-backend handles a session uses on every message.
@@ -111,6 +124,47 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            stream: StreamMetrics {
+                lag_bytes: IntGauge::with_opts(opts(
+                    "stream_lag_bytes",
+                    "WAL bytes the secondary is behind the primary.",
+                ))
+                .expect("valid metric"),
+                lag_seconds: Gauge::with_opts(opts(
+                    "stream_lag_seconds",
+                    "Seconds since the secondary last held everything the primary had.",
+                ))
+                .expect("valid metric"),
+                applied_transactions: IntCounter::with_opts(opts(
+                    "stream_applied_transactions_total",
+                    "Primary transactions applied to the secondary.",
+                ))
+                .expect("valid metric"),
+                applied_rows: IntCounter::with_opts(opts(
+                    "stream_applied_rows_total",
+                    "Row changes applied to the secondary.",
+                ))
+                .expect("valid metric"),
+                apply_batch_seconds: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "stream_apply_batch_seconds",
+                        "Time to apply one batch of transactions on the secondary.",
+                    )
+                    .namespace("cutover")
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                )
+                .expect("valid metric"),
+                reconnects: IntCounter::with_opts(opts(
+                    "stream_reconnects_total",
+                    "Times the change stream was interrupted and reconnected.",
+                ))
+                .expect("valid metric"),
+                copy_rows: IntCounterVec::new(
+                    opts("copy_rows_total", "Rows copied to the secondary by the initial copy, by table."),
+                    &["table"],
+                )
+                .expect("valid metric"),
+            },
             registry,
         };
         for c in [
@@ -126,6 +180,13 @@ impl Metrics {
             Box::new(m.protocol_errors.clone()),
             Box::new(m.auth_failures.clone()),
             Box::new(m.cancel_requests.clone()),
+            Box::new(m.stream.lag_bytes.clone()),
+            Box::new(m.stream.lag_seconds.clone()),
+            Box::new(m.stream.applied_transactions.clone()),
+            Box::new(m.stream.applied_rows.clone()),
+            Box::new(m.stream.apply_batch_seconds.clone()),
+            Box::new(m.stream.reconnects.clone()),
+            Box::new(m.stream.copy_rows.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

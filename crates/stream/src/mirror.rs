@@ -9,6 +9,7 @@ use crate::replication::ReplicationConnection;
 use crate::{control_client, StreamError};
 use cutover_backend::ScramCache;
 use cutover_config::BackendUrl;
+use cutover_control::StreamMetrics;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,7 @@ pub struct MirrorStatus {
 
 struct Shared {
     status: Mutex<MirrorStatus>,
+    metrics: StreamMetrics,
     /// Everything at or before this position is on the secondary.
     caught_up: watch::Sender<Lsn>,
     scram: ScramCache,
@@ -84,7 +86,7 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn start(settings: MirrorSettings) -> Mirror {
+    pub fn start(settings: MirrorSettings, metrics: StreamMetrics) -> Mirror {
         let (caught_up, _) = watch::channel(Lsn(0));
         let shared = Arc::new(Shared {
             status: Mutex::new(MirrorStatus {
@@ -93,6 +95,7 @@ impl Mirror {
             }),
             caught_up,
             scram: ScramCache::default(),
+            metrics,
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(settings, shared.clone(), stopped));
@@ -136,6 +139,7 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
             }
             Err(e) => {
                 tracing::warn!(error = %e, "mirroring interrupted; reconnecting");
+                shared.metrics.reconnects.inc();
                 shared.update(|s| {
                     s.state = "reconnecting".to_string();
                     s.error = Some(e.to_string());
@@ -262,6 +266,11 @@ async fn initial_copy(
                 c.done = true;
             }
         });
+        shared
+            .metrics
+            .copy_rows
+            .with_label_values(&[&table.qualified()])
+            .inc_by(rows);
         tracing::info!(table = %table.qualified(), rows, "table copied");
     }
     sync_sequences(&reader, new).await?;
@@ -413,15 +422,19 @@ async fn stream(
         if caught_up >= primary_end {
             caught_up_at = Instant::now();
         }
+        let lag_bytes = primary_end.0.saturating_sub(caught_up.0);
+        let lag_seconds = if caught_up >= primary_end {
+            0.0
+        } else {
+            caught_up_at.elapsed().as_secs_f64()
+        };
+        shared.metrics.lag_bytes.set(lag_bytes as i64);
+        shared.metrics.lag_seconds.set(lag_seconds);
         shared.update(|s| {
             s.caught_up_lsn = Some(caught_up.to_string());
             s.primary_lsn = Some(primary_end.to_string());
-            s.lag_bytes = Some(primary_end.0.saturating_sub(caught_up.0));
-            s.lag_seconds = Some(if caught_up >= primary_end {
-                0.0
-            } else {
-                caught_up_at.elapsed().as_secs_f64()
-            });
+            s.lag_bytes = Some(lag_bytes);
+            s.lag_seconds = Some(lag_seconds);
         });
         if reply || last_status.elapsed() >= STATUS_INTERVAL {
             repl.send_status(caught_up, false).await?;
@@ -445,6 +458,15 @@ async fn apply(
     }
     let batch = applier.batch_committed();
     let applied = applier.applied();
+    shared
+        .metrics
+        .apply_batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .applied_transactions
+        .inc_by(batch.transactions);
+    shared.metrics.applied_rows.inc_by(batch.rows);
     shared.caught_up.send_if_modified(|lsn| {
         let advanced = applied > *lsn;
         *lsn = (*lsn).max(applied);
