@@ -86,9 +86,14 @@ fn post(server: &cutover::Server, path: &str, token: Option<&str>) -> (u16, Stri
 }
 
 fn mirror_status(server: &cutover::Server) -> serde_json::Value {
-    let (_, body) = admin_get(server, "/v1/status");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["mirror"].clone()
+    mirror_status_at(server.admin_addr)
+}
+
+fn mirror_status_at(admin: std::net::SocketAddr) -> serde_json::Value {
+    match cutover::cli_http::request(&format!("http://{admin}"), "GET", "/v1/status", None, None) {
+        Ok(r) => serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["mirror"].clone(),
+        Err(_) => serde_json::Value::Null,
+    }
 }
 
 fn lsn(text: &str) -> u64 {
@@ -98,10 +103,14 @@ fn lsn(text: &str) -> u64 {
 
 /// Waits until the secondary holds everything the primary has written now.
 async fn drained(server: &cutover::Server, old: &Cluster) {
+    drained_at(server.admin_addr, old).await
+}
+
+async fn drained_at(admin: std::net::SocketAddr, old: &Cluster) {
     let target = lsn(&old.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let m = mirror_status(server);
+        let m = mirror_status_at(admin);
         if let Some(c) = m["caught_up_lsn"].as_str() {
             if lsn(c) >= target {
                 return;
@@ -590,4 +599,112 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
     assert!(out.contains("repaired 6 rows"), "{out}");
     assert_identical(&p);
     server.shutdown().await;
+}
+
+/// The daemon as a child process, so it can be killed with SIGKILL.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_daemon(config: &std::path::Path, admin: std::net::SocketAddr) -> Daemon {
+    let child = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cutover::cli_http::request(&format!("http://{admin}"), "GET", "/healthz", None, None)
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
+    let p = pair();
+    seed(&p.old);
+    // Enough rows that the copy takes a while and can be interrupted.
+    p.old
+        .psql(DB, "INSERT INTO events (account, amount) SELECT g % 500, g FROM generate_series(1, 300000) g")
+        .unwrap();
+    let proxy_port = cutover_pgcluster::free_port().unwrap();
+    let admin_port = cutover_pgcluster::free_port().unwrap();
+    let config = mirror_config(&p, "")
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{proxy_port}\""),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{admin_port}\""),
+            1,
+        );
+    let path = std::env::temp_dir().join(format!("cutover-kill-{}.toml", std::process::id()));
+    std::fs::write(&path, &config).unwrap();
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let proxy: std::net::SocketAddr = ([127, 0, 0, 1], proxy_port).into();
+
+    // Writes go straight to old so they continue while cutover is dead.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = workload(direct_addr(&p.old), direct_addr(&p.old), stop.clone());
+
+    let daemon = tokio::task::block_in_place(|| spawn_daemon(&path, admin));
+    let (code, out) = tokio::task::block_in_place(|| run_cli(&["mirror", "start"], &path));
+    assert_eq!(code, 0, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mirror_status_at(admin)["state"] != "copying" {
+        assert!(
+            Instant::now() < deadline,
+            "never copying: {}",
+            mirror_status_at(admin)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(daemon); // SIGKILL mid-copy
+
+    let daemon = tokio::task::block_in_place(|| spawn_daemon(&path, admin));
+    let (code, _) = tokio::task::block_in_place(|| run_cli(&["mirror", "start"], &path));
+    assert!(code == 0 || code == 1, "start again (or already resumed)");
+    // Let it stream under load for a while, then SIGKILL mid-apply.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mirror_status_at(admin)["applied_transactions"]
+        .as_u64()
+        .unwrap_or(0)
+        < 50
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {}",
+            mirror_status_at(admin)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(daemon);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let _daemon = tokio::task::block_in_place(|| spawn_daemon(&path, admin));
+    // Clients go through the restarted proxy too.
+    let client = connect(proxy).await;
+    client
+        .execute("INSERT INTO scratch VALUES (-5, 'after the kills')", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drained_at(admin, &p.old).await;
+    assert_identical(&p);
+    sequences_match(&p).await;
 }
