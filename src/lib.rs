@@ -75,6 +75,7 @@ impl Daemon {
             old: self.config.old.url.clone(),
             new: self.config.new.as_ref()?.url.clone(),
             slot: SLOT.to_string(),
+            copy: self.config.mirror.clone(),
         })
     }
 

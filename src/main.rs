@@ -351,16 +351,36 @@ fn render_status(s: &Status) -> String {
             out.push_str(&format!("         error: {e}\n"));
         }
         for t in m["copy"].as_array().into_iter().flatten() {
-            let done = t["done"].as_bool().unwrap_or(false);
             out.push_str(&format!(
-                "         copy {:<40} {} {} rows\n",
+                "         copy {:<40} {}\n",
                 t["table"].as_str().unwrap_or("?"),
-                if done { "[##########]" } else { "[..........]" },
-                t["rows"].as_u64().unwrap_or(0)
+                progress_bar(
+                    t["rows"].as_u64().unwrap_or(0),
+                    t["estimated_rows"].as_u64().unwrap_or(0),
+                    t["done"].as_bool().unwrap_or(false)
+                )
             ));
         }
     }
     out
+}
+
+/// `[#####.....]  52%  5200 rows` from rows copied and the planner's estimate.
+fn progress_bar(rows: u64, estimate: u64, done: bool) -> String {
+    let fraction = if done {
+        1.0
+    } else if estimate == 0 {
+        0.0
+    } else {
+        (rows as f64 / estimate as f64).min(0.99)
+    };
+    let filled = (fraction * 20.0).round() as usize;
+    format!(
+        "[{}{}] {:>3.0}%  {rows} rows",
+        "#".repeat(filled),
+        ".".repeat(20 - filled),
+        fraction * 100.0
+    )
 }
 
 async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {

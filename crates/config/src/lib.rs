@@ -45,6 +45,37 @@ struct RawConfig {
     admin: RawAdmin,
     old: RawBackend,
     new: Option<RawBackend>,
+    #[serde(default)]
+    mirror: RawMirror,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    copy_chunk_rows: Option<u32>,
+    copy_parallel_tables: Option<u32>,
+    copy_max_rows_per_second: Option<u64>,
+}
+
+/// How the initial copy runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// Rows per keyset chunk (each chunk is one transaction on each side).
+    pub copy_chunk_rows: u32,
+    /// Tables copied at the same time.
+    pub copy_parallel_tables: u32,
+    /// Throttle across all tables; 0 means as fast as the databases go.
+    pub copy_max_rows_per_second: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            copy_chunk_rows: 10_000,
+            copy_parallel_tables: 2,
+            copy_max_rows_per_second: 0,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -177,6 +208,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub old: BackendConfig,
     pub new: Option<BackendConfig>,
+    pub mirror: MirrorConfig,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -354,12 +386,40 @@ impl Config {
         };
         let old = backend("old", raw.old)?;
         let new = raw.new.map(|b| backend("new", b)).transpose()?;
+        let defaults = MirrorConfig::default();
+        let mirror = MirrorConfig {
+            copy_chunk_rows: raw
+                .mirror
+                .copy_chunk_rows
+                .unwrap_or(defaults.copy_chunk_rows),
+            copy_parallel_tables: raw
+                .mirror
+                .copy_parallel_tables
+                .unwrap_or(defaults.copy_parallel_tables),
+            copy_max_rows_per_second: raw
+                .mirror
+                .copy_max_rows_per_second
+                .unwrap_or(defaults.copy_max_rows_per_second),
+        };
+        if !(1..=1_000_000).contains(&mirror.copy_chunk_rows) {
+            return Err(ConfigError::invalid(
+                "mirror.copy_chunk_rows",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=64).contains(&mirror.copy_parallel_tables) {
+            return Err(ConfigError::invalid(
+                "mirror.copy_parallel_tables",
+                "must be between 1 and 64",
+            ));
+        }
         Ok(Config {
             proxy,
             auth: AuthConfig { method, users },
             admin,
             old,
             new,
+            mirror,
         })
     }
 }

@@ -3,14 +3,11 @@
 //! applier that writes it to the secondary in commit order, and the initial
 //! copy, consistent with the stream's start.
 //!
-//! Why the copy cannot lose or resurrect a row: the slot is created with
-//! EXPORT_SNAPSHOT, and every table is copied inside that snapshot. The
-//! snapshot holds exactly the transactions committed before the slot's
-//! consistent point; the slot streams exactly the transactions committed
-//! after it. Each committed change is therefore in the copy or in the
-//! stream, never both and never neither.
+//! Why the copy cannot lose or resurrect a row is written down in `copy`.
 
 pub mod applier;
+pub mod copy;
+pub mod keys;
 pub mod mirror;
 pub mod pgoutput;
 pub mod preconditions;

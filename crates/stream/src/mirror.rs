@@ -3,14 +3,14 @@
 //! itself when either database goes away.
 
 use crate::applier::{self, Applier};
+use crate::copy;
 use crate::pgoutput::{decode_logical, decode_replication, Lsn, ReplicationMessage};
-use crate::preconditions::{self, TableShape};
+use crate::preconditions;
 use crate::replication::ReplicationConnection;
 use crate::{control_client, StreamError};
 use cutover_backend::ScramCache;
-use cutover_config::BackendUrl;
+use cutover_config::{BackendUrl, MirrorConfig};
 use cutover_control::StreamMetrics;
-use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,12 +35,15 @@ pub struct MirrorSettings {
     pub new: BackendUrl,
     /// Name of the slot and of the publication cutover owns.
     pub slot: String,
+    pub copy: MirrorConfig,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TableCopy {
     pub table: String,
     pub rows: u64,
+    /// The planner's row estimate when the copy was planned.
+    pub estimated_rows: u64,
     pub done: bool,
 }
 
@@ -157,6 +160,7 @@ async fn session(settings: &MirrorSettings, shared: &Shared) -> Result<(), Strea
     let old = control_client(&settings.old, "cutover-control").await?;
     let new = control_client(&settings.new, "cutover-applier").await?;
     new.batch_execute(applier::SCHEMA_SQL).await?;
+    new.batch_execute(copy::PROGRESS_SQL).await?;
     let applied: Option<String> = new
         .query_opt(
             &format!(
@@ -181,25 +185,75 @@ async fn session(settings: &MirrorSettings, shared: &Shared) -> Result<(), Strea
             tracing::info!(%lsn, "resuming the change stream");
             lsn
         }
-        _ => initial_copy(settings, shared, &old, &new, &mut repl, slot_exists).await?,
+        _ => setup(settings, &old, &new, &mut repl, slot_exists).await?,
     };
-    repl.start(&settings.slot, &settings.slot, start).await?;
+    let progress = copy::progress(&new, &settings.slot).await?;
+    let copying = progress.iter().any(|p| !p.done);
     shared.update(|s| {
-        s.state = "streaming".to_string();
+        s.state = if copying { "copying" } else { "streaming" }.to_string();
         s.error = None;
         s.applied_lsn = Some(start.to_string());
         s.caught_up_lsn = Some(start.to_string());
+        s.copy = progress
+            .iter()
+            .map(|p| TableCopy {
+                table: p.table.clone(),
+                rows: p.rows,
+                estimated_rows: p.estimated_rows,
+                done: p.done,
+            })
+            .collect();
     });
+    repl.start(&settings.slot, &settings.slot, start).await?;
     shared.caught_up.send_replace(start);
-    stream(settings, shared, &old, &new, &mut repl, start).await
+
+    // The stream and the copy run together (see `copy` for why that is safe).
+    let report = |table: &str, rows: u64, done: bool| {
+        shared
+            .metrics
+            .copy_rows
+            .with_label_values(&[table])
+            .inc_by(rows);
+        shared.update(|s| {
+            if let Some(c) = s.copy.iter_mut().find(|c| c.table == table) {
+                c.rows += rows;
+                c.done = done;
+            }
+        });
+    };
+    let copy = async {
+        copy::copy_pending(
+            &settings.old,
+            &settings.new,
+            &settings.slot,
+            &settings.copy,
+            &report,
+        )
+        .await?;
+        sync_sequences(&old, &new).await?;
+        shared.update(|s| s.state = "streaming".to_string());
+        tracing::info!("initial copy complete");
+        Ok::<(), StreamError>(())
+    };
+    let stream = stream(settings, shared, &old, &new, &mut repl, start);
+    tokio::pin!(copy, stream);
+    let mut copy_finished = !copying;
+    loop {
+        tokio::select! {
+            r = &mut copy, if !copy_finished => {
+                r?;
+                copy_finished = true;
+            }
+            r = &mut stream => return r,
+        }
+    }
 }
 
-/// Creates the publication and slot, copies every table in the slot's
-/// exported snapshot, sets sequences, and records the slot's consistent
-/// point as the applied position. Returns that position.
-async fn initial_copy(
+/// A fresh start: preconditions, publication, a slot without a snapshot,
+/// and, in one secondary transaction, empty tables, a copy plan and the
+/// slot's start as the applied position. Returns that position.
+async fn setup(
     settings: &MirrorSettings,
-    shared: &Shared,
     old: &tokio_postgres::Client,
     new: &tokio_postgres::Client,
     repl: &mut ReplicationConnection,
@@ -209,7 +263,7 @@ async fn initial_copy(
         preconditions::check(old, new, &settings.old.address(), &settings.old.user).await?;
     let slot = applier::quote_ident(&settings.slot);
     if slot_exists {
-        // A copy that never finished: its snapshot is gone, start over.
+        // The secondary has no record of it: a start that never finished.
         old.execute("SELECT pg_drop_replication_slot($1)", &[&settings.slot])
             .await?;
     }
@@ -219,72 +273,28 @@ async fn initial_copy(
     .await?;
     let rows = repl
         .command(&format!(
-            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT"
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT"
         ))
         .await?;
-    let row = rows.first().ok_or_else(|| {
-        StreamError::Protocol("CREATE_REPLICATION_SLOT returned no row".to_string())
-    })?;
-    let consistent: Lsn = row
-        .get(1)
-        .cloned()
-        .flatten()
-        .ok_or_else(|| StreamError::Protocol("no consistent point".to_string()))?
+    let start: Lsn = rows
+        .first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .ok_or_else(|| {
+            StreamError::Protocol("CREATE_REPLICATION_SLOT returned no position".to_string())
+        })?
         .parse()
         .map_err(StreamError::Protocol)?;
-    let snapshot = row
-        .get(2)
-        .cloned()
-        .flatten()
-        .ok_or_else(|| StreamError::Protocol("no exported snapshot".to_string()))?;
-    tracing::info!(%consistent, %snapshot, tables = tables.len(), "slot created; copying");
-    shared.update(|s| {
-        s.state = "copying".to_string();
-        s.copy = tables
-            .iter()
-            .map(|t| TableCopy {
-                table: t.qualified(),
-                rows: 0,
-                done: false,
-            })
-            .collect();
-    });
-
-    // The snapshot lives while `repl` stays idle; copy inside it.
-    let reader = control_client(&settings.old, "cutover-copy").await?;
-    reader
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            applier::quote_literal(&snapshot)
-        ))
-        .await?;
-    for (i, table) in tables.iter().enumerate() {
-        let rows = copy_table(&reader, new, table).await?;
-        shared.update(|s| {
-            if let Some(c) = s.copy.get_mut(i) {
-                c.rows = rows;
-                c.done = true;
-            }
-        });
-        shared
-            .metrics
-            .copy_rows
-            .with_label_values(&[&table.qualified()])
-            .inc_by(rows);
-        tracing::info!(table = %table.qualified(), rows, "table copied");
-    }
-    sync_sequences(&reader, new).await?;
-    reader.batch_execute("COMMIT").await?;
-    new.execute(
-        &format!(
-            "INSERT INTO {} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
-             ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = now()",
-            applier::APPLIED_TABLE
-        ),
-        &[&settings.slot, &consistent.to_string()],
-    )
+    let plan = copy::plan_sql(old, &settings.slot, &tables).await?;
+    new.batch_execute(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; {plan}\
+         INSERT INTO {} (slot, lsn) VALUES ({}, '{start}') \
+         ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = now(); COMMIT",
+        applier::APPLIED_TABLE,
+        applier::quote_literal(&settings.slot)
+    ))
     .await?;
-    Ok(consistent)
+    tracing::info!(%start, tables = tables.len(), "slot created; copying alongside the stream");
+    Ok(start)
 }
 
 /// Moves every sequence on the secondary forward to the primary's value.
@@ -312,33 +322,6 @@ async fn sync_sequences(
         .await?;
     }
     Ok(())
-}
-
-/// Replaces the table's contents on the secondary with the snapshot's, in
-/// one transaction, streaming binary COPY from old to new.
-async fn copy_table(
-    reader: &tokio_postgres::Client,
-    new: &tokio_postgres::Client,
-    table: &TableShape,
-) -> Result<u64, StreamError> {
-    let name = table.qualified();
-    new.batch_execute(&format!(
-        "BEGIN; SET LOCAL session_replication_role = replica; TRUNCATE {name}"
-    ))
-    .await?;
-    let source = reader
-        .copy_out(&format!("COPY {name} TO STDOUT (FORMAT binary)"))
-        .await?;
-    let sink = new
-        .copy_in(&format!("COPY {name} FROM STDIN (FORMAT binary)"))
-        .await?;
-    futures_util::pin_mut!(source, sink);
-    while let Some(chunk) = source.next().await {
-        sink.send(chunk?).await?;
-    }
-    let rows = sink.as_mut().finish().await?;
-    new.batch_execute("COMMIT").await?;
-    Ok(rows)
 }
 
 async fn stream(

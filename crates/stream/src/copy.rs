@@ -1,0 +1,339 @@
+//! The initial copy (backfill), run while the change stream is applied.
+//!
+//! Each table is read in primary-key chunks (keyset: after the last key of
+//! the previous chunk, never OFFSET). A chunk is read on the primary with
+//! `FOR SHARE`, inserted on the secondary with `ON CONFLICT DO NOTHING`
+//! together with the chunk's last key in `cutover.copy_progress` (one
+//! secondary transaction), and only then is the primary transaction, and
+//! with it the row locks, released. So a crash resumes after the last
+//! recorded chunk, and:
+//!
+//! - a row changed before the slot's start and not since is only in the copy;
+//! - a row changed after the slot's start reaches the secondary through the
+//!   stream. If the stream got there first, insert-if-absent leaves the
+//!   stream's version; if the copy got there first, the stream's later
+//!   upsert or delete overwrites it, in commit order;
+//! - a writer cannot slip a change between the chunk's read and its insert,
+//!   because the row locks are held until the insert has committed;
+//! - a row deleted before the chunk is read is not copied, so nothing is
+//!   resurrected.
+
+use crate::applier::{quote_ident, quote_literal};
+use crate::keys::{shape, Shape};
+use crate::preconditions::TableShape;
+use crate::{control_client, StreamError};
+use cutover_config::{BackendUrl, MirrorConfig};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// Per-table copy progress on the secondary.
+pub const PROGRESS_SQL: &str = "CREATE TABLE IF NOT EXISTS cutover.copy_progress (\
+     slot text NOT NULL, table_name text NOT NULL, last_key text[], rows bigint NOT NULL DEFAULT 0, \
+     estimated_rows bigint NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false, \
+     PRIMARY KEY (slot, table_name))";
+
+/// One table's progress, as recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub table: String,
+    pub last_key: Option<Vec<String>>,
+    pub rows: u64,
+    pub estimated_rows: u64,
+    pub done: bool,
+}
+
+/// Records a fresh copy plan: every table pending from its first key, in
+/// the same secondary transaction that empties the tables and sets the
+/// stream's start position.
+pub async fn plan_sql(
+    old: &Client,
+    slot: &str,
+    tables: &[TableShape],
+) -> Result<String, StreamError> {
+    let mut sql = format!(
+        "DELETE FROM cutover.copy_progress WHERE slot = {}; ",
+        quote_literal(slot)
+    );
+    for t in tables {
+        let estimate: i64 = old
+            .query_one(
+                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::text::regclass",
+                &[&t.qualified()],
+            )
+            .await?
+            .get(0);
+        sql.push_str(&format!(
+            "TRUNCATE {0}; INSERT INTO cutover.copy_progress (slot, table_name, estimated_rows) VALUES ({1}, {2}, {estimate}); ",
+            t.qualified(),
+            quote_literal(slot),
+            quote_literal(&t.qualified())
+        ));
+    }
+    Ok(sql)
+}
+
+/// The recorded progress of every table for `slot`.
+pub async fn progress(new: &Client, slot: &str) -> Result<Vec<Progress>, StreamError> {
+    Ok(new
+        .query(
+            "SELECT table_name, last_key, rows, estimated_rows, done FROM cutover.copy_progress \
+             WHERE slot = $1 ORDER BY table_name",
+            &[&slot],
+        )
+        .await?
+        .into_iter()
+        .map(|r| Progress {
+            table: r.get(0),
+            last_key: r.get(1),
+            rows: r.get::<_, i64>(2) as u64,
+            estimated_rows: r.get::<_, i64>(3) as u64,
+            done: r.get(4),
+        })
+        .collect())
+}
+
+/// Limits copied rows per second across all tables.
+struct Throttle {
+    rate: u64,
+    started: Instant,
+    rows: Mutex<u64>,
+}
+
+impl Throttle {
+    /// How long to wait before copying `rows` more.
+    fn delay(&self, rows: u64) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        let mut total = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+        *total += rows;
+        let due = Duration::from_secs_f64(*total as f64 / self.rate as f64);
+        due.saturating_sub(self.started.elapsed())
+    }
+}
+
+/// Copies every pending table, `config.copy_parallel_tables` at a time.
+/// `report(table, rows_added, done)` is called after each chunk.
+pub async fn copy_pending(
+    old_url: &BackendUrl,
+    new_url: &BackendUrl,
+    slot: &str,
+    config: &MirrorConfig,
+    report: &(dyn Fn(&str, u64, bool) + Sync),
+) -> Result<(), StreamError> {
+    let new = control_client(new_url, "cutover-copy").await?;
+    let old = control_client(old_url, "cutover-copy").await?;
+    let pending: Vec<Progress> = progress(&new, slot)
+        .await?
+        .into_iter()
+        .filter(|p| !p.done)
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let tables = crate::preconditions::user_tables(&old).await?;
+    let throttle = Throttle {
+        rate: config.copy_max_rows_per_second,
+        started: Instant::now(),
+        rows: Mutex::new(0),
+    };
+    let permits = tokio::sync::Semaphore::new(config.copy_parallel_tables as usize);
+    let jobs = pending.iter().map(|p| {
+        let table = tables.iter().find(|t| t.qualified() == p.table).cloned();
+        let (throttle, permits) = (&throttle, &permits);
+        async move {
+            let table = table.ok_or_else(|| {
+                StreamError::Precondition(format!(
+                    "table {} disappeared from the old database",
+                    p.table
+                ))
+            })?;
+            let _permit = permits
+                .acquire()
+                .await
+                .map_err(|_| StreamError::Control("copy stopped".to_string()))?;
+            copy_table(
+                old_url,
+                new_url,
+                slot,
+                &table,
+                p.last_key.clone(),
+                config,
+                throttle,
+                report,
+            )
+            .await
+        }
+    });
+    futures_util::future::try_join_all(jobs).await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_table(
+    old_url: &BackendUrl,
+    new_url: &BackendUrl,
+    slot: &str,
+    table: &TableShape,
+    mut after: Option<Vec<String>>,
+    config: &MirrorConfig,
+    throttle: &Throttle,
+    report: &(dyn Fn(&str, u64, bool) + Sync),
+) -> Result<(), StreamError> {
+    let old = control_client(old_url, "cutover-copy").await?;
+    let new = control_client(new_url, "cutover-copy").await?;
+    let shape = shape(&old, table).await?;
+    let columns: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    let values: Vec<String> = table
+        .columns
+        .iter()
+        .map(|(n, _)| format!("{}::text", quote_ident(n)))
+        .collect();
+    let order = shape
+        .keys
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    loop {
+        let (n, done, last) = loop {
+            match copy_chunk(
+                &old,
+                &new,
+                slot,
+                &shape,
+                &columns,
+                &values,
+                &order,
+                after.as_deref(),
+                config,
+            )
+            .await
+            {
+                // A chunk's row locks can deadlock with a writer locking
+                // the same rows in another order; retry that chunk.
+                Err(StreamError::Server { code, .. }) if code == "40P01" || code == "40001" => {
+                    let _ = old.batch_execute("ROLLBACK").await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other?,
+            }
+        };
+        report(&shape.table, n, done);
+        if done {
+            return Ok(());
+        }
+        after = last;
+        let wait = throttle.delay(n);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Copies one chunk; returns (rows, whether the table is done, last key).
+#[allow(clippy::too_many_arguments)]
+async fn copy_chunk(
+    old: &Client,
+    new: &Client,
+    slot: &str,
+    shape: &Shape,
+    columns: &[String],
+    values: &[String],
+    order: &str,
+    after: Option<&[String]>,
+    config: &MirrorConfig,
+) -> Result<(u64, bool, Option<Vec<String>>), StreamError> {
+    old.batch_execute("BEGIN").await?;
+    let rows = old
+        .query(
+            &format!(
+                "SELECT ARRAY[{}], ARRAY[{}] FROM {} WHERE {} ORDER BY {order} LIMIT {} FOR SHARE",
+                shape.key_text,
+                values.join(", "),
+                shape.table,
+                shape.range(after, None),
+                config.copy_chunk_rows
+            ),
+            &[],
+        )
+        .await?;
+    let n = rows.len() as u64;
+    let done = n < u64::from(config.copy_chunk_rows);
+    let last: Option<Vec<String>> = rows.last().map(|r| r.get(0));
+    let mut sql = String::from("BEGIN; SET LOCAL session_replication_role = replica; ");
+    if n > 0 {
+        sql.push_str(&insert_if_absent(shape, columns, &rows));
+    }
+    let key_sql = match &last {
+        Some(k) => format!(
+            "ARRAY[{}]::text[]",
+            k.iter()
+                .map(|v| quote_literal(v))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => "last_key".to_string(),
+    };
+    sql.push_str(&format!(
+        "UPDATE cutover.copy_progress SET last_key = {key_sql}, rows = rows + {n}, done = {done} \
+         WHERE slot = {} AND table_name = {}; COMMIT",
+        quote_literal(slot),
+        quote_literal(&shape.table)
+    ));
+    if let Err(e) = new.batch_execute(&sql).await {
+        let _ = new.batch_execute("ROLLBACK").await;
+        return Err(e.into());
+    }
+    // Only now may writers touch these rows again.
+    old.batch_execute("COMMIT").await?;
+    Ok((n, done, last))
+}
+
+fn insert_if_absent(shape: &Shape, columns: &[String], rows: &[tokio_postgres::Row]) -> String {
+    let tuples: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let vals: Vec<Option<String>> = r.get(1);
+            let literals: Vec<String> = vals
+                .iter()
+                .map(|v| {
+                    v.as_deref()
+                        .map(quote_literal)
+                        .unwrap_or_else(|| "NULL".to_string())
+                })
+                .collect();
+            format!("({})", literals.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES {} ON CONFLICT {} DO NOTHING; ",
+        shape.table,
+        columns.join(", "),
+        tuples.join(", "),
+        shape.key_tuple
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_spreads_rows_over_time() {
+        let t = Throttle {
+            rate: 1000,
+            started: Instant::now(),
+            rows: Mutex::new(0),
+        };
+        assert!(t.delay(500) > Duration::from_millis(400));
+        assert!(t.delay(500) > Duration::from_millis(900));
+        let free = Throttle {
+            rate: 0,
+            started: Instant::now(),
+            rows: Mutex::new(0),
+        };
+        assert_eq!(free.delay(1_000_000), Duration::ZERO);
+    }
+}
