@@ -124,10 +124,19 @@ impl Mirror {
     }
 }
 
+/// True for stream errors that no retry of the same slot can get past:
+/// PostgreSQL cannot decode the slot's WAL (seen when a catalog-changing
+/// transaction such as TRUNCATE races the slot's creation).
+fn slot_is_wedged(e: &StreamError) -> bool {
+    matches!(e, StreamError::Server { code, message, .. }
+        if code == "XX000" && message.contains("could not map filenode"))
+}
+
 async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let mut rebuild = false;
     loop {
         let result = tokio::select! {
-            r = session(&settings, &shared) => r,
+            r = session(&settings, &shared, std::mem::take(&mut rebuild)) => r,
             _ = stopped.wait_for(|s| *s) => return,
         };
         match result {
@@ -139,6 +148,15 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
                     s.error = Some(reason);
                 });
                 return;
+            }
+            Err(e) if slot_is_wedged(&e) => {
+                tracing::warn!(error = %e, "the slot cannot be decoded; creating a new slot and copying again");
+                shared.metrics.reconnects.inc();
+                rebuild = true;
+                shared.update(|s| {
+                    s.state = "reconnecting".to_string();
+                    s.error = Some(format!("{e}; starting over with a new slot"));
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "mirroring interrupted; reconnecting");
@@ -156,7 +174,11 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
     }
 }
 
-async fn session(settings: &MirrorSettings, shared: &Shared) -> Result<(), StreamError> {
+async fn session(
+    settings: &MirrorSettings,
+    shared: &Shared,
+    rebuild: bool,
+) -> Result<(), StreamError> {
     let old = control_client(&settings.old, "cutover-control").await?;
     let new = control_client(&settings.new, "cutover-applier").await?;
     new.batch_execute(applier::SCHEMA_SQL).await?;
@@ -180,7 +202,7 @@ async fn session(settings: &MirrorSettings, shared: &Shared) -> Result<(), Strea
         .is_some();
     let mut repl = ReplicationConnection::connect(&settings.old, &shared.scram).await?;
     let start = match (applied, slot_exists) {
-        (Some(lsn), true) => {
+        (Some(lsn), true) if !rebuild => {
             let lsn: Lsn = lsn.parse().map_err(StreamError::Protocol)?;
             tracing::info!(%lsn, "resuming the change stream");
             lsn
@@ -468,4 +490,26 @@ async fn apply(
         s.applied_rows += batch.rows;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_undecodable_slots_are_rebuilt() {
+        let wedged = StreamError::Server {
+            code: "XX000".into(),
+            message: "could not map filenode \"base/16385/16515\" to relation OID".into(),
+            context: "replication stream".into(),
+        };
+        assert!(slot_is_wedged(&wedged));
+        let other = StreamError::Server {
+            code: "XX000".into(),
+            message: "something else".into(),
+            context: "replication stream".into(),
+        };
+        assert!(!slot_is_wedged(&other));
+        assert!(!slot_is_wedged(&StreamError::Lost("gone".into())));
+    }
 }
