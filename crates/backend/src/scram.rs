@@ -9,8 +9,8 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use cutover_wire::auth::{hmac, scram_nonce};
 use hmac::{Hmac, KeyInit, Mac};
-use rand::RngExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -77,17 +77,7 @@ pub struct ScramClient<'a> {
 
 impl<'a> ScramClient<'a> {
     pub fn new(cache: &'a ScramCache, user: &'a str, password: &str) -> ScramClient<'a> {
-        let mut rng = rand::rng();
-        let nonce: String = (0..24)
-            .map(|_| {
-                let c = rng.random_range(0x21u8..0x7e);
-                if c == b',' {
-                    '~'
-                } else {
-                    c as char
-                }
-            })
-            .collect();
+        let nonce = scram_nonce();
         // SASLprep where the password is valid for it, as libpq does.
         let password = stringprep::saslprep(password)
             .map(|p| p.into_owned())
@@ -171,12 +161,6 @@ impl<'a> ScramClient<'a> {
             ),
         }
     }
-}
-
-fn hmac(key: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
-    mac.update(message);
-    mac.finalize().into_bytes().into()
 }
 
 /// PBKDF2-HMAC-SHA-256 with one output block (RFC 5802's Hi()).

@@ -34,6 +34,21 @@ pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// A text value (or NULL) as a SQL literal.
+pub fn literal_or_null(value: Option<&str>) -> String {
+    value
+        .map(quote_literal)
+        .unwrap_or_else(|| "NULL".to_string())
+}
+
+/// `SELECT`-list expressions that read every column of `columns` as text.
+pub fn columns_as_text<'a>(columns: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    columns
+        .into_iter()
+        .map(|n| format!("{}::text", quote_ident(n)))
+        .collect()
+}
+
 fn datum_sql(d: &Datum) -> String {
     match d {
         Datum::Null => "NULL".to_string(),

@@ -18,7 +18,7 @@
 //! - a row deleted before the chunk is read is not copied, so nothing is
 //!   resurrected.
 
-use crate::applier::{quote_ident, quote_literal};
+use crate::applier::{columns_as_text, literal_or_null, quote_ident, quote_literal};
 use crate::keys::{shape, Shape};
 use crate::preconditions::TableShape;
 use crate::{control_client, StreamError};
@@ -185,11 +185,7 @@ async fn copy_table(
     let new = control_client(new_url, "cutover-copy").await?;
     let shape = shape(&old, table).await?;
     let columns: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
-    let values: Vec<String> = table
-        .columns
-        .iter()
-        .map(|(n, _)| format!("{}::text", quote_ident(n)))
-        .collect();
+    let values = columns_as_text(table.columns.iter().map(|(n, _)| n));
     let order = shape
         .keys
         .iter()
@@ -296,14 +292,8 @@ fn insert_if_absent(shape: &Shape, columns: &[String], rows: &[tokio_postgres::R
         .iter()
         .map(|r| {
             let vals: Vec<Option<String>> = r.get(1);
-            let literals: Vec<String> = vals
-                .iter()
-                .map(|v| {
-                    v.as_deref()
-                        .map(quote_literal)
-                        .unwrap_or_else(|| "NULL".to_string())
-                })
-                .collect();
+            let literals: Vec<String> =
+                vals.iter().map(|v| literal_or_null(v.as_deref())).collect();
             format!("({})", literals.join(", "))
         })
         .collect();

@@ -10,7 +10,7 @@
 //! stream applies them moments later), so a differing chunk is checked again
 //! a few times before it is reported.
 
-use crate::applier::{quote_ident, quote_literal};
+use crate::applier::{columns_as_text, literal_or_null, quote_ident, quote_literal};
 use crate::keys::{shape, Shape};
 use crate::preconditions::TableShape;
 use crate::StreamError;
@@ -300,11 +300,7 @@ pub async fn repair(
                 .collect::<Vec<_>>()
                 .join(" AND ");
             // The row as old has it now, as text values.
-            let values: Vec<String> = table
-                .columns
-                .iter()
-                .map(|(n, _)| format!("{}::text", quote_ident(n)))
-                .collect();
+            let values = columns_as_text(table.columns.iter().map(|(n, _)| n));
             let current = old
                 .query_opt(
                     &format!(
@@ -324,7 +320,7 @@ pub async fn repair(
                     let vals: Vec<Option<String>> = row.get(0);
                     let literals: Vec<String> = vals
                         .iter()
-                        .map(|v| v.as_deref().map(quote_literal).unwrap_or_else(|| "NULL".to_string()))
+                        .map(|v| literal_or_null(v.as_deref()))
                         .collect();
                     format!(
                         "BEGIN; SET LOCAL session_replication_role = replica; \

@@ -187,18 +187,7 @@ impl ScramExchange {
                 "mandatory extensions are not supported",
             ));
         }
-        let mut rng = rand::rng();
-        let server_nonce: String = (0..24)
-            .map(|_| {
-                let c = rng.random_range(0x21u8..0x7e);
-                if c == b',' {
-                    '~'
-                } else {
-                    c as char
-                }
-            })
-            .collect();
-        let nonce = format!("{client_nonce}{server_nonce}");
+        let nonce = format!("{client_nonce}{}", scram_nonce());
         let server_first = format!(
             "r={nonce},s={},i={}",
             B64.encode(&self.verifier.salt),
@@ -266,10 +255,22 @@ impl ScramExchange {
     }
 }
 
-fn hmac(key: &[u8], message: &[u8]) -> Vec<u8> {
+/// HMAC-SHA-256, as SCRAM uses it (server side here, client side in the backend crate).
+pub fn hmac(key: &[u8], message: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(message);
-    mac.finalize().into_bytes().to_vec()
+    mac.finalize().into_bytes().into()
+}
+
+/// 24 printable characters other than `,`, as a SCRAM nonce must be.
+pub fn scram_nonce() -> String {
+    let mut rng = rand::rng();
+    (0..24)
+        .map(|_| match rng.random_range(0x21u8..0x7e) {
+            b',' => '~',
+            c => c as char,
+        })
+        .collect()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

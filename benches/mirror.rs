@@ -1,0 +1,299 @@
+//! Mirroring benchmark: initial copy throughput (rows/s, MB/s), verify
+//! throughput (rows/s) on pgbench tables, and change-stream apply
+//! throughput under pgbench simple-update load (applied tx/s against the
+//! primary's tx/s, lag at steady state, time to drain).
+//!
+//! Run: `cargo bench --bench mirror`. Tunables: BENCH_SCALES (default "10";
+//! e.g. "10,50"), BENCH_SECONDS (apply load duration, default 20),
+//! BENCH_CLIENTS (pgbench clients for the apply load, default 8).
+
+use cutover::Server;
+use cutover_config::Config;
+use cutover_pgcluster::{Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DB: &str = "bench";
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn pgbench(cluster: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(cluster.bindir().join("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port().to_string(),
+            "-U",
+            SUPERUSER,
+        ])
+        .args(args)
+        .arg(DB)
+        .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status(server: &Server) -> serde_json::Value {
+    let r = cutover::cli_http::request(
+        &format!("http://{}", server.admin_addr),
+        "GET",
+        "/v1/status",
+        None,
+        None,
+    )
+    .expect("status");
+    serde_json::from_str(&r.body).expect("status JSON")
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap_or(("0", "0"));
+    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+}
+
+async fn wait_drained(server: &Server, old: &Cluster) -> Duration {
+    let started = Instant::now();
+    let target = lsn(&old.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
+    loop {
+        let m = status(server)["mirror"].clone();
+        if m["state"] == "streaming" && lsn(m["caught_up_lsn"].as_str().unwrap_or("0/0")) >= target
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "did not drain: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run_scale(scale: u32, seconds: u64, clients: u32) {
+    let start_cluster = || {
+        Cluster::start(ClusterOptions {
+            host_auth: HostAuth::ScramSha256,
+            settings: vec!["max_connections = 100".to_string()],
+        })
+        .expect("start PostgreSQL")
+    };
+    let old = start_cluster();
+    let new = start_cluster();
+    for c in [&old, &new] {
+        c.psql("postgres", &format!("CREATE DATABASE {DB}"))
+            .unwrap();
+    }
+    pgbench(&old, &["-i", "-q", "-s", &scale.to_string()]);
+    pgbench(&new, &["-i", "-q", "-s", "1", "-I", "dtp"]);
+    for c in [&old, &new] {
+        // pgbench_history has no key; cutover mirrors tables by primary key.
+        c.psql(
+            DB,
+            "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY",
+        )
+        .unwrap();
+    }
+    let (rows, bytes): (u64, u64) = {
+        let r = old
+            .psql(
+                DB,
+                "SELECT sum(n_live_tup)::bigint || ' ' || sum(pg_relation_size(relid))::bigint FROM pg_stat_user_tables",
+            )
+            .unwrap();
+        let mut it = r.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    let config = Config::from_toml(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n",
+        old.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+        new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)
+    ))
+    .expect("config");
+    let server = Server::start(config.clone()).await.expect("start cutover");
+
+    // Copy.
+    let started = Instant::now();
+    let r = cutover::cli_http::request(
+        &format!("http://{}", server.admin_addr),
+        "POST",
+        "/v1/mirror/start",
+        Some("{}"),
+        None,
+    )
+    .expect("mirror start");
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_drained(&server, &old).await;
+    let copy_time = started.elapsed();
+
+    // Verify.
+    let old_client = cutover_stream::control_client(
+        &cutover_config::BackendUrl::parse(&old.url(SUPERUSER, SUPERUSER_PASSWORD, DB)).unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
+    let new_client = cutover_stream::control_client(
+        &cutover_config::BackendUrl::parse(&new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)).unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let report = cutover_stream::verify(
+        &old_client,
+        &new_client,
+        &cutover_stream::VerifyOptions::default(),
+    )
+    .await
+    .expect("verify");
+    let verify_time = started.elapsed();
+    assert!(report.clean, "{}", report.render());
+    let verified: u64 = report.tables.iter().map(|t| t.rows_checked).sum();
+
+    // Apply under load.
+    let applied_before = status(&server)["mirror"]["applied_transactions"]
+        .as_u64()
+        .unwrap_or(0);
+    let load = {
+        let bindir = old.bindir().to_path_buf();
+        let port = old.port();
+        let (seconds, clients) = (seconds.to_string(), clients.to_string());
+        std::thread::spawn(move || {
+            let out = Command::new(bindir.join("pgbench"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    SUPERUSER,
+                    "-n",
+                    "-N",
+                ])
+                .args(["-T", &seconds, "-c", &clients, "-j", "2", DB])
+                .env("PGPASSWORD", SUPERUSER_PASSWORD)
+                .output()
+                .expect("pgbench load");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let load_started = Instant::now();
+    let mut lags = Vec::new();
+    while load_started.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if load_started.elapsed() > Duration::from_secs(seconds / 4) {
+            lags.push(status(&server)["mirror"]["lag_bytes"].as_u64().unwrap_or(0));
+        }
+    }
+    let load_out = tokio::task::block_in_place(|| load.join().expect("load thread"));
+    let primary_tps: f64 = load_out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("tps = ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    let drain = wait_drained(&server, &old).await;
+    let applied = status(&server)["mirror"]["applied_transactions"]
+        .as_u64()
+        .unwrap_or(0)
+        - applied_before;
+    let applied_tps = applied as f64 / (load_started.elapsed().as_secs_f64());
+    lags.sort_unstable();
+    let median_lag = lags.get(lags.len() / 2).copied().unwrap_or(0);
+    // Apply at full speed: build a backlog while cutover is down, then time
+    // the catch-up after it restarts (it resumes by itself).
+    server.shutdown().await;
+    let backlog_seconds = (seconds / 2).max(5).to_string();
+    pgbench(
+        &old,
+        &[
+            "-n",
+            "-N",
+            "-T",
+            &backlog_seconds,
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+        ],
+    );
+    let backlog_bytes =
+        lsn(&old.psql(DB, "SELECT pg_current_wal_lsn()").unwrap()).saturating_sub(lsn(&new
+            .psql(DB, "SELECT lsn::text FROM cutover.applied")
+            .unwrap()));
+    let server = Server::start(config).await.expect("restart cutover");
+    let catch_up_started = Instant::now();
+    while status(&server)["mirror"].is_null()
+        && catch_up_started.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_drained(&server, &old).await;
+    let catch_up = catch_up_started.elapsed();
+    let m = status(&server)["mirror"].clone();
+    let backlog_tx = m["applied_transactions"].as_u64().unwrap_or(0);
+    let backlog_rows = m["applied_rows"].as_u64().unwrap_or(0);
+    println!(
+        "scale {scale:>3} | backlog catch-up: {backlog_tx} transactions / {backlog_rows} rows / {:.1} MB of WAL in {:.1}s = {:>6.0} tx/s, {:>7.0} rows/s",
+        backlog_bytes as f64 / 1e6,
+        catch_up.as_secs_f64(),
+        backlog_tx as f64 / catch_up.as_secs_f64(),
+        backlog_rows as f64 / catch_up.as_secs_f64()
+    );
+    let report = cutover_stream::verify(
+        &old_client,
+        &new_client,
+        &cutover_stream::VerifyOptions::default(),
+    )
+    .await
+    .expect("verify after load");
+    assert!(report.clean, "{}", report.render());
+
+    println!(
+        "scale {scale:>3} | copy {rows:>9} rows in {:>6.1}s = {:>8.0} rows/s {:>6.1} MB/s | verify {verified:>9} rows in {:>5.1}s = {:>8.0} rows/s | apply: primary {:>6.0} tx/s, applied {:>6.0} tx/s over load+drain, median lag {:>8} bytes, drained {:>4.1}s after load",
+        copy_time.as_secs_f64(),
+        rows as f64 / copy_time.as_secs_f64(),
+        bytes as f64 / 1e6 / copy_time.as_secs_f64(),
+        verify_time.as_secs_f64(),
+        verified as f64 / verify_time.as_secs_f64(),
+        primary_tps,
+        applied_tps,
+        median_lag,
+        drain.as_secs_f64()
+    );
+    server.shutdown().await;
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let scales: Vec<u32> = env_or("BENCH_SCALES", "10")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let seconds: u64 = env_or("BENCH_SECONDS", "20").parse().unwrap_or(20);
+    let clients: u32 = env_or("BENCH_CLIENTS", "8").parse().unwrap_or(8);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!("mirroring benchmark: copy and verify on pgbench tables, apply under pgbench -N ({clients} clients, {seconds}s); 2-core machine shared by both databases, cutover and pgbench");
+    for scale in scales {
+        runtime.block_on(run_scale(scale, seconds, clients));
+    }
+}
