@@ -1,6 +1,8 @@
 //! Applies the change stream to the secondary, in commit order.
 //!
-//! Each primary transaction becomes statements against the secondary:
+//! Each primary transaction becomes parameterized statements against the
+//! secondary (one prepared statement per table and shape, values sent as
+//! text parameters, so PostgreSQL parses and plans each shape once):
 //! inserts and full-row updates as upserts by primary key, updates carrying
 //! unchanged TOAST values as UPDATEs of the columns that were sent, deletes
 //! by key, truncates as truncates. Transactions that have already arrived
@@ -16,7 +18,6 @@
 use crate::pgoutput::{Datum, Logical, Lsn, Relation};
 use crate::StreamError;
 use std::collections::HashMap;
-use std::fmt::Write;
 
 /// The table on the secondary that records the applied position.
 pub const APPLIED_TABLE: &str = "cutover.applied";
@@ -49,18 +50,26 @@ pub fn columns_as_text<'a>(columns: impl IntoIterator<Item = &'a String>) -> Vec
         .collect()
 }
 
-fn datum_sql(d: &Datum) -> String {
+/// One statement to run on the secondary: SQL with `$n` parameters, and
+/// the parameters as text (None for NULL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub sql: String,
+    pub params: Vec<Option<String>>,
+}
+
+fn text_of(d: &Datum) -> Option<String> {
     match d {
-        Datum::Null => "NULL".to_string(),
-        Datum::Text(t) => quote_literal(t),
-        Datum::Unchanged => "DEFAULT".to_string(),
+        Datum::Text(t) => Some(t.clone()),
+        Datum::Null | Datum::Unchanged => None,
     }
 }
 
 /// What the applier has built up and not yet committed on the secondary.
 #[derive(Default)]
 pub struct Batch {
-    pub sql: String,
+    /// Statements of whole transactions, in commit order.
+    pub ops: Vec<Op>,
     pub transactions: u64,
     pub rows: u64,
     /// End LSN of the last whole transaction in the batch.
@@ -72,7 +81,7 @@ pub struct Applier {
     slot: String,
     relations: HashMap<u32, Relation>,
     /// Statements of the transaction being received.
-    current: String,
+    current: Vec<Op>,
     current_rows: u64,
     in_transaction: bool,
     /// Transactions at or before this position are already on the secondary.
@@ -85,7 +94,7 @@ impl Applier {
         Applier {
             slot: slot.to_string(),
             relations: HashMap::new(),
-            current: String::new(),
+            current: Vec::new(),
             current_rows: 0,
             in_transaction: false,
             applied,
@@ -109,17 +118,17 @@ impl Applier {
                 self.relations.insert(rel.oid, rel);
             }
             Logical::Insert { rel, new } => {
-                let sql = self.upsert(rel, &new)?;
-                self.push(&sql);
+                let op = self.upsert(rel, &new)?;
+                self.push(op);
             }
             Logical::Update { rel, old, new } => {
-                let sql = self.update(rel, old.as_deref(), &new)?;
-                self.push(&sql);
+                for op in self.update(rel, old.as_deref(), &new)? {
+                    self.push(op);
+                }
             }
             Logical::Delete { rel, old } => {
-                let r = self.relation(rel)?;
-                let sql = format!("DELETE FROM {} WHERE {}", table(r), key_match(r, &old)?);
-                self.push(&sql);
+                let op = self.delete(rel, &old)?;
+                self.push(op);
             }
             Logical::Truncate {
                 rels,
@@ -137,7 +146,10 @@ impl Applier {
                 if cascade {
                     sql.push_str(" CASCADE");
                 }
-                self.push(&sql);
+                self.push(Op {
+                    sql,
+                    params: Vec::new(),
+                });
             }
             Logical::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
@@ -146,7 +158,7 @@ impl Applier {
                     self.current.clear();
                     return Ok(false);
                 }
-                self.batch.sql.push_str(&self.current);
+                self.batch.ops.append(&mut self.current);
                 self.batch.transactions += 1;
                 self.batch.rows += self.current_rows;
                 self.batch.end_lsn = Some(end_lsn);
@@ -158,15 +170,13 @@ impl Applier {
         Ok(false)
     }
 
-    /// The SQL that applies the batch and records its position atomically,
-    /// or None if the batch is empty.
-    pub fn batch_sql(&self) -> Option<String> {
+    /// The statement that records the batch's position, run in the same
+    /// secondary transaction as the batch; None if the batch is empty.
+    pub fn position_sql(&self) -> Option<String> {
         let end = self.batch.end_lsn?;
         Some(format!(
-            "BEGIN; SET LOCAL session_replication_role = replica; {}\
-             INSERT INTO {APPLIED_TABLE} (slot, lsn, applied_at) VALUES ({}, '{end}', now()) \
-             ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = EXCLUDED.applied_at; COMMIT",
-            self.batch.sql,
+            "INSERT INTO {APPLIED_TABLE} (slot, lsn, applied_at) VALUES ({}, '{end}', now()) \
+             ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = EXCLUDED.applied_at",
             quote_literal(&self.slot)
         ))
     }
@@ -180,9 +190,8 @@ impl Applier {
         batch
     }
 
-    fn push(&mut self, statement: &str) {
-        self.current.push_str(statement);
-        self.current.push_str("; ");
+    fn push(&mut self, op: Op) {
+        self.current.push(op);
         self.current_rows += 1;
     }
 
@@ -192,11 +201,11 @@ impl Applier {
             .ok_or_else(|| StreamError::Protocol(format!("change for unknown relation {oid}")))
     }
 
-    fn upsert(&self, oid: u32, new: &[Datum]) -> Result<String, StreamError> {
+    fn upsert(&self, oid: u32, new: &[Datum]) -> Result<Op, StreamError> {
         let r = self.relation(oid)?;
         check_width(r, new)?;
         let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let values: Vec<String> = new.iter().map(datum_sql).collect();
+        let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
         let keys: Vec<String> = r
             .columns
             .iter()
@@ -217,13 +226,25 @@ impl Applier {
         } else {
             format!("DO UPDATE SET {}", sets.join(", "))
         };
-        Ok(format!(
-            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) ON CONFLICT ({}) {action}",
-            table(r),
-            cols.join(", "),
-            values.join(", "),
-            keys.join(", ")
-        ))
+        Ok(Op {
+            sql: format!(
+                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) ON CONFLICT ({}) {action}",
+                table(r),
+                cols.join(", "),
+                placeholders.join(", "),
+                keys.join(", ")
+            ),
+            params: new.iter().map(text_of).collect(),
+        })
+    }
+
+    fn delete(&self, oid: u32, old: &[Datum]) -> Result<Op, StreamError> {
+        let r = self.relation(oid)?;
+        let (cond, params) = key_match(r, old, 1)?;
+        Ok(Op {
+            sql: format!("DELETE FROM {} WHERE {cond}", table(r)),
+            params,
+        })
     }
 
     fn update(
@@ -231,43 +252,33 @@ impl Applier {
         oid: u32,
         old: Option<&[Datum]>,
         new: &[Datum],
-    ) -> Result<String, StreamError> {
+    ) -> Result<Vec<Op>, StreamError> {
         let r = self.relation(oid)?;
         check_width(r, new)?;
-        let unchanged = new.contains(&Datum::Unchanged);
-        let mut sql = String::new();
-        if let Some(old) = old {
-            if !unchanged {
-                // The key changed: the row moves.
-                let _ = write!(
-                    sql,
-                    "DELETE FROM {} WHERE {}; ",
-                    table(r),
-                    key_match(r, old)?
-                );
+        if !new.contains(&Datum::Unchanged) {
+            let mut ops = Vec::new();
+            if let Some(old) = old {
+                // The key changed (or identity is full): the row moves.
+                ops.push(self.delete(oid, old)?);
             }
-        }
-        if !unchanged {
-            sql.push_str(&self.upsert(oid, new)?);
-            return Ok(sql);
+            ops.push(self.upsert(oid, new)?);
+            return Ok(ops);
         }
         // Unchanged TOAST values were not sent: set only what was.
-        let sets: Vec<String> = r
-            .columns
-            .iter()
-            .zip(new)
-            .filter(|(_, d)| **d != Datum::Unchanged)
-            .map(|(c, d)| format!("{} = {}", quote_ident(&c.name), datum_sql(d)))
-            .collect();
-        let key_source = old.unwrap_or(new);
-        let _ = write!(
-            sql,
-            "UPDATE {} SET {} WHERE {}",
-            table(r),
-            sets.join(", "),
-            key_match(r, key_source)?
-        );
-        Ok(sql)
+        let mut params = Vec::new();
+        let mut sets = Vec::new();
+        for (c, d) in r.columns.iter().zip(new) {
+            if *d != Datum::Unchanged {
+                params.push(text_of(d));
+                sets.push(format!("{} = ${}", quote_ident(&c.name), params.len()));
+            }
+        }
+        let (cond, key_params) = key_match(r, old.unwrap_or(new), params.len() + 1)?;
+        params.extend(key_params);
+        Ok(vec![Op {
+            sql: format!("UPDATE {} SET {} WHERE {cond}", table(r), sets.join(", ")),
+            params,
+        }])
     }
 }
 
@@ -295,27 +306,38 @@ fn no_key(r: &Relation) -> StreamError {
     ))
 }
 
-/// `"k1" = 'v1' AND "k2" = 'v2'` from a key (or full) tuple.
-fn key_match(r: &Relation, tuple: &[Datum]) -> Result<String, StreamError> {
+/// `"k1" = $n AND "k2" = $n+1` and its parameters, from a key (or full) tuple.
+fn key_match(
+    r: &Relation,
+    tuple: &[Datum],
+    first: usize,
+) -> Result<(String, Vec<Option<String>>), StreamError> {
     check_width(r, tuple)?;
-    let parts: Vec<String> = r
-        .columns
-        .iter()
-        .zip(tuple)
-        .filter(|(c, _)| c.is_key)
-        .map(|(c, d)| match d {
-            Datum::Text(t) => Ok(format!("{} = {}", quote_ident(&c.name), quote_literal(t))),
-            _ => Err(StreamError::Protocol(format!(
-                "key column {} of {} arrived without a value",
-                c.name,
-                table(r)
-            ))),
-        })
-        .collect::<Result<_, _>>()?;
+    let mut parts = Vec::new();
+    let mut params = Vec::new();
+    for (c, d) in r.columns.iter().zip(tuple).filter(|(c, _)| c.is_key) {
+        match d {
+            Datum::Text(t) => {
+                params.push(Some(t.clone()));
+                parts.push(format!(
+                    "{} = ${}",
+                    quote_ident(&c.name),
+                    first + params.len() - 1
+                ));
+            }
+            _ => {
+                return Err(StreamError::Protocol(format!(
+                    "key column {} of {} arrived without a value",
+                    c.name,
+                    table(r)
+                )))
+            }
+        }
+    }
     if parts.is_empty() {
         return Err(no_key(r));
     }
-    Ok(parts.join(" AND "))
+    Ok((parts.join(" AND "), params))
 }
 
 #[cfg(test)]
@@ -353,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn builds_a_batch_with_the_position_in_the_same_transaction() {
+    fn builds_parameterized_statements_in_commit_order() {
         let mut a = Applier::new("slot", Lsn(0));
         a.feed(Logical::Begin {
             final_lsn: Lsn(10),
@@ -372,6 +394,12 @@ mod tests {
             new: vec![text("1"), Datum::Unchanged, text("5")],
         })
         .unwrap();
+        a.feed(Logical::Update {
+            rel: 1,
+            old: Some(vec![text("1"), Datum::Null, Datum::Null]),
+            new: vec![text("7"), text("b"), text("6")],
+        })
+        .unwrap();
         a.feed(Logical::Delete {
             rel: 1,
             old: vec![text("2"), Datum::Null, Datum::Null],
@@ -383,19 +411,38 @@ mod tests {
                 end_lsn: Lsn(11)
             })
             .unwrap());
-        let sql = a.batch_sql().unwrap();
-        assert!(sql.starts_with("BEGIN; SET LOCAL session_replication_role = replica; "));
-        assert!(sql.contains(
-            "INSERT INTO \"public\".\"it's\" (\"id\", \"body\", \"n\") OVERRIDING SYSTEM VALUE VALUES ('1', 'o''k', NULL) ON CONFLICT (\"id\") DO UPDATE SET \"body\" = EXCLUDED.\"body\", \"n\" = EXCLUDED.\"n\""
-        ));
-        assert!(sql.contains(
-            "UPDATE \"public\".\"it's\" SET \"id\" = '1', \"n\" = '5' WHERE \"id\" = '1'"
-        ));
-        assert!(sql.contains("DELETE FROM \"public\".\"it's\" WHERE \"id\" = '2'"));
-        assert!(sql.contains("VALUES ('slot', '0/B', now())"));
-        assert!(sql.ends_with("COMMIT"));
+        let ops = &a.batch.ops;
+        assert_eq!(ops.len(), 5);
+        assert_eq!(
+            ops[0].sql,
+            "INSERT INTO \"public\".\"it's\" (\"id\", \"body\", \"n\") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3) ON CONFLICT (\"id\") DO UPDATE SET \"body\" = EXCLUDED.\"body\", \"n\" = EXCLUDED.\"n\""
+        );
+        assert_eq!(
+            ops[0].params,
+            vec![Some("1".into()), Some("o'k".into()), None]
+        );
+        assert_eq!(
+            ops[1].sql,
+            "UPDATE \"public\".\"it's\" SET \"id\" = $1, \"n\" = $2 WHERE \"id\" = $3"
+        );
+        assert_eq!(
+            ops[1].params,
+            vec![Some("1".into()), Some("5".into()), Some("1".into())]
+        );
+        assert_eq!(
+            ops[2].sql,
+            "DELETE FROM \"public\".\"it's\" WHERE \"id\" = $1"
+        );
+        assert_eq!(ops[2].params, vec![Some("1".into())]);
+        assert!(ops[3].sql.starts_with("INSERT INTO"));
+        assert_eq!(ops[4].params, vec![Some("2".into())]);
+        assert!(a
+            .position_sql()
+            .unwrap()
+            .contains("VALUES ('slot', '0/B', now())"));
         a.batch_committed();
         assert_eq!(a.applied(), Lsn(11));
+        assert_eq!(a.position_sql(), None);
     }
 
     #[test]
@@ -418,6 +465,6 @@ mod tests {
                 end_lsn: Lsn(60)
             })
             .unwrap());
-        assert_eq!(a.batch_sql(), None);
+        assert_eq!(a.position_sql(), None);
     }
 }

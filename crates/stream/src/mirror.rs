@@ -12,10 +12,13 @@ use cutover_backend::ScramCache;
 use cutover_config::{BackendUrl, MirrorConfig};
 use cutover_control::StreamMetrics;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
+use tokio_postgres::Statement;
 
 /// Batches stop growing at this many rows, so one apply stays bounded.
 const MAX_BATCH_ROWS: u64 = 5_000;
@@ -355,6 +358,7 @@ async fn stream(
     start: Lsn,
 ) -> Result<(), StreamError> {
     let mut applier = Applier::new(&settings.slot, start);
+    let mut statements = Statements::default();
     let mut in_transaction = false;
     let mut primary_end = start;
     let mut caught_up_at = Instant::now();
@@ -371,7 +375,7 @@ async fn stream(
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                apply(shared, new, &mut applier).await?;
+                apply(shared, new, &mut applier, &mut statements).await?;
                 let applied_since = applier.applied() != applied_at_sequence_sync;
                 if applied_since || last_sequence_sync.elapsed() >= SEQUENCE_SYNC_INTERVAL {
                     sync_sequences(old, new).await?;
@@ -394,7 +398,7 @@ async fn stream(
                 in_transaction = !matches!(msg, crate::pgoutput::Logical::Commit { .. })
                     && (in_transaction || matches!(msg, crate::pgoutput::Logical::Begin { .. }));
                 if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
-                    apply(shared, new, &mut applier).await?;
+                    apply(shared, new, &mut applier, &mut statements).await?;
                     reply = true;
                 }
             }
@@ -406,7 +410,7 @@ async fn stream(
                 reply = reply_requested;
                 // Apply what is pending before claiming to be caught up.
                 if applier.batch.end_lsn.is_some() {
-                    apply(shared, new, &mut applier).await?;
+                    apply(shared, new, &mut applier, &mut statements).await?;
                 }
                 if !in_transaction && applier.batch.end_lsn.is_none() {
                     // Nothing pending: the secondary holds everything up to `end`.
@@ -420,7 +424,7 @@ async fn stream(
         }
         // Batch whatever has already arrived; apply once the buffer is empty.
         if applier.batch.end_lsn.is_some() && !repl.has_buffered_message() {
-            apply(shared, new, &mut applier).await?;
+            apply(shared, new, &mut applier, &mut statements).await?;
             reply = true;
         }
         let caught_up = *shared.caught_up.borrow();
@@ -448,16 +452,77 @@ async fn stream(
     }
 }
 
+/// A row value sent as a text-format parameter, whatever the column's type:
+/// PostgreSQL parses it with the type's input function, exactly as it would
+/// a literal, so every type round-trips as pgoutput sent it.
+struct TextParam<'a>(Option<&'a str>);
+
+impl std::fmt::Debug for TextParam<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TextParam")
+    }
+}
+
+impl ToSql for TextParam<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.0 {
+            Some(text) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// Prepared statements on the secondary connection, by SQL text.
+#[derive(Default)]
+struct Statements(HashMap<String, Statement>);
+
+/// Applies the batch in one secondary transaction: prepared statements,
+/// pipelined in commit order, then the position, then COMMIT.
 async fn apply(
     shared: &Shared,
     new: &tokio_postgres::Client,
     applier: &mut Applier,
+    statements: &mut Statements,
 ) -> Result<(), StreamError> {
-    let Some(sql) = applier.batch_sql() else {
+    let Some(position) = applier.position_sql() else {
         return Ok(());
     };
     let started = Instant::now();
-    if let Err(e) = new.batch_execute(&sql).await {
+    for op in &applier.batch.ops {
+        if !statements.0.contains_key(&op.sql) {
+            let statement = new.prepare(&op.sql).await?;
+            statements.0.insert(op.sql.clone(), statement);
+        }
+    }
+    let result = async {
+        new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
+            .await?;
+        let executions = applier.batch.ops.iter().map(|op| {
+            let statement = &statements.0[&op.sql];
+            new.execute_raw(statement, op.params.iter().map(|p| TextParam(p.as_deref())))
+        });
+        futures_util::future::try_join_all(executions).await?;
+        new.batch_execute(&format!("{position}; COMMIT")).await
+    }
+    .await;
+    if let Err(e) = result {
         let _ = new.batch_execute("ROLLBACK").await;
         return Err(e.into());
     }
