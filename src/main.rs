@@ -97,6 +97,12 @@ struct CheckArgs {
     /// reported, so changes still in flight on the stream are not reported.
     #[arg(long, default_value_t = 5)]
     rechecks: u32,
+    /// Continue an earlier verify from its recorded progress.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many chunks (continue later with --resume).
+    #[arg(long)]
+    max_chunks: Option<u64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -121,6 +127,8 @@ impl CheckArgs {
             chunk_rows: self.chunk_rows.max(1),
             tables: self.tables.clone(),
             rechecks: self.rechecks,
+            resume: self.resume,
+            max_chunks: self.max_chunks,
             ..Default::default()
         };
         Ok((old, new, options))
@@ -131,6 +139,9 @@ impl CheckArgs {
             println!("{}", serde_json::to_string_pretty(report)?);
         } else {
             print!("{}", report.render());
+        }
+        if !report.complete {
+            anyhow::bail!("verify is incomplete; continue with --resume")
         }
         if report.clean {
             Ok(())

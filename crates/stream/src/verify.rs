@@ -14,7 +14,7 @@ use crate::applier::{columns_as_text, literal_or_null, quote_ident, quote_litera
 use crate::keys::{shape, Shape};
 use crate::preconditions::TableShape;
 use crate::StreamError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -27,6 +27,11 @@ pub struct VerifyOptions {
     /// How many times a differing chunk is re-checked before it is reported.
     pub rechecks: u32,
     pub recheck_delay: Duration,
+    /// Continue from the progress recorded by an earlier, unfinished run.
+    pub resume: bool,
+    /// Stop after this many chunks (a bounded verification window); the
+    /// report is then incomplete and a later run can `resume`.
+    pub max_chunks: Option<u64>,
 }
 
 impl Default for VerifyOptions {
@@ -36,12 +41,14 @@ impl Default for VerifyOptions {
             tables: Vec::new(),
             rechecks: 5,
             recheck_delay: Duration::from_millis(500),
+            resume: false,
+            max_chunks: None,
         }
     }
 }
 
 /// A row that differs, by its key (column name → text value).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RowDiff {
     /// `missing_on_new`, `missing_on_old` or `different`.
     pub kind: String,
@@ -51,14 +58,22 @@ pub struct RowDiff {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TableReport {
     pub table: String,
+    /// Rows and chunks checked, including by earlier runs this one resumed.
     pub rows_checked: u64,
     pub chunks: u64,
+    /// Chunks checked by this run.
+    pub chunks_this_run: u64,
+    /// False when `max_chunks` stopped the run inside or before this table.
+    pub done: bool,
     pub differences: Vec<RowDiff>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct VerifyReport {
+    /// No differences in what was checked.
     pub clean: bool,
+    /// Every table was checked to its end.
+    pub complete: bool,
     pub tables: Vec<TableReport>,
 }
 
@@ -87,7 +102,9 @@ impl VerifyReport {
                 ));
             }
         }
-        out.push_str(if self.clean {
+        out.push_str(if !self.complete {
+            "verify: stopped at --max-chunks; continue with --resume\n"
+        } else if self.clean {
             "verify: old and new hold the same rows\n"
         } else {
             "verify: DIFFERENCES FOUND; `cutover repair` re-copies them from old\n"
@@ -166,6 +183,8 @@ pub async fn verify(
     options: &VerifyOptions,
 ) -> Result<VerifyReport, StreamError> {
     let tables = crate::preconditions::user_tables(old).await?;
+    new.batch_execute(PROGRESS_SQL).await?;
+    let mut budget = options.max_chunks;
     let mut reports = Vec::new();
     for table in tables {
         let wanted = options.tables.is_empty()
@@ -174,14 +193,85 @@ pub async fn verify(
                     || *t == format!("{}.{}", table.schema, table.name)
                     || *t == table.qualified()
             });
-        if wanted {
-            reports.push(verify_table(old, new, &table, options).await?);
+        if !wanted {
+            continue;
         }
+        let saved = if options.resume {
+            saved_progress(new, &table.qualified()).await?
+        } else {
+            new.execute(
+                "DELETE FROM cutover.verify_progress WHERE table_name = $1",
+                &[&table.qualified()],
+            )
+            .await?;
+            None
+        };
+        reports.push(verify_table(old, new, &table, options, saved, &mut budget).await?);
     }
     Ok(VerifyReport {
         clean: reports.iter().all(|r| r.differences.is_empty()),
+        complete: reports.iter().all(|r| r.done),
         tables: reports,
     })
+}
+
+/// Per-table verify progress on the secondary, so a run can resume.
+const PROGRESS_SQL: &str = "CREATE SCHEMA IF NOT EXISTS cutover; \
+     CREATE TABLE IF NOT EXISTS cutover.verify_progress (table_name text PRIMARY KEY, last_key text[], \
+     rows_checked bigint NOT NULL, chunks bigint NOT NULL, differences jsonb NOT NULL, done bool NOT NULL)";
+
+/// What an earlier run recorded for a table: its report so far and where it stopped.
+async fn saved_progress(
+    new: &Client,
+    table: &str,
+) -> Result<Option<(TableReport, Option<Vec<String>>)>, StreamError> {
+    let Some(row) = new
+        .query_opt(
+            "SELECT last_key, rows_checked, chunks, differences::text, done FROM cutover.verify_progress \
+             WHERE table_name = $1",
+            &[&table],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let differences: String = row.get(3);
+    let report = TableReport {
+        table: table.to_string(),
+        rows_checked: row.get::<_, i64>(1) as u64,
+        chunks: row.get::<_, i64>(2) as u64,
+        chunks_this_run: 0,
+        done: row.get(4),
+        differences: serde_json::from_str(&differences).map_err(|e| {
+            StreamError::Control(format!("cutover.verify_progress for {table}: {e}"))
+        })?,
+    };
+    Ok(Some((report, row.get(0))))
+}
+
+async fn save_progress(
+    new: &Client,
+    report: &TableReport,
+    last_key: Option<&[String]>,
+) -> Result<(), StreamError> {
+    let differences = serde_json::to_string(&report.differences)
+        .map_err(|e| StreamError::Control(e.to_string()))?;
+    let last_key: Option<Vec<String>> = last_key.map(|k| k.to_vec());
+    new.execute(
+        "INSERT INTO cutover.verify_progress VALUES ($1, $2, $3, $4, $5::text::jsonb, $6) \
+         ON CONFLICT (table_name) DO UPDATE SET last_key = EXCLUDED.last_key, rows_checked = EXCLUDED.rows_checked, \
+         chunks = EXCLUDED.chunks, differences = EXCLUDED.differences, done = EXCLUDED.done",
+        &[
+            &report.table,
+            &last_key,
+            &(report.rows_checked as i64),
+            &(report.chunks as i64),
+            &differences,
+            &report.done,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn verify_table(
@@ -189,16 +279,30 @@ async fn verify_table(
     new: &Client,
     table: &TableShape,
     options: &VerifyOptions,
+    saved: Option<(TableReport, Option<Vec<String>>)>,
+    budget: &mut Option<u64>,
 ) -> Result<TableReport, StreamError> {
     let shape = shape(old, table).await?;
-    let mut report = TableReport {
-        table: shape.table.clone(),
-        rows_checked: 0,
-        chunks: 0,
-        differences: Vec::new(),
-    };
-    let mut after: Option<Vec<String>> = None;
-    loop {
+    let (mut report, mut after) = saved.unwrap_or_else(|| {
+        (
+            TableReport {
+                table: shape.table.clone(),
+                rows_checked: 0,
+                chunks: 0,
+                chunks_this_run: 0,
+                done: false,
+                differences: Vec::new(),
+            },
+            None,
+        )
+    });
+    while !report.done {
+        if *budget == Some(0) {
+            return Ok(report);
+        }
+        if let Some(b) = budget.as_mut() {
+            *b -= 1;
+        }
         // The chunk's upper bound: the last of the next `chunk_rows` keys on old.
         let bound_sql = format!(
             "SELECT ARRAY[{}] FROM {} WHERE {} ORDER BY {} LIMIT {}",
@@ -223,6 +327,7 @@ async fn verify_table(
         };
         let range = shape.range(after.as_deref(), upto.as_deref());
         report.chunks += 1;
+        report.chunks_this_run += 1;
         let mut differences = Vec::new();
         for attempt in 0..=options.rechecks {
             let (a, b) = (
@@ -247,12 +352,13 @@ async fn verify_table(
             tokio::time::sleep(options.recheck_delay).await;
         }
         report.differences.extend(differences);
+        report.differences.sort();
         match upto {
-            None => break,
+            None => report.done = true,
             Some(u) => after = Some(u),
         }
+        save_progress(new, &report, after.as_deref()).await?;
     }
-    report.differences.sort();
     Ok(report)
 }
 
@@ -341,6 +447,8 @@ pub async fn repair(
         new,
         &VerifyOptions {
             tables: touched,
+            resume: false,
+            max_chunks: None,
             ..options.clone()
         },
     )
