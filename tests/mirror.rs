@@ -536,24 +536,47 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
 
     // A bounded window, then a resumed run that checks only the rest.
     let chunks_of = |out: &str, field: &str| -> (bool, u64) {
-        let report: serde_json::Value = serde_json::from_str(&out[..=out.rfind('}').unwrap()]).unwrap();
-        let sum = report["tables"].as_array().unwrap().iter().map(|t| t[field].as_u64().unwrap()).sum();
+        let report: serde_json::Value =
+            serde_json::from_str(&out[..=out.rfind('}').unwrap()]).unwrap();
+        let sum = report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t[field].as_u64().unwrap())
+            .sum();
         (report["complete"].as_bool().unwrap(), sum)
     };
     let (code, out) = tokio::task::block_in_place(|| {
-        run_cli(&["verify", "--json", "--chunk-rows", "50", "--max-chunks", "4"], &path)
+        run_cli(
+            &[
+                "verify",
+                "--json",
+                "--chunk-rows",
+                "50",
+                "--max-chunks",
+                "4",
+            ],
+            &path,
+        )
     });
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("continue with --resume"), "{out}");
     assert_eq!(chunks_of(&out, "chunks_this_run"), (false, 4));
     let (code, out) = tokio::task::block_in_place(|| {
-        run_cli(&["verify", "--json", "--chunk-rows", "50", "--resume"], &path)
+        run_cli(
+            &["verify", "--json", "--chunk-rows", "50", "--resume"],
+            &path,
+        )
     });
     assert_eq!(code, 0, "{out}");
     let (complete, this_run) = chunks_of(&out, "chunks_this_run");
     let (_, total) = chunks_of(&out, "chunks");
     assert!(complete && total > 4, "{out}");
-    assert_eq!(this_run, total - 4, "the resumed run skipped what was already checked");
+    assert_eq!(
+        this_run,
+        total - 4,
+        "the resumed run skipped what was already checked"
+    );
 
     // Damage the new side behind the stream's back.
     p.new
