@@ -44,6 +44,9 @@ struct Daemon {
     /// Salted passwords for the control-plane logins of the probes.
     scram: cutover_backend::ScramCache,
     mirror: Mutex<Option<Mirror>>,
+    /// The current or last daemon-run verify, as `/v1/status` shows it.
+    verify: Arc<Mutex<Option<serde_json::Value>>>,
+    verify_running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Name of the replication slot and publication cutover owns on the primary.
@@ -131,6 +134,11 @@ impl AdminSource for Daemon {
             clients: self.proxy.clients(),
             backends,
             mirror: mirror.and_then(|m| serde_json::to_value(m).ok()),
+            verify: self
+                .verify
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
@@ -161,6 +169,65 @@ impl AdminSource for Daemon {
             ));
         }
         Ok(serde_json::json!({ "phase": Phase::Mirroring.name(), "started": true }))
+    }
+
+    fn start_verify(&self) -> Result<serde_json::Value, ApiError> {
+        use std::sync::atomic::Ordering;
+        let new = self.config.new.as_ref().ok_or_else(|| {
+            ApiError::conflict(
+                "no [new] backend is configured; add [new] url = ... and restart cutover",
+            )
+        })?;
+        if self.verify_running.swap(true, Ordering::SeqCst) {
+            return Err(ApiError::conflict(
+                "a verify run is already in progress; see /v1/status for its progress",
+            ));
+        }
+        let doc = self.verify.clone();
+        let running = self.verify_running.clone();
+        let metrics = self.metrics.stream.clone();
+        let (old_url, new_url) = (self.config.old.url.clone(), new.url.clone());
+        *doc.lock().unwrap_or_else(|p| p.into_inner()) = Some(serde_json::json!({
+            "state": "running", "rows_checked": 0, "chunks": 0, "rows_different": 0
+        }));
+        metrics.verify_rows_different.set(0);
+        tokio::spawn(async move {
+            let update = |f: &dyn Fn(&mut serde_json::Value)| {
+                if let Some(v) = doc.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    f(v);
+                }
+            };
+            let on_chunk = |_: &str, rows: u64, different: u64| {
+                metrics.verify_rows_checked.inc_by(rows);
+                metrics.verify_chunks.inc();
+                metrics.verify_rows_different.add(different as i64);
+                update(&|v| {
+                    v["rows_checked"] = (v["rows_checked"].as_u64().unwrap_or(0) + rows).into();
+                    v["chunks"] = (v["chunks"].as_u64().unwrap_or(0) + 1).into();
+                    v["rows_different"] =
+                        (v["rows_different"].as_u64().unwrap_or(0) + different).into();
+                });
+            };
+            let result = async {
+                let old = cutover_stream::control_client(&old_url, "cutover-verify").await?;
+                let new = cutover_stream::control_client(&new_url, "cutover-verify").await?;
+                cutover_stream::verify_with_progress(&old, &new, &Default::default(), &on_chunk)
+                    .await
+            }
+            .await;
+            update(&|v| match &result {
+                Ok(report) => {
+                    v["state"] = if report.clean { "clean" } else { "differences" }.into();
+                    v["report"] = serde_json::to_value(report).unwrap_or_default();
+                }
+                Err(e) => {
+                    v["state"] = "failed".into();
+                    v["error"] = e.to_string().into();
+                }
+            });
+            running.store(false, Ordering::SeqCst);
+        });
+        Ok(serde_json::json!({ "verify": "started" }))
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
@@ -200,6 +267,8 @@ impl Server {
             new_health: Health::default(),
             scram: cutover_backend::ScramCache::default(),
             mirror: Mutex::new(None),
+            verify: Arc::new(Mutex::new(None)),
+            verify_running: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
         if let Some(settings) = daemon.mirror_settings() {
             tokio::spawn(resume_mirror(daemon.clone(), settings));

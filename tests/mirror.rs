@@ -338,7 +338,25 @@ async fn concurrent_writes_during_copy_and_stream_leave_old_and_new_identical() 
         p.old.psql(DB, "SELECT count(*) FROM audit").unwrap(),
         p.new.psql(DB, "SELECT count(*) FROM audit").unwrap()
     );
+    // Verify run by the daemon: progress in status, metrics, a clean verdict.
+    assert_eq!(post(&server, "/v1/verify", None).0, 401);
+    let (code, body) = post(&server, "/v1/verify", Some("s3cret"));
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let verify = loop {
+        let (_, body) = admin_get(&server, "/v1/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["verify"]["state"] != "running" {
+            break v["verify"].clone();
+        }
+        assert!(Instant::now() < deadline, "verify did not finish: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(verify["state"], "clean", "{verify}");
+    assert!(verify["rows_checked"].as_u64().unwrap() > 500, "{verify}");
     let (_, metrics) = admin_get(&server, "/metrics");
+    assert!(metric(&metrics, "cutover_verify_rows_checked_total").unwrap() > 500.0);
+    assert_eq!(metric(&metrics, "cutover_verify_rows_different"), Some(0.0));
     assert!(metric(&metrics, "cutover_stream_applied_transactions_total").unwrap() > 0.0);
     assert!(metric(&metrics, "cutover_stream_applied_rows_total").unwrap() > 0.0);
     assert_eq!(

@@ -27,6 +27,8 @@ pub trait AdminSource: Send + Sync + 'static {
     fn token(&self) -> Option<&str>;
     /// Starts mirroring to the new database.
     fn start_mirror(&self) -> Result<serde_json::Value, ApiError>;
+    /// Starts a verify run in the background.
+    fn start_verify(&self) -> Result<serde_json::Value, ApiError>;
 }
 
 /// A refused request: HTTP status and the reason, sent as JSON.
@@ -86,6 +88,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/mirror/start", post(mirror_start))
+        .route("/v1/verify", post(verify_start))
         .fallback(not_found)
         .with_state(source)
 }
@@ -136,6 +139,16 @@ async fn mirror_start(State(source): State<Arc<dyn AdminSource>>, headers: Heade
         return e.into_response();
     }
     match source.start_mirror() {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn verify_start(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(source.as_ref(), &headers) {
+        return e.into_response();
+    }
+    match source.start_verify() {
         Ok(body) => Json(body).into_response(),
         Err(e) => e.into_response(),
     }

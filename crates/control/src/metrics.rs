@@ -35,6 +35,9 @@ pub struct StreamMetrics {
     pub apply_batch_seconds: Histogram,
     pub reconnects: IntCounter,
     pub copy_rows: IntCounterVec,
+    pub verify_rows_checked: IntCounter,
+    pub verify_chunks: IntCounter,
+    pub verify_rows_different: IntGauge,
 }
 
 /// The per-backend handles a session uses on every message.
@@ -159,6 +162,21 @@ impl Metrics {
                     "Times the change stream was interrupted and reconnected.",
                 ))
                 .expect("valid metric"),
+                verify_rows_checked: IntCounter::with_opts(opts(
+                    "verify_rows_checked_total",
+                    "Rows compared by verify runs started from the daemon.",
+                ))
+                .expect("valid metric"),
+                verify_chunks: IntCounter::with_opts(opts(
+                    "verify_chunks_total",
+                    "Key-range chunks compared by verify runs started from the daemon.",
+                ))
+                .expect("valid metric"),
+                verify_rows_different: IntGauge::with_opts(opts(
+                    "verify_rows_different",
+                    "Rows found different by the current or last verify run.",
+                ))
+                .expect("valid metric"),
                 copy_rows: IntCounterVec::new(
                     opts("copy_rows_total", "Rows copied to the secondary by the initial copy, by table."),
                     &["table"],
@@ -187,6 +205,9 @@ impl Metrics {
             Box::new(m.stream.apply_batch_seconds.clone()),
             Box::new(m.stream.reconnects.clone()),
             Box::new(m.stream.copy_rows.clone()),
+            Box::new(m.stream.verify_rows_checked.clone()),
+            Box::new(m.stream.verify_chunks.clone()),
+            Box::new(m.stream.verify_rows_different.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

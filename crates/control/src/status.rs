@@ -14,6 +14,9 @@ pub struct Status {
     /// Copy progress, stream position and lag while mirroring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<serde_json::Value>,
+    /// The current or last verify run started from the daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

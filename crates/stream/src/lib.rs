@@ -16,7 +16,7 @@ pub mod verify;
 
 pub use mirror::{Mirror, MirrorSettings, MirrorStatus, TableCopy};
 pub use pgoutput::Lsn;
-pub use verify::{repair, verify, VerifyOptions, VerifyReport};
+pub use verify::{repair, verify, verify_with_progress, VerifyOptions, VerifyReport};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StreamError {

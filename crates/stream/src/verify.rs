@@ -182,6 +182,17 @@ pub async fn verify(
     new: &Client,
     options: &VerifyOptions,
 ) -> Result<VerifyReport, StreamError> {
+    verify_with_progress(old, new, options, &|_, _, _| {}).await
+}
+
+/// As [`verify`], calling `on_chunk(table, rows_checked, differences_found)`
+/// after every chunk.
+pub async fn verify_with_progress(
+    old: &Client,
+    new: &Client,
+    options: &VerifyOptions,
+    on_chunk: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<VerifyReport, StreamError> {
     let tables = crate::preconditions::user_tables(old).await?;
     new.batch_execute(PROGRESS_SQL).await?;
     let mut budget = options.max_chunks;
@@ -206,7 +217,7 @@ pub async fn verify(
             .await?;
             None
         };
-        reports.push(verify_table(old, new, &table, options, saved, &mut budget).await?);
+        reports.push(verify_table(old, new, &table, options, saved, &mut budget, on_chunk).await?);
     }
     Ok(VerifyReport {
         clean: reports.iter().all(|r| r.differences.is_empty()),
@@ -281,6 +292,7 @@ async fn verify_table(
     options: &VerifyOptions,
     saved: Option<(TableReport, Option<Vec<String>>)>,
     budget: &mut Option<u64>,
+    on_chunk: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<TableReport, StreamError> {
     let shape = shape(old, table).await?;
     let (mut report, mut after) = saved.unwrap_or_else(|| {
@@ -328,6 +340,7 @@ async fn verify_table(
         let range = shape.range(after.as_deref(), upto.as_deref());
         report.chunks += 1;
         report.chunks_this_run += 1;
+        let rows_before = report.rows_checked;
         let mut differences = Vec::new();
         for attempt in 0..=options.rechecks {
             let (a, b) = (
@@ -351,6 +364,8 @@ async fn verify_table(
             }
             tokio::time::sleep(options.recheck_delay).await;
         }
+        let rows_in_chunk = report.rows_checked - rows_before;
+        on_chunk(&report.table, rows_in_chunk, differences.len() as u64);
         report.differences.extend(differences);
         report.differences.sort();
         match upto {
