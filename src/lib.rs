@@ -46,7 +46,6 @@ struct Daemon {
     mirror: Mutex<Option<Mirror>>,
     /// The current or last daemon-run verify, as `/v1/status` shows it.
     verify: Arc<Mutex<Option<serde_json::Value>>>,
-    verify_running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Name of the replication slot and publication cutover owns on the primary.
@@ -172,24 +171,25 @@ impl AdminSource for Daemon {
     }
 
     fn start_verify(&self) -> Result<serde_json::Value, ApiError> {
-        use std::sync::atomic::Ordering;
         let new = self.config.new.as_ref().ok_or_else(|| {
             ApiError::conflict(
                 "no [new] backend is configured; add [new] url = ... and restart cutover",
             )
         })?;
-        if self.verify_running.swap(true, Ordering::SeqCst) {
-            return Err(ApiError::conflict(
-                "a verify run is already in progress; see /v1/status for its progress",
-            ));
+        {
+            let mut doc = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+            if doc.as_ref().is_some_and(|v| v["state"] == "running") {
+                return Err(ApiError::conflict(
+                    "a verify run is already in progress; see /v1/status for its progress",
+                ));
+            }
+            *doc = Some(serde_json::json!({
+                "state": "running", "rows_checked": 0, "chunks": 0, "rows_different": 0
+            }));
         }
         let doc = self.verify.clone();
-        let running = self.verify_running.clone();
         let metrics = self.metrics.stream.clone();
         let (old_url, new_url) = (self.config.old.url.clone(), new.url.clone());
-        *doc.lock().unwrap_or_else(|p| p.into_inner()) = Some(serde_json::json!({
-            "state": "running", "rows_checked": 0, "chunks": 0, "rows_different": 0
-        }));
         metrics.verify_rows_different.set(0);
         tokio::spawn(async move {
             let update = |f: &dyn Fn(&mut serde_json::Value)| {
@@ -225,7 +225,6 @@ impl AdminSource for Daemon {
                     v["error"] = e.to_string().into();
                 }
             });
-            running.store(false, Ordering::SeqCst);
         });
         Ok(serde_json::json!({ "verify": "started" }))
     }
@@ -268,7 +267,6 @@ impl Server {
             scram: cutover_backend::ScramCache::default(),
             mirror: Mutex::new(None),
             verify: Arc::new(Mutex::new(None)),
-            verify_running: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         });
         if let Some(settings) = daemon.mirror_settings() {
             tokio::spawn(resume_mirror(daemon.clone(), settings));

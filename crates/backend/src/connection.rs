@@ -354,7 +354,8 @@ impl BackendConnection {
     }
 }
 
-fn set_param(params: &mut Vec<(String, String)>, name: String, value: String) {
+/// Records a ParameterStatus value, keeping first-reported order.
+pub fn set_param(params: &mut Vec<(String, String)>, name: String, value: String) {
     match params.iter_mut().find(|(n, _)| *n == name) {
         Some(entry) => entry.1 = value,
         None => params.push((name, value)),

@@ -8,6 +8,7 @@
 //! a client pushing COPY data never blocks notices or NOTIFY coming back.
 
 use bytes::{Buf, BytesMut};
+use cutover_backend::connection::set_param;
 use cutover_control::BackendMetrics;
 use cutover_wire::frame::{self, Frame, FrameError};
 use cutover_wire::messages::ready_for_query::TransactionStatus;
@@ -105,7 +106,7 @@ impl Cursor {
 #[derive(Default)]
 pub struct ClientCursor {
     pub cursor: Cursor,
-    /// False after Parse/Bind/Describe/Execute/Close/Flush until the next Sync.
+    /// True after Parse/Bind/Describe/Execute/Close/Flush until the next Sync.
     pub unsynced: bool,
 }
 
@@ -288,10 +289,7 @@ where
                     },
                     b'S' => {
                         if let Some((name, value)) = parameter_status::decode(body) {
-                            match view.params.iter_mut().find(|(n, _)| *n == name) {
-                                Some(entry) => entry.1 = value,
-                                None => view.params.push((name, value)),
-                            }
+                            set_param(view.params, name, value);
                         }
                     }
                     _ => {

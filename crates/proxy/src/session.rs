@@ -56,24 +56,15 @@ pub(crate) async fn run(
             serve(shared, request, close).instrument(span).await
         }
         Err(e) => {
-            if e.is_auth_failure() {
-                shared
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&[e.reason()])
-                    .inc();
+            let counter = if e.is_auth_failure() {
+                Some(&shared.metrics.auth_failures)
             } else if e.is_protocol_violation() {
-                shared
-                    .metrics
-                    .protocol_errors
-                    .with_label_values(&[e.reason()])
-                    .inc();
-            } else if matches!(e, cutover_wire::HandshakeError::UnknownDatabase(_)) {
-                shared
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&[e.reason()])
-                    .inc();
+                Some(&shared.metrics.protocol_errors)
+            } else {
+                None
+            };
+            if let Some(counter) = counter {
+                counter.with_label_values(&[e.reason()]).inc();
             }
             tracing::info!(session = id, %peer, error = %e, "client handshake failed");
         }

@@ -70,6 +70,7 @@ fn text_of(d: &Datum) -> Option<String> {
 pub struct Batch {
     /// Statements of whole transactions, in commit order.
     pub ops: Vec<Op>,
+    /// Row changes those statements apply (a key change is one change, two statements).
     pub transactions: u64,
     pub rows: u64,
     /// End LSN of the last whole transaction in the batch.
@@ -82,6 +83,7 @@ pub struct Applier {
     relations: HashMap<u32, Relation>,
     /// Statements of the transaction being received.
     current: Vec<Op>,
+    /// Row changes (inserts, updates, deletes) in the transaction being received.
     current_rows: u64,
     in_transaction: bool,
     /// Transactions at or before this position are already on the secondary.
@@ -106,6 +108,11 @@ impl Applier {
         self.applied
     }
 
+    /// True between a transaction's Begin and its Commit.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
     /// Feeds one message. Returns true when a transaction just completed.
     pub fn feed(&mut self, msg: Logical) -> Result<bool, StreamError> {
         match msg {
@@ -119,16 +126,18 @@ impl Applier {
             }
             Logical::Insert { rel, new } => {
                 let op = self.upsert(rel, &new)?;
-                self.push(op);
+                self.current.push(op);
+                self.current_rows += 1;
             }
             Logical::Update { rel, old, new } => {
-                for op in self.update(rel, old.as_deref(), &new)? {
-                    self.push(op);
-                }
+                let ops = self.update(rel, old.as_deref(), &new)?;
+                self.current.extend(ops);
+                self.current_rows += 1;
             }
             Logical::Delete { rel, old } => {
                 let op = self.delete(rel, &old)?;
-                self.push(op);
+                self.current.push(op);
+                self.current_rows += 1;
             }
             Logical::Truncate {
                 rels,
@@ -146,7 +155,7 @@ impl Applier {
                 if cascade {
                     sql.push_str(" CASCADE");
                 }
-                self.push(Op {
+                self.current.push(Op {
                     sql,
                     params: Vec::new(),
                 });
@@ -188,11 +197,6 @@ impl Applier {
             self.applied = end;
         }
         batch
-    }
-
-    fn push(&mut self, op: Op) {
-        self.current.push(op);
-        self.current_rows += 1;
     }
 
     fn relation(&self, oid: u32) -> Result<&Relation, StreamError> {

@@ -359,7 +359,6 @@ async fn stream(
 ) -> Result<(), StreamError> {
     let mut applier = Applier::new(&settings.slot, start);
     let mut statements = Statements::default();
-    let mut in_transaction = false;
     let mut primary_end = start;
     let mut caught_up_at = Instant::now();
     let mut last_status = Instant::now();
@@ -391,12 +390,11 @@ async fn stream(
             }
         };
         let mut reply = false;
+        let mut keepalive = false;
         match decode_replication(&payload).map_err(|e| StreamError::Protocol(e.to_string()))? {
             ReplicationMessage::XLogData { end, data, .. } => {
                 primary_end = primary_end.max(end);
                 let msg = decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
-                in_transaction = !matches!(msg, crate::pgoutput::Logical::Commit { .. })
-                    && (in_transaction || matches!(msg, crate::pgoutput::Logical::Begin { .. }));
                 if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
                     apply(shared, new, &mut applier, &mut statements).await?;
                     reply = true;
@@ -408,11 +406,12 @@ async fn stream(
             } => {
                 primary_end = primary_end.max(end);
                 reply = reply_requested;
+                keepalive = true;
                 // Apply what is pending before claiming to be caught up.
                 if applier.batch.end_lsn.is_some() {
                     apply(shared, new, &mut applier, &mut statements).await?;
                 }
-                if !in_transaction && applier.batch.end_lsn.is_none() {
+                if !applier.in_transaction() && applier.batch.end_lsn.is_none() {
                     // Nothing pending: the secondary holds everything up to `end`.
                     shared.caught_up.send_if_modified(|lsn| {
                         let advanced = end > *lsn;
@@ -426,6 +425,13 @@ async fn stream(
         if applier.batch.end_lsn.is_some() && !repl.has_buffered_message() {
             apply(shared, new, &mut applier, &mut statements).await?;
             reply = true;
+        }
+        // Lag changes only when something was applied or the primary said
+        // where it is; publishing it per row change would cost a lock and
+        // two allocations each.
+        let status_due = last_status.elapsed() >= STATUS_INTERVAL;
+        if !(reply || keepalive || status_due) {
+            continue;
         }
         let caught_up = *shared.caught_up.borrow();
         if caught_up >= primary_end {
@@ -445,7 +451,7 @@ async fn stream(
             s.lag_bytes = Some(lag_bytes);
             s.lag_seconds = Some(lag_seconds);
         });
-        if reply || last_status.elapsed() >= STATUS_INTERVAL {
+        if reply || status_due {
             repl.send_status(caught_up, false).await?;
             last_status = Instant::now();
         }

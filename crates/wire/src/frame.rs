@@ -10,13 +10,6 @@ pub struct Frame {
     pub len: usize,
 }
 
-impl Frame {
-    /// The message body (after the type byte and length) within `buf`.
-    pub fn body<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        &buf[5..self.len]
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     #[error("invalid message length {len} for message type {tag:?}")]

@@ -74,8 +74,12 @@ impl HandshakeError {
         }
     }
 
+    /// Refused logins: bad credentials or SASL messages, no user, unknown database.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, HandshakeError::Auth(_))
+        matches!(
+            self,
+            HandshakeError::Auth(_) | HandshakeError::NoUser | HandshakeError::UnknownDatabase(_)
+        )
     }
 
     pub fn is_protocol_violation(&self) -> bool {

@@ -16,13 +16,6 @@ impl ClientStream {
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
     }
-
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            ClientStream::Plain(s) => s,
-            ClientStream::Tls(s) => s.get_ref().0,
-        }
-    }
 }
 
 impl AsyncRead for ClientStream {

@@ -7,10 +7,6 @@ pub fn ok(buf: &mut BytesMut) {
     write_message(buf, b'R', |b| b.put_i32(0));
 }
 
-pub fn cleartext(buf: &mut BytesMut) {
-    write_message(buf, b'R', |b| b.put_i32(3));
-}
-
 pub fn md5(buf: &mut BytesMut, salt: [u8; 4]) {
     write_message(buf, b'R', |b| {
         b.put_i32(5);
