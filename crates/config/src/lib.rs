@@ -47,6 +47,49 @@ struct RawConfig {
     new: Option<RawBackend>,
     #[serde(default)]
     mirror: RawMirror,
+    #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
+    cutover: RawCutover,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    strategy: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCutover {
+    max_pause_ms: Option<u64>,
+    state_file: Option<PathBuf>,
+}
+
+/// How the read dial picks a backend for an eligible read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingStrategy {
+    /// Each statement (or read-only transaction) draws on its own.
+    Random,
+    /// A stable hash of the client session: one session sees one backend.
+    Session,
+}
+
+/// The read dial's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub strategy: RoutingStrategy,
+}
+
+/// Promote, rollback and the control state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutoverConfig {
+    /// A promote or rollback whose write pause would exceed this is aborted
+    /// and traffic resumes unchanged.
+    pub max_pause: Duration,
+    /// Where the control state (phase, primary, dial) is kept across
+    /// restarts; not persisted when unset.
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -55,6 +98,8 @@ struct RawMirror {
     copy_chunk_rows: Option<u32>,
     copy_parallel_tables: Option<u32>,
     copy_max_rows_per_second: Option<u64>,
+    sync: Option<bool>,
+    sync_timeout_ms: Option<u64>,
 }
 
 /// How the initial copy runs.
@@ -66,6 +111,11 @@ pub struct MirrorConfig {
     pub copy_parallel_tables: u32,
     /// Throttle across all tables; 0 means as fast as the databases go.
     pub copy_max_rows_per_second: u64,
+    /// Acknowledge a client's commit only once the secondary applied it.
+    pub sync: bool,
+    /// How long a commit waits for the secondary before it is acknowledged
+    /// anyway and the secondary is marked lagging.
+    pub sync_timeout: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -74,6 +124,8 @@ impl Default for MirrorConfig {
             copy_chunk_rows: 10_000,
             copy_parallel_tables: 2,
             copy_max_rows_per_second: 0,
+            sync: true,
+            sync_timeout: Duration::from_millis(2_000),
         }
     }
 }
@@ -209,6 +261,8 @@ pub struct Config {
     pub old: BackendConfig,
     pub new: Option<BackendConfig>,
     pub mirror: MirrorConfig,
+    pub routing: RoutingConfig,
+    pub cutover: CutoverConfig,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -400,7 +454,36 @@ impl Config {
                 .mirror
                 .copy_max_rows_per_second
                 .unwrap_or(defaults.copy_max_rows_per_second),
+            sync: raw.mirror.sync.unwrap_or(defaults.sync),
+            sync_timeout: raw
+                .mirror
+                .sync_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.sync_timeout),
         };
+        if mirror.sync_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "mirror.sync_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        let strategy = match raw.routing.strategy.as_deref().unwrap_or("random") {
+            "random" => RoutingStrategy::Random,
+            "session" => RoutingStrategy::Session,
+            other => {
+                return Err(ConfigError::invalid(
+                    "routing.strategy",
+                    format!("unknown strategy {other:?}; use \"random\" or \"session\""),
+                ))
+            }
+        };
+        let max_pause = Duration::from_millis(raw.cutover.max_pause_ms.unwrap_or(2_000));
+        if max_pause.is_zero() || max_pause > Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "cutover.max_pause_ms",
+                "must be between 1 and 60000",
+            ));
+        }
         if !(1..=1_000_000).contains(&mirror.copy_chunk_rows) {
             return Err(ConfigError::invalid(
                 "mirror.copy_chunk_rows",
@@ -420,6 +503,11 @@ impl Config {
             old,
             new,
             mirror,
+            routing: RoutingConfig { strategy },
+            cutover: CutoverConfig {
+                max_pause,
+                state_file: raw.cutover.state_file,
+            },
         })
     }
 }

@@ -5,7 +5,7 @@
 pub mod metrics;
 pub mod phase;
 
-pub use metrics::{BackendMetrics, Metrics, StreamMetrics};
-pub use phase::Phase;
+pub use metrics::{BackendMetrics, Metrics, StreamMetrics, TrafficMetrics};
+pub use phase::{Backend, ControlState, Phase, Refusal};
 pub mod status;
 pub use status::{BackendStatus, Health, PoolStatus, Status};

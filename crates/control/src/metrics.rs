@@ -23,6 +23,24 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub cancel_requests: IntCounterVec,
     pub stream: StreamMetrics,
+    pub traffic: TrafficMetrics,
+}
+
+/// The read dial, commit waits and transitions.
+#[derive(Clone)]
+pub struct TrafficMetrics {
+    /// 1 for the current phase, 0 for the others.
+    pub phase: IntGaugeVec,
+    /// 1 for the backend that is primary now.
+    pub primary: IntGaugeVec,
+    pub read_percent: IntGauge,
+    pub reads: IntCounterVec,
+    pub read_fallbacks: IntCounterVec,
+    pub commit_wait_seconds: Histogram,
+    pub commit_wait_timeouts: IntCounter,
+    pub secondary_lagging: IntGauge,
+    pub pause_seconds: Histogram,
+    pub transitions: IntCounterVec,
 }
 
 /// The change stream's and the copy's metrics.
@@ -183,6 +201,60 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             },
+            traffic: TrafficMetrics {
+                phase: IntGaugeVec::new(opts("phase", "1 for the current migration phase."), &["phase"])
+                    .expect("valid metric"),
+                primary: IntGaugeVec::new(opts("primary", "1 for the backend that is primary now."), &["backend"])
+                    .expect("valid metric"),
+                read_percent: IntGauge::with_opts(opts(
+                    "read_percent",
+                    "The read dial: percentage of eligible reads served by the new backend.",
+                ))
+                .expect("valid metric"),
+                reads: IntCounterVec::new(
+                    opts("reads_total", "Statements classified as reads, by the backend that served them."),
+                    &["backend"],
+                )
+                .expect("valid metric"),
+                read_fallbacks: IntCounterVec::new(
+                    opts("read_fallbacks_total", "Reads the dial sent to the secondary that the primary served instead, by reason."),
+                    &["reason"],
+                )
+                .expect("valid metric"),
+                commit_wait_seconds: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "commit_wait_seconds",
+                        "Time a commit was held until the secondary applied it (mirror.sync).",
+                    )
+                    .namespace("cutover")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                )
+                .expect("valid metric"),
+                commit_wait_timeouts: IntCounter::with_opts(opts(
+                    "commit_wait_timeouts_total",
+                    "Commits acknowledged after mirror.sync_timeout without the secondary having applied them.",
+                ))
+                .expect("valid metric"),
+                secondary_lagging: IntGauge::with_opts(opts(
+                    "secondary_lagging",
+                    "1 while the secondary missed a commit's sync timeout and has not caught up since; reads avoid it.",
+                ))
+                .expect("valid metric"),
+                pause_seconds: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pause_seconds",
+                        "Write pauses of promote and rollback.",
+                    )
+                    .namespace("cutover")
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
+                )
+                .expect("valid metric"),
+                transitions: IntCounterVec::new(
+                    opts("transitions_total", "Control state transitions, by name and outcome (ok, refused, aborted)."),
+                    &["transition", "outcome"],
+                )
+                .expect("valid metric"),
+            },
             registry,
         };
         for c in [
@@ -208,6 +280,16 @@ impl Metrics {
             Box::new(m.stream.verify_rows_checked.clone()),
             Box::new(m.stream.verify_chunks.clone()),
             Box::new(m.stream.verify_rows_different.clone()),
+            Box::new(m.traffic.phase.clone()),
+            Box::new(m.traffic.primary.clone()),
+            Box::new(m.traffic.read_percent.clone()),
+            Box::new(m.traffic.reads.clone()),
+            Box::new(m.traffic.read_fallbacks.clone()),
+            Box::new(m.traffic.commit_wait_seconds.clone()),
+            Box::new(m.traffic.commit_wait_timeouts.clone()),
+            Box::new(m.traffic.secondary_lagging.clone()),
+            Box::new(m.traffic.pause_seconds.clone()),
+            Box::new(m.traffic.transitions.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

@@ -5,6 +5,7 @@
 //! read dial.
 
 mod cancel;
+pub mod classify;
 pub mod relay;
 mod session;
 

@@ -19,6 +19,8 @@ use crate::pgoutput::{Datum, Logical, Lsn, Relation};
 use crate::StreamError;
 use std::collections::HashMap;
 
+/// The schema that holds cutover's own bookkeeping on each database.
+pub const SCHEMA: &str = "cutover";
 /// The table on the secondary that records the applied position.
 pub const APPLIED_TABLE: &str = "cutover.applied";
 
@@ -124,6 +126,12 @@ impl Applier {
             Logical::Relation(rel) => {
                 self.relations.insert(rel.oid, rel);
             }
+            // cutover's own bookkeeping (the position of a stream running the
+            // other way) is per database, never mirrored.
+            Logical::Insert { rel, .. }
+            | Logical::Update { rel, .. }
+            | Logical::Delete { rel, .. }
+                if self.is_own(rel) => {}
             Logical::Insert { rel, new } => {
                 let op = self.upsert(rel, &new)?;
                 self.current.push(op);
@@ -146,19 +154,23 @@ impl Applier {
             } => {
                 let names: Result<Vec<String>, StreamError> = rels
                     .iter()
+                    .filter(|oid| !self.is_own(**oid))
                     .map(|oid| self.relation(*oid).map(table))
                     .collect();
-                let mut sql = format!("TRUNCATE {}", names?.join(", "));
-                if restart_identity {
-                    sql.push_str(" RESTART IDENTITY");
+                let names = names?;
+                if !names.is_empty() {
+                    let mut sql = format!("TRUNCATE {}", names.join(", "));
+                    if restart_identity {
+                        sql.push_str(" RESTART IDENTITY");
+                    }
+                    if cascade {
+                        sql.push_str(" CASCADE");
+                    }
+                    self.current.push(Op {
+                        sql,
+                        params: Vec::new(),
+                    });
                 }
-                if cascade {
-                    sql.push_str(" CASCADE");
-                }
-                self.current.push(Op {
-                    sql,
-                    params: Vec::new(),
-                });
             }
             Logical::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
@@ -197,6 +209,12 @@ impl Applier {
             self.applied = end;
         }
         batch
+    }
+
+    fn is_own(&self, oid: u32) -> bool {
+        self.relations
+            .get(&oid)
+            .is_some_and(|r| r.schema == SCHEMA)
     }
 
     fn relation(&self, oid: u32) -> Result<&Relation, StreamError> {

@@ -4,7 +4,7 @@
 
 use crate::applier::{self, Applier};
 use crate::copy;
-use crate::pgoutput::{decode_logical, decode_replication, Lsn, ReplicationMessage};
+use crate::pgoutput::{decode_logical, decode_replication, Logical, Lsn, ReplicationMessage};
 use crate::preconditions;
 use crate::replication::ReplicationConnection;
 use crate::{control_client, StreamError};
@@ -39,6 +39,11 @@ pub struct MirrorSettings {
     /// Name of the slot and of the publication cutover owns.
     pub slot: String,
     pub copy: MirrorConfig,
+    /// Start over from the primary's current position with a new slot and
+    /// no copy: for a stream started while writes are paused and the two
+    /// databases are identical (promote and rollback start the stream in
+    /// the other direction this way). Restarts after that resume the slot.
+    pub fresh: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -74,6 +79,13 @@ struct Shared {
     metrics: StreamMetrics,
     /// Everything at or before this position is on the secondary.
     caught_up: watch::Sender<Lsn>,
+    /// The highest position a waiting commit needs; the stream asks the
+    /// primary where it is when this is ahead of `caught_up`.
+    wanted: watch::Sender<Lsn>,
+    /// Set once the stream runs (its start position) or failed for good.
+    started: watch::Sender<Option<Result<Lsn, String>>>,
+    /// The fresh start has been made; reconnects resume from here on.
+    fresh_done: std::sync::atomic::AtomicBool,
     scram: ScramCache,
 }
 
@@ -94,7 +106,12 @@ pub struct Mirror {
 impl Mirror {
     pub fn start(settings: MirrorSettings, metrics: StreamMetrics) -> Mirror {
         let (caught_up, _) = watch::channel(Lsn(0));
+        let (wanted, _) = watch::channel(Lsn(0));
+        let (started, _) = watch::channel(None);
         let shared = Arc::new(Shared {
+            wanted,
+            started,
+            fresh_done: std::sync::atomic::AtomicBool::new(false),
             status: Mutex::new(MirrorStatus {
                 state: "starting".to_string(),
                 ..MirrorStatus::default()
@@ -121,9 +138,71 @@ impl Mirror {
         self.shared.caught_up.subscribe()
     }
 
+    /// Asks the stream to establish, soon, that everything up to `lsn` is on
+    /// the secondary (a commit is waiting for it).
+    pub fn want(&self, lsn: Lsn) {
+        self.shared.wanted.send_if_modified(|w| {
+            let ahead = lsn > *w;
+            *w = (*w).max(lsn);
+            ahead
+        });
+    }
+
+    /// A handle that lets waiters (the proxy's commit fence) ask for a position.
+    pub fn position(&self) -> StreamPosition {
+        StreamPosition {
+            caught_up: self.shared.caught_up.subscribe(),
+            wanted: self.shared.wanted.clone(),
+        }
+    }
+
+    /// Waits until the stream runs; the error says why it cannot start.
+    pub async fn wait_started(&self, timeout: Duration) -> Result<Lsn, String> {
+        let mut started = self.shared.started.subscribe();
+        let result = tokio::time::timeout(timeout, started.wait_for(|s| s.is_some())).await;
+        match result {
+            Ok(Ok(state)) => state.clone().unwrap_or_else(|| Err("not started".to_string())),
+            Ok(Err(_)) => Err("the mirroring task ended".to_string()),
+            Err(_) => Err(format!(
+                "the change stream did not start within {} ms",
+                timeout.as_millis()
+            )),
+        }
+    }
+
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// What a waiter needs of a running stream: where the secondary is, and a
+/// way to ask for a position.
+#[derive(Clone)]
+pub struct StreamPosition {
+    caught_up: watch::Receiver<Lsn>,
+    wanted: watch::Sender<Lsn>,
+}
+
+impl StreamPosition {
+    /// Everything at or before this position is on the secondary.
+    pub fn caught_up(&self) -> Lsn {
+        *self.caught_up.borrow()
+    }
+
+    /// Waits until the secondary holds everything up to `lsn`; false on timeout.
+    pub async fn wait_for(&self, lsn: Lsn, timeout: Duration) -> bool {
+        if self.caught_up() >= lsn {
+            return true;
+        }
+        self.wanted.send_if_modified(|w| {
+            let ahead = lsn > *w;
+            *w = (*w).max(lsn);
+            ahead
+        });
+        let mut rx = self.caught_up.clone();
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|c| *c >= lsn)).await;
+        matches!(reached, Ok(Ok(_)))
     }
 }
 
@@ -146,6 +225,7 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
             Ok(()) => return,
             Err(StreamError::Precondition(reason)) => {
                 tracing::error!(%reason, "mirroring cannot start");
+                shared.started.send_replace(Some(Err(reason.clone())));
                 shared.update(|s| {
                     s.state = "failed".to_string();
                     s.error = Some(reason);
@@ -204,7 +284,15 @@ async fn session(
         .await?
         .is_some();
     let mut repl = ReplicationConnection::connect(&settings.old, &shared.scram).await?;
+    let fresh = settings.fresh && !shared.fresh_done.load(std::sync::atomic::Ordering::Relaxed);
     let start = match (applied, slot_exists) {
+        _ if fresh => {
+            let start = setup_fresh(settings, &old, &new, &mut repl, slot_exists).await?;
+            shared
+                .fresh_done
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            start
+        }
         (Some(lsn), true) if !rebuild => {
             let lsn: Lsn = lsn.parse().map_err(StreamError::Protocol)?;
             tracing::info!(%lsn, "resuming the change stream");
@@ -231,6 +319,7 @@ async fn session(
     });
     repl.start(&settings.slot, &settings.slot, start).await?;
     shared.caught_up.send_replace(start);
+    shared.started.send_replace(Some(Ok(start)));
 
     // The stream and the copy run together (see `copy` for why that is safe).
     let report = |table: &str, rows: u64, done: bool| {
@@ -296,19 +385,7 @@ async fn setup(
         "DROP PUBLICATION IF EXISTS {slot}; CREATE PUBLICATION {slot} FOR ALL TABLES"
     ))
     .await?;
-    let rows = repl
-        .command(&format!(
-            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT"
-        ))
-        .await?;
-    let start: Lsn = rows
-        .first()
-        .and_then(|r| r.get(1).cloned().flatten())
-        .ok_or_else(|| {
-            StreamError::Protocol("CREATE_REPLICATION_SLOT returned no position".to_string())
-        })?
-        .parse()
-        .map_err(StreamError::Protocol)?;
+    let start = create_slot(repl, &slot).await?;
     let plan = copy::plan_sql(old, &settings.slot, &tables).await?;
     new.batch_execute(&format!(
         "BEGIN; SET LOCAL session_replication_role = replica; {plan}\
@@ -320,6 +397,71 @@ async fn setup(
     .await?;
     tracing::info!(%start, tables = tables.len(), "slot created; copying alongside the stream");
     Ok(start)
+}
+
+/// A start while writes are paused and both sides hold the same rows: a new
+/// publication and slot at the primary's current position, recorded as
+/// applied on the secondary, and nothing to copy.
+async fn setup_fresh(
+    settings: &MirrorSettings,
+    old: &tokio_postgres::Client,
+    new: &tokio_postgres::Client,
+    repl: &mut ReplicationConnection,
+    slot_exists: bool,
+) -> Result<Lsn, StreamError> {
+    preconditions::check(old, new, &settings.old.address(), &settings.old.user).await?;
+    let slot = applier::quote_ident(&settings.slot);
+    if slot_exists {
+        old.execute("SELECT pg_drop_replication_slot($1)", &[&settings.slot])
+            .await?;
+    }
+    old.batch_execute(&format!(
+        "DROP PUBLICATION IF EXISTS {slot}; CREATE PUBLICATION {slot} FOR ALL TABLES"
+    ))
+    .await?;
+    let start = create_slot(repl, &slot).await?;
+    new.batch_execute(&format!(
+        "DELETE FROM cutover.copy_progress WHERE slot = {name};          INSERT INTO {applied} (slot, lsn) VALUES ({name}, '{start}')          ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = now()",
+                applied = applier::APPLIED_TABLE,
+        name = applier::quote_literal(&settings.slot)
+    ))
+    .await?;
+    tracing::info!(%start, slot = %settings.slot, "slot created at the current position; nothing to copy");
+    Ok(start)
+}
+
+async fn create_slot(repl: &mut ReplicationConnection, slot: &str) -> Result<Lsn, StreamError> {
+    let rows = repl
+        .command(&format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT"
+        ))
+        .await?;
+    rows.first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .ok_or_else(|| {
+            StreamError::Protocol("CREATE_REPLICATION_SLOT returned no position".to_string())
+        })?
+        .parse()
+        .map_err(StreamError::Protocol)
+}
+
+/// Drops cutover's slot and publication named `slot` on `url`'s database,
+/// if they exist (finalize, and the stream a promote or rollback replaced).
+pub async fn drop_slot(url: &BackendUrl, slot: &str) -> Result<(), StreamError> {
+    let client = control_client(url, "cutover-control").await?;
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots              WHERE slot_name = $1 AND NOT active",
+            &[&slot],
+        )
+        .await?;
+    client
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            applier::quote_ident(slot)
+        ))
+        .await?;
+    Ok(())
 }
 
 /// Moves every sequence on the secondary forward to the primary's value.
@@ -364,8 +506,22 @@ async fn stream(
     let mut last_status = Instant::now();
     let mut last_sequence_sync = Instant::now();
     let mut applied_at_sequence_sync = start;
+    let mut wanted = shared.wanted.subscribe();
     loop {
-        let payload = match tokio::time::timeout(IDLE_PROBE, repl.next_copy_data()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(IDLE_PROBE, repl.next_copy_data()) => next,
+            _ = wanted.changed() => {
+                // A commit waits for a position past what we know is on the
+                // secondary: with nothing pending, ask the primary where it is.
+                let caught_up = *shared.caught_up.borrow();
+                let idle = !applier.in_transaction() && applier.batch.end_lsn.is_none();
+                if idle && *wanted.borrow_and_update() > caught_up {
+                    repl.send_status(caught_up, true).await?;
+                }
+                continue;
+            }
+        };
+        let payload = match next {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => {
                 return Err(StreamError::Lost(
@@ -395,6 +551,20 @@ async fn stream(
             ReplicationMessage::XLogData { end, data, .. } => {
                 primary_end = primary_end.max(end);
                 let msg = decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
+                if let Logical::Begin { final_lsn, .. } = &msg {
+                    // Transactions arrive in commit order: every commit
+                    // record before this one's has been received and, with
+                    // nothing pending, applied. (One byte short of its
+                    // commit record, so confirming this never skips it.)
+                    if !applier.in_transaction() && applier.batch.end_lsn.is_none() {
+                        let final_lsn = Lsn(final_lsn.0.saturating_sub(1));
+                        shared.caught_up.send_if_modified(|lsn| {
+                            let advanced = final_lsn > *lsn;
+                            *lsn = (*lsn).max(final_lsn);
+                            advanced
+                        });
+                    }
+                }
                 if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
                     apply(shared, new, &mut applier, &mut statements).await?;
                     reply = true;
