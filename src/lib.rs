@@ -4,12 +4,16 @@
 //! same [`Server`] in-process.
 
 pub mod cli_http;
+mod migration;
 
-use cutover_admin::{AdminSource, ApiError, BoxFuture};
+use cutover_admin::{AdminSource, ApiError, BoxFuture, Transition};
 use cutover_config::{BackendConfig, Config};
-use cutover_control::{BackendStatus, Health, Metrics, Phase, PoolStatus, Status};
+use cutover_control::{
+    Backend, BackendStatus, ControlState, Health, Metrics, Phase, PoolStatus, Status,
+};
+use cutover_proxy::traffic::{Plane, Traffic};
 use cutover_proxy::Proxy;
-use cutover_stream::{Mirror, MirrorSettings};
+use cutover_stream::MirrorSettings;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +35,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Proxy(#[from] cutover_proxy::ProxyError),
+    #[error("{0}")]
+    State(String),
 }
 
 /// The parts the admin API reports on.
@@ -43,13 +49,21 @@ struct Daemon {
     new_health: Health,
     /// Salted passwords for the control-plane logins of the probes.
     scram: cutover_backend::ScramCache,
-    mirror: Mutex<Option<Mirror>>,
+    /// The change stream matching the phase (from the primary).
+    stream: Mutex<Option<migration::RunningStream>>,
     /// The current or last daemon-run verify, as `/v1/status` shows it.
     verify: Arc<Mutex<Option<serde_json::Value>>>,
+    /// The control state as last published (the data path reads its copy
+    /// in `traffic`).
+    control: Mutex<ControlState>,
+    /// Transitions run one at a time.
+    transitions: tokio::sync::Mutex<()>,
+    traffic: Arc<Traffic>,
+    last_pause: Mutex<Option<serde_json::Value>>,
 }
 
-/// Name of the replication slot and publication cutover owns on the primary.
-pub const SLOT: &str = "cutover";
+/// Name of the replication slot and publication cutover owns on the old database.
+pub const SLOT: &str = migration::FORWARD_SLOT;
 
 impl Daemon {
     fn backend_status(
@@ -73,66 +87,72 @@ impl Daemon {
     }
 
     fn mirror_settings(&self) -> Option<MirrorSettings> {
-        Some(MirrorSettings {
-            old: self.config.old.url.clone(),
-            new: self.config.new.as_ref()?.url.clone(),
-            slot: SLOT.to_string(),
-            copy: self.config.mirror.clone(),
-        })
+        self.stream_settings(Backend::Old, false)
     }
 
-    /// Starts the mirror unless one runs; false if one was already running.
-    fn ensure_mirror(&self, settings: MirrorSettings) -> bool {
-        let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
-        if mirror.is_some() {
-            return false;
-        }
-        tracing::info!(old = %settings.old.redacted(), new = %settings.new.redacted(), "starting mirroring");
-        *mirror = Some(Mirror::start(settings, self.metrics.stream.clone()));
-        true
-    }
-
-    fn pool_status(&self) -> PoolStatus {
-        let s = self.proxy.primary_pool().stats();
-        PoolStatus {
+    fn pool_status(&self, backend: Backend) -> Option<PoolStatus> {
+        let s = self.proxy.pools().get(backend)?.stats();
+        Some(PoolStatus {
             size: s.size,
             in_use: s.in_use,
             idle: s.idle,
             waiting: s.waiting,
-        }
+        })
     }
 }
 
 impl AdminSource for Daemon {
     fn status(&self) -> Status {
+        let state = self.control_state();
+        let role = |b: Backend| {
+            if b == state.primary {
+                "primary"
+            } else {
+                "secondary"
+            }
+        };
         let mut backends = vec![self.backend_status(
             "old",
-            "primary",
+            role(Backend::Old),
             &self.config.old,
             &self.old_health,
-            Some(self.pool_status()),
+            self.pool_status(Backend::Old),
         )];
         if let Some(new) = &self.config.new {
-            backends.push(self.backend_status("new", "secondary", new, &self.new_health, None));
+            backends.push(self.backend_status(
+                "new",
+                role(Backend::New),
+                new,
+                &self.new_health,
+                self.pool_status(Backend::New),
+            ));
         }
         let mirror = self
-            .mirror
+            .stream
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|m| m.status());
-        let phase = if mirror.is_some() {
-            Phase::Mirroring
-        } else {
-            Phase::Passthrough
-        };
+            .map(|s| {
+                let mut doc = serde_json::to_value(s.mirror.status()).unwrap_or_default();
+                doc["from"] = s.from.name().into();
+                doc
+            });
+        let lagging = self.metrics.traffic.secondary_lagging.get() != 0;
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            phase: phase.name().to_string(),
+            phase: state.phase.name().to_string(),
+            primary: state.primary.name().to_string(),
+            read_percent: state.read_percent,
+            secondary_lagging: lagging,
+            last_pause: self
+                .last_pause
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             clients: self.proxy.clients(),
             backends,
-            mirror: mirror.and_then(|m| serde_json::to_value(m).ok()),
+            mirror,
             verify: self
                 .verify
                 .lock()
@@ -142,13 +162,17 @@ impl AdminSource for Daemon {
     }
 
     fn metrics(&self) -> String {
-        let pool = self.pool_status();
         let gauge = &self.metrics.pool_connections;
-        gauge.with_label_values(&["old", "in_use"]).set(pool.in_use);
-        gauge.with_label_values(&["old", "idle"]).set(pool.idle);
-        gauge
-            .with_label_values(&["old", "waiting"])
-            .set(pool.waiting);
+        for backend in [Backend::Old, Backend::New] {
+            if let Some(pool) = self.pool_status(backend) {
+                let name = backend.name();
+                gauge.with_label_values(&[name, "in_use"]).set(pool.in_use);
+                gauge.with_label_values(&[name, "idle"]).set(pool.idle);
+                gauge
+                    .with_label_values(&[name, "waiting"])
+                    .set(pool.waiting);
+            }
+        }
         self.metrics.render()
     }
 
@@ -157,17 +181,31 @@ impl AdminSource for Daemon {
     }
 
     fn start_mirror(&self) -> Result<serde_json::Value, ApiError> {
-        let settings = self.mirror_settings().ok_or_else(|| {
-            ApiError::conflict(
-                "no [new] backend is configured; add [new] url = ... and restart cutover",
-            )
-        })?;
-        if !self.ensure_mirror(settings) {
+        if self.config.new.is_none() {
             return Err(ApiError::conflict(
-                "mirroring is already running; see /v1/status for its progress",
+                "no [new] backend is configured; add [new] url = ... and restart cutover",
             ));
         }
+        let next = self
+            .control_state()
+            .start_mirroring()
+            .map_err(|r| ApiError::conflict(r.reason))?;
+        self.start_stream(Backend::Old, false)
+            .map_err(ApiError::conflict)?;
+        self.publish(next);
+        self.metrics
+            .traffic
+            .transitions
+            .with_label_values(&["mirror_start", "ok"])
+            .inc();
         Ok(serde_json::json!({ "phase": Phase::Mirroring.name(), "started": true }))
+    }
+
+    fn transition(
+        &self,
+        transition: Transition,
+    ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
+        Box::pin(self.run_transition(transition))
     }
 
     fn start_verify(&self) -> Result<serde_json::Value, ApiError> {
@@ -252,7 +290,20 @@ impl Server {
     /// not stop the start: clients get its connection error until it is back.
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let proxy = Proxy::new(config.clone(), metrics.clone())?;
+        let saved = match &config.cutover.state_file {
+            Some(path) => migration::load_state(path).map_err(StartError::State)?,
+            None => None,
+        };
+        let traffic = Arc::new(Traffic::new(
+            Plane {
+                state: ControlState::default(),
+                sync: config.mirror.sync,
+                sync_timeout: config.mirror.sync_timeout,
+                fence: None,
+            },
+            metrics.traffic.clone(),
+        ));
+        let proxy = Proxy::new(config.clone(), metrics.clone(), traffic.clone())?;
         let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let proxy_addr = local_addr(&proxy_listener, config.proxy.listen);
@@ -265,11 +316,34 @@ impl Server {
             old_health: Health::default(),
             new_health: Health::default(),
             scram: cutover_backend::ScramCache::default(),
-            mirror: Mutex::new(None),
+            stream: Mutex::new(None),
             verify: Arc::new(Mutex::new(None)),
+            control: Mutex::new(ControlState::default()),
+            transitions: tokio::sync::Mutex::new(()),
+            traffic,
+            last_pause: Mutex::new(None),
         });
-        if let Some(settings) = daemon.mirror_settings() {
-            tokio::spawn(resume_mirror(daemon.clone(), settings));
+        match saved {
+            Some(state) => {
+                tracing::info!(
+                    phase = state.phase.name(),
+                    primary = state.primary.name(),
+                    read_percent = state.read_percent,
+                    "resuming the saved control state"
+                );
+                if state.phase.streams() {
+                    if let Err(e) = daemon.start_stream(state.primary, false) {
+                        tracing::error!(error = %e, "cannot resume the change stream");
+                    }
+                }
+                daemon.publish(state);
+            }
+            None => {
+                daemon.publish(ControlState::default());
+                if let Some(settings) = daemon.mirror_settings() {
+                    tokio::spawn(resume_mirror(daemon.clone(), settings));
+                }
+            }
         }
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -299,13 +373,13 @@ impl Server {
             let daemon = daemon.clone();
             async move {
                 until_stopped(stopped).await;
-                let mirror = daemon
-                    .mirror
+                let stream = daemon
+                    .stream
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .take();
-                if let Some(mirror) = mirror {
-                    mirror.stop().await;
+                if let Some(stream) = stream {
+                    stream.mirror.stop().await;
                 }
             }
         }));
@@ -356,7 +430,11 @@ async fn resume_mirror(daemon: Arc<Daemon>, settings: MirrorSettings) {
         Some(())
     };
     if was_running.await.is_some() {
-        daemon.ensure_mirror(settings);
+        if let Ok(next) = daemon.control_state().start_mirroring() {
+            if daemon.start_stream(Backend::Old, false).is_ok() {
+                daemon.publish(next);
+            }
+        }
     }
 }
 
@@ -387,7 +465,11 @@ async fn probe_backends(daemon: Arc<Daemon>, stopped: impl std::future::Future<O
             if let Err(e) = &result {
                 tracing::warn!(backend = name, error = %e, "backend health probe failed");
             }
+            let up = result.is_ok();
             health.record(result.map(|_| ()).map_err(|e| e.to_string()));
+            if name != daemon.control_state().primary.name() {
+                daemon.traffic.set_secondary_healthy(up);
+            }
         }
         tokio::select! {
             _ = &mut stopped => return,

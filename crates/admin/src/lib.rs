@@ -29,6 +29,31 @@ pub trait AdminSource: Send + Sync + 'static {
     fn start_mirror(&self) -> Result<serde_json::Value, ApiError>;
     /// Starts a verify run in the background.
     fn start_verify(&self) -> Result<serde_json::Value, ApiError>;
+    /// Changes the control state (read dial, promote, rollback, finalize).
+    fn transition(
+        &self,
+        transition: Transition,
+    ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>>;
+}
+
+/// An operator's request to change the control state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Reads(u8),
+    Promote { force: bool },
+    Rollback,
+    Finalize,
+}
+
+impl Transition {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transition::Reads(_) => "reads",
+            Transition::Promote { .. } => "promote",
+            Transition::Rollback => "rollback",
+            Transition::Finalize => "finalize",
+        }
+    }
 }
 
 /// A refused request: HTTP status and the reason, sent as JSON.
@@ -39,6 +64,20 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub fn bad_request(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 400,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn unavailable(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 503,
+            reason: reason.into(),
+        }
+    }
+
     pub fn conflict(reason: impl Into<String>) -> ApiError {
         ApiError {
             status: 409,
@@ -89,6 +128,10 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/mirror/start", post(mirror_start))
         .route("/v1/verify", post(verify_start))
+        .route("/v1/reads", axum::routing::put(reads))
+        .route("/v1/promote", post(promote))
+        .route("/v1/rollback", post(rollback))
+        .route("/v1/finalize", post(finalize))
         .fallback(not_found)
         .with_state(source)
 }
@@ -154,12 +197,89 @@ async fn verify_start(State(source): State<Arc<dyn AdminSource>>, headers: Heade
     }
 }
 
+async fn run_transition(
+    source: Arc<dyn AdminSource>,
+    headers: &HeaderMap,
+    transition: Result<Transition, ApiError>,
+) -> Response {
+    if let Err(e) = authorize(source.as_ref(), headers) {
+        return e.into_response();
+    }
+    let transition = match transition {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    match source.transition(transition).await {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The request body as a JSON object; an empty body is an empty object.
+fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+async fn reads(
+    State(source): State<Arc<dyn AdminSource>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let transition = json_body(&body).and_then(|map| match map.get("percent") {
+        Some(serde_json::Value::Number(n)) => match n.as_u64() {
+            Some(p) if p <= 100 => Ok(Transition::Reads(p as u8)),
+            _ => Err(ApiError::bad_request(format!(
+                "percent must be a whole number between 0 and 100, got {n}"
+            ))),
+        },
+        Some(other) => Err(ApiError::bad_request(format!(
+            "percent must be a whole number between 0 and 100, got {other}"
+        ))),
+        None => Err(ApiError::bad_request(
+            r#"the body needs "percent", e.g. {"percent": 25}"#,
+        )),
+    });
+    run_transition(source, &headers, transition).await
+}
+
+async fn promote(
+    State(source): State<Arc<dyn AdminSource>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let transition = json_body(&body).and_then(|map| match map.get("force") {
+        None => Ok(Transition::Promote { force: false }),
+        Some(serde_json::Value::Bool(force)) => Ok(Transition::Promote { force: *force }),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "force must be true or false, got {other}"
+        ))),
+    });
+    run_transition(source, &headers, transition).await
+}
+
+async fn rollback(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
+    run_transition(source, &headers, Ok(Transition::Rollback)).await
+}
+
+async fn finalize(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
+    run_transition(source, &headers, Ok(Transition::Finalize)).await
+}
+
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(json!({
             "error": "not found",
-            "reason": "no such endpoint; try /healthz, /readyz, /metrics, /v1/status or POST /v1/mirror/start"
+            "reason": "no such endpoint; try /healthz, /readyz, /metrics, /v1/status, PUT /v1/reads, POST /v1/mirror/start, /v1/verify, /v1/promote, /v1/rollback or /v1/finalize"
         })),
     )
         .into_response()

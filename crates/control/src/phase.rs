@@ -131,20 +131,19 @@ impl ControlState {
         if percent > 100 {
             return refuse(format!("percent must be between 0 and 100, got {percent}"));
         }
-        let phase = match self.phase {
-            Phase::Passthrough => {
-                return refuse(
+        let phase =
+            match self.phase {
+                Phase::Passthrough => return refuse(
                     "reads can move to new only while it is kept in step; start mirroring first \
                      (POST /v1/mirror/start or `cutover mirror start`)",
-                )
-            }
-            Phase::Finalized => {
-                return refuse("the migration is finalized; every read is served by new")
-            }
-            Phase::Mirroring | Phase::Shifting if percent == 0 => Phase::Mirroring,
-            Phase::Mirroring | Phase::Shifting => Phase::Shifting,
-            Phase::Promoted => Phase::Promoted,
-        };
+                ),
+                Phase::Finalized => {
+                    return refuse("the migration is finalized; every read is served by new")
+                }
+                Phase::Mirroring | Phase::Shifting if percent == 0 => Phase::Mirroring,
+                Phase::Mirroring | Phase::Shifting => Phase::Shifting,
+                Phase::Promoted => Phase::Promoted,
+            };
         Ok(ControlState {
             phase,
             read_percent: percent,
@@ -193,7 +192,9 @@ impl ControlState {
                 read_percent: 100,
             }),
             Phase::Finalized => refuse("the migration is already finalized"),
-            _ => refuse("finalize comes after promote: new must be the primary first (POST /v1/promote)"),
+            _ => refuse(
+                "finalize comes after promote: new must be the primary first (POST /v1/promote)",
+            ),
         }
     }
 }
@@ -210,9 +211,15 @@ mod tests {
         let s = s.set_reads(10).unwrap();
         assert_eq!((s.phase, s.read_percent), (Phase::Shifting, 10));
         let s = s.promote().unwrap();
-        assert_eq!((s.phase, s.primary, s.read_percent), (Phase::Promoted, Backend::New, 100));
+        assert_eq!(
+            (s.phase, s.primary, s.read_percent),
+            (Phase::Promoted, Backend::New, 100)
+        );
         let s = s.rollback().unwrap();
-        assert_eq!((s.phase, s.primary, s.read_percent), (Phase::Mirroring, Backend::Old, 0));
+        assert_eq!(
+            (s.phase, s.primary, s.read_percent),
+            (Phase::Mirroring, Backend::Old, 0)
+        );
         let s = s.promote().unwrap().finalize().unwrap();
         assert_eq!(s.phase, Phase::Finalized);
     }
@@ -220,12 +227,20 @@ mod tests {
     #[test]
     fn invalid_transitions_say_what_comes_first() {
         let s = ControlState::default();
-        assert!(s.set_reads(10).unwrap_err().reason.contains("start mirroring first"));
+        assert!(s
+            .set_reads(10)
+            .unwrap_err()
+            .reason
+            .contains("start mirroring first"));
         assert!(s.promote().unwrap_err().reason.contains("start mirroring"));
         assert!(s.finalize().unwrap_err().reason.contains("after promote"));
         assert!(s.rollback().is_err());
         let m = s.start_mirroring().unwrap();
-        assert!(m.set_reads(101).unwrap_err().reason.contains("between 0 and 100"));
+        assert!(m
+            .set_reads(101)
+            .unwrap_err()
+            .reason
+            .contains("between 0 and 100"));
         assert!(m.start_mirroring().is_err());
         let f = m.promote().unwrap().finalize().unwrap();
         assert!(f.rollback().unwrap_err().reason.contains("finalized"));
@@ -234,9 +249,16 @@ mod tests {
 
     #[test]
     fn state_round_trips_as_json() {
-        let s = ControlState::default().start_mirroring().unwrap().set_reads(25).unwrap();
+        let s = ControlState::default()
+            .start_mirroring()
+            .unwrap()
+            .set_reads(25)
+            .unwrap();
         let text = serde_json::to_string(&s).unwrap();
-        assert_eq!(text, r#"{"phase":"shifting","primary":"old","read_percent":25}"#);
+        assert_eq!(
+            text,
+            r#"{"phase":"shifting","primary":"old","read_percent":25}"#
+        );
         assert_eq!(serde_json::from_str::<ControlState>(&text).unwrap(), s);
     }
 }

@@ -9,6 +9,18 @@ pub struct Status {
     pub version: String,
     pub uptime_seconds: u64,
     pub phase: String,
+    /// `old` or `new`.
+    #[serde(default)]
+    pub primary: String,
+    /// The read dial: percentage of eligible reads served by new.
+    #[serde(default)]
+    pub read_percent: u8,
+    /// The secondary missed a commit's sync timeout and has not caught up.
+    #[serde(default)]
+    pub secondary_lagging: bool,
+    /// The last promote or rollback pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pause: Option<serde_json::Value>,
     pub clients: i64,
     pub backends: Vec<BackendStatus>,
     /// Copy progress, stream position and lag while mirroring.

@@ -37,6 +37,14 @@ impl CancelRegistry {
         }
     }
 
+    /// Points a client's key at its new backend session.
+    pub fn update(&self, key: CancelKey, target: CancelTarget) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, target);
+    }
+
     pub fn forget(&self, key: CancelKey) {
         self.targets
             .lock()

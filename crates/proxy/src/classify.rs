@@ -36,20 +36,101 @@ pub enum Class {
 /// Functions that read and compute but never write, take locks or change
 /// session state. Anything not listed keeps a statement on the primary.
 const SAFE_FUNCTIONS: &[&str] = &[
-    "abs", "array_agg", "array_length", "array_position", "array_to_string", "avg", "bit_length",
-    "bool_and", "bool_or", "btrim", "cardinality", "cast", "ceil", "ceiling", "char_length",
-    "character_length", "coalesce", "concat", "concat_ws", "count", "current_database",
-    "current_date", "current_schema", "current_time", "current_timestamp", "current_user",
-    "date_part", "date_trunc", "dense_rank", "every", "exp", "extract", "floor", "format",
-    "generate_series", "greatest", "initcap", "json_agg", "json_build_array", "json_build_object",
-    "jsonb_agg", "jsonb_array_length", "jsonb_build_array", "jsonb_build_object",
-    "jsonb_extract_path", "jsonb_extract_path_text", "jsonb_object_agg", "jsonb_typeof", "least",
-    "left", "length", "ln", "localtime", "localtimestamp", "log", "lower", "lpad", "ltrim", "max",
-    "min", "mod", "now", "nullif", "octet_length", "position", "power", "rank", "regexp_replace",
-    "repeat", "replace", "reverse", "right", "round", "row_number", "rpad", "rtrim", "sign",
-    "split_part", "sqrt", "statement_timestamp", "string_agg", "strpos", "substr", "substring",
-    "sum", "to_char", "to_date", "to_number", "to_timestamp", "transaction_timestamp", "trim",
-    "trunc", "unnest", "upper", "version",
+    "abs",
+    "array_agg",
+    "array_length",
+    "array_position",
+    "array_to_string",
+    "avg",
+    "bit_length",
+    "bool_and",
+    "bool_or",
+    "btrim",
+    "cardinality",
+    "cast",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "coalesce",
+    "concat",
+    "concat_ws",
+    "count",
+    "current_database",
+    "current_date",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "date_part",
+    "date_trunc",
+    "dense_rank",
+    "every",
+    "exp",
+    "extract",
+    "floor",
+    "format",
+    "generate_series",
+    "greatest",
+    "initcap",
+    "json_agg",
+    "json_build_array",
+    "json_build_object",
+    "jsonb_agg",
+    "jsonb_array_length",
+    "jsonb_build_array",
+    "jsonb_build_object",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "jsonb_object_agg",
+    "jsonb_typeof",
+    "least",
+    "left",
+    "length",
+    "ln",
+    "localtime",
+    "localtimestamp",
+    "log",
+    "lower",
+    "lpad",
+    "ltrim",
+    "max",
+    "min",
+    "mod",
+    "now",
+    "nullif",
+    "octet_length",
+    "position",
+    "power",
+    "rank",
+    "regexp_replace",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "round",
+    "row_number",
+    "rpad",
+    "rtrim",
+    "sign",
+    "split_part",
+    "sqrt",
+    "statement_timestamp",
+    "string_agg",
+    "strpos",
+    "substr",
+    "substring",
+    "sum",
+    "to_char",
+    "to_date",
+    "to_number",
+    "to_timestamp",
+    "transaction_timestamp",
+    "trim",
+    "trunc",
+    "unnest",
+    "upper",
+    "version",
 ];
 
 /// Classifies one statement text (a simple Query's string, or a Parse's).
@@ -61,7 +142,9 @@ pub fn classify(sql: &str) -> Class {
     if let [single] = statements.as_slice() {
         match single {
             Statement::StartTransaction { modes, .. }
-                if modes.contains(&TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)) =>
+                if modes.contains(&TransactionMode::AccessMode(
+                    TransactionAccessMode::ReadOnly,
+                )) =>
             {
                 return Class::ReadOnlyBegin
             }
@@ -103,7 +186,11 @@ impl Visitor for ReadCheck {
             return ControlFlow::Break(());
         }
         if let Some(with) = &query.with {
-            if with.cte_tables.iter().any(|cte| !body_is_read(&cte.query.body)) {
+            if with
+                .cte_tables
+                .iter()
+                .any(|cte| !body_is_read(&cte.query.body))
+            {
                 return ControlFlow::Break(());
             }
         }
@@ -240,8 +327,14 @@ mod tests {
     #[test]
     fn session_statements_are_recognised() {
         assert_eq!(classify("BEGIN READ ONLY"), Class::ReadOnlyBegin);
-        assert_eq!(classify("START TRANSACTION READ ONLY"), Class::ReadOnlyBegin);
-        assert_eq!(classify("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"), Class::ReadOnlyBegin);
+        assert_eq!(
+            classify("START TRANSACTION READ ONLY"),
+            Class::ReadOnlyBegin
+        );
+        assert_eq!(
+            classify("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+            Class::ReadOnlyBegin
+        );
         assert_eq!(classify("SET search_path = app, public"), Class::SessionSet);
         assert_eq!(classify("SET TIME ZONE 'UTC'"), Class::SessionSet);
         assert_eq!(classify("DISCARD ALL"), Class::SessionReset);

@@ -1,18 +1,20 @@
 //! The proxy's data path: the client listener, one session per client
 //! (handshake, backend checkout, relay), cancel forwarding and graceful
-//! shutdown. Sessions are pinned: a client owns one backend session for its
-//! lifetime. Routing beyond "everything to the primary" arrives with the
-//! read dial.
+//! shutdown. Sessions are pinned: a client owns a session on the primary
+//! (moved to the new primary after promote or rollback) and, while the read
+//! dial is up, a read-only session on the secondary.
 
 mod cancel;
 pub mod classify;
 pub mod relay;
+mod route;
 mod session;
+pub mod traffic;
 
 use cancel::CancelRegistry;
 use cutover_backend::{Pool, PoolSettings};
 use cutover_config::Config;
-use cutover_control::Metrics;
+use cutover_control::{Backend, Metrics};
 use cutover_wire::auth::Authenticator;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use traffic::Traffic;
 
 /// How long a client may take to complete startup and authentication
 /// (PostgreSQL's authentication_timeout default).
@@ -37,11 +40,28 @@ pub(crate) struct Shared {
     pub config: Config,
     pub authenticator: Authenticator,
     pub tls: Option<TlsAcceptor>,
-    pub primary: Pool,
+    pub pools: Pools,
+    pub traffic: Arc<Traffic>,
     pub metrics: Arc<Metrics>,
     pub cancels: CancelRegistry,
     pub next_session: AtomicU64,
     pub clients: AtomicI64,
+}
+
+/// One pool per configured backend. Read-only secondary sessions share
+/// their backend's pool under a key with `default_transaction_read_only`.
+pub struct Pools {
+    pub old: Pool,
+    pub new: Option<Pool>,
+}
+
+impl Pools {
+    pub fn get(&self, backend: Backend) -> Option<&Pool> {
+        match backend {
+            Backend::Old => Some(&self.old),
+            Backend::New => self.new.as_ref(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -50,24 +70,35 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config, metrics: Arc<Metrics>) -> Result<Proxy, ProxyError> {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        traffic: Arc<Traffic>,
+    ) -> Result<Proxy, ProxyError> {
         let tls = match &config.proxy.tls {
             Some(files) => Some(cutover_wire::tls::acceptor(&files.cert, &files.key)?),
             None => None,
         };
-        let primary = Pool::new(PoolSettings {
-            backend: "old".to_string(),
-            address: config.old.url.address(),
-            database: config.old.url.database.clone(),
-            size: config.old.pool_size,
-            connect_timeout: config.proxy.connect_timeout,
-            checkout_timeout: config.proxy.pool_timeout,
-        });
+        let pool = |name: &str, backend: &cutover_config::BackendConfig| {
+            Pool::new(PoolSettings {
+                backend: name.to_string(),
+                address: backend.url.address(),
+                database: backend.url.database.clone(),
+                size: backend.pool_size,
+                connect_timeout: config.proxy.connect_timeout,
+                checkout_timeout: config.proxy.pool_timeout,
+            })
+        };
+        let pools = Pools {
+            old: pool("old", &config.old),
+            new: config.new.as_ref().map(|b| pool("new", b)),
+        };
         Ok(Proxy {
             shared: Arc::new(Shared {
                 authenticator: Authenticator::new(&config.auth),
                 tls,
-                primary,
+                pools,
+                traffic,
                 metrics,
                 cancels: CancelRegistry::default(),
                 next_session: AtomicU64::new(1),
@@ -77,9 +108,9 @@ impl Proxy {
         })
     }
 
-    /// The pool of sessions on the primary (old) backend.
-    pub fn primary_pool(&self) -> &Pool {
-        &self.shared.primary
+    /// The backend pools.
+    pub fn pools(&self) -> &Pools {
+        &self.shared.pools
     }
 
     /// Clients connected and logged in now.
@@ -143,6 +174,9 @@ impl Proxy {
                 sessions.abort_all();
             }
         }
-        self.shared.primary.close_idle().await;
+        self.shared.pools.old.close_idle().await;
+        if let Some(new) = &self.shared.pools.new {
+            new.close_idle().await;
+        }
     }
 }

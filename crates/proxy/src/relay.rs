@@ -6,16 +6,26 @@
 //! messages whose contents the proxy needs (ReadyForQuery, ParameterStatus,
 //! ErrorResponse), which are small. The two directions run concurrently, so
 //! a client pushing COPY data never blocks notices or NOTIFY coming back.
+//!
+//! While a change stream runs, the client direction hands each unit (a
+//! simple Query, or an extended-protocol batch up to Sync) to the router
+//! first, which may serve a read on the secondary; the backend direction
+//! holds a commit's ReadyForQuery until the secondary has applied it.
 
+use crate::route::{Router, UnitStart};
+use crate::traffic::Traffic;
 use bytes::{Buf, BytesMut};
 use cutover_backend::connection::set_param;
 use cutover_control::BackendMetrics;
 use cutover_wire::frame::{self, Frame, FrameError};
 use cutover_wire::messages::ready_for_query::TransactionStatus;
 use cutover_wire::messages::{parameter_status, ready_for_query, ErrorResponse};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -29,6 +39,21 @@ pub struct Shared {
     /// the previous reply, which is what their client waits for.
     oldest_sent: AtomicU64,
     epoch: Instant,
+    /// The session counts as active at the write gate (set when a unit
+    /// starts, cleared at ReadyForQuery `I` with nothing outstanding).
+    pub holding: AtomicBool,
+    /// Injected Parse+Sync exchanges whose replies the client must not see.
+    pub swallow: AtomicU32,
+    /// Per request sent (Query, Sync, FunctionCall): whether it may have
+    /// written, so its ReadyForQuery knows whether a commit must wait.
+    wrote: Mutex<VecDeque<bool>>,
+    /// Signalled whenever no reply is outstanding.
+    pub idle: Notify,
+    /// The primary position the session's last write commit needs on the
+    /// secondary before a read may go there.
+    pub last_commit: AtomicU64,
+    /// A write committed whose position has not been asked yet (async mode).
+    pub commit_unknown: AtomicBool,
 }
 
 impl Default for Shared {
@@ -44,6 +69,47 @@ impl Shared {
             status: AtomicU8::new(b'I'),
             oldest_sent: AtomicU64::new(0),
             epoch: Instant::now(),
+            holding: AtomicBool::new(false),
+            swallow: AtomicU32::new(0),
+            wrote: Mutex::new(VecDeque::new()),
+            idle: Notify::new(),
+            last_commit: AtomicU64::new(0),
+            commit_unknown: AtomicBool::new(false),
+        }
+    }
+
+    fn push_wrote(&self, wrote: bool) {
+        self.wrote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(wrote);
+    }
+
+    fn pop_wrote(&self) -> bool {
+        self.wrote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .unwrap_or(true)
+    }
+
+    /// Waits until no reply is outstanding.
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.outstanding.load(Ordering::SeqCst) <= 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Gives up the session's place at the write gate, if it holds one.
+    pub fn release(&self, traffic: &Traffic) {
+        if self.holding.swap(false, Ordering::SeqCst) {
+            traffic.gate.leave();
         }
     }
 
@@ -56,7 +122,7 @@ impl Shared {
     }
 
     fn request_sent(&self) {
-        if self.outstanding.fetch_add(1, Ordering::Relaxed) == 0 {
+        if self.outstanding.fetch_add(1, Ordering::SeqCst) == 0 {
             self.oldest_sent.store(self.now(), Ordering::Relaxed);
         }
     }
@@ -65,7 +131,7 @@ impl Shared {
         self.status.store(status.byte(), Ordering::Relaxed);
         let now = self.now();
         let sent = self.oldest_sent.swap(now, Ordering::Relaxed);
-        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
         metrics
             .duration
             .observe(now.saturating_sub(sent) as f64 / 1e9);
@@ -89,7 +155,11 @@ impl Cursor {
     /// Moves `pos` past what is buffered of the message being streamed
     /// through, then reads the next header. None when the buffer ends first
     /// (inside a message, or with fewer than 5 bytes of the next header).
-    fn next_header(&mut self, pos: &mut usize, max: usize) -> Option<Result<Frame, FrameError>> {
+    pub(crate) fn next_header(
+        &mut self,
+        pos: &mut usize,
+        max: usize,
+    ) -> Option<Result<Frame, FrameError>> {
         let avail = self.buf.len() - *pos;
         let take = self.remaining.min(avail);
         *pos += take;
@@ -115,6 +185,9 @@ pub struct ClientCursor {
 pub enum ClientEnd {
     Terminated,
     Disconnected,
+    /// The primary changed (promote or rollback) and the session is at a
+    /// clean boundary: reconnect it to the new primary, then go on.
+    SwitchPrimary,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +202,15 @@ pub enum ClientError {
     BackendIo(std::io::Error),
 }
 
+impl From<crate::route::RouteError> for ClientError {
+    fn from(e: crate::route::RouteError) -> Self {
+        match e {
+            crate::route::RouteError::Client(io) => ClientError::ClientIo(io),
+            crate::route::RouteError::Backend(io) => ClientError::BackendIo(io),
+        }
+    }
+}
+
 impl ClientError {
     pub fn protocol_reason(&self) -> Option<&'static str> {
         match self {
@@ -139,30 +221,27 @@ impl ClientError {
     }
 }
 
-/// Client → backend. Returns when the client terminates or disconnects.
-pub async fn client_to_backend<R, W>(
+/// Client → backend. Returns when the client terminates or disconnects,
+/// or when the session must move to another primary.
+pub async fn client_to_backend<R, W, CW>(
     client: &mut R,
     backend: &mut W,
     state: &mut ClientCursor,
     shared: &Shared,
     max_message: usize,
     metrics: &BackendMetrics,
+    router: &mut Router<'_, CW>,
 ) -> Result<ClientEnd, ClientError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
 {
+    // Whether the unit being forwarded may write (false only for reads the
+    // router classified as such).
+    let mut unit_writes = true;
     loop {
         let cur = &mut state.cursor;
-        cur.buf.reserve(READ_CHUNK);
-        let n = client
-            .read_buf(&mut cur.buf)
-            .await
-            .map_err(ClientError::ClientIo)?;
-        if n == 0 {
-            return Ok(ClientEnd::Disconnected);
-        }
-        metrics.bytes_in.inc_by(n as u64);
         let mut pos = 0;
         let mut stop = None;
         loop {
@@ -174,16 +253,32 @@ where
                     break;
                 }
             };
+            if !state.unsynced && frame.tag != b'X' && is_request_start(frame.tag) {
+                // Whatever came before goes first, so replies stay in order.
+                flush_to(backend, &mut cur.buf, &mut pos).await?;
+                match router.unit_start(&cur.buf, shared, backend).await? {
+                    UnitStart::Forward { writes } => unit_writes = writes,
+                    UnitStart::Served { consumed } => {
+                        cur.buf.advance(consumed);
+                        continue;
+                    }
+                    UnitStart::NeedMore => break,
+                    UnitStart::Switch => return Ok(ClientEnd::SwitchPrimary),
+                }
+            }
             match frame.tag {
                 b'Q' => {
+                    shared.push_wrote(unit_writes);
                     shared.request_sent();
                     metrics.simple_queries.inc();
                 }
                 b'S' => {
+                    shared.push_wrote(unit_writes);
                     shared.request_sent();
                     state.unsynced = false;
                 }
                 b'F' => {
+                    shared.push_wrote(true);
                     shared.request_sent();
                     metrics.function_calls.inc();
                 }
@@ -205,18 +300,45 @@ where
             cur.remaining = frame.len;
         }
         // Whatever came before a Terminate or a bad message is still delivered.
-        if pos > 0 {
-            backend
-                .write_all(&cur.buf[..pos])
-                .await
-                .map_err(ClientError::BackendIo)?;
-            cur.buf.advance(pos);
-        }
+        flush_to(backend, &mut cur.buf, &mut pos).await?;
         if let Some(end) = stop {
             cur.buf.clear();
             return end;
         }
+        cur.buf.reserve(READ_CHUNK);
+        let n = client
+            .read_buf(&mut cur.buf)
+            .await
+            .map_err(ClientError::ClientIo)?;
+        if n == 0 {
+            return Ok(ClientEnd::Disconnected);
+        }
+        metrics.bytes_in.inc_by(n as u64);
     }
+}
+
+/// Messages that begin a unit of work when no extended batch is open.
+fn is_request_start(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'F'
+    )
+}
+
+async fn flush_to<W: AsyncWrite + Unpin>(
+    backend: &mut W,
+    buf: &mut BytesMut,
+    pos: &mut usize,
+) -> Result<(), ClientError> {
+    if *pos > 0 {
+        backend
+            .write_all(&buf[..*pos])
+            .await
+            .map_err(ClientError::BackendIo)?;
+        buf.advance(*pos);
+        *pos = 0;
+    }
+    Ok(())
 }
 
 /// How the backend direction ended.
@@ -250,16 +372,19 @@ pub struct BackendView<'a> {
 /// no reply is outstanding.
 pub async fn backend_to_client<R, W>(
     backend: &mut R,
-    client: &mut W,
+    client: &tokio::sync::Mutex<W>,
     cur: &mut Cursor,
     shared: &Shared,
     view: &mut BackendView<'_>,
     metrics: &BackendMetrics,
+    traffic: &Traffic,
 ) -> BackendError
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // A write happened since the last ReadyForQuery `I`.
+    let mut txn_wrote = false;
     loop {
         if view.drain && shared.outstanding.load(Ordering::Relaxed) <= 0 {
             return BackendError::Drained;
@@ -277,40 +402,98 @@ where
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return BackendError::Malformed(e.to_string()),
             };
-            if matches!(frame.tag, b'Z' | b'S' | b'E') {
-                if cur.buf.len() - pos < frame.len {
-                    break;
+            let swallowing = shared.swallow.load(Ordering::SeqCst) > 0;
+            let injected_reply = swallowing && matches!(frame.tag, b'1' | b'3' | b'E' | b'Z');
+            if !(injected_reply || matches!(frame.tag, b'Z' | b'S' | b'E')) {
+                cur.remaining = frame.len;
+                continue;
+            }
+            if cur.buf.len() - pos < frame.len {
+                break;
+            }
+            if injected_reply {
+                // A reply to a Parse the proxy injected: drop it.
+                if let Err(e) = flush_to_client(client, cur, &mut pos, metrics).await {
+                    return e;
                 }
-                let body = &cur.buf[pos + 5..pos + frame.len];
-                match frame.tag {
-                    b'Z' => match ready_for_query::decode(body) {
-                        Some(status) => shared.ready(status, metrics),
-                        None => return BackendError::Malformed("bad ReadyForQuery".to_string()),
-                    },
-                    b'S' => {
-                        if let Some((name, value)) = parameter_status::decode(body) {
-                            set_param(view.params, name, value);
-                        }
-                    }
-                    _ => {
-                        if let Some(fields) = ErrorResponse::decode(body) {
-                            if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                                view.saw_fatal = true;
+                cur.buf.advance(frame.len);
+                if frame.tag == b'Z' {
+                    shared.swallow.fetch_sub(1, Ordering::SeqCst);
+                }
+                continue;
+            }
+            let body = &cur.buf[pos + 5..pos + frame.len];
+            match frame.tag {
+                b'Z' => {
+                    let Some(status) = ready_for_query::decode(body) else {
+                        return BackendError::Malformed("bad ReadyForQuery".to_string());
+                    };
+                    shared.ready(status, metrics);
+                    txn_wrote |= shared.pop_wrote();
+                    if status == TransactionStatus::Idle {
+                        if std::mem::take(&mut txn_wrote) {
+                            let plane = traffic.plane();
+                            if plane.classifies() {
+                                if plane.sync {
+                                    // Everything before this ReadyForQuery
+                                    // reaches the client now; the
+                                    // acknowledgement waits for the secondary.
+                                    if let Err(e) =
+                                        flush_to_client(client, cur, &mut pos, metrics).await
+                                    {
+                                        return e;
+                                    }
+                                    if let Some(lsn) = traffic.fence_commit(&plane).await {
+                                        shared.last_commit.fetch_max(lsn, Ordering::SeqCst);
+                                    }
+                                } else {
+                                    shared.commit_unknown.store(true, Ordering::SeqCst);
+                                }
                             }
                         }
+                        if shared.outstanding.load(Ordering::SeqCst) <= 0 {
+                            shared.release(traffic);
+                            shared.idle.notify_waiters();
+                        }
                     }
                 }
-                pos += frame.len;
-            } else {
-                cur.remaining = frame.len;
+                b'S' => {
+                    if let Some((name, value)) = parameter_status::decode(body) {
+                        set_param(view.params, name, value);
+                    }
+                }
+                _ => {
+                    if let Some(fields) = ErrorResponse::decode(body) {
+                        if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                            view.saw_fatal = true;
+                        }
+                    }
+                }
             }
+            pos += frame.len;
         }
-        if pos > 0 {
-            if let Err(e) = client.write_all(&cur.buf[..pos]).await {
-                return BackendError::ClientIo(e);
-            }
-            metrics.bytes_out.inc_by(pos as u64);
-            cur.buf.advance(pos);
+        if let Err(e) = flush_to_client(client, cur, &mut pos, metrics).await {
+            return e;
         }
     }
+}
+
+async fn flush_to_client<W: AsyncWrite + Unpin>(
+    client: &tokio::sync::Mutex<W>,
+    cur: &mut Cursor,
+    pos: &mut usize,
+    metrics: &BackendMetrics,
+) -> Result<(), BackendError> {
+    if *pos > 0 {
+        client
+            .lock()
+            .await
+            .write_all(&cur.buf[..*pos])
+            .await
+            .map_err(BackendError::ClientIo)?;
+        metrics.bytes_out.inc_by(*pos as u64);
+        cur.buf.advance(*pos);
+        *pos = 0;
+    }
+    Ok(())
 }

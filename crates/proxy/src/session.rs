@@ -4,6 +4,7 @@
 
 use crate::cancel::CancelTarget;
 use crate::relay::{self, BackendError, ClientCursor, ClientEnd, ClientError, Cursor};
+use crate::route::{Router, SessionRouting};
 use crate::Shared;
 use bytes::BytesMut;
 use cutover_backend::{send_cancel, Checkout, OnReturn, PoolKey};
@@ -130,8 +131,17 @@ async fn serve(shared: Arc<Shared>, request: StartupRequest, mut close: watch::R
         .user(&user)
         .and_then(|u| u.password.clone());
     let key = PoolKey { user, params };
+    let primary = shared.traffic.plane().state.primary;
+    let Some(pool) = shared.pools.get(primary) else {
+        let e = ErrorResponse::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            "the primary is the new backend, but no [new] backend is configured",
+        );
+        let _ = stream.write_all(&e.to_bytes()).await;
+        return;
+    };
     let checkout = tokio::select! {
-        c = shared.primary.checkout(key, password.as_deref()) => c,
+        c = pool.checkout(key.clone(), password.as_deref()) => c,
         _ = close.changed() => {
             let _ = stream.write_all(&shutdown_error().to_bytes()).await;
             return;
@@ -143,7 +153,7 @@ async fn serve(shared: Arc<Shared>, request: StartupRequest, mut close: watch::R
             shared
                 .metrics
                 .backend_connect_failures
-                .with_label_values(&["old", e.reason()])
+                .with_label_values(&[primary.name(), e.reason()])
                 .inc();
             tracing::warn!(error = %e, "no backend session for client");
             let _ = stream.write_all(&e.client_error()).await;
@@ -152,7 +162,7 @@ async fn serve(shared: Arc<Shared>, request: StartupRequest, mut close: watch::R
     };
 
     let client_key = shared.cancels.register(CancelTarget {
-        address: shared.primary.settings().address.clone(),
+        address: pool.settings().address.clone(),
         key: checkout.conn_ref().key,
     });
     let mut hello = BytesMut::with_capacity(512);
@@ -172,18 +182,32 @@ async fn serve(shared: Arc<Shared>, request: StartupRequest, mut close: watch::R
     }
     tracing::debug!(reused = !checkout.fresh, "client logged in");
 
-    let outcome = match stream {
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let mut routing = SessionRouting::new(id, key, password, primary);
+    let mut session = Session {
+        checkout,
+        client_key,
+        routing: &mut routing,
+    };
+    match stream {
         ClientStream::Plain(mut tcp) => {
             let (r, w) = tcp.split();
-            relay_session(&shared, r, w, &mut checkout, &mut close).await
+            relay_session(&shared, r, w, &mut session, &mut close).await
         }
         ClientStream::Tls(tls) => {
             let (r, w) = tokio::io::split(*tls);
-            relay_session(&shared, r, w, &mut checkout, &mut close).await
+            relay_session(&shared, r, w, &mut session, &mut close).await
         }
     };
     shared.cancels.forget(client_key);
-    checkout.on_return(outcome);
+    routing.drop_secondary(OnReturn::Reset);
+}
+
+/// A logged-in client's backend side.
+struct Session<'a> {
+    checkout: Checkout,
+    client_key: backend_key_data::CancelKey,
+    routing: &'a mut SessionRouting,
 }
 
 /// How long replies to a client's last valid messages may take to arrive
@@ -198,29 +222,123 @@ fn shutdown_error() -> ErrorResponse {
     .with_detail("cutover is shutting down")
 }
 
-/// Relays until the client leaves or something breaks; returns what to do
-/// with the backend session.
+/// Relays until the client leaves or something breaks, moving the session
+/// to the new primary whenever the router asks; decides at the end what
+/// happens to the primary session.
 async fn relay_session<R, W>(
     shared: &Shared,
     mut client_r: R,
-    mut client_w: W,
-    checkout: &mut Checkout,
+    client_w: W,
+    session: &mut Session<'_>,
     close: &mut watch::Receiver<bool>,
-) -> OnReturn
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let client_w = tokio::sync::Mutex::new(client_w);
+    let mut client_cursor = ClientCursor::default();
+    loop {
+        let state = relay::Shared::new();
+        let outcome = relay_once(
+            shared,
+            &mut client_r,
+            &client_w,
+            session,
+            &mut client_cursor,
+            &state,
+            close,
+        )
+        .await;
+        state.release(&shared.traffic);
+        match outcome {
+            Some(on_return) => {
+                session.checkout.on_return(on_return);
+                return;
+            }
+            None => {
+                if let Err(e) = switch_primary(shared, session).await {
+                    tracing::warn!(error = %e, "cannot move the session to the new primary");
+                    let _ = client_w.lock().await.write_all(&e.client_error()).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Checks out a session on the current primary for this client, replays
+/// its session settings there, and returns the old one to its pool.
+async fn switch_primary(
+    shared: &Shared,
+    session: &mut Session<'_>,
+) -> Result<(), cutover_backend::ConnectError> {
+    let primary = shared.traffic.plane().state.primary;
+    let pool =
+        shared
+            .pools
+            .get(primary)
+            .ok_or_else(|| cutover_backend::ConnectError::Protocol {
+                backend: primary.name().to_string(),
+                address: String::new(),
+                detail: "no such backend is configured".to_string(),
+            })?;
+    let routing = &mut *session.routing;
+    let mut checkout = pool
+        .checkout(routing.key.clone(), routing.password.as_deref())
+        .await?;
+    if !routing.sets.is_empty() {
+        let sets: Vec<&str> = routing.sets.iter().map(String::as_str).collect();
+        if let Err(message) = checkout.conn().run_quietly(&sets).await {
+            tracing::info!(%message, "a session setting failed on the new primary");
+        }
+    }
+    shared.cancels.update(
+        session.client_key,
+        CancelTarget {
+            address: pool.settings().address.clone(),
+            key: checkout.conn_ref().key,
+        },
+    );
+    let mut old = std::mem::replace(&mut session.checkout, checkout);
+    old.on_return(OnReturn::Reset);
+    routing.primary_switched(primary);
+    tracing::debug!(primary = primary.name(), "session moved to the new primary");
+    Ok(())
+}
+
+/// One pass of the relay over the current primary session. None when the
+/// session must move to another primary; otherwise what to do with the
+/// backend session.
+async fn relay_once<R, W>(
+    shared: &Shared,
+    client_r: &mut R,
+    client_w: &tokio::sync::Mutex<W>,
+    session: &mut Session<'_>,
+    client_cursor: &mut ClientCursor,
+    state: &relay::Shared,
+    close: &mut watch::Receiver<bool>,
+) -> Option<OnReturn>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let metrics = shared.metrics.backend("old");
-    let state = relay::Shared::new();
-    let mut client_cursor = ClientCursor::default();
+    let backend_name = session.routing.primary.name();
+    let metrics = shared.metrics.backend(backend_name);
     let mut backend_cursor = Cursor::default();
-    let conn = checkout.conn();
+    let conn = session.checkout.conn();
     let (mut backend_r, mut backend_w) = conn.stream.split();
     let mut view = relay::BackendView {
         params: &mut conn.params,
         saw_fatal: false,
         drain: false,
+    };
+    let mut router = Router {
+        session: &mut *session.routing,
+        traffic: &shared.traffic,
+        pools: &shared.pools,
+        strategy: shared.config.routing.strategy,
+        client: client_w,
+        max_message: shared.config.proxy.max_message_bytes,
     };
 
     enum End {
@@ -230,23 +348,25 @@ where
     }
     let end = tokio::select! {
         r = relay::client_to_backend(
-            &mut client_r, &mut backend_w, &mut client_cursor, &state,
-            shared.config.proxy.max_message_bytes, &metrics,
+            client_r, &mut backend_w, client_cursor, state,
+            shared.config.proxy.max_message_bytes, &metrics, &mut router,
         ) => End::Client(r),
         e = relay::backend_to_client(
-            &mut backend_r, &mut client_w, &mut backend_cursor, &state,
-            &mut view, &metrics,
+            &mut backend_r, client_w, &mut backend_cursor, state,
+            &mut view, &metrics, &shared.traffic,
         ) => End::Backend(e),
         _ = close.wait_for(|closing| *closing) => End::Shutdown,
     };
 
-    match end {
+    let on_return = match end {
+        End::Client(Ok(ClientEnd::SwitchPrimary)) => return None,
         End::Client(Ok(how)) => {
             tracing::debug!(?how, "client left");
             let clean = state.outstanding.load(Ordering::Relaxed) == 0
                 && !client_cursor.unsynced
                 && client_cursor.cursor.remaining == 0
-                && backend_cursor.is_clean();
+                && backend_cursor.is_clean()
+                && state.swallow.load(Ordering::Relaxed) == 0;
             match (clean, state.status()) {
                 (true, Some(TransactionStatus::Idle)) => OnReturn::Reset,
                 (true, Some(_)) => OnReturn::RollbackAndReset,
@@ -268,20 +388,21 @@ where
                     DRAIN_TIMEOUT,
                     relay::backend_to_client(
                         &mut backend_r,
-                        &mut client_w,
+                        client_w,
                         &mut backend_cursor,
-                        &state,
+                        state,
                         &mut view,
                         &metrics,
+                        &shared.traffic,
                     ),
                 )
                 .await;
                 let response = ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
-                let _ = client_w.write_all(&response.to_bytes()).await;
+                let _ = client_w.lock().await.write_all(&response.to_bytes()).await;
             } else if let ClientError::BackendIo(io) = &e {
                 tracing::warn!(error = %io, "lost the backend session");
-                let response = backend_lost(shared, io);
-                let _ = client_w.write_all(&response.to_bytes()).await;
+                let response = backend_lost(backend_name, io);
+                let _ = client_w.lock().await.write_all(&response.to_bytes()).await;
             } else {
                 tracing::debug!(error = %e, "client connection failed");
             }
@@ -295,25 +416,29 @@ where
                 _ if view.saw_fatal => tracing::info!(error = %e, "backend ended the session"),
                 _ => {
                     tracing::warn!(error = %e, "lost the backend session");
-                    let response = backend_lost(shared, &e);
-                    let _ = client_w.write_all(&response.to_bytes()).await;
+                    let response = backend_lost(backend_name, &e);
+                    let _ = client_w.lock().await.write_all(&response.to_bytes()).await;
                 }
             }
             OnReturn::Close
         }
         End::Shutdown => {
-            let _ = client_w.write_all(&shutdown_error().to_bytes()).await;
+            let _ = client_w
+                .lock()
+                .await
+                .write_all(&shutdown_error().to_bytes())
+                .await;
             OnReturn::Close
         }
-    }
+    };
+    Some(on_return)
 }
 
-fn backend_lost(shared: &Shared, e: &dyn std::fmt::Display) -> ErrorResponse {
+fn backend_lost(backend: &str, e: &dyn std::fmt::Display) -> ErrorResponse {
     ErrorResponse::fatal(
         sqlstate::CONNECTION_FAILURE,
         format!(
-            "server closed the connection unexpectedly: lost the session on old backend {} ({e})",
-            shared.primary.settings().address
+            "server closed the connection unexpectedly: lost the session on the {backend} backend ({e})"
         ),
     )
     .with_hint("the database may have restarted or terminated the session; reconnect to continue")

@@ -212,9 +212,7 @@ impl Applier {
     }
 
     fn is_own(&self, oid: u32) -> bool {
-        self.relations
-            .get(&oid)
-            .is_some_and(|r| r.schema == SCHEMA)
+        self.relations.get(&oid).is_some_and(|r| r.schema == SCHEMA)
     }
 
     fn relation(&self, oid: u32) -> Result<&Relation, StreamError> {

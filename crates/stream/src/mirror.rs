@@ -161,7 +161,9 @@ impl Mirror {
         let mut started = self.shared.started.subscribe();
         let result = tokio::time::timeout(timeout, started.wait_for(|s| s.is_some())).await;
         match result {
-            Ok(Ok(state)) => state.clone().unwrap_or_else(|| Err("not started".to_string())),
+            Ok(Ok(state)) => state
+                .clone()
+                .unwrap_or_else(|| Err("not started".to_string())),
             Ok(Err(_)) => Err("the mirroring task ended".to_string()),
             Err(_) => Err(format!(
                 "the change stream did not start within {} ms",

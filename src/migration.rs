@@ -1,0 +1,482 @@
+//! The migration's control plane inside the daemon: the control state and
+//! its persistence, the change stream that matches the phase, the commit
+//! fence the data path waits on, and the transitions an operator asks for
+//! (read dial, promote, rollback, finalize) with their write pause.
+
+use crate::Daemon;
+use cutover_admin::{ApiError, Transition};
+use cutover_config::BackendUrl;
+use cutover_control::{Backend, ControlState, Phase};
+use cutover_proxy::traffic::{BoxFuture, CommitFence, Plane};
+use cutover_stream::{Lsn, Mirror, MirrorSettings, StreamPosition};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Slot and publication of the stream from old to new (on old).
+pub const FORWARD_SLOT: &str = "cutover";
+/// Slot and publication of the stream from new to old after promotion (on new).
+pub const REVERSE_SLOT: &str = "cutover_reverse";
+
+/// The primary's current WAL position, asked on a control connection. Many
+/// commits waiting at once share one query: each waiter is answered by a
+/// query that started after it asked.
+pub struct PrimaryPosition {
+    url: BackendUrl,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    asked: AtomicU64,
+    answer: watch::Sender<(u64, Option<u64>)>,
+}
+
+const POSITION_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl PrimaryPosition {
+    pub fn new(url: BackendUrl) -> PrimaryPosition {
+        PrimaryPosition {
+            url,
+            client: tokio::sync::Mutex::new(None),
+            asked: AtomicU64::new(0),
+            answer: watch::channel((0, None)).0,
+        }
+    }
+
+    pub async fn current(&self) -> Result<u64, String> {
+        let ticket = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut answers = self.answer.subscribe();
+        loop {
+            {
+                let (covers, lsn) = *answers.borrow_and_update();
+                if covers >= ticket {
+                    if let Some(lsn) = lsn {
+                        return Ok(lsn);
+                    }
+                }
+            }
+            if let Ok(mut client) = self.client.try_lock() {
+                let covers = self.asked.load(Ordering::SeqCst);
+                let result = tokio::time::timeout(POSITION_TIMEOUT, self.query(&mut client))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".to_string()));
+                match result {
+                    Ok(lsn) => {
+                        self.answer.send_replace((covers, Some(lsn)));
+                        return Ok(lsn);
+                    }
+                    Err(e) => {
+                        *client = None;
+                        self.answer.send_replace((covers, None));
+                        return Err(format!("primary position: {e}"));
+                    }
+                }
+            }
+            if answers.changed().await.is_err() {
+                return Err("primary position: no answer".to_string());
+            }
+        }
+    }
+
+    async fn query(&self, client: &mut Option<tokio_postgres::Client>) -> Result<u64, String> {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            *client = Some(
+                cutover_stream::control_client(&self.url, "cutover-fence")
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(c) = client.as_ref() else {
+            return Err("no connection".to_string());
+        };
+        let row = c
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        let text: String = row.get(0);
+        text.parse::<Lsn>().map(|l| l.0)
+    }
+}
+
+/// The fence over one running stream.
+struct StreamFence {
+    position: StreamPosition,
+    primary: Arc<PrimaryPosition>,
+}
+
+impl CommitFence for StreamFence {
+    fn primary_position(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(self.primary.current())
+    }
+
+    fn caught_up(&self) -> u64 {
+        self.position.caught_up().0
+    }
+
+    fn wait_applied(&self, lsn: u64, timeout: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(self.position.wait_for(Lsn(lsn), timeout))
+    }
+}
+
+/// The stream that runs now, and from which backend.
+pub struct RunningStream {
+    pub from: Backend,
+    pub mirror: Mirror,
+    primary: Arc<PrimaryPosition>,
+}
+
+/// Reads the persisted state; a missing file is the default state.
+pub fn load_state(path: &Path) -> Result<Option<ControlState>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("control state file {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("control state file {}: {e}", path.display())),
+    }
+}
+
+/// Writes the state next to its file, then renames it over, so a crash
+/// leaves the old state or the new one, never half of either.
+fn save_state(path: &Path, state: &ControlState) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Daemon {
+    fn url(&self, backend: Backend) -> Option<&BackendUrl> {
+        match backend {
+            Backend::Old => Some(&self.config.old.url),
+            Backend::New => self.config.new.as_ref().map(|n| &n.url),
+        }
+    }
+
+    /// Settings for the stream whose source is `from`.
+    pub(crate) fn stream_settings(&self, from: Backend, fresh: bool) -> Option<MirrorSettings> {
+        Some(MirrorSettings {
+            old: self.url(from)?.clone(),
+            new: self.url(from.other())?.clone(),
+            slot: match from {
+                Backend::Old => FORWARD_SLOT,
+                Backend::New => REVERSE_SLOT,
+            }
+            .to_string(),
+            copy: self.config.mirror.clone(),
+            fresh,
+        })
+    }
+
+    /// Starts the stream from `from` unless one runs.
+    pub(crate) fn start_stream(&self, from: Backend, fresh: bool) -> Result<(), String> {
+        let settings = self
+            .stream_settings(from, fresh)
+            .ok_or("no [new] backend is configured; add [new] url = ... and restart cutover")?;
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if stream.is_some() {
+            return Err("a change stream is already running".to_string());
+        }
+        tracing::info!(from = from.name(), old = %settings.old.redacted(), new = %settings.new.redacted(), "starting the change stream");
+        let primary = Arc::new(PrimaryPosition::new(settings.old.clone()));
+        *stream = Some(RunningStream {
+            from,
+            mirror: Mirror::start(settings, self.metrics.stream.clone()),
+            primary,
+        });
+        Ok(())
+    }
+
+    /// Makes `state` the one the data path obeys, shows it in metrics and
+    /// persists it.
+    pub(crate) fn publish(&self, state: ControlState) {
+        let fence = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|s| s.from == state.primary && state.phase.streams())
+            .map(|s| {
+                Arc::new(StreamFence {
+                    position: s.mirror.position(),
+                    primary: s.primary.clone(),
+                }) as Arc<dyn CommitFence>
+            });
+        self.traffic.set_plane(Plane {
+            state,
+            sync: self.config.mirror.sync,
+            sync_timeout: self.config.mirror.sync_timeout,
+            fence,
+        });
+        *self.control.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        let m = &self.metrics.traffic;
+        for phase in Phase::all() {
+            m.phase
+                .with_label_values(&[phase.name()])
+                .set(i64::from(phase == state.phase));
+        }
+        for backend in [Backend::Old, Backend::New] {
+            m.primary
+                .with_label_values(&[backend.name()])
+                .set(i64::from(backend == state.primary));
+        }
+        m.read_percent.set(i64::from(state.read_percent));
+        if let Some(path) = &self.config.cutover.state_file {
+            if let Err(e) = save_state(path, &state) {
+                tracing::error!(path = %path.display(), error = %e, "cannot persist the control state");
+            }
+        }
+    }
+
+    pub(crate) fn control_state(&self) -> ControlState {
+        *self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) async fn run_transition(
+        &self,
+        transition: Transition,
+    ) -> Result<serde_json::Value, ApiError> {
+        let _one_at_a_time = self.transitions.lock().await;
+        let result = self.transition_locked(transition).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.status == 409 => "refused",
+            Err(_) => "aborted",
+        };
+        self.metrics
+            .traffic
+            .transitions
+            .with_label_values(&[transition.name(), outcome])
+            .inc();
+        match &result {
+            Ok(_) => tracing::info!(
+                transition = transition.name(),
+                ?transition,
+                "transition done"
+            ),
+            Err(e) => {
+                tracing::warn!(transition = transition.name(), reason = %e.reason, "transition not done")
+            }
+        }
+        result
+    }
+
+    async fn transition_locked(
+        &self,
+        transition: Transition,
+    ) -> Result<serde_json::Value, ApiError> {
+        let current = self.control_state();
+        let refused = |r: cutover_control::Refusal| ApiError::conflict(r.reason);
+        match transition {
+            Transition::Reads(percent) => {
+                let next = current.set_reads(percent).map_err(refused)?;
+                self.publish(next);
+                Ok(self.state_json(next))
+            }
+            Transition::Promote { force } => {
+                let next = current.promote().map_err(refused)?;
+                if !force {
+                    self.promotion_ready()?;
+                }
+                self.swap_primary(current, next).await
+            }
+            Transition::Rollback => {
+                let next = current.rollback().map_err(refused)?;
+                if current.primary == next.primary {
+                    self.publish(next);
+                    return Ok(self.state_json(next));
+                }
+                self.swap_primary(current, next).await
+            }
+            Transition::Finalize => {
+                let next = current.finalize().map_err(refused)?;
+                let running = self.stream.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(running) = running {
+                    running.mirror.stop().await;
+                }
+                self.publish(next);
+                let mut dropped = Vec::new();
+                for (backend, slot) in [(Backend::New, REVERSE_SLOT), (Backend::Old, FORWARD_SLOT)]
+                {
+                    if let Some(url) = self.url(backend) {
+                        match cutover_stream::drop_slot(url, slot).await {
+                            Ok(()) => dropped.push(format!("{}:{slot}", backend.name())),
+                            Err(e) => {
+                                tracing::warn!(backend = backend.name(), slot, error = %e, "could not drop cutover's slot; drop it by hand")
+                            }
+                        }
+                    }
+                }
+                let mut body = self.state_json(next);
+                body["dropped"] = dropped.into();
+                Ok(body)
+            }
+        }
+    }
+
+    /// Promotion needs a drained stream and a clean last verify.
+    fn promotion_ready(&self) -> Result<(), ApiError> {
+        let status = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.mirror.status());
+        let Some(status) = status else {
+            return Err(ApiError::conflict("no change stream is running"));
+        };
+        if status.state != "streaming" || status.lag_bytes.unwrap_or(u64::MAX) > 0 {
+            return Err(ApiError::conflict(format!(
+                "the stream is not caught up (state {}, lag {} bytes); wait for lag 0 or use --force",
+                status.state,
+                status
+                    .lag_bytes
+                    .map_or("unknown".to_string(), |b| b.to_string())
+            )));
+        }
+        let verify = self
+            .verify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let verify_state = verify
+            .as_ref()
+            .and_then(|v| v["state"].as_str().map(str::to_string));
+        if verify_state.as_deref() != Some("clean") {
+            return Err(ApiError::conflict(format!(
+                "the last verify is not clean ({}); run `cutover verify` (POST /v1/verify) until it is, or use --force",
+                verify_state.unwrap_or_else(|| "none run".to_string())
+            )));
+        }
+        Ok(())
+    }
+
+    /// The write pause: close the gate, let transactions finish, drain the
+    /// stream, start the stream the other way, swap the primary, open the
+    /// gate. Aborts (and resumes unchanged) past `cutover.max_pause`.
+    async fn swap_primary(
+        &self,
+        current: ControlState,
+        next: ControlState,
+    ) -> Result<serde_json::Value, ApiError> {
+        let max_pause = self.config.cutover.max_pause;
+        let started = Instant::now();
+        let deadline = started + max_pause;
+        self.traffic.gate.pause();
+        let prepared = self.prepare_swap(current, next, deadline).await;
+        let result = match prepared {
+            Ok(reverse) => {
+                let old = self
+                    .stream
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(reverse);
+                self.publish(next);
+                self.traffic.gate.resume();
+                if let Some(old) = old {
+                    let url = self.url(old.from).cloned();
+                    let slot = self
+                        .stream_settings(old.from, false)
+                        .map(|s| s.slot)
+                        .unwrap_or_default();
+                    tokio::spawn(async move {
+                        old.mirror.stop().await;
+                        if let Some(url) = url {
+                            if let Err(e) = cutover_stream::drop_slot(&url, &slot).await {
+                                tracing::warn!(%slot, error = %e, "could not drop the replaced stream's slot");
+                            }
+                        }
+                    });
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                self.traffic.gate.resume();
+                Err(reason)
+            }
+        };
+        let paused = started.elapsed();
+        self.metrics
+            .traffic
+            .pause_seconds
+            .observe(paused.as_secs_f64());
+        *self.last_pause.lock().unwrap_or_else(|p| p.into_inner()) = Some(serde_json::json!({
+            "to": next.primary.name(),
+            "milliseconds": paused.as_secs_f64() * 1000.0,
+            "completed": result.is_ok(),
+        }));
+        match result {
+            Ok(()) => {
+                let mut body = self.state_json(next);
+                body["pause_ms"] = (paused.as_secs_f64() * 1000.0).into();
+                Ok(body)
+            }
+            Err(reason) => Err(ApiError::unavailable(format!(
+                "{reason}; aborted after {:.0} ms, traffic resumed unchanged",
+                paused.as_secs_f64() * 1000.0
+            ))),
+        }
+    }
+
+    /// Everything of the swap that happens while paused, before the state
+    /// changes: returns the new stream, started.
+    async fn prepare_swap(
+        &self,
+        current: ControlState,
+        next: ControlState,
+        deadline: Instant,
+    ) -> Result<RunningStream, String> {
+        let max_pause = self.config.cutover.max_pause;
+        if !self.traffic.gate.wait_idle(deadline).await {
+            return Err(format!(
+                "{} sessions were still inside transactions after cutover.max_pause ({} ms)",
+                self.traffic.gate.active(),
+                max_pause.as_millis()
+            ));
+        }
+        let (position, primary) = {
+            let stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+            let running = stream
+                .as_ref()
+                .filter(|s| s.from == current.primary)
+                .ok_or("no change stream runs from the primary, so the secondary may be behind")?;
+            (running.mirror.position(), running.primary.clone())
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let lsn = tokio::time::timeout(remaining, primary.current())
+            .await
+            .map_err(|_| "the primary did not say its position in time".to_string())??;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if !position.wait_for(Lsn(lsn), remaining).await {
+            return Err(format!(
+                "the stream did not drain to {} within cutover.max_pause",
+                Lsn(lsn)
+            ));
+        }
+        let settings = self
+            .stream_settings(next.primary, true)
+            .ok_or("no [new] backend is configured")?;
+        let reverse = RunningStream {
+            from: next.primary,
+            primary: Arc::new(PrimaryPosition::new(settings.old.clone())),
+            mirror: Mirror::start(settings, self.metrics.stream.clone()),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = reverse.mirror.wait_started(remaining).await {
+            reverse.mirror.stop().await;
+            return Err(format!(
+                "the stream from {} could not start: {e}",
+                next.primary.name()
+            ));
+        }
+        Ok(reverse)
+    }
+
+    pub(crate) fn state_json(&self, state: ControlState) -> serde_json::Value {
+        serde_json::json!({
+            "phase": state.phase.name(),
+            "primary": state.primary.name(),
+            "read_percent": state.read_percent,
+        })
+    }
+}
