@@ -61,6 +61,43 @@ enum Command {
         #[command(flatten)]
         check: CheckArgs,
     },
+    /// Set the read dial: the percentage of eligible reads new serves.
+    Reads {
+        /// 0 to 100.
+        percent: u8,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make new the primary (write pause bounded by cutover.max_pause).
+    Promote {
+        /// Promote even if the stream lags or the last verify was not clean.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Before promotion: reads back to old. After: old becomes primary again.
+    Rollback {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// After promotion: stop the reverse stream and drop cutover's slots.
+    Finalize {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a throwaway PostgreSQL and serve it through cutover; Ctrl-C cleans up.
     Demo {
         /// Where clients connect.
@@ -223,6 +260,34 @@ fn main() -> ExitCode {
         Command::Mirror {
             action: MirrorAction::Start { target },
         } => report(mirror_start(&target)),
+        Command::Reads {
+            percent,
+            target,
+            json,
+        } => report(control(
+            &target,
+            "PUT",
+            "/v1/reads",
+            &format!(r#"{{"percent": {percent}}}"#),
+            json,
+        )),
+        Command::Promote {
+            force,
+            target,
+            json,
+        } => report(control(
+            &target,
+            "POST",
+            "/v1/promote",
+            &format!(r#"{{"force": {force}}}"#),
+            json,
+        )),
+        Command::Rollback { target, json } => {
+            report(control(&target, "POST", "/v1/rollback", "{}", json))
+        }
+        Command::Finalize { target, json } => {
+            report(control(&target, "POST", "/v1/finalize", "{}", json))
+        }
         Command::Verify { check } => report(runtime(1).and_then(|rt| rt.block_on(verify(check)))),
         Command::Repair { check } => report(runtime(1).and_then(|rt| rt.block_on(repair(check)))),
         Command::Demo {
@@ -288,22 +353,54 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 fn mirror_start(target: &AdminTarget) -> anyhow::Result<()> {
+    call(target, "POST", "/v1/mirror/start", "{}")?;
+    println!("mirroring started; follow it with `cutover status`");
+    Ok(())
+}
+
+/// Calls a mutating endpoint; a refusal is an error carrying its reason.
+fn call(
+    target: &AdminTarget,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<serde_json::Value> {
     let (base, token) = target.resolve()?;
-    let response = cli_http::request(
-        &base,
-        "POST",
-        "/v1/mirror/start",
-        Some("{}"),
-        token.as_deref(),
-    )?;
+    let response = cli_http::request(&base, method, path, Some(body), token.as_deref())?;
+    let doc = serde_json::from_str::<serde_json::Value>(&response.body).ok();
     if response.status != 200 {
-        let reason = serde_json::from_str::<serde_json::Value>(&response.body)
-            .ok()
+        let reason = doc
+            .as_ref()
             .and_then(|v| v["reason"].as_str().map(str::to_string))
             .unwrap_or(response.body);
         anyhow::bail!("refused ({}): {reason}", response.status);
     }
-    println!("mirroring started; follow it with `cutover status`");
+    Ok(doc.unwrap_or_default())
+}
+
+/// A control-state change: prints the resulting state.
+fn control(
+    target: &AdminTarget,
+    method: &str,
+    path: &str,
+    body: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let doc = call(target, method, path, body)?;
+    if json {
+        println!("{doc}");
+        return Ok(());
+    }
+    let mut line = format!(
+        "phase {}, primary {}, reads on new {}%",
+        doc["phase"].as_str().unwrap_or("?"),
+        doc["primary"].as_str().unwrap_or("?"),
+        doc["read_percent"]
+    );
+    if let Some(ms) = doc["pause_ms"].as_f64() {
+        line.push_str(&format!(", write pause {ms:.1} ms"));
+    }
+    println!("{line}");
     Ok(())
 }
 
@@ -324,8 +421,18 @@ fn status(target: &AdminTarget, json: bool) -> anyhow::Result<()> {
 
 fn render_status(s: &Status) -> String {
     let mut out = format!(
-        "cutover {}  up {}s\nphase:   {}\nclients: {}\n\n",
-        s.version, s.uptime_seconds, s.phase, s.clients
+        "cutover {}  up {}s\nphase:   {}\nprimary: {}\nreads:   {}% on new{}\nclients: {}\n\n",
+        s.version,
+        s.uptime_seconds,
+        s.phase,
+        s.primary,
+        s.read_percent,
+        if s.secondary_lagging {
+            " (secondary lagging: reads on the primary)"
+        } else {
+            ""
+        },
+        s.clients
     );
     out.push_str("BACKEND  ROLE       ADDRESS                DATABASE   HEALTH   POOL (in use/idle/waiting of size)\n");
     for b in &s.backends {

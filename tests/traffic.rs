@@ -1,0 +1,523 @@
+//! Traffic control: the read dial, commit waits, promote, rollback and
+//! finalize, driven through the admin API under continuous load, with old
+//! and new compared row by row after every step.
+
+mod support;
+
+use cutover_pgcluster::{Cluster, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+const SCHEMA: &str = r#"
+CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL, note text);
+CREATE TABLE events (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), account int, amount float8, at timestamptz DEFAULT now());
+CREATE TABLE log (id bigserial PRIMARY KEY, v text);
+CREATE FUNCTION sneaky_insert(v text) RETURNS int LANGUAGE sql AS $$ INSERT INTO log (v) VALUES (v) RETURNING 1 $$;
+CREATE SEQUENCE counter;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;
+"#;
+
+const TABLES: &[&str] = &["accounts", "events", "log"];
+const TOKEN: &str = "s3cret";
+
+struct Pair {
+    old: Cluster,
+    new: Cluster,
+    state_file: std::path::PathBuf,
+    _dir: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn pair() -> Pair {
+    let old = cluster(HostAuth::ScramSha256);
+    let new = cluster(HostAuth::ScramSha256);
+    old.psql(DB, SCHEMA).unwrap();
+    new.psql(DB, SCHEMA).unwrap();
+    old.psql(
+        DB,
+        "INSERT INTO accounts SELECT g, 0, 'seed' FROM generate_series(1, 200) g",
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "cutover-traffic-{}-{}",
+        std::process::id(),
+        old.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    Pair {
+        state_file: dir.join("state.json"),
+        _dir: tempdir::Dir(dir),
+        old,
+        new,
+    }
+}
+
+fn config(p: &Pair, extra: &str) -> String {
+    let mut text = config_text(&p.old, "scram-sha-256", "", "pool_size = 40");
+    text = text.replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\""),
+    );
+    text.push_str(&format!(
+        "\n[new]\nurl = \"{}\"\npool_size = 40\n\n[cutover]\nstate_file = \"{}\"\nmax_pause_ms = 2000\n{extra}",
+        p.new.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+        p.state_file.display()
+    ));
+    text
+}
+
+fn call(
+    server: &cutover::Server,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let r = cutover::cli_http::request(
+        &format!("http://{}", server.admin_addr),
+        method,
+        path,
+        Some(body),
+        token,
+    )
+    .expect("admin request");
+    (
+        r.status,
+        serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn ok(server: &cutover::Server, method: &str, path: &str, body: &str) -> serde_json::Value {
+    let (status, doc) = call(server, method, path, body, Some(TOKEN));
+    assert_eq!(status, 200, "{method} {path}: {doc}");
+    doc
+}
+
+fn status(server: &cutover::Server) -> serde_json::Value {
+    let (code, body) = admin_get(server, "/v1/status");
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Waits until the running stream holds everything its source has now.
+async fn drained(server: &cutover::Server, source: &Cluster) {
+    let target = lsn(&source.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = status(server)["mirror"].clone();
+        if let (Some(c), "streaming") = (
+            m["caught_up_lsn"].as_str(),
+            m["state"].as_str().unwrap_or(""),
+        ) {
+            if lsn(c) >= target {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "stream did not drain: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_identical(p: &Pair, step: &str) {
+    for table in TABLES {
+        let sql = format!("SELECT t::text FROM {table} t ORDER BY id");
+        let (old, new) = (p.old.psql(DB, &sql).unwrap(), p.new.psql(DB, &sql).unwrap());
+        assert!(
+            old == new,
+            "after {step}: {table} differs ({} rows on old, {} on new)",
+            old.lines().count(),
+            new.lines().count()
+        );
+    }
+}
+
+/// Clients writing and immediately reading their own writes through cutover
+/// until stopped; returns (transactions, errors seen).
+fn load(
+    proxy: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    stale: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>)>> {
+    (0..4i32)
+        .map(|worker| {
+            let stop = stop.clone();
+            let stale = stale.clone();
+            tokio::spawn(async move {
+                let client = connect(proxy).await;
+                let (mut n, mut errors) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let id = 1 + worker * 50 + (n as i32 % 50);
+                    let note = format!("w{worker}-{n}");
+                    let result: Result<(), tokio_postgres::Error> = async {
+                        client
+                            .execute(
+                                "UPDATE accounts SET balance = balance + 1, note = $2 WHERE id = $1",
+                                &[&id, &note],
+                            )
+                            .await?;
+                        client
+                            .execute("INSERT INTO events (account, amount) VALUES ($1, random())", &[&id])
+                            .await?;
+                        // Read-your-writes: wherever the dial sends it.
+                        let seen: String = client
+                            .query_one("SELECT note FROM accounts WHERE id = $1", &[&id])
+                            .await?
+                            .get(0);
+                        if seen != note {
+                            stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    match result {
+                        Ok(()) => n += 1,
+                        Err(e) => errors.push(error_text(&e)),
+                    }
+                }
+                (n, errors)
+            })
+        })
+        .collect()
+}
+
+async fn wait_verify_clean(server: &cutover::Server) {
+    ok(server, "POST", "/v1/verify", "{}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = status(server)["verify"].clone();
+        match v["state"].as_str() {
+            Some("clean") => return,
+            Some("running") => {}
+            _ => panic!("verify not clean: {v}"),
+        }
+        assert!(Instant::now() < deadline, "verify did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing() {
+    let p = pair();
+    let text = config(&p, "");
+    let mut server = start_proxy_with(&text).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    assert_identical(&p, "mirror start");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stale = Arc::new(AtomicU64::new(0));
+    let mut workers = load(server.proxy_addr, stop.clone(), stale.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_verify_clean(&server).await;
+
+    for percent in [10, 50, 100] {
+        let doc = ok(
+            &server,
+            "PUT",
+            "/v1/reads",
+            &format!(r#"{{"percent": {percent}}}"#),
+        );
+        assert_eq!(doc["phase"], "shifting");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let m = server_metrics(&server);
+    assert!(
+        metric(&m, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0) > 0.0,
+        "no read reached new:\n{m}"
+    );
+
+    // Restart in `shifting`: same phase and dial.
+    stop.store(true, Ordering::Relaxed);
+    let mut total = finish(&mut workers).await;
+    server.shutdown().await;
+    server = start_proxy_with(&text).await;
+    let s = status(&server);
+    assert_eq!(
+        (s["phase"].as_str(), s["read_percent"].as_u64()),
+        (Some("shifting"), Some(100))
+    );
+    drained(&server, &p.old).await;
+    assert_identical(&p, "restart while shifting");
+    wait_verify_clean(&server).await;
+
+    stop.store(false, Ordering::Relaxed);
+    workers = load(server.proxy_addr, stop.clone(), stale.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let promoted = ok(&server, "POST", "/v1/promote", "{}");
+    assert_eq!(
+        (promoted["phase"].as_str(), promoted["primary"].as_str()),
+        (Some("promoted"), Some("new"))
+    );
+    assert!(
+        promoted["pause_ms"].as_f64().unwrap() < 2000.0,
+        "{promoted}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Writes now land on new first and reach old through the reverse stream.
+    stop.store(true, Ordering::Relaxed);
+    total += finish(&mut workers).await;
+    drained(&server, &p.new).await;
+    assert_identical(&p, "promote");
+    assert_eq!(status(&server)["mirror"]["from"], "new");
+
+    // Restart in `promoted`.
+    server.shutdown().await;
+    server = start_proxy_with(&text).await;
+    let s = status(&server);
+    assert_eq!(
+        (s["phase"].as_str(), s["primary"].as_str()),
+        (Some("promoted"), Some("new"))
+    );
+
+    stop.store(false, Ordering::Relaxed);
+    workers = load(server.proxy_addr, stop.clone(), stale.clone());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let rolled = ok(&server, "POST", "/v1/rollback", "{}");
+    assert_eq!(
+        (rolled["phase"].as_str(), rolled["primary"].as_str()),
+        (Some("mirroring"), Some("old"))
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let again = ok(&server, "POST", "/v1/promote", r#"{"force": true}"#);
+    assert_eq!(again["primary"], "new");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    total += finish(&mut workers).await;
+    drained(&server, &p.new).await;
+    assert_identical(&p, "rollback and promote again");
+
+    let fin = ok(&server, "POST", "/v1/finalize", "{}");
+    assert_eq!(fin["phase"], "finalized");
+    let slots = |c: &Cluster| {
+        c.psql(DB, "SELECT count(*) FROM pg_replication_slots")
+            .unwrap()
+    };
+    assert_eq!((slots(&p.old).trim(), slots(&p.new).trim()), ("0", "0"));
+    assert!(total > 50, "too little load ran: {total}");
+    assert_eq!(
+        stale.load(Ordering::Relaxed),
+        0,
+        "a session read data older than its own write"
+    );
+    let m = server_metrics(&server);
+    assert!(
+        metric(
+            &m,
+            "cutover_transitions_total{outcome=\"ok\",transition=\"promote\"}"
+        )
+        .is_some(),
+        "{m}"
+    );
+    server.shutdown().await;
+}
+
+fn server_metrics(server: &cutover::Server) -> String {
+    admin_get(server, "/metrics").1
+}
+
+async fn finish(workers: &mut Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>) -> u64 {
+    let mut total = 0;
+    for w in workers.drain(..) {
+        let (n, errors) = w.await.unwrap();
+        assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+        total += n;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_could_write_never_reach_the_secondary() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let client = connect(server.proxy_addr).await;
+    // A plain read does go to new.
+    client
+        .simple_query("SELECT count(*) FROM accounts")
+        .await
+        .unwrap();
+    client
+        .query("SELECT balance FROM accounts WHERE id = $1", &[&1i32])
+        .await
+        .unwrap();
+    let reads_new = |m: &str| metric(m, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0);
+    let before = reads_new(&server_metrics(&server));
+    assert!(before >= 2.0, "plain reads did not reach new");
+    for sql in [
+        "WITH d AS (DELETE FROM accounts WHERE id = 7 RETURNING *) SELECT count(*) FROM d",
+        "SELECT nextval('counter')",
+        "SELECT * FROM accounts WHERE id = 8 FOR UPDATE",
+        "SELECT sneaky_insert('via a function')",
+        "SELECT set_config('application_name', 'x', false)",
+    ] {
+        client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {}", error_text(&e)));
+    }
+    client
+        .query("SELECT sneaky_insert($1)", &[&"prepared"])
+        .await
+        .unwrap();
+    let e = client.simple_query("SELEKT everything").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42601");
+    let m = server_metrics(&server);
+    assert_eq!(
+        reads_new(&m),
+        before,
+        "a statement that could write was served by new:\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "cutover_read_fallbacks_total{reason=\"read_only\"}"),
+        None
+    );
+    // Their effects are on old, the primary (and mirrored to new).
+    assert_eq!(
+        p.old
+            .psql(DB, "SELECT count(*) FROM accounts WHERE id = 7")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert_eq!(
+        p.old.psql(DB, "SELECT count(*) FROM log").unwrap().trim(),
+        "2"
+    );
+    assert_eq!(
+        p.old
+            .psql(DB, "SELECT last_value FROM counter")
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    drained(&server, &p.old).await;
+    assert_identical(&p, "tricky statements");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fall_back_when_the_secondary_dies_and_return_when_it_is_back() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "[mirror]\nsync_timeout_ms = 300\n")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let client = connect(server.proxy_addr).await;
+    let read = || client.query_one("SELECT balance FROM accounts WHERE id = 3", &[]);
+    read().await.unwrap();
+    p.new.stop().unwrap();
+    for i in 0..20 {
+        client
+            .execute("UPDATE accounts SET balance = $1 WHERE id = 3", &[&i])
+            .await
+            .unwrap();
+        let row = read()
+            .await
+            .unwrap_or_else(|e| panic!("read {i}: {}", error_text(&e)));
+        assert_eq!(row.get::<_, i32>(0), i);
+    }
+    let m = server_metrics(&server);
+    assert!(
+        metric(&m, "cutover_commit_wait_timeouts_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    p.new.restart().unwrap();
+    drained(&server, &p.old).await;
+    assert_identical(&p, "secondary back");
+    let before = metric(
+        &server_metrics(&server),
+        "cutover_reads_total{backend=\"new\"}",
+    )
+    .unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        read().await.unwrap();
+        let now = metric(
+            &server_metrics(&server),
+            "cutover_reads_total{backend=\"new\"}",
+        )
+        .unwrap_or(0.0);
+        if now > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reads never returned to new");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_api_refuses_bad_requests_with_the_reason() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "")).await;
+    let (code, doc) = call(&server, "PUT", "/v1/reads", r#"{"percent": 10}"#, None);
+    assert_eq!(code, 401, "{doc}");
+    let (code, _) = call(&server, "POST", "/v1/promote", "{}", Some("wrong"));
+    assert_eq!(code, 401);
+    let (code, doc) = call(
+        &server,
+        "PUT",
+        "/v1/reads",
+        r#"{"percent": 10}"#,
+        Some(TOKEN),
+    );
+    assert_eq!(code, 409);
+    assert!(
+        doc["reason"]
+            .as_str()
+            .unwrap()
+            .contains("start mirroring first"),
+        "{doc}"
+    );
+    let (code, doc) = call(&server, "PUT", "/v1/reads", "{not json", Some(TOKEN));
+    assert_eq!(code, 400);
+    assert!(
+        doc["reason"].as_str().unwrap().contains("not valid JSON"),
+        "{doc}"
+    );
+    let (code, doc) = call(
+        &server,
+        "PUT",
+        "/v1/reads",
+        r#"{"percent": 101}"#,
+        Some(TOKEN),
+    );
+    assert_eq!(code, 400, "{doc}");
+    let (code, doc) = call(&server, "POST", "/v1/finalize", "{}", Some(TOKEN));
+    assert_eq!(code, 409);
+    assert!(
+        doc["reason"].as_str().unwrap().contains("after promote"),
+        "{doc}"
+    );
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    let (code, doc) = call(&server, "POST", "/v1/promote", "{}", Some(TOKEN));
+    assert_eq!(code, 409);
+    assert!(doc["reason"].as_str().unwrap().contains("verify"), "{doc}");
+    let m = server_metrics(&server);
+    assert!(
+        metric(
+            &m,
+            "cutover_transitions_total{outcome=\"refused\",transition=\"promote\"}"
+        )
+        .is_some(),
+        "{m}"
+    );
+}
