@@ -456,6 +456,17 @@ impl Daemon {
         let settings = self
             .stream_settings(next.primary, true)
             .ok_or("no [new] backend is configured")?;
+        // Logical replication does not carry sequences: bring them over
+        // now, while nothing writes, so the first insert on the new
+        // primary cannot reuse a key.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(
+            remaining,
+            cutover_stream::carry_sequences(&settings.new, &settings.old),
+        )
+        .await
+        .map_err(|_| "carrying sequences over took longer than cutover.max_pause".to_string())?
+        .map_err(|e| format!("carrying sequences over: {e}"))?;
         let reverse = RunningStream {
             from: next.primary,
             primary: Arc::new(PrimaryPosition::new(settings.old.clone())),

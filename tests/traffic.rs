@@ -175,6 +175,10 @@ fn load(
                         client
                             .execute("INSERT INTO events (account, amount) VALUES ($1, random())", &[&id])
                             .await?;
+                        // A serial key: breaks after a swap unless sequences moved too.
+                        client
+                            .execute("INSERT INTO log (v) VALUES ($1)", &[&note])
+                            .await?;
                         // Read-your-writes: wherever the dial sends it.
                         let seen: String = client
                             .query_one("SELECT note FROM accounts WHERE id = $1", &[&id])

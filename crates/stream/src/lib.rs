@@ -14,7 +14,9 @@ pub mod preconditions;
 pub mod replication;
 pub mod verify;
 
-pub use mirror::{drop_slot, Mirror, MirrorSettings, MirrorStatus, StreamPosition, TableCopy};
+pub use mirror::{
+    carry_sequences, drop_slot, Mirror, MirrorSettings, MirrorStatus, StreamPosition, TableCopy,
+};
 pub use pgoutput::Lsn;
 pub use verify::{repair, verify, verify_with_progress, VerifyOptions, VerifyReport};
 

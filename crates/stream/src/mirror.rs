@@ -466,6 +466,14 @@ pub async fn drop_slot(url: &BackendUrl, slot: &str) -> Result<(), StreamError> 
     Ok(())
 }
 
+/// Brings every sequence on `to` forward to its value on `from` (promote
+/// and rollback run this while writes are paused).
+pub async fn carry_sequences(from: &BackendUrl, to: &BackendUrl) -> Result<(), StreamError> {
+    let from = control_client(from, "cutover-control").await?;
+    let to = control_client(to, "cutover-control").await?;
+    sync_sequences(&from, &to).await
+}
+
 /// Moves every sequence on the secondary forward to the primary's value.
 /// Logical replication carries rows, not sequence advances, so this runs
 /// after the copy and again whenever the stream is idle.
