@@ -71,7 +71,7 @@ fn config(p: &Pair, extra: &str) -> String {
         &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\""),
     );
     text.push_str(&format!(
-        "\n[new]\nurl = \"{}\"\npool_size = 40\n\n[cutover]\nstate_file = \"{}\"\nmax_pause_ms = 2000\n{extra}",
+        "\n[new]\nurl = \"{}\"\npool_size = 40\n\n[cutover]\nstate_file = \"{}\"\nmax_pause_ms = 8000\n{extra}",
         p.new.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
         p.state_file.display()
     ));
@@ -270,7 +270,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
         (Some("promoted"), Some("new"))
     );
     assert!(
-        promoted["pause_ms"].as_f64().unwrap() < 2000.0,
+        promoted["pause_ms"].as_f64().unwrap() < 8000.0,
         "{promoted}"
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -301,6 +301,9 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
     tokio::time::sleep(Duration::from_millis(700)).await;
     let again = ok(&server, "POST", "/v1/promote", r#"{"force": true}"#);
     assert_eq!(again["primary"], "new");
+    for pause in [&rolled, &again] {
+        assert!(pause["pause_ms"].as_f64().unwrap() < 8000.0, "{pause}");
+    }
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, Ordering::Relaxed);
     total += finish(&mut workers).await;

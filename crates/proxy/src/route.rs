@@ -212,10 +212,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             Class::Read | Class::ReadOnlyBegin => {
                 if self.choose(&plane, shared).await.is_some() {
                     match self.run_on_secondary(&plane, &bytes, &unit, shared).await? {
-                        Ok(()) => {
-                            self.count_read(plane.state.secondary());
-                            return Ok(UnitStart::Served { consumed: unit.len });
-                        }
+                        Ok(()) => return Ok(UnitStart::Served { consumed: unit.len }),
                         Err(Fallback(reason)) => {
                             self.traffic
                                 .metrics
@@ -443,6 +440,9 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             }
         }
         session.pinned_secondary = status != TransactionStatus::Idle;
+        // Counted before the client can see the answer, so a scrape after
+        // the reply always includes it.
+        self.count_read(backend);
         self.client
             .lock()
             .await
