@@ -332,6 +332,27 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
         .is_some(),
         "{m}"
     );
+    // Restart in `finalized`: still finalized, new still primary, no stream.
+    server.shutdown().await;
+    let server = start_proxy_with(&text).await;
+    let s = status(&server);
+    assert_eq!(
+        (s["phase"].as_str(), s["primary"].as_str()),
+        (Some("finalized"), Some("new"))
+    );
+    assert!(s["mirror"].is_null(), "{s}");
+    let client = connect(server.proxy_addr).await;
+    client
+        .execute("INSERT INTO log (v) VALUES ('after finalize')", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        p.new
+            .psql(DB, "SELECT count(*) FROM log WHERE v = 'after finalize'")
+            .unwrap()
+            .trim(),
+        "1"
+    );
     server.shutdown().await;
 }
 
@@ -526,5 +547,92 @@ async fn control_api_refuses_bad_requests_with_the_reason() {
         )
         .is_some(),
         "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_commits_still_read_their_own_writes_at_dial_100() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "[mirror]\nsync = false\n")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let client = connect(server.proxy_addr).await;
+    for i in 0..200i32 {
+        client
+            .execute("UPDATE accounts SET balance = $1 WHERE id = 5", &[&i])
+            .await
+            .unwrap();
+        let seen: i32 = client
+            .query_one("SELECT balance FROM accounts WHERE id = 5", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(seen, i, "read {i} saw an older value");
+        if i % 20 == 0 {
+            // Give the stream time to pass the write, so reads do go to new.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let seen: i32 = client
+                .query_one("SELECT balance FROM accounts WHERE id = 5", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(seen, i);
+        }
+    }
+    let m = server_metrics(&server);
+    assert!(
+        metric(&m, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0) >= 5.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "cutover_commit_wait_seconds_count"),
+        Some(0.0),
+        "async commits waited:\n{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_prints_the_state_and_exits_non_zero_with_the_reason_when_refused() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "")).await;
+    let admin = format!("http://{}", server.admin_addr);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(args)
+            .args(["--admin", &admin, "--token", TOKEN])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = tokio::task::block_in_place(|| cli(&["reads", "25"]));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("refused (409)") && err.contains("start mirroring first"),
+        "{err}"
+    );
+    let (code, _, err) = tokio::task::block_in_place(|| cli(&["promote"]));
+    assert_eq!(code, 1, "{err}");
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    let (code, out, err) = tokio::task::block_in_place(|| cli(&["reads", "25"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "phase shifting, primary old, reads on new 25%");
+    let (code, out, _) = tokio::task::block_in_place(|| cli(&["rollback", "--json"]));
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (doc["phase"].as_str(), doc["read_percent"].as_u64()),
+        (Some("mirroring"), Some(0))
+    );
+    let (code, out, _) = tokio::task::block_in_place(|| cli(&["status"]));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("phase:   mirroring") && out.contains("primary: old"),
+        "{out}"
     );
 }

@@ -156,24 +156,31 @@ impl Gate {
     /// Waits until the gate is open, then counts the caller as active.
     pub async fn enter(&self) {
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
+            // The open gate costs two atomic operations; only a closed one
+            // registers for a wake-up.
             if !self.paused.load(Ordering::SeqCst) {
                 self.active.fetch_add(1, Ordering::SeqCst);
                 if !self.paused.load(Ordering::SeqCst) {
                     return;
                 }
                 self.leave();
-                continue;
             }
-            changed.await;
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.paused.load(Ordering::SeqCst) {
+                changed.await;
+            }
         }
     }
 
+    /// Only a paused gate has anyone to wake: `wait_idle` runs, and
+    /// `enter` waits, only while paused (and `resume` wakes them).
     pub fn leave(&self) {
         self.active.fetch_sub(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
+        if self.paused.load(Ordering::SeqCst) {
+            self.changed.notify_waiters();
+        }
     }
 
     pub fn pause(&self) {
