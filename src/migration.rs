@@ -13,7 +13,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// Slot and publication of the stream from old to new (on old).
 pub const FORWARD_SLOT: &str = "cutover";
@@ -21,13 +20,14 @@ pub const FORWARD_SLOT: &str = "cutover";
 pub const REVERSE_SLOT: &str = "cutover_reverse";
 
 /// The primary's current WAL position, asked on a control connection. Many
-/// commits waiting at once share one query: each waiter is answered by a
-/// query that started after it asked.
+/// commits waiting at once share one query: waiters queue for the
+/// connection, and one whose turn comes after a query that started after it
+/// asked takes that query's answer.
 pub struct PrimaryPosition {
     url: BackendUrl,
-    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The connection, and the last answer with the ticket it covers.
+    slot: tokio::sync::Mutex<(Option<tokio_postgres::Client>, u64, u64)>,
     asked: AtomicU64,
-    answer: watch::Sender<(u64, Option<u64>)>,
 }
 
 const POSITION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,43 +36,32 @@ impl PrimaryPosition {
     pub fn new(url: BackendUrl) -> PrimaryPosition {
         PrimaryPosition {
             url,
-            client: tokio::sync::Mutex::new(None),
+            slot: tokio::sync::Mutex::new((None, 0, 0)),
             asked: AtomicU64::new(0),
-            answer: watch::channel((0, None)).0,
         }
     }
 
     pub async fn current(&self) -> Result<u64, String> {
         let ticket = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut answers = self.answer.subscribe();
-        loop {
-            {
-                let (covers, lsn) = *answers.borrow_and_update();
-                if covers >= ticket {
-                    if let Some(lsn) = lsn {
-                        return Ok(lsn);
-                    }
-                }
+        let mut slot = self.slot.lock().await;
+        let (client, covers, lsn) = &mut *slot;
+        // A query that started after we asked may have finished while we
+        // queued for the connection: its answer is good for us too.
+        if *covers >= ticket {
+            return Ok(*lsn);
+        }
+        let started_at = self.asked.load(Ordering::SeqCst);
+        let result = tokio::time::timeout(POSITION_TIMEOUT, self.query(client))
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_string()));
+        match result {
+            Ok(answer) => {
+                (*covers, *lsn) = (started_at, answer);
+                Ok(answer)
             }
-            if let Ok(mut client) = self.client.try_lock() {
-                let covers = self.asked.load(Ordering::SeqCst);
-                let result = tokio::time::timeout(POSITION_TIMEOUT, self.query(&mut client))
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".to_string()));
-                match result {
-                    Ok(lsn) => {
-                        self.answer.send_replace((covers, Some(lsn)));
-                        return Ok(lsn);
-                    }
-                    Err(e) => {
-                        *client = None;
-                        self.answer.send_replace((covers, None));
-                        return Err(format!("primary position: {e}"));
-                    }
-                }
-            }
-            if answers.changed().await.is_err() {
-                return Err("primary position: no answer".to_string());
+            Err(e) => {
+                *client = None;
+                Err(format!("primary position: {e}"))
             }
         }
     }

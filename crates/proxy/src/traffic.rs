@@ -112,7 +112,10 @@ impl Traffic {
     pub async fn fence_commit(&self, plane: &Plane) -> Option<u64> {
         let fence = plane.fence.as_ref()?;
         let started = Instant::now();
-        let lsn = fence.primary_position().await.ok()?;
+        let lsn = tokio::time::timeout(plane.sync_timeout, fence.primary_position())
+            .await
+            .ok()?
+            .ok()?;
         if !plane.sync || self.lagging(fence.as_ref()) {
             return Some(lsn);
         }
