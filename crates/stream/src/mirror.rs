@@ -697,15 +697,20 @@ async fn apply(
             statements.0.insert(op.sql.clone(), statement);
         }
     }
+    // BEGIN, every change and the position with COMMIT go out together:
+    // tokio-postgres sends requests in the order their futures are first
+    // polled, so the whole batch costs one round trip. If a change fails,
+    // the server aborts the transaction and the COMMIT fails with it.
+    let commit = format!("{position}; COMMIT");
     let result = async {
-        new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
-            .await?;
+        let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
         let executions = applier.batch.ops.iter().map(|op| {
             let statement = &statements.0[&op.sql];
             new.execute_raw(statement, op.params.iter().map(|p| TextParam(p.as_deref())))
         });
-        futures_util::future::try_join_all(executions).await?;
-        new.batch_execute(&format!("{position}; COMMIT")).await
+        let executions = futures_util::future::try_join_all(executions);
+        let commit = new.batch_execute(&commit);
+        futures_util::future::try_join3(begin, executions, commit).await
     }
     .await;
     if let Err(e) = result {
