@@ -390,7 +390,8 @@ async fn restart_resumes_the_stream_and_a_down_secondary_catches_up() {
 
     // Writes while cutover is down arrive after it restarts, without a new copy.
     p.old
-        .psql(DB, "UPDATE accounts SET balance = balance * 2 WHERE id % 3 = 0; DELETE FROM docs WHERE id > 30; INSERT INTO scratch VALUES (-1, 'while down')")
+        .psql(DB, "UPDATE accounts SET balance = balance * 2 WHERE id % 3 = 0; DELETE FROM docs WHERE id > 30; INSERT INTO scratch VALUES (-1, 'while down'); \
+             INSERT INTO \"Odd \"\"Name\"\"\" SELECT 'm' || g, jsonb_build_object('g', g, 's', 'q\"uote'), ARRAY['a b', g::text, NULL], decode(md5(g::text), 'hex') FROM generate_series(1, 50) g")
         .unwrap();
     let server = start_proxy_with(&config).await;
     drained(&server, &p.old).await;

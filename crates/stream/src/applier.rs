@@ -58,6 +58,130 @@ pub fn columns_as_text<'a>(columns: impl IntoIterator<Item = &'a String>) -> Vec
 pub struct Op {
     pub sql: String,
     pub params: Vec<Option<String>>,
+    pub kind: OpKind,
+}
+
+/// What an op touches, which decides how a batch may be regrouped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpKind {
+    /// An upsert of one whole row: may run together with the upserts of
+    /// the same table and columns around it (see [`plan`]).
+    Upsert(Upsert),
+    /// Any other change to one row of `table` (delete, partial update).
+    Row { table: String },
+    /// TRUNCATE: nothing moves across it.
+    Barrier,
+}
+
+/// The parts of a whole-row upsert a multi-row statement is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upsert {
+    /// `"schema"."name"`.
+    pub table: String,
+    /// Column names, unquoted, in the relation's order.
+    pub columns: Vec<String>,
+    /// `ON CONFLICT (...) DO ...`.
+    pub conflict: String,
+    /// Positions of the key columns in `columns`.
+    pub key_positions: Vec<usize>,
+}
+
+impl Op {
+    fn table(&self) -> Option<&str> {
+        match &self.kind {
+            OpKind::Upsert(u) => Some(&u.table),
+            OpKind::Row { table } => Some(table),
+            OpKind::Barrier => None,
+        }
+    }
+
+    fn key(&self) -> Vec<Option<&str>> {
+        match &self.kind {
+            OpKind::Upsert(u) => u
+                .key_positions
+                .iter()
+                .map(|&i| self.params.get(i).and_then(|p| p.as_deref()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// How a batch runs: single statements, or runs of upserts merged into one
+/// multi-row statement each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Single(usize),
+    /// Upserts (indexes into the batch) of one table and shape, distinct keys.
+    Upserts(Vec<usize>),
+}
+
+/// Regroups a batch for fewer statements without changing its result.
+///
+/// The batch commits as one transaction with `session_replication_role =
+/// replica` (no triggers, no foreign-key checks), so only the order of
+/// changes *within a table* is observable in the outcome; the order between
+/// tables is not, except across a TRUNCATE, which stays a barrier. Within a
+/// table, consecutive whole-row upserts of the same columns become one
+/// statement, split where a key repeats (one statement may not update a row
+/// twice); they are applied in their original order, so unique checks see
+/// the same sequence as row-by-row application.
+pub fn plan(ops: &[Op]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut start = 0;
+    while start < ops.len() {
+        let end = ops[start..]
+            .iter()
+            .position(|op| op.kind == OpKind::Barrier)
+            .map_or(ops.len(), |i| start + i);
+        plan_segment(ops, start, end, &mut steps);
+        if end < ops.len() {
+            steps.push(Step::Single(end));
+        }
+        start = end + 1;
+    }
+    steps
+}
+
+fn plan_segment(ops: &[Op], start: usize, end: usize, steps: &mut Vec<Step>) {
+    // Tables in order of first appearance, each with its ops in order.
+    let mut tables: Vec<(&str, Vec<usize>)> = Vec::new();
+    for i in start..end {
+        let table = ops[i].table().unwrap_or("");
+        match tables.iter_mut().find(|(t, _)| *t == table) {
+            Some((_, list)) => list.push(i),
+            None => tables.push((table, vec![i])),
+        }
+    }
+    for (_, list) in tables {
+        let mut run: Vec<usize> = Vec::new();
+        let mut keys = std::collections::HashSet::new();
+        for i in list {
+            let joins = matches!(ops[i].kind, OpKind::Upsert(_))
+                && run.last().is_some_and(|&last| ops[last].sql == ops[i].sql)
+                && !keys.contains(&ops[i].key());
+            if !joins {
+                flush_run(&mut run, steps);
+                keys.clear();
+            }
+            if matches!(ops[i].kind, OpKind::Upsert(_)) {
+                keys.insert(ops[i].key());
+                run.push(i);
+            } else {
+                steps.push(Step::Single(i));
+            }
+        }
+        flush_run(&mut run, steps);
+    }
+}
+
+fn flush_run(run: &mut Vec<usize>, steps: &mut Vec<Step>) {
+    match run.len() {
+        0 => {}
+        1 => steps.push(Step::Single(run[0])),
+        _ => steps.push(Step::Upserts(run.clone())),
+    }
+    run.clear();
 }
 
 fn text_of(d: &Datum) -> Option<String> {
@@ -169,6 +293,7 @@ impl Applier {
                     self.current.push(Op {
                         sql,
                         params: Vec::new(),
+                        kind: OpKind::Barrier,
                     });
                 }
             }
@@ -246,15 +371,27 @@ impl Applier {
         } else {
             format!("DO UPDATE SET {}", sets.join(", "))
         };
+        let conflict = format!("ON CONFLICT ({}) {action}", keys.join(", "));
         Ok(Op {
             sql: format!(
-                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) ON CONFLICT ({}) {action}",
+                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) {conflict}",
                 table(r),
                 cols.join(", "),
                 placeholders.join(", "),
-                keys.join(", ")
             ),
             params: new.iter().map(text_of).collect(),
+            kind: OpKind::Upsert(Upsert {
+                table: table(r),
+                columns: r.columns.iter().map(|c| c.name.clone()).collect(),
+                conflict,
+                key_positions: r
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.is_key)
+                    .map(|(i, _)| i)
+                    .collect(),
+            }),
         })
     }
 
@@ -264,6 +401,7 @@ impl Applier {
         Ok(Op {
             sql: format!("DELETE FROM {} WHERE {cond}", table(r)),
             params,
+            kind: OpKind::Row { table: table(r) },
         })
     }
 
@@ -298,6 +436,7 @@ impl Applier {
         Ok(vec![Op {
             sql: format!("UPDATE {} SET {} WHERE {cond}", table(r), sets.join(", ")),
             params,
+            kind: OpKind::Row { table: table(r) },
         }])
     }
 }
@@ -392,6 +531,74 @@ mod tests {
 
     fn text(s: &str) -> Datum {
         Datum::Text(s.into())
+    }
+
+    fn other_rel() -> Relation {
+        let mut r = rel();
+        r.oid = 2;
+        r.name = "other".into();
+        r
+    }
+
+    fn applier_with_relations() -> Applier {
+        let mut a = Applier::new("s", Lsn(0));
+        a.feed(Logical::Relation(rel())).unwrap();
+        a.feed(Logical::Relation(other_rel())).unwrap();
+        a
+    }
+
+    fn upsert(a: &Applier, rel: u32, id: &str) -> Op {
+        a.upsert(rel, &[text(id), text("b"), Datum::Null]).unwrap()
+    }
+
+    #[test]
+    fn plan_merges_upserts_per_table_and_keeps_order_within_each() {
+        let a = applier_with_relations();
+        let ops = vec![
+            upsert(&a, 1, "1"),
+            upsert(&a, 2, "1"),
+            upsert(&a, 1, "2"),
+            upsert(&a, 2, "2"),
+            upsert(&a, 1, "3"),
+        ];
+        assert_eq!(
+            plan(&ops),
+            vec![Step::Upserts(vec![0, 2, 4]), Step::Upserts(vec![1, 3])]
+        );
+    }
+
+    #[test]
+    fn plan_splits_at_repeated_keys_deletes_and_truncates() {
+        let a = applier_with_relations();
+        let delete = a.delete(1, &[text("9"), Datum::Null, Datum::Null]).unwrap();
+        let truncate = Op {
+            sql: "TRUNCATE x".into(),
+            params: vec![],
+            kind: OpKind::Barrier,
+        };
+        let ops = vec![
+            upsert(&a, 1, "1"),
+            upsert(&a, 1, "2"),
+            upsert(&a, 1, "1"),
+            delete,
+            upsert(&a, 1, "4"),
+            upsert(&a, 2, "1"),
+            truncate,
+            upsert(&a, 2, "2"),
+            upsert(&a, 2, "3"),
+        ];
+        assert_eq!(
+            plan(&ops),
+            vec![
+                Step::Upserts(vec![0, 1]),
+                Step::Single(2),
+                Step::Single(3),
+                Step::Single(4),
+                Step::Single(5),
+                Step::Single(6),
+                Step::Upserts(vec![7, 8]),
+            ]
+        );
     }
 
     #[test]

@@ -675,9 +675,86 @@ impl ToSql for TextParam<'_> {
     to_sql_checked!();
 }
 
-/// Prepared statements on the secondary connection, by SQL text.
+/// Prepared statements on the secondary connection, by SQL text, and the
+/// secondary's column types of the tables multi-row upserts write.
 #[derive(Default)]
-struct Statements(HashMap<String, Statement>);
+struct Statements {
+    prepared: HashMap<String, Statement>,
+    /// Multi-row upsert SQL by the single-row upsert's SQL.
+    multi: HashMap<String, String>,
+}
+
+impl Statements {
+    async fn prepare(
+        &mut self,
+        new: &tokio_postgres::Client,
+        sql: &str,
+    ) -> Result<(), StreamError> {
+        if !self.prepared.contains_key(sql) {
+            let statement = new.prepare(sql).await?;
+            self.prepared.insert(sql.to_string(), statement);
+        }
+        Ok(())
+    }
+
+    /// The multi-row form of an upsert: the rows arrive as one text array
+    /// per column and are cast to the secondary's column types, in order.
+    async fn multi_upsert(
+        &mut self,
+        new: &tokio_postgres::Client,
+        single_sql: &str,
+        upsert: &applier::Upsert,
+    ) -> Result<String, StreamError> {
+        if let Some(sql) = self.multi.get(single_sql) {
+            return Ok(sql.clone());
+        }
+        let rows = new
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&upsert.table],
+            )
+            .await?;
+        let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut casts = Vec::new();
+        let mut arrays = Vec::new();
+        for (i, column) in upsert.columns.iter().enumerate() {
+            let ty = types.get(column).ok_or_else(|| {
+                StreamError::Precondition(format!(
+                    "column {column} of {} is missing on the new database",
+                    upsert.table
+                ))
+            })?;
+            casts.push(format!("u.c{i}::{ty}"));
+            arrays.push(format!("${}::text[]", i + 1));
+        }
+        let names: Vec<String> = (0..upsert.columns.len()).map(|i| format!("c{i}")).collect();
+        let columns: Vec<String> = upsert
+            .columns
+            .iter()
+            .map(|c| applier::quote_ident(c))
+            .collect();
+        let sql = format!(
+            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) {}",
+            upsert.table,
+            columns.join(", "),
+            casts.join(", "),
+            arrays.join(", "),
+            names.join(", "),
+            upsert.conflict
+        );
+        self.prepare(new, &sql).await?;
+        self.multi.insert(single_sql.to_string(), sql.clone());
+        Ok(sql)
+    }
+}
+
+/// The parameters of one step of a batch.
+enum StepParams<'a> {
+    Single(&'a [Option<String>]),
+    /// One array per column, a row per upsert.
+    Columns(Vec<Vec<Option<&'a str>>>),
+}
 
 /// Applies the batch in one secondary transaction: prepared statements,
 /// pipelined in commit order, then the position, then COMMIT.
@@ -691,10 +768,29 @@ async fn apply(
         return Ok(());
     };
     let started = Instant::now();
-    for op in &applier.batch.ops {
-        if !statements.0.contains_key(&op.sql) {
-            let statement = new.prepare(&op.sql).await?;
-            statements.0.insert(op.sql.clone(), statement);
+    let ops = &applier.batch.ops;
+    let mut steps = Vec::new();
+    for step in applier::plan(ops) {
+        match step {
+            applier::Step::Single(i) => {
+                statements.prepare(new, &ops[i].sql).await?;
+                steps.push((ops[i].sql.clone(), StepParams::Single(&ops[i].params)));
+            }
+            applier::Step::Upserts(rows) => {
+                let first = &ops[rows[0]];
+                let applier::OpKind::Upsert(upsert) = &first.kind else {
+                    return Err(StreamError::Protocol("a merged step that is not an upsert".into()));
+                };
+                let sql = statements.multi_upsert(new, &first.sql, upsert).await?;
+                let columns = (0..upsert.columns.len())
+                    .map(|c| {
+                        rows.iter()
+                            .map(|&r| ops[r].params.get(c).and_then(|p| p.as_deref()))
+                            .collect()
+                    })
+                    .collect();
+                steps.push((sql, StepParams::Columns(columns)));
+            }
         }
     }
     // BEGIN, every change and the position with COMMIT go out together:
@@ -704,9 +800,19 @@ async fn apply(
     let commit = format!("{position}; COMMIT");
     let result = async {
         let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
-        let executions = applier.batch.ops.iter().map(|op| {
-            let statement = &statements.0[&op.sql];
-            new.execute_raw(statement, op.params.iter().map(|p| TextParam(p.as_deref())))
+        let executions = steps.iter().map(|(sql, params)| {
+            let statement = &statements.prepared[sql];
+            let params: Vec<Box<dyn ToSql + Sync + Send + '_>> = match params {
+                StepParams::Single(values) => values
+                    .iter()
+                    .map(|p| Box::new(TextParam(p.as_deref())) as Box<dyn ToSql + Sync + Send>)
+                    .collect(),
+                StepParams::Columns(columns) => columns
+                    .iter()
+                    .map(|c| Box::new(c) as Box<dyn ToSql + Sync + Send>)
+                    .collect(),
+            };
+            new.execute_raw(statement, params)
         });
         let executions = futures_util::future::try_join_all(executions);
         let commit = new.batch_execute(&commit);
@@ -717,6 +823,7 @@ async fn apply(
         let _ = new.batch_execute("ROLLBACK").await;
         return Err(e.into());
     }
+    let statements_run = steps.len();
     let batch = applier.batch_committed();
     let applied = applier.applied();
     shared
@@ -736,6 +843,7 @@ async fn apply(
     tracing::debug!(
         transactions = batch.transactions,
         rows = batch.rows,
+        statements = statements_run,
         %applied,
         elapsed = ?started.elapsed(),
         "applied batch"
