@@ -146,8 +146,8 @@ pub fn plan(ops: &[Op]) -> Vec<Step> {
 fn plan_segment(ops: &[Op], start: usize, end: usize, steps: &mut Vec<Step>) {
     // Tables in order of first appearance, each with its ops in order.
     let mut tables: Vec<(&str, Vec<usize>)> = Vec::new();
-    for i in start..end {
-        let table = ops[i].table().unwrap_or("");
+    for (i, op) in ops.iter().enumerate().take(end).skip(start) {
+        let table = op.table().unwrap_or("");
         match tables.iter_mut().find(|(t, _)| *t == table) {
             Some((_, list)) => list.push(i),
             None => tables.push((table, vec![i])),
