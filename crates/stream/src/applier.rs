@@ -18,6 +18,7 @@
 use crate::pgoutput::{Datum, Logical, Lsn, Relation};
 use crate::StreamError;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The schema that holds cutover's own bookkeeping on each database.
 pub const SCHEMA: &str = "cutover";
@@ -56,7 +57,7 @@ pub fn columns_as_text<'a>(columns: impl IntoIterator<Item = &'a String>) -> Vec
 /// the parameters as text (None for NULL).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Op {
-    pub sql: String,
+    pub sql: Arc<str>,
     pub params: Vec<Option<String>>,
     pub kind: OpKind,
 }
@@ -66,7 +67,7 @@ pub struct Op {
 pub enum OpKind {
     /// An upsert of one whole row: may run together with the upserts of
     /// the same table and columns around it (see [`plan`]).
-    Upsert(Upsert),
+    Upsert(Arc<Upsert>),
     /// Any other change to one row of `table` (delete, partial update).
     Row { table: String },
     /// TRUNCATE: nothing moves across it.
@@ -207,6 +208,8 @@ pub struct Batch {
 pub struct Applier {
     slot: String,
     relations: HashMap<u32, Relation>,
+    /// Upsert SQL per relation, built once per Relation message.
+    upserts: HashMap<u32, (Arc<str>, Arc<Upsert>)>,
     /// Statements of the transaction being received.
     current: Vec<Op>,
     /// Row changes (inserts, updates, deletes) in the transaction being received.
@@ -222,6 +225,7 @@ impl Applier {
         Applier {
             slot: slot.to_string(),
             relations: HashMap::new(),
+            upserts: HashMap::new(),
             current: Vec::new(),
             current_rows: 0,
             in_transaction: false,
@@ -248,6 +252,7 @@ impl Applier {
                 self.current_rows = 0;
             }
             Logical::Relation(rel) => {
+                self.upserts.remove(&rel.oid);
                 self.relations.insert(rel.oid, rel);
             }
             // cutover's own bookkeeping (the position of a stream running the
@@ -291,7 +296,7 @@ impl Applier {
                         sql.push_str(" CASCADE");
                     }
                     self.current.push(Op {
-                        sql,
+                        sql: sql.into(),
                         params: Vec::new(),
                         kind: OpKind::Barrier,
                     });
@@ -346,52 +351,21 @@ impl Applier {
             .ok_or_else(|| StreamError::Protocol(format!("change for unknown relation {oid}")))
     }
 
-    fn upsert(&self, oid: u32, new: &[Datum]) -> Result<Op, StreamError> {
+    fn upsert(&mut self, oid: u32, new: &[Datum]) -> Result<Op, StreamError> {
         let r = self.relation(oid)?;
         check_width(r, new)?;
-        let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
-        let keys: Vec<String> = r
-            .columns
-            .iter()
-            .filter(|c| c.is_key)
-            .map(|c| quote_ident(&c.name))
-            .collect();
-        if keys.is_empty() {
-            return Err(no_key(r));
-        }
-        let sets: Vec<String> = r
-            .columns
-            .iter()
-            .filter(|c| !c.is_key)
-            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
-            .collect();
-        let action = if sets.is_empty() {
-            "DO NOTHING".to_string()
-        } else {
-            format!("DO UPDATE SET {}", sets.join(", "))
+        let (sql, upsert) = match self.upserts.get(&oid) {
+            Some(shape) => shape.clone(),
+            None => {
+                let shape = upsert_shape(r)?;
+                self.upserts.insert(oid, shape.clone());
+                shape
+            }
         };
-        let conflict = format!("ON CONFLICT ({}) {action}", keys.join(", "));
         Ok(Op {
-            sql: format!(
-                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) {conflict}",
-                table(r),
-                cols.join(", "),
-                placeholders.join(", "),
-            ),
+            sql,
             params: new.iter().map(text_of).collect(),
-            kind: OpKind::Upsert(Upsert {
-                table: table(r),
-                columns: r.columns.iter().map(|c| c.name.clone()).collect(),
-                conflict,
-                key_positions: r
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.is_key)
-                    .map(|(i, _)| i)
-                    .collect(),
-            }),
+            kind: OpKind::Upsert(upsert),
         })
     }
 
@@ -399,14 +373,14 @@ impl Applier {
         let r = self.relation(oid)?;
         let (cond, params) = key_match(r, old, 1)?;
         Ok(Op {
-            sql: format!("DELETE FROM {} WHERE {cond}", table(r)),
+            sql: format!("DELETE FROM {} WHERE {cond}", table(r)).into(),
             params,
             kind: OpKind::Row { table: table(r) },
         })
     }
 
     fn update(
-        &self,
+        &mut self,
         oid: u32,
         old: Option<&[Datum]>,
         new: &[Datum],
@@ -434,11 +408,57 @@ impl Applier {
         let (cond, key_params) = key_match(r, old.unwrap_or(new), params.len() + 1)?;
         params.extend(key_params);
         Ok(vec![Op {
-            sql: format!("UPDATE {} SET {} WHERE {cond}", table(r), sets.join(", ")),
+            sql: format!("UPDATE {} SET {} WHERE {cond}", table(r), sets.join(", ")).into(),
             params,
             kind: OpKind::Row { table: table(r) },
         }])
     }
+}
+
+/// The single-row upsert statement of a relation, and its parts.
+fn upsert_shape(r: &Relation) -> Result<(Arc<str>, Arc<Upsert>), StreamError> {
+    let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+    let keys: Vec<String> = r
+        .columns
+        .iter()
+        .filter(|c| c.is_key)
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    if keys.is_empty() {
+        return Err(no_key(r));
+    }
+    let sets: Vec<String> = r
+        .columns
+        .iter()
+        .filter(|c| !c.is_key)
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
+        .collect();
+    let action = if sets.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", sets.join(", "))
+    };
+    let conflict = format!("ON CONFLICT ({}) {action}", keys.join(", "));
+    let sql = format!(
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) {conflict}",
+        table(r),
+        cols.join(", "),
+        placeholders.join(", "),
+    );
+    let upsert = Upsert {
+        table: table(r),
+        columns: r.columns.iter().map(|c| c.name.clone()).collect(),
+        conflict,
+        key_positions: r
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+            .collect(),
+    };
+    Ok((sql.into(), Arc::new(upsert)))
 }
 
 fn table(r: &Relation) -> String {
@@ -547,19 +567,19 @@ mod tests {
         a
     }
 
-    fn upsert(a: &Applier, rel: u32, id: &str) -> Op {
+    fn upsert(a: &mut Applier, rel: u32, id: &str) -> Op {
         a.upsert(rel, &[text(id), text("b"), Datum::Null]).unwrap()
     }
 
     #[test]
     fn plan_merges_upserts_per_table_and_keeps_order_within_each() {
-        let a = applier_with_relations();
+        let mut a = applier_with_relations();
         let ops = vec![
-            upsert(&a, 1, "1"),
-            upsert(&a, 2, "1"),
-            upsert(&a, 1, "2"),
-            upsert(&a, 2, "2"),
-            upsert(&a, 1, "3"),
+            upsert(&mut a, 1, "1"),
+            upsert(&mut a, 2, "1"),
+            upsert(&mut a, 1, "2"),
+            upsert(&mut a, 2, "2"),
+            upsert(&mut a, 1, "3"),
         ];
         assert_eq!(
             plan(&ops),
@@ -569,7 +589,7 @@ mod tests {
 
     #[test]
     fn plan_splits_at_repeated_keys_deletes_and_truncates() {
-        let a = applier_with_relations();
+        let mut a = applier_with_relations();
         let delete = a.delete(1, &[text("9"), Datum::Null, Datum::Null]).unwrap();
         let truncate = Op {
             sql: "TRUNCATE x".into(),
@@ -577,15 +597,15 @@ mod tests {
             kind: OpKind::Barrier,
         };
         let ops = vec![
-            upsert(&a, 1, "1"),
-            upsert(&a, 1, "2"),
-            upsert(&a, 1, "1"),
+            upsert(&mut a, 1, "1"),
+            upsert(&mut a, 1, "2"),
+            upsert(&mut a, 1, "1"),
             delete,
-            upsert(&a, 1, "4"),
-            upsert(&a, 2, "1"),
+            upsert(&mut a, 1, "4"),
+            upsert(&mut a, 2, "1"),
             truncate,
-            upsert(&a, 2, "2"),
-            upsert(&a, 2, "3"),
+            upsert(&mut a, 2, "2"),
+            upsert(&mut a, 2, "3"),
         ];
         assert_eq!(
             plan(&ops),
@@ -641,7 +661,7 @@ mod tests {
         let ops = &a.batch.ops;
         assert_eq!(ops.len(), 5);
         assert_eq!(
-            ops[0].sql,
+            &*ops[0].sql,
             "INSERT INTO \"public\".\"it's\" (\"id\", \"body\", \"n\") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3) ON CONFLICT (\"id\") DO UPDATE SET \"body\" = EXCLUDED.\"body\", \"n\" = EXCLUDED.\"n\""
         );
         assert_eq!(
@@ -649,7 +669,7 @@ mod tests {
             vec![Some("1".into()), Some("o'k".into()), None]
         );
         assert_eq!(
-            ops[1].sql,
+            &*ops[1].sql,
             "UPDATE \"public\".\"it's\" SET \"id\" = $1, \"n\" = $2 WHERE \"id\" = $3"
         );
         assert_eq!(
@@ -657,7 +677,7 @@ mod tests {
             vec![Some("1".into()), Some("5".into()), Some("1".into())]
         );
         assert_eq!(
-            ops[2].sql,
+            &*ops[2].sql,
             "DELETE FROM \"public\".\"it's\" WHERE \"id\" = $1"
         );
         assert_eq!(ops[2].params, vec![Some("1".into())]);

@@ -681,7 +681,7 @@ impl ToSql for TextParam<'_> {
 struct Statements {
     prepared: HashMap<String, Statement>,
     /// Multi-row upsert SQL by the single-row upsert's SQL.
-    multi: HashMap<String, String>,
+    multi: HashMap<Arc<str>, Arc<str>>,
 }
 
 impl Statements {
@@ -702,9 +702,9 @@ impl Statements {
     async fn multi_upsert(
         &mut self,
         new: &tokio_postgres::Client,
-        single_sql: &str,
+        single_sql: &Arc<str>,
         upsert: &applier::Upsert,
-    ) -> Result<String, StreamError> {
+    ) -> Result<Arc<str>, StreamError> {
         if let Some(sql) = self.multi.get(single_sql) {
             return Ok(sql.clone());
         }
@@ -744,7 +744,8 @@ impl Statements {
             upsert.conflict
         );
         self.prepare(new, &sql).await?;
-        self.multi.insert(single_sql.to_string(), sql.clone());
+        let sql: Arc<str> = sql.into();
+        self.multi.insert(single_sql.clone(), sql.clone());
         Ok(sql)
     }
 }
@@ -779,7 +780,9 @@ async fn apply(
             applier::Step::Upserts(rows) => {
                 let first = &ops[rows[0]];
                 let applier::OpKind::Upsert(upsert) = &first.kind else {
-                    return Err(StreamError::Protocol("a merged step that is not an upsert".into()));
+                    return Err(StreamError::Protocol(
+                        "a merged step that is not an upsert".into(),
+                    ));
                 };
                 let sql = statements.multi_upsert(new, &first.sql, upsert).await?;
                 let columns = (0..upsert.columns.len())
@@ -801,7 +804,7 @@ async fn apply(
     let result = async {
         let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
         let executions = steps.iter().map(|(sql, params)| {
-            let statement = &statements.prepared[sql];
+            let statement = &statements.prepared[&**sql];
             let params: Vec<Box<dyn ToSql + Sync + Send + '_>> = match params {
                 StepParams::Single(values) => values
                     .iter()
