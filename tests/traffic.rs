@@ -20,7 +20,15 @@ GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;
 "#;
 
-const TABLES: &[&str] = &["accounts", "events", "log"];
+const TABLES: &[&str] = &[
+    "accounts",
+    "events",
+    "log",
+    "pgbench_accounts",
+    "pgbench_branches",
+    "pgbench_tellers",
+    "pgbench_history",
+];
 const TOKEN: &str = "s3cret";
 
 struct Pair {
@@ -45,6 +53,31 @@ fn pair() -> Pair {
     let new = cluster(HostAuth::ScramSha256);
     old.psql(DB, SCHEMA).unwrap();
     new.psql(DB, SCHEMA).unwrap();
+    for (c, steps) in [(&old, "dtgp"), (&new, "dtp")] {
+        let out = std::process::Command::new(c.bindir().join("pgbench"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &c.port().to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .args(["-i", "-q", "-s", "1", "-I", steps, DB])
+            .env("PGPASSWORD", SUPERUSER_PASSWORD)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.psql(
+            DB,
+            "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY",
+        )
+        .unwrap();
+    }
     old.psql(
         DB,
         "INSERT INTO accounts SELECT g, 0, 'seed' FROM generate_series(1, 200) g",
@@ -137,7 +170,13 @@ async fn drained(server: &cutover::Server, source: &Cluster) {
 
 fn assert_identical(p: &Pair, step: &str) {
     for table in TABLES {
-        let sql = format!("SELECT t::text FROM {table} t ORDER BY id");
+        let key = match *table {
+            "pgbench_accounts" => "aid",
+            "pgbench_branches" => "bid",
+            "pgbench_tellers" => "tid",
+            _ => "id",
+        };
+        let sql = format!("SELECT t::text FROM {table} t ORDER BY {key}");
         let (old, new) = (p.old.psql(DB, &sql).unwrap(), p.new.psql(DB, &sql).unwrap());
         assert!(
             old == new,
@@ -165,7 +204,15 @@ fn load(
                 while !stop.load(Ordering::Relaxed) {
                     let id = 1 + worker * 50 + (n as i32 % 50);
                     let note = format!("w{worker}-{n}");
+                    let shared_row = 1 + (n as i32 % 5);
                     let result: Result<(), tokio_postgres::Error> = async {
+                        // Rows every worker updates at once.
+                        client
+                            .execute(
+                                "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                                &[&shared_row],
+                            )
+                            .await?;
                         client
                             .execute(
                                 "UPDATE accounts SET balance = balance + 1, note = $2 WHERE id = $1",
@@ -201,6 +248,32 @@ fn load(
         .collect()
 }
 
+/// pgbench's simple-update script through cutover for `seconds`, as the
+/// superuser; panics if any pgbench client failed.
+fn pgbench(p: &Pair, proxy: std::net::SocketAddr, seconds: u32) -> tokio::task::JoinHandle<()> {
+    let bin = p.old.bindir().join("pgbench");
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(bin)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &proxy.port().to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .args(["-N", "-n", "-c", "4", "-T", &seconds.to_string(), DB])
+            .env("PGPASSWORD", SUPERUSER_PASSWORD)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pgbench through cutover failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+}
+
 async fn wait_verify_clean(server: &cutover::Server) {
     ok(server, "POST", "/v1/verify", "{}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -228,6 +301,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
     let stop = Arc::new(AtomicBool::new(false));
     let stale = Arc::new(AtomicU64::new(0));
     let mut workers = load(server.proxy_addr, stop.clone(), stale.clone());
+    let bench = pgbench(&p, server.proxy_addr, 3);
     tokio::time::sleep(Duration::from_millis(500)).await;
     wait_verify_clean(&server).await;
 
@@ -248,6 +322,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
     );
 
     // Restart in `shifting`: same phase and dial.
+    bench.await.unwrap();
     stop.store(true, Ordering::Relaxed);
     let mut total = finish(&mut workers).await;
     server.shutdown().await;
@@ -263,6 +338,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
 
     stop.store(false, Ordering::Relaxed);
     workers = load(server.proxy_addr, stop.clone(), stale.clone());
+    let bench = pgbench(&p, server.proxy_addr, 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let promoted = ok(&server, "POST", "/v1/promote", "{}");
     assert_eq!(
@@ -275,6 +351,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // Writes now land on new first and reach old through the reverse stream.
+    bench.await.unwrap();
     stop.store(true, Ordering::Relaxed);
     total += finish(&mut workers).await;
     drained(&server, &p.new).await;
@@ -292,6 +369,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
 
     stop.store(false, Ordering::Relaxed);
     workers = load(server.proxy_addr, stop.clone(), stale.clone());
+    let bench = pgbench(&p, server.proxy_addr, 3);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let rolled = ok(&server, "POST", "/v1/rollback", "{}");
     assert_eq!(
@@ -305,6 +383,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
         assert!(pause["pause_ms"].as_f64().unwrap() < 8000.0, "{pause}");
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
+    bench.await.unwrap();
     stop.store(true, Ordering::Relaxed);
     total += finish(&mut workers).await;
     drained(&server, &p.new).await;
@@ -635,4 +714,81 @@ async fn cli_prints_the_state_and_exits_non_zero_with_the_reason_when_refused() 
         out.contains("phase:   mirroring") && out.contains("primary: old"),
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_transactions_go_as_a_unit_and_missing_objects_fall_back() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "[routing]\nstrategy = \"session\"\n")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let client = connect(server.proxy_addr).await;
+    let reads_new = || {
+        metric(
+            &server_metrics(&server),
+            "cutover_reads_total{backend=\"new\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = reads_new();
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200);
+    // A write inside it fails as it would on the primary: read-only transaction.
+    let e = client
+        .execute("UPDATE accounts SET balance = 1 WHERE id = 1", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25006");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert!(
+        reads_new() >= before + 3.0,
+        "the read-only transaction did not run on new"
+    );
+
+    // A temporary table exists only in the primary session: the read of it
+    // fails on new with 42P01 and runs on the primary instead.
+    client
+        .batch_execute("CREATE TEMP TABLE mine AS SELECT 41 + 1 AS x")
+        .await
+        .unwrap();
+    let x: i32 = client
+        .query_one("SELECT x FROM mine", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(x, 42);
+    let m = server_metrics(&server);
+    assert!(
+        metric(
+            &m,
+            "cutover_read_fallbacks_total{reason=\"undefined_object\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    // Session settings follow the session to new.
+    client
+        .batch_execute("SET TIME ZONE 'Asia/Kolkata'")
+        .await
+        .unwrap();
+    let before = reads_new();
+    let tz: String = client
+        .query_one("SELECT current_setting('TimeZone')", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or_default();
+    let offset: String = client
+        .query_one("SELECT to_char(now(), 'TZH:TZM')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(offset, "+05:30", "TimeZone on the serving backend: {tz}");
+    assert!(reads_new() > before, "the read did not run on new");
 }

@@ -195,7 +195,10 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         let bytes = Bytes::copy_from_slice(&buf[..unit.len]);
 
         if self.session.pinned_secondary {
-            return match self.run_on_secondary(&plane, &bytes, &unit, shared).await? {
+            return match self
+                .run_on_secondary(&plane, &bytes, &unit, shared, false)
+                .await?
+            {
                 Ok(()) => Ok(UnitStart::Served { consumed: unit.len }),
                 Err(Fallback(reason)) => {
                     // Mid-transaction there is nothing to fall back to: the
@@ -211,7 +214,10 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         let writes = match unit.class {
             Class::Read | Class::ReadOnlyBegin => {
                 if self.choose(&plane, shared).await.is_some() {
-                    match self.run_on_secondary(&plane, &bytes, &unit, shared).await? {
+                    match self
+                        .run_on_secondary(&plane, &bytes, &unit, shared, true)
+                        .await?
+                    {
                         Ok(()) => return Ok(UnitStart::Served { consumed: unit.len }),
                         Err(Fallback(reason)) => {
                             self.traffic
@@ -315,12 +321,15 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
 
     /// Runs the unit on the secondary and passes its replies on. The outer
     /// error ends the session; the inner one sends the unit to the primary.
+    /// Inside a read-only transaction already under way there (`may_fall_back`
+    /// false), errors are the client's to see, as the primary would send them.
     async fn run_on_secondary(
         &mut self,
         plane: &Plane,
         bytes: &[u8],
         unit: &Unit,
         shared: &relay::Shared,
+        may_fall_back: bool,
     ) -> Result<Result<(), Fallback>, RouteError> {
         let backend = plane.state.secondary();
         if self.session.secondary.as_ref().map(|(b, _)| *b) != Some(backend) {
@@ -404,7 +413,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                 b'3' if swallow_close > 0 => swallow_close -= 1,
                 b'S' => {}
                 tag => {
-                    if tag == b'E' && !passed_on {
+                    if tag == b'E' && !passed_on && may_fall_back {
                         let code = ErrorResponse::decode(&msg[5..]).unwrap_or_default().code;
                         if let Some(reason) = fallback_reason(&code) {
                             fallback.get_or_insert(reason);
