@@ -21,6 +21,7 @@ BEGIN
 END $$;
 CREATE TRIGGER accounts_audit AFTER UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION audit_fn();
 CREATE TABLE docs (id int PRIMARY KEY, body text, counter int NOT NULL DEFAULT 0);
+ALTER TABLE docs REPLICA IDENTITY FULL;
 CREATE TABLE scratch (id int PRIMARY KEY, v text);
 CREATE TABLE "Odd ""Name""" (k text PRIMARY KEY, "Value" jsonb, tags text[], raw bytea);
 GRANT ALL ON ALL TABLES IN SCHEMA public TO app;

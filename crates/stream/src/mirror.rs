@@ -561,6 +561,12 @@ async fn stream(
             ReplicationMessage::XLogData { end, data, .. } => {
                 primary_end = primary_end.max(end);
                 let msg = decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
+                let msg = match msg {
+                    Logical::Relation(rel) => {
+                        Logical::Relation(primary_key_columns(old, rel).await?)
+                    }
+                    other => other,
+                };
                 if let Logical::Begin { final_lsn, .. } = &msg {
                     // Transactions arrive in commit order: every commit
                     // record before this one's has been received and, with
@@ -636,6 +642,40 @@ async fn stream(
             last_status = Instant::now();
         }
     }
+}
+
+/// With `REPLICA IDENTITY FULL` pgoutput flags every column as part of the
+/// identity; the applier matches and upserts by the primary key, so take
+/// the key columns from the primary's catalog for such tables.
+async fn primary_key_columns(
+    old: &tokio_postgres::Client,
+    mut rel: crate::pgoutput::Relation,
+) -> Result<crate::pgoutput::Relation, StreamError> {
+    if rel.columns.len() < 2 || !rel.columns.iter().all(|c| c.is_key) {
+        return Ok(rel);
+    }
+    let table = format!(
+        "{}.{}",
+        applier::quote_ident(&rel.schema),
+        applier::quote_ident(&rel.name)
+    );
+    let keys: Vec<String> = old
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+            &[&table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !keys.is_empty() {
+        for c in &mut rel.columns {
+            c.is_key = keys.contains(&c.name);
+        }
+    }
+    Ok(rel)
 }
 
 /// A row value sent as a text-format parameter, whatever the column's type:
