@@ -792,3 +792,51 @@ async fn read_only_transactions_go_as_a_unit_and_missing_objects_fall_back() {
     assert_eq!(offset, "+05:30", "TimeZone on the serving backend: {tz}");
     assert!(reads_new() > before, "the read did not run on new");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_work_whichever_backend_runs_them() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let mut client = connect(server.proxy_addr).await;
+    // Prepared while idle: on new, the secondary.
+    let read = client
+        .prepare("SELECT balance FROM accounts WHERE id = $1")
+        .await
+        .unwrap();
+    let write = client
+        .prepare("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+        .await
+        .unwrap();
+    let balance = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i32>(0);
+    assert_eq!(balance(client.query(&read, &[&9i32]).await.unwrap()), 0);
+    // Inside a transaction the same statement runs on the primary, which
+    // has not seen it yet: cutover prepares it there first.
+    let tx = client.transaction().await.unwrap();
+    tx.execute(&write, &[&9i32, &5i32]).await.unwrap();
+    assert_eq!(balance(tx.query(&read, &[&9i32]).await.unwrap()), 5);
+    tx.commit().await.unwrap();
+    // And on new again after the commit, seeing it.
+    assert_eq!(balance(client.query(&read, &[&9i32]).await.unwrap()), 5);
+    let described = client
+        .prepare("SELECT note FROM accounts WHERE id = $1")
+        .await
+        .unwrap();
+    drop(read);
+    drop(write);
+    for _ in 0..3 {
+        let rows = client.query(&described, &[&9i32]).await.unwrap();
+        assert_eq!(rows[0].get::<_, String>(0), "seed");
+    }
+    let m = server_metrics(&server);
+    assert!(
+        metric(&m, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0) >= 4.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "cutover_reads_total{backend=\"old\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+}

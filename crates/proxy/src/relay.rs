@@ -385,6 +385,10 @@ where
 {
     // A write happened since the last ReadyForQuery `I`.
     let mut txn_wrote = false;
+    // ReadyForQuery messages parsed but not yet written to the client: the
+    // request counts as answered only once the client has its reply, so the
+    // router never serves the next unit elsewhere ahead of it.
+    let mut unsent = Vec::new();
     loop {
         if view.drain && shared.outstanding.load(Ordering::Relaxed) <= 0 {
             return BackendError::Drained;
@@ -413,7 +417,10 @@ where
             }
             if injected_reply {
                 // A reply to a Parse the proxy injected: drop it.
-                if let Err(e) = flush_to_client(client, cur, &mut pos, metrics).await {
+                if let Err(e) =
+                    flush_and_deliver(client, cur, &mut pos, metrics, shared, traffic, &mut unsent)
+                        .await
+                {
                     return e;
                 }
                 cur.buf.advance(frame.len);
@@ -428,34 +435,30 @@ where
                     let Some(status) = ready_for_query::decode(body) else {
                         return BackendError::Malformed("bad ReadyForQuery".to_string());
                     };
-                    shared.ready(status, metrics);
                     txn_wrote |= shared.pop_wrote();
-                    if status == TransactionStatus::Idle {
-                        if std::mem::take(&mut txn_wrote) {
-                            let plane = traffic.plane();
-                            if plane.classifies() {
-                                if plane.sync {
-                                    // Everything before this ReadyForQuery
-                                    // reaches the client now; the
-                                    // acknowledgement waits for the secondary.
-                                    if let Err(e) =
-                                        flush_to_client(client, cur, &mut pos, metrics).await
-                                    {
-                                        return e;
-                                    }
-                                    if let Some(lsn) = traffic.fence_commit(&plane).await {
-                                        shared.last_commit.fetch_max(lsn, Ordering::SeqCst);
-                                    }
-                                } else {
-                                    shared.commit_unknown.store(true, Ordering::SeqCst);
+                    if status == TransactionStatus::Idle && std::mem::take(&mut txn_wrote) {
+                        let plane = traffic.plane();
+                        if plane.classifies() {
+                            if plane.sync {
+                                // Everything before this ReadyForQuery
+                                // reaches the client now; the
+                                // acknowledgement waits for the secondary.
+                                if let Err(e) = flush_and_deliver(
+                                    client, cur, &mut pos, metrics, shared, traffic, &mut unsent,
+                                )
+                                .await
+                                {
+                                    return e;
                                 }
+                                if let Some(lsn) = traffic.fence_commit(&plane).await {
+                                    shared.last_commit.fetch_max(lsn, Ordering::SeqCst);
+                                }
+                            } else {
+                                shared.commit_unknown.store(true, Ordering::SeqCst);
                             }
                         }
-                        if shared.outstanding.load(Ordering::SeqCst) <= 0 {
-                            shared.release(traffic);
-                            shared.idle.notify_waiters();
-                        }
                     }
+                    unsent.push(status);
                 }
                 b'S' => {
                     if let Some((name, value)) = parameter_status::decode(body) {
@@ -472,10 +475,34 @@ where
             }
             pos += frame.len;
         }
-        if let Err(e) = flush_to_client(client, cur, &mut pos, metrics).await {
+        if let Err(e) =
+            flush_and_deliver(client, cur, &mut pos, metrics, shared, traffic, &mut unsent).await
+        {
             return e;
         }
     }
+}
+
+/// Writes what is ready to the client, then counts the ReadyForQuery
+/// messages it carried as answered (and, back at idle, leaves the gate).
+async fn flush_and_deliver<W: AsyncWrite + Unpin>(
+    client: &tokio::sync::Mutex<W>,
+    cur: &mut Cursor,
+    pos: &mut usize,
+    metrics: &BackendMetrics,
+    shared: &Shared,
+    traffic: &Traffic,
+    unsent: &mut Vec<TransactionStatus>,
+) -> Result<(), BackendError> {
+    flush_to_client(client, cur, pos, metrics).await?;
+    for status in unsent.drain(..) {
+        shared.ready(status, metrics);
+        if status == TransactionStatus::Idle && shared.outstanding.load(Ordering::SeqCst) <= 0 {
+            shared.release(traffic);
+            shared.idle.notify_waiters();
+        }
+    }
+    Ok(())
 }
 
 async fn flush_to_client<W: AsyncWrite + Unpin>(

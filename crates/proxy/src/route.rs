@@ -586,7 +586,23 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                         }
                     }
                 }
-                b'D' | b'E' => {}
+                b'D' => {
+                    // Describing a statement needs it where the unit runs.
+                    if body.first() == Some(&b'S') {
+                        let Some((name, _)) = cstr(&body[1..]) else {
+                            return Scan::Opaque;
+                        };
+                        match self.session.statements.get(name) {
+                            Some(p) if p.class == Class::Read => {}
+                            _ => unit.class = Class::Write,
+                        }
+                        if !unit.parses.iter().any(|p| p == name) {
+                            unit.uses.push(name.to_string());
+                        }
+                        statements_seen += 1;
+                    }
+                }
+                b'E' => {}
                 b'S' => {
                     if statements_seen == 0 {
                         unit.class = Class::Write;
