@@ -840,3 +840,29 @@ async fn prepared_statements_work_whichever_backend_runs_them() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripted_session_at_dial_100_matches_the_direct_connection_message_for_message() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let params = [
+        ("application_name", "fidelity"),
+        ("TimeZone", "Europe/Paris"),
+    ];
+    let mut direct = RawClient::connect(direct_addr(&p.old), APP_USER, APP_PASSWORD, &params).await;
+    let mut proxied = RawClient::connect(server.proxy_addr, APP_USER, APP_PASSWORD, &params).await;
+    let want = support::script::run_script(&mut direct).await;
+    let got = support::script::run_script(&mut proxied).await;
+    assert_eq!(want.len(), got.len());
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(g, w, "step {i} differs");
+    }
+    let m = server_metrics(&server);
+    assert!(
+        metric(&m, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0) >= 3.0,
+        "the script's reads did not reach new:\n{m}"
+    );
+}

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod script;
+
 use bytes::{BufMut, BytesMut};
 use cutover::Server;
 use cutover_backend::connection::read_frame;

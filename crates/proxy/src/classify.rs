@@ -29,6 +29,10 @@ pub enum Class {
     /// `DISCARD`/`DEALLOCATE`: runs on the primary and forgets the
     /// session's statements and settings on the secondary too.
     SessionReset,
+    /// Runs on the primary and changes session settings cutover cannot
+    /// replay (a `SET` among other statements, `set_config(...)`): the
+    /// session's reads stay on the primary from then on.
+    SessionChanging,
     /// Everything else: the primary.
     Write,
 }
@@ -148,22 +152,33 @@ pub fn classify(sql: &str) -> Class {
             {
                 return Class::ReadOnlyBegin
             }
-            Statement::Set(set) => {
-                let text = set.to_string().to_ascii_uppercase();
-                return if text.starts_with("SET LOCAL") || text.contains("TRANSACTION") {
-                    Class::Write
-                } else {
-                    Class::SessionSet
-                };
-            }
             Statement::Discard { .. } | Statement::Deallocate { .. } => return Class::SessionReset,
             _ => {}
         }
+    }
+    let sets: Vec<bool> = statements.iter().map(is_session_set).collect();
+    if sets.iter().all(|s| *s) {
+        return Class::SessionSet;
+    }
+    if sets.iter().any(|s| *s) || sql.to_ascii_lowercase().contains("set_config") {
+        return Class::SessionChanging;
     }
     if statements.iter().all(is_plain_read) {
         Class::Read
     } else {
         Class::Write
+    }
+}
+
+/// A `SET`/`RESET` that outlives the transaction (not `SET LOCAL`, not
+/// `SET TRANSACTION ...`).
+fn is_session_set(statement: &Statement) -> bool {
+    match statement {
+        Statement::Set(set) => {
+            let text = set.to_string().to_ascii_uppercase();
+            !(text.starts_with("SET LOCAL") || text.contains("TRANSACTION"))
+        }
+        _ => false,
     }
 }
 
@@ -302,7 +317,6 @@ mod tests {
             "WITH u AS (UPDATE t SET x = 1 RETURNING *) SELECT count(*) FROM u",
             "SELECT nextval('s')",
             "SELECT setval('s', 5)",
-            "SELECT set_config('a.b', 'c', false)",
             "SELECT * FROM t FOR UPDATE",
             "SELECT * FROM t FOR SHARE",
             "SELECT my_function(1)",
@@ -338,6 +352,22 @@ mod tests {
         assert_eq!(classify("SET search_path = app, public"), Class::SessionSet);
         assert_eq!(classify("SET TIME ZONE 'UTC'"), Class::SessionSet);
         assert_eq!(classify("DISCARD ALL"), Class::SessionReset);
+        assert_eq!(
+            classify("SET a.b = 1; SET TIME ZONE 'UTC'"),
+            Class::SessionSet
+        );
+        assert_eq!(
+            classify("SET TIME ZONE 'UTC'; SELECT 1"),
+            Class::SessionChanging
+        );
+        assert_eq!(
+            classify("SELECT set_config('TimeZone', 'UTC', false)"),
+            Class::SessionChanging
+        );
+        assert_eq!(
+            classify("SET LOCAL work_mem = '1MB'; SELECT 1"),
+            Class::Write
+        );
         assert_eq!(classify("DEALLOCATE ALL"), Class::SessionReset);
     }
 }

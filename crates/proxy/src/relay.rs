@@ -444,7 +444,13 @@ where
                                 // reaches the client now; the
                                 // acknowledgement waits for the secondary.
                                 if let Err(e) = flush_and_deliver(
-                                    client, cur, &mut pos, metrics, shared, traffic, &mut unsent,
+                                    client,
+                                    cur,
+                                    &mut pos,
+                                    metrics,
+                                    shared,
+                                    traffic,
+                                    &mut unsent,
                                 )
                                 .await
                                 {

@@ -75,6 +75,9 @@ pub struct SessionRouting {
     draw: u64,
     /// Inside a `BEGIN READ ONLY` transaction served by the secondary.
     pinned_secondary: bool,
+    /// The session changed settings cutover could not follow: its reads
+    /// stay on the primary.
+    reads_on_primary: bool,
 }
 
 impl SessionRouting {
@@ -92,6 +95,7 @@ impl SessionRouting {
             cache: ClassCache::default(),
             draw: splitmix(id ^ 0x5eed),
             pinned_secondary: false,
+            reads_on_primary: false,
         }
     }
 
@@ -240,8 +244,13 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             Class::SessionReset => {
                 self.session.sets.clear();
                 self.session.statements.clear();
+                self.session.reads_on_primary = false;
                 self.session.drop_secondary(OnReturn::Reset);
                 false
+            }
+            Class::SessionChanging => {
+                self.session.reads_on_primary = true;
+                true
             }
             Class::Write => true,
         };
@@ -296,6 +305,9 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                 .inc();
             None
         };
+        if self.session.reads_on_primary {
+            return refuse("session_state");
+        }
         if !self.traffic.secondary_healthy() {
             return refuse("unhealthy");
         }
@@ -510,6 +522,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             closes: Vec::new(),
         };
         let mut statements_seen = 0;
+        let mut changes_session = false;
         loop {
             if buf.len() < pos + 5 {
                 return Scan::Incomplete;
@@ -550,6 +563,12 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                     if class != Class::Read {
                         unit.class = Class::Write;
                     }
+                    // Session settings through the extended protocol are
+                    // not replayed: the session's reads stay on the primary.
+                    changes_session |= matches!(
+                        class,
+                        Class::SessionSet | Class::SessionChanging | Class::SessionReset
+                    );
                     self.session.statements.insert(
                         name.to_string(),
                         Prepared {
@@ -606,6 +625,9 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                 b'S' => {
                     if statements_seen == 0 {
                         unit.class = Class::Write;
+                    }
+                    if changes_session {
+                        unit.class = Class::SessionChanging;
                     }
                     unit.len = pos;
                     unit.syncs = 1;
