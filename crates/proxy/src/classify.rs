@@ -256,7 +256,7 @@ fn is_safe_function(name: &str) -> bool {
     SAFE_FUNCTIONS.binary_search(&name).is_ok()
 }
 
-/// Classifications by statement text, per session, bounded.
+/// Classifications by statement shape, per session, bounded.
 #[derive(Default)]
 pub struct ClassCache {
     entries: HashMap<Box<str>, Class>,
@@ -266,16 +266,72 @@ const CACHE_ENTRIES: usize = 512;
 
 impl ClassCache {
     pub fn classify(&mut self, sql: &str) -> Class {
-        if let Some(class) = self.entries.get(sql) {
+        let shape = shape(sql);
+        let key = shape.as_deref().unwrap_or(sql);
+        if let Some(class) = self.entries.get(key) {
             return *class;
         }
         let class = classify(sql);
         if self.entries.len() >= CACHE_ENTRIES {
             self.entries.clear();
         }
-        self.entries.insert(sql.into(), class);
+        self.entries.insert(key.into(), class);
         class
     }
+}
+
+/// The text with its string and number literals replaced, so statements
+/// that differ only in literal values share one cache entry (a literal's
+/// value never changes what a statement is). None — cache by the exact
+/// text — for anything this simple scanner does not fully understand:
+/// backslashes, dollar quoting or parameters, comments, E/U&/B/X strings.
+fn shape(sql: &str) -> Option<String> {
+    if sql.contains(['\\', '$']) || sql.contains("--") || sql.contains("/*") {
+        return None;
+    }
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        let after_word = i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        match c {
+            b'\'' => {
+                if after_word {
+                    // E'...', U&'...', B'...', X'...' and the like.
+                    return None;
+                }
+                i += 1;
+                loop {
+                    match bytes.get(i) {
+                        None => return None,
+                        Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => break,
+                        Some(_) => i += 1,
+                    }
+                }
+                out.push_str("'?'");
+                i += 1;
+            }
+            b'"' => {
+                let end = sql[i + 1..].find('"')? + i + 1;
+                out.push_str(&sql[i..=end]);
+                i = end + 1;
+            }
+            b'0'..=b'9' if !after_word => {
+                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+                    i += 1;
+                }
+                out.push('0');
+            }
+            _ => {
+                let ch = sql[i..].chars().next()?;
+                out.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -335,6 +391,53 @@ mod tests {
             "SELECT * FROM t WHERE id IN (SELECT my_func())",
         ] {
             assert_eq!(classify(sql), Class::Write, "{sql}");
+        }
+    }
+
+    #[test]
+    fn statements_differing_only_in_literals_share_a_shape() {
+        assert_eq!(
+            shape("SELECT abalance FROM pgbench_accounts WHERE aid = 4711;"),
+            shape("SELECT abalance FROM pgbench_accounts WHERE aid = 12;")
+        );
+        assert_eq!(
+            shape("SELECT 'it''s', t1.x FROM t1"),
+            Some("SELECT '?', t1.x FROM t1".into())
+        );
+        assert_eq!(
+            shape("SELECT \"a'b\" FROM t"),
+            Some("SELECT \"a'b\" FROM t".into())
+        );
+        for unsure in [
+            "SELECT E'\\''",
+            "SELECT $$x$$",
+            "SELECT 1 -- c",
+            "SELECT /* c */ 1",
+            "SELECT 'open",
+            "SELECT x'1F'",
+        ] {
+            assert_eq!(shape(unsure), None, "{unsure}");
+        }
+    }
+
+    #[test]
+    fn the_cache_gives_the_class_of_the_exact_text() {
+        let mut cache = ClassCache::default();
+        for sql in [
+            "SELECT 1",
+            "SELECT 2",
+            "DELETE FROM t WHERE id = 1",
+            "SELECT * FROM t WHERE id = 1 FOR UPDATE",
+            "SELECT * FROM t WHERE id = 2",
+            "SELECT 'x'; DELETE FROM t WHERE id = 3",
+            "SELECT 'y'",
+            "SELECT nextval('s')",
+            "SELECT lower('s')",
+            "SET TIME ZONE 'UTC'",
+            "SET TIME ZONE 'UTC'; SELECT 1",
+        ] {
+            assert_eq!(cache.classify(sql), classify(sql), "{sql}");
+            assert_eq!(cache.classify(sql), classify(sql), "{sql} (cached)");
         }
     }
 

@@ -116,7 +116,8 @@ impl Traffic {
             .await
             .ok()?
             .ok()?;
-        if !plane.sync || self.lagging(fence.as_ref()) {
+        // Not streaming yet (slot being created): nothing to wait for.
+        if !plane.sync || fence.caught_up() == 0 || self.lagging(fence.as_ref()) {
             return Some(lsn);
         }
         if fence.wait_applied(lsn, plane.sync_timeout).await {
