@@ -502,13 +502,34 @@ fn progress_bar(rows: u64, estimate: u64, done: bool) -> String {
 }
 
 async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
-    eprintln!("cutover demo: starting a throwaway PostgreSQL...");
-    let cluster = tokio::task::spawn_blocking(|| {
-        cutover_pgcluster::Cluster::start(cutover_pgcluster::ClusterOptions::default())
-    })
-    .await??;
-    cluster.psql("postgres", "CREATE ROLE app LOGIN PASSWORD 'app'")?;
-    cluster.psql("postgres", "CREATE DATABASE app OWNER app")?;
+    eprintln!("cutover demo: starting two throwaway PostgreSQL clusters (old and new)...");
+    let start = || {
+        tokio::task::spawn_blocking(|| {
+            cutover_pgcluster::Cluster::start(cutover_pgcluster::ClusterOptions::default())
+        })
+    };
+    let (old, new) = (start().await??, start().await??);
+    // The same small schema on both (cutover copies rows, not DDL), rows on old.
+    for cluster in [&old, &new] {
+        cluster.psql("postgres", "CREATE ROLE app LOGIN PASSWORD 'app'")?;
+        cluster.psql("postgres", "CREATE DATABASE app OWNER app")?;
+        cluster.psql(
+            "app",
+            "CREATE TABLE accounts (id serial PRIMARY KEY, owner text NOT NULL, balance int NOT NULL); \
+             GRANT ALL ON accounts, accounts_id_seq TO app",
+        )?;
+    }
+    old.psql(
+        "app",
+        "INSERT INTO accounts (owner, balance) SELECT 'owner ' || g, g * 10 FROM generate_series(1, 1000) g",
+    )?;
+    let url = |c: &cutover_pgcluster::Cluster| {
+        c.url(
+            cutover_pgcluster::SUPERUSER,
+            cutover_pgcluster::SUPERUSER_PASSWORD,
+            "app",
+        )
+    };
     let config = Config::from_toml(&format!(
         r#"
         [proxy]
@@ -522,31 +543,41 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
         [old]
         url = "{}"
         pool_size = 20
+        [new]
+        url = "{}"
+        pool_size = 20
         "#,
-        cluster.url(
-            cutover_pgcluster::SUPERUSER,
-            cutover_pgcluster::SUPERUSER_PASSWORD,
-            "app"
-        )
+        url(&old),
+        url(&new)
     ))?;
     let server = Server::start(config).await?;
+    let admin = format!("--admin http://{admin_listen}");
     println!();
     println!(
-        "  PostgreSQL {} is on 127.0.0.1:{} (data in a temporary directory)",
-        cluster.bindir().display(),
-        cluster.port()
+        "  PostgreSQL {}: old on 127.0.0.1:{}, new on 127.0.0.1:{} (data in temporary directories)",
+        old.bindir().display(),
+        old.port(),
+        new.port()
     );
     println!("  cutover listens on {listen}; connect with:");
     println!();
-    println!("    psql \"postgres://app:app@{listen}/app\"");
+    println!(
+        "    psql \"postgres://app:app@{listen}/app\"      (table `accounts`, 1000 rows on old)"
+    );
     println!();
-    println!("  status:  cargo run -- status --admin http://{admin_listen}");
+    println!("  then walk the migration (in another terminal):");
+    println!("    cargo run -- status {admin}");
+    println!("    cargo run -- mirror start {admin}");
+    println!("    curl -X POST http://{admin_listen}/v1/verify      # verdict in `status --json`");
+    println!("    cargo run -- reads 50 {admin}");
+    println!("    cargo run -- promote {admin}");
+    println!("    cargo run -- rollback {admin}");
     println!("  metrics: curl http://{admin_listen}/metrics");
     println!();
-    println!("  Ctrl-C stops cutover and deletes the database.");
+    println!("  Ctrl-C stops cutover and deletes both databases.");
     wait_for_signal().await?;
     eprintln!("cutover demo: stopping");
     server.shutdown().await;
-    drop(cluster);
+    drop((old, new));
     Ok(())
 }
