@@ -456,7 +456,8 @@ fn render_status(s: &Status) -> String {
     if let Some(m) = &s.mirror {
         let text = |k: &str| m[k].as_str().unwrap_or("-").to_string();
         out.push_str(&format!(
-            "\nmirror:  {}  applied {}  primary {}  lag {} bytes / {:.1}s  ({} transactions, {} rows applied)\n",
+            "\nstream:  from {}  {}  applied {}  primary {}  lag {} bytes / {:.1}s  ({} transactions, {} rows applied)\n",
+            text("from"),
             text("state"),
             text("applied_lsn"),
             text("primary_lsn"),
@@ -479,6 +480,26 @@ fn render_status(s: &Status) -> String {
                 )
             ));
         }
+    }
+    if let Some(v) = &s.verify {
+        out.push_str(&format!(
+            "verify:  {}  {} rows checked, {} different\n",
+            v["state"].as_str().unwrap_or("-"),
+            v["rows_checked"].as_u64().unwrap_or(0),
+            v["rows_different"].as_u64().unwrap_or(0)
+        ));
+    }
+    if let Some(p) = &s.last_pause {
+        out.push_str(&format!(
+            "pause:   last write pause {:.1} ms (to {}, {})\n",
+            p["milliseconds"].as_f64().unwrap_or(0.0),
+            p["to"].as_str().unwrap_or("?"),
+            if p["completed"].as_bool().unwrap_or(false) {
+                "completed"
+            } else {
+                "aborted"
+            }
+        ));
     }
     out
 }
