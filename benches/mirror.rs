@@ -13,7 +13,9 @@ use cutover_pgcluster::{Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const DB: &str = "bench";
+mod support;
+
+use support::{lsn, status, wait_drained, DB};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
@@ -40,40 +42,6 @@ fn pgbench(cluster: &Cluster, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn status(server: &Server) -> serde_json::Value {
-    let r = cutover::cli_http::request(
-        &format!("http://{}", server.admin_addr),
-        "GET",
-        "/v1/status",
-        None,
-        None,
-    )
-    .expect("status");
-    serde_json::from_str(&r.body).expect("status JSON")
-}
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.split_once('/').unwrap_or(("0", "0"));
-    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
-}
-
-async fn wait_drained(server: &Server, old: &Cluster) -> Duration {
-    let started = Instant::now();
-    let target = lsn(&old.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
-    loop {
-        let m = status(server)["mirror"].clone();
-        if m["state"] == "streaming" && lsn(m["caught_up_lsn"].as_str().unwrap_or("0/0")) >= target
-        {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "did not drain: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn run_scale(scale: u32, seconds: u64, clients: u32) {

@@ -11,9 +11,11 @@ use cutover::Server;
 use cutover_config::Config;
 use cutover_pgcluster::{Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const DB: &str = "bench";
+mod support;
+
+use support::{wait_drained, DB};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -81,43 +83,6 @@ fn call(server: &Server, method: &str, path: &str, body: &str) -> serde_json::Va
     let doc: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
     assert_eq!(r.status, 200, "{method} {path}: {doc}");
     doc
-}
-
-fn status(server: &Server) -> serde_json::Value {
-    let r = cutover::cli_http::request(
-        &format!("http://{}", server.admin_addr),
-        "GET",
-        "/v1/status",
-        None,
-        None,
-    )
-    .expect("status");
-    serde_json::from_str(&r.body).expect("status JSON")
-}
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.split_once('/').unwrap_or(("0", "0"));
-    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
-}
-
-async fn wait_drained(server: &Server, source: &Cluster) {
-    let started = Instant::now();
-    let target = lsn(source
-        .psql(DB, "SELECT pg_current_wal_lsn()")
-        .unwrap()
-        .trim());
-    loop {
-        let m = status(server)["mirror"].clone();
-        if m["state"] == "streaming" && lsn(m["caught_up_lsn"].as_str().unwrap_or("0/0")) >= target
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "did not drain: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn config(

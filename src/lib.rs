@@ -53,9 +53,6 @@ struct Daemon {
     stream: Mutex<Option<migration::RunningStream>>,
     /// The current or last daemon-run verify, as `/v1/status` shows it.
     verify: Arc<Mutex<Option<serde_json::Value>>>,
-    /// The control state as last published (the data path reads its copy
-    /// in `traffic`).
-    control: Mutex<ControlState>,
     /// Transitions run one at a time.
     transitions: tokio::sync::Mutex<()>,
     traffic: Arc<Traffic>,
@@ -318,7 +315,6 @@ impl Server {
             scram: cutover_backend::ScramCache::default(),
             stream: Mutex::new(None),
             verify: Arc::new(Mutex::new(None)),
-            control: Mutex::new(ControlState::default()),
             transitions: tokio::sync::Mutex::new(()),
             traffic,
             last_pause: Mutex::new(None),

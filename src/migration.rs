@@ -197,7 +197,6 @@ impl Daemon {
             sync_timeout: self.config.mirror.sync_timeout,
             fence,
         });
-        *self.control.lock().unwrap_or_else(|p| p.into_inner()) = state;
         let m = &self.metrics.traffic;
         for phase in Phase::all() {
             m.phase
@@ -217,8 +216,9 @@ impl Daemon {
         }
     }
 
+    /// The state as last published: the one the data path obeys.
     pub(crate) fn control_state(&self) -> ControlState {
-        *self.control.lock().unwrap_or_else(|p| p.into_inner())
+        self.traffic.plane().state
     }
 
     pub(crate) async fn run_transition(

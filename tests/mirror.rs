@@ -90,41 +90,6 @@ fn mirror_status(server: &cutover::Server) -> serde_json::Value {
     mirror_status_at(server.admin_addr)
 }
 
-fn mirror_status_at(admin: std::net::SocketAddr) -> serde_json::Value {
-    match cutover::cli_http::request(&format!("http://{admin}"), "GET", "/v1/status", None, None) {
-        Ok(r) => serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["mirror"].clone(),
-        Err(_) => serde_json::Value::Null,
-    }
-}
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-/// Waits until the secondary holds everything the primary has written now.
-async fn drained(server: &cutover::Server, old: &Cluster) {
-    drained_at(server.admin_addr, old).await
-}
-
-async fn drained_at(admin: std::net::SocketAddr, old: &Cluster) {
-    let target = lsn(&old.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = mirror_status_at(admin);
-        if let (Some(c), "streaming") = (
-            m["caught_up_lsn"].as_str(),
-            m["state"].as_str().unwrap_or(""),
-        ) {
-            if lsn(c) >= target {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "stream did not drain: {m}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Every row of every table, as text, in key order.
 fn contents(c: &Cluster, table: &str, key: &str) -> String {
     c.psql(DB, &format!("SELECT t::text FROM {table} t ORDER BY {key}"))

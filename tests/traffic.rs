@@ -144,30 +144,6 @@ fn status(server: &cutover::Server) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.trim().split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-/// Waits until the running stream holds everything its source has now.
-async fn drained(server: &cutover::Server, source: &Cluster) {
-    let target = lsn(&source.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = status(server)["mirror"].clone();
-        if let (Some(c), "streaming") = (
-            m["caught_up_lsn"].as_str(),
-            m["state"].as_str().unwrap_or(""),
-        ) {
-            if lsn(c) >= target {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "stream did not drain: {m}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn assert_identical(p: &Pair, step: &str) {
     for table in TABLES {
         let key = match *table {

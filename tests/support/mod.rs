@@ -455,3 +455,46 @@ pub mod fe {
         parts.concat()
     }
 }
+
+/// The `mirror` part of `/v1/status` of the cutover at `admin` (Null when
+/// it does not answer).
+pub fn mirror_status_at(admin: SocketAddr) -> serde_json::Value {
+    match cutover::cli_http::request(&format!("http://{admin}"), "GET", "/v1/status", None, None) {
+        Ok(r) => serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["mirror"].clone(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// An LSN as PostgreSQL prints it (`16/B374D848`).
+pub fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Waits until the stream run by the cutover at `admin` holds everything
+/// `source` (the stream's primary) has written now.
+pub async fn drained_at(admin: SocketAddr, source: &Cluster) {
+    let target = lsn(&source.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = mirror_status_at(admin);
+        if let (Some(c), "streaming") = (
+            m["caught_up_lsn"].as_str(),
+            m["state"].as_str().unwrap_or(""),
+        ) {
+            if lsn(c) >= target {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stream did not drain: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// [`drained_at`] for an in-process cutover.
+pub async fn drained(server: &Server, source: &Cluster) {
+    drained_at(server.admin_addr, source).await
+}

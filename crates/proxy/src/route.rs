@@ -217,7 +217,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         }
         let writes = match unit.class {
             Class::Read | Class::ReadOnlyBegin => {
-                if self.choose(&plane, shared).await.is_some() {
+                if self.choose(&plane, shared).await {
                     match self
                         .run_on_secondary(&plane, &bytes, &unit, shared, true)
                         .await?
@@ -280,11 +280,11 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
 
     /// Whether this read may go to the secondary now; counts why not when
     /// the dial chose it but something stands in the way.
-    async fn choose(&mut self, plane: &Plane, shared: &relay::Shared) -> Option<()> {
+    async fn choose(&mut self, plane: &Plane, shared: &relay::Shared) -> bool {
         let idle = shared.outstanding.load(Ordering::SeqCst) <= 0
             && shared.status() == Some(TransactionStatus::Idle);
         if !idle {
-            return None;
+            return false;
         }
         let draw = match self.strategy {
             RoutingStrategy::Session => self.session.draw,
@@ -294,16 +294,18 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             }
         };
         if self.traffic.pick(&plane.state, draw) == plane.state.primary {
-            return None;
+            return false;
         }
-        let fence = plane.fence.as_ref()?;
+        let Some(fence) = plane.fence.as_ref() else {
+            return false;
+        };
         let refuse = |reason: &'static str| {
             self.traffic
                 .metrics
                 .read_fallbacks
                 .with_label_values(&[reason])
                 .inc();
-            None
+            false
         };
         if self.session.reads_on_primary {
             return refuse("session_state");
@@ -328,7 +330,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         if fence.caught_up() < shared.last_commit.load(Ordering::SeqCst) {
             return refuse("behind_session");
         }
-        Some(())
+        true
     }
 
     /// Runs the unit on the secondary and passes its replies on. The outer
@@ -511,6 +513,18 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             .retain(|_, p| p.on_secondary && !p.on_primary);
     }
 
+    /// A Bind or Describe of statement `name`: the unit is a read only if
+    /// that statement is, and it must exist wherever the unit runs.
+    fn uses_statement(&self, unit: &mut Unit, name: &str) {
+        match self.session.statements.get(name) {
+            Some(p) if p.class == Class::Read => {}
+            _ => unit.class = Class::Write,
+        }
+        if !unit.parses.iter().any(|p| p == name) {
+            unit.uses.push(name.to_string());
+        }
+    }
+
     fn scan(&mut self, buf: &[u8]) -> Scan {
         let mut pos = 0;
         let mut unit = Unit {
@@ -588,13 +602,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                     let Some((name, _)) = cstr(rest) else {
                         return Scan::Opaque;
                     };
-                    match self.session.statements.get(name) {
-                        Some(p) if p.class == Class::Read => {}
-                        _ => unit.class = Class::Write,
-                    }
-                    if !unit.parses.iter().any(|p| p == name) {
-                        unit.uses.push(name.to_string());
-                    }
+                    self.uses_statement(&mut unit, name);
                     statements_seen += 1;
                 }
                 b'C' => {
@@ -611,13 +619,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                         let Some((name, _)) = cstr(&body[1..]) else {
                             return Scan::Opaque;
                         };
-                        match self.session.statements.get(name) {
-                            Some(p) if p.class == Class::Read => {}
-                            _ => unit.class = Class::Write,
-                        }
-                        if !unit.parses.iter().any(|p| p == name) {
-                            unit.uses.push(name.to_string());
-                        }
+                        self.uses_statement(&mut unit, name);
                         statements_seen += 1;
                     }
                 }

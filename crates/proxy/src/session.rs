@@ -54,7 +54,7 @@ pub(crate) async fn run(
         Ok(Accepted::Cancel(key)) => forward_cancel(&shared, key).await,
         Ok(Accepted::Startup(request)) => {
             let span = tracing::info_span!("session", id, user = %request.user, %peer);
-            serve(shared, request, close).instrument(span).await
+            serve(shared, id, request, close).instrument(span).await
         }
         Err(e) => {
             let counter = if e.is_auth_failure() {
@@ -104,7 +104,12 @@ impl Drop for ClientCount<'_> {
     }
 }
 
-async fn serve(shared: Arc<Shared>, request: StartupRequest, mut close: watch::Receiver<bool>) {
+async fn serve(
+    shared: Arc<Shared>,
+    id: u64,
+    request: StartupRequest,
+    mut close: watch::Receiver<bool>,
+) {
     let StartupRequest {
         mut stream,
         user,
@@ -182,7 +187,6 @@ async fn serve(shared: Arc<Shared>, request: StartupRequest, mut close: watch::R
     }
     tracing::debug!(reused = !checkout.fresh, "client logged in");
 
-    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let mut routing = SessionRouting::new(id, key, password, primary);
     let mut session = Session {
         checkout,

@@ -138,16 +138,6 @@ impl Mirror {
         self.shared.caught_up.subscribe()
     }
 
-    /// Asks the stream to establish, soon, that everything up to `lsn` is on
-    /// the secondary (a commit is waiting for it).
-    pub fn want(&self, lsn: Lsn) {
-        self.shared.wanted.send_if_modified(|w| {
-            let ahead = lsn > *w;
-            *w = (*w).max(lsn);
-            ahead
-        });
-    }
-
     /// A handle that lets waiters (the proxy's commit fence) ask for a position.
     pub fn position(&self) -> StreamPosition {
         StreamPosition {
@@ -289,7 +279,7 @@ async fn session(
     let fresh = settings.fresh && !shared.fresh_done.load(std::sync::atomic::Ordering::Relaxed);
     let start = match (applied, slot_exists) {
         _ if fresh => {
-            let start = setup_fresh(settings, &old, &new, &mut repl, slot_exists).await?;
+            let start = setup(settings, &old, &new, &mut repl, slot_exists, false).await?;
             shared
                 .fresh_done
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -300,7 +290,7 @@ async fn session(
             tracing::info!(%lsn, "resuming the change stream");
             lsn
         }
-        _ => setup(settings, &old, &new, &mut repl, slot_exists).await?,
+        _ => setup(settings, &old, &new, &mut repl, slot_exists, true).await?,
     };
     let progress = copy::progress(&new, &settings.slot).await?;
     let copying = progress.iter().any(|p| !p.done);
@@ -365,21 +355,26 @@ async fn session(
     }
 }
 
-/// A fresh start: preconditions, publication, a slot without a snapshot,
-/// and, in one secondary transaction, empty tables, a copy plan and the
-/// slot's start as the applied position. Returns that position.
+/// A new start: preconditions, publication, a slot without a snapshot,
+/// and, in one secondary transaction, what to copy and the slot's start as
+/// the applied position. Returns that position.
+///
+/// With `copy`, the copy plan (empty tables, every table pending). Without
+/// it — a start while writes are paused and both sides hold the same rows
+/// (promote, rollback) — nothing is copied.
 async fn setup(
     settings: &MirrorSettings,
     old: &tokio_postgres::Client,
     new: &tokio_postgres::Client,
     repl: &mut ReplicationConnection,
     slot_exists: bool,
+    copy: bool,
 ) -> Result<Lsn, StreamError> {
     let tables =
         preconditions::check(old, new, &settings.old.address(), &settings.old.user).await?;
     let slot = applier::quote_ident(&settings.slot);
     if slot_exists {
-        // The secondary has no record of it: a start that never finished.
+        // Left by a start that never finished, or replaced by a fresh start.
         old.execute("SELECT pg_drop_replication_slot($1)", &[&settings.slot])
             .await?;
     }
@@ -388,7 +383,14 @@ async fn setup(
     ))
     .await?;
     let start = create_slot(repl, &slot).await?;
-    let plan = copy::plan_sql(old, &settings.slot, &tables).await?;
+    let plan = if copy {
+        copy::plan_sql(old, &settings.slot, &tables).await?
+    } else {
+        format!(
+            "DELETE FROM cutover.copy_progress WHERE slot = {};",
+            applier::quote_literal(&settings.slot)
+        )
+    };
     new.batch_execute(&format!(
         "BEGIN; SET LOCAL session_replication_role = replica; {plan}\
          INSERT INTO {} (slot, lsn) VALUES ({}, '{start}') \
@@ -397,38 +399,7 @@ async fn setup(
         applier::quote_literal(&settings.slot)
     ))
     .await?;
-    tracing::info!(%start, tables = tables.len(), "slot created; copying alongside the stream");
-    Ok(start)
-}
-
-/// A start while writes are paused and both sides hold the same rows: a new
-/// publication and slot at the primary's current position, recorded as
-/// applied on the secondary, and nothing to copy.
-async fn setup_fresh(
-    settings: &MirrorSettings,
-    old: &tokio_postgres::Client,
-    new: &tokio_postgres::Client,
-    repl: &mut ReplicationConnection,
-    slot_exists: bool,
-) -> Result<Lsn, StreamError> {
-    preconditions::check(old, new, &settings.old.address(), &settings.old.user).await?;
-    let slot = applier::quote_ident(&settings.slot);
-    if slot_exists {
-        old.execute("SELECT pg_drop_replication_slot($1)", &[&settings.slot])
-            .await?;
-    }
-    old.batch_execute(&format!(
-        "DROP PUBLICATION IF EXISTS {slot}; CREATE PUBLICATION {slot} FOR ALL TABLES"
-    ))
-    .await?;
-    let start = create_slot(repl, &slot).await?;
-    new.batch_execute(&format!(
-        "DELETE FROM cutover.copy_progress WHERE slot = {name};          INSERT INTO {applied} (slot, lsn) VALUES ({name}, '{start}')          ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = now()",
-                applied = applier::APPLIED_TABLE,
-        name = applier::quote_literal(&settings.slot)
-    ))
-    .await?;
-    tracing::info!(%start, slot = %settings.slot, "slot created at the current position; nothing to copy");
+    tracing::info!(%start, tables = tables.len(), copy, "slot created; the stream starts here");
     Ok(start)
 }
 
