@@ -92,9 +92,16 @@ fn mirror_status(server: &cutover::Server) -> serde_json::Value {
 
 /// Every row of every table, as text, in key order.
 fn contents(c: &Cluster, table: &str, key: &str) -> String {
-    c.psql(DB, &format!("SELECT t::text FROM {table} t ORDER BY {key}"))
-        .unwrap()
+    c.psql(
+        DB,
+        &format!("{CANONICAL} SELECT t::text FROM {table} t ORDER BY {key}"),
+    )
+    .unwrap()
 }
+
+/// One text form for values whatever the server's defaults.
+const CANONICAL: &str = "SET timezone = UTC; SET datestyle = ISO; SET intervalstyle = postgres; \
+     SET extra_float_digits = 3; SET bytea_output = hex;";
 
 fn assert_identical(p: &Pair) {
     for (table, key) in TABLES {
@@ -785,4 +792,255 @@ async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
     drained_at(admin, &p.old).await;
     assert_identical(&p);
     sequences_match(&p).await;
+}
+
+const KEYLESS_SCHEMA: &str = r#"
+CREATE TABLE log (at timestamptz, d date, span interval, f float8, note text, j json, p point);
+ALTER TABLE log REPLICA IDENTITY FULL;
+CREATE TABLE blobs (n int, body text);
+ALTER TABLE blobs REPLICA IDENTITY FULL;
+GRANT ALL ON log, blobs TO app;
+"#;
+
+/// Both tables without a key, every row as text in one canonical form,
+/// sorted: equal strings mean equal multisets of rows.
+fn keyless_contents(c: &Cluster) -> String {
+    c.psql(
+        DB,
+        &format!(
+            "{CANONICAL} SELECT 'log ' || t::text FROM log t \
+             UNION ALL SELECT 'blobs ' || n || ' ' || md5(body) FROM blobs ORDER BY 1"
+        ),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_without_a_key_are_copied_streamed_verified_and_repaired() {
+    let p = pair();
+    p.old.psql(DB, KEYLESS_SCHEMA).unwrap();
+    p.new.psql(DB, KEYLESS_SCHEMA).unwrap();
+    // The two servers write dates, times, intervals and floats differently
+    // by default; rows must still mean the same on both sides.
+    p.old
+        .psql(
+            DB,
+            &format!(
+                "ALTER DATABASE {DB} SET datestyle = 'SQL, DMY'; ALTER DATABASE {DB} SET timezone = 'America/Los_Angeles'; \
+                 ALTER DATABASE {DB} SET intervalstyle = 'sql_standard'; ALTER DATABASE {DB} SET extra_float_digits = 0"
+            ),
+        )
+        .unwrap();
+    p.new
+        .psql(
+            DB,
+            &format!(
+                "ALTER DATABASE {DB} SET datestyle = 'SQL, MDY'; ALTER DATABASE {DB} SET timezone = 'Asia/Kolkata'; \
+                 ALTER DATABASE {DB} SET bytea_output = 'escape'"
+            ),
+        )
+        .unwrap();
+    seed(&p.old);
+    p.old
+        .psql(
+            DB,
+            "INSERT INTO log SELECT now() - g * interval '1 hour', date '2026-01-01' + g, g * interval '1 day 3 minutes', \
+               1.0 / g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'n' || (g % 7) END, json_build_object('g', g % 5), point(g, g) \
+             FROM generate_series(1, 300) g; \
+             INSERT INTO log (note) SELECT 'dup' FROM generate_series(1, 3); \
+             INSERT INTO blobs SELECT g, (SELECT string_agg(md5(random()::text || i || g), '') FROM generate_series(1, 2500) i) \
+             FROM generate_series(1, 10) g",
+        )
+        .unwrap();
+    let config = mirror_config(&p, "");
+    let path = std::env::temp_dir().join(format!("cutover-keyless-{}.toml", std::process::id()));
+    std::fs::write(&path, &config).unwrap();
+    let server = start_proxy_with(&config).await;
+
+    // Writers on old (one through cutover, one direct) while the copy runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for addr in [server.proxy_addr, direct_addr(&p.old)] {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = connect(addr).await;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let g = (n % 300) as i32 + 1;
+                let result = client
+                    .batch_execute(&format!(
+                        "BEGIN; \
+                         INSERT INTO log (note, f, at) VALUES ('dup', 0.1, now()), ('dup', 0.1, now()); \
+                         UPDATE log SET note = 'changed ' || {g}, f = random() \
+                           WHERE ctid = (SELECT ctid FROM log WHERE note LIKE 'n%' LIMIT 1); \
+                         DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE note = 'dup' LIMIT 1); \
+                         UPDATE blobs SET n = n + 1 WHERE n % 10 = {} ; \
+                         COMMIT",
+                        g % 10
+                    ))
+                    .await;
+                match result {
+                    Ok(()) => n += 1,
+                    Err(e) if sqlstate(&e) == "40P01" => client.batch_execute("ROLLBACK").await.unwrap(),
+                    Err(e) => panic!("{}", error_text(&e)),
+                }
+            }
+            n
+        }));
+    }
+    assert_eq!(post(&server, "/v1/mirror/start", None).0, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut writes = 0;
+    for t in tasks {
+        writes += t.await.unwrap();
+    }
+    assert!(writes > 20, "the workload ran ({writes} iterations)");
+    // A TRUNCATE and whole-table changes after the copy, too.
+    p.old
+        .psql(
+            DB,
+            "UPDATE log SET span = span * 2 WHERE note IS NULL; DELETE FROM log WHERE note = 'n3'; \
+             TRUNCATE blobs; INSERT INTO blobs SELECT g, repeat(md5(g::text), 3000) FROM generate_series(1, 5) g; \
+             UPDATE blobs SET n = -n",
+        )
+        .unwrap();
+    drained(&server, &p.old).await;
+    let old_rows = keyless_contents(&p.old);
+    let lines: Vec<&str> = old_rows.lines().collect();
+    assert!(
+        lines
+            .windows(2)
+            .any(|w| w[0] == w[1] && w[0].contains("dup")),
+        "identical rows exist"
+    );
+    assert_eq!(old_rows, keyless_contents(&p.new));
+    assert_identical(&p);
+    let status = mirror_status(&server);
+    let log = status["copy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "\"public\".\"log\"")
+        .cloned()
+        .unwrap();
+    assert_eq!(log["done"], true, "{status}");
+    assert!(log["rows"].as_u64().unwrap() >= 303, "{status}");
+    let (_, metrics) = admin_get(&server, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "cutover_copy_rows_total{table=\"\\\"public\\\".\\\"log\\\"\"}"
+        ),
+        log["rows"].as_f64(),
+        "{metrics}"
+    );
+
+    let (code, out) = tokio::task::block_in_place(|| run_cli(&["verify"], &path));
+    assert_eq!(code, 0, "{out}");
+
+    // Damage new behind the stream's back: one copy of a duplicate gone, a
+    // row changed, a row added.
+    p.new
+        .psql(
+            DB,
+            "DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE note = 'dup' LIMIT 1); \
+             UPDATE log SET f = 42 WHERE ctid = (SELECT ctid FROM log WHERE note IS NULL AND d IS NOT NULL LIMIT 1); \
+             INSERT INTO log (note) VALUES ('only on new')",
+        )
+        .unwrap();
+    let (code, out) = tokio::task::block_in_place(|| {
+        run_cli(
+            &["verify", "--json", "--table", "log", "--rechecks", "1"],
+            &path,
+        )
+    });
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out[..=out.rfind('}').unwrap()]).unwrap();
+    let mut found: Vec<(String, String)> = report["tables"][0]["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap().to_string(),
+                d["key"]["row"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    let kinds: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "missing_on_new",
+            "missing_on_new",
+            "missing_on_old",
+            "missing_on_old"
+        ],
+        "{out}"
+    );
+    assert!(
+        found[0].1.contains("dup") || found[1].1.contains("dup"),
+        "{out}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(k, r)| k == "missing_on_old" && r.contains(",42,")),
+        "{out}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(k, r)| k == "missing_on_old" && r.contains("only on new")),
+        "{out}"
+    );
+
+    let (code, out) =
+        tokio::task::block_in_place(|| run_cli(&["repair", "--rechecks", "1"], &path));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("repaired 4 rows"), "{out}");
+    assert_eq!(keyless_contents(&p.old), keyless_contents(&p.new));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_without_a_key_need_replica_identity_full_on_both_sides() {
+    let p = pair();
+    p.old.psql(DB, "CREATE TABLE loose (x int)").unwrap();
+    p.new.psql(DB, "CREATE TABLE loose (x int)").unwrap();
+    let config = mirror_config(&p, "");
+    let server = start_proxy_with(&config).await;
+    post(&server, "/v1/mirror/start", None);
+    let error = wait_for_failure(&server).await;
+    assert!(
+        error.contains("old backend")
+            && error.contains("public.loose")
+            && error.contains("REPLICA IDENTITY FULL"),
+        "{error}"
+    );
+    server.shutdown().await;
+
+    // Full on old only: after promote, new is the one published.
+    p.old
+        .psql(DB, "ALTER TABLE loose REPLICA IDENTITY FULL")
+        .unwrap();
+    let server = start_proxy_with(&config).await;
+    post(&server, "/v1/mirror/start", None);
+    let error = wait_for_failure(&server).await;
+    assert!(
+        error.starts_with("new backend") && error.contains("public.loose"),
+        "{error}"
+    );
+    server.shutdown().await;
+
+    p.new
+        .psql(DB, "ALTER TABLE loose REPLICA IDENTITY NOTHING")
+        .unwrap();
+    let server = start_proxy_with(&config).await;
+    post(&server, "/v1/mirror/start", None);
+    let error = wait_for_failure(&server).await;
+    assert!(error.contains("USING INDEX or NOTHING"), "{error}");
+    server.shutdown().await;
 }

@@ -371,7 +371,10 @@ impl Applier {
 
     fn delete(&self, oid: u32, old: &[Datum]) -> Result<Op, StreamError> {
         let r = self.relation(oid)?;
-        let (cond, params) = key_match(r, old, 1)?;
+        let (cond, params) = match &r.keyless_types {
+            Some(types) => one_row_match(r, types, old, 1)?,
+            None => key_match(r, old, 1)?,
+        };
         Ok(Op {
             sql: format!("DELETE FROM {} WHERE {cond}", table(r)).into(),
             params,
@@ -387,7 +390,7 @@ impl Applier {
     ) -> Result<Vec<Op>, StreamError> {
         let r = self.relation(oid)?;
         check_width(r, new)?;
-        if !new.contains(&Datum::Unchanged) {
+        if r.keyless_types.is_none() && !new.contains(&Datum::Unchanged) {
             let mut ops = Vec::new();
             if let Some(old) = old {
                 // The key changed (or identity is full): the row moves.
@@ -396,7 +399,9 @@ impl Applier {
             ops.push(self.upsert(oid, new)?);
             return Ok(ops);
         }
-        // Unchanged TOAST values were not sent: set only what was.
+        // Unchanged TOAST values were not sent: set only what was. (A table
+        // without a key always takes this path: its row is found by its
+        // old values and updated in place.)
         let mut params = Vec::new();
         let mut sets = Vec::new();
         for (c, d) in r.columns.iter().zip(new) {
@@ -405,7 +410,16 @@ impl Applier {
                 sets.push(format!("{} = ${}", quote_ident(&c.name), params.len()));
             }
         }
-        let (cond, key_params) = key_match(r, old.unwrap_or(new), params.len() + 1)?;
+        let (cond, key_params) = match (&r.keyless_types, old) {
+            (Some(types), Some(old)) => one_row_match(r, types, old, params.len() + 1)?,
+            (Some(_), None) => {
+                return Err(StreamError::Protocol(format!(
+                    "update of {} without its old row (the table has no key and needs REPLICA IDENTITY FULL)",
+                    table(r)
+                )))
+            }
+            (None, old) => key_match(r, old.unwrap_or(new), params.len() + 1)?,
+        };
         params.extend(key_params);
         Ok(vec![Op {
             sql: format!("UPDATE {} SET {} WHERE {cond}", table(r), sets.join(", ")).into(),
@@ -415,10 +429,26 @@ impl Applier {
     }
 }
 
-/// The single-row upsert statement of a relation, and its parts.
+/// The single-row upsert statement of a relation, and its parts. A table
+/// without a key gets a plain INSERT: every row image is a row of its own.
 fn upsert_shape(r: &Relation) -> Result<(Arc<str>, Arc<Upsert>), StreamError> {
     let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+    if r.keyless_types.is_some() {
+        let sql = format!(
+            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
+            table(r),
+            cols.join(", "),
+            placeholders.join(", "),
+        );
+        let insert = Upsert {
+            table: table(r),
+            columns: r.columns.iter().map(|c| c.name.clone()).collect(),
+            conflict: String::new(),
+            key_positions: (0..cols.len()).collect(),
+        };
+        return Ok((sql.into(), Arc::new(insert)));
+    }
     let keys: Vec<String> = r
         .columns
         .iter()
@@ -485,6 +515,49 @@ fn no_key(r: &Relation) -> StreamError {
     ))
 }
 
+/// For a table without a key: `ctid = (one row whose every column equals
+/// the old row image)`, and its parameters. Values are compared in their
+/// text form after a round trip through the column's type (so the
+/// comparison is exact for every type, including those without `=`, such
+/// as json or point); NULLs match NULLs; unchanged TOAST values are left
+/// out of the match. Of identical rows any one will do: they are
+/// indistinguishable.
+fn one_row_match(
+    r: &Relation,
+    types: &[String],
+    tuple: &[Datum],
+    first: usize,
+) -> Result<(String, Vec<Option<String>>), StreamError> {
+    check_width(r, tuple)?;
+    let mut parts = Vec::new();
+    let mut params = Vec::new();
+    for ((c, ty), d) in r.columns.iter().zip(types).zip(tuple) {
+        let column = quote_ident(&c.name);
+        match d {
+            Datum::Text(t) => {
+                params.push(Some(t.clone()));
+                parts.push(format!(
+                    "{column}::text = ${}::{ty}::text",
+                    first + params.len() - 1
+                ));
+            }
+            Datum::Null => parts.push(format!("{column} IS NULL")),
+            Datum::Unchanged => {}
+        }
+    }
+    if parts.is_empty() {
+        parts.push("true".to_string());
+    }
+    Ok((
+        format!(
+            "ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
+            table(r),
+            parts.join(" AND ")
+        ),
+        params,
+    ))
+}
+
 /// `"k1" = $n AND "k2" = $n+1` and its parameters, from a key (or full) tuple.
 fn key_match(
     r: &Relation,
@@ -546,6 +619,8 @@ mod tests {
                     is_key: false,
                 },
             ],
+            identity: b'd',
+            keyless_types: None,
         }
     }
 
@@ -690,6 +765,48 @@ mod tests {
         a.batch_committed();
         assert_eq!(a.applied(), Lsn(11));
         assert_eq!(a.position_sql(), None);
+    }
+
+    #[test]
+    fn tables_without_a_key_insert_and_match_whole_rows() {
+        let mut keyless = rel();
+        for c in &mut keyless.columns {
+            c.is_key = true;
+        }
+        keyless.identity = b'f';
+        keyless.keyless_types = Some(vec!["integer".into(), "text".into(), "json".into()]);
+        let mut a = Applier::new("slot", Lsn(0));
+        a.feed(Logical::Relation(keyless)).unwrap();
+        let insert = a.upsert(1, &[text("1"), text("b"), Datum::Null]).unwrap();
+        assert_eq!(
+            &*insert.sql,
+            "INSERT INTO \"public\".\"it's\" (\"id\", \"body\", \"n\") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3)"
+        );
+        let twice = vec![insert.clone(), insert.clone()];
+        assert_eq!(plan(&twice), vec![Step::Single(0), Step::Single(1)]);
+        let delete = a.delete(1, &[text("1"), Datum::Null, text("{}")]).unwrap();
+        assert_eq!(
+            &*delete.sql,
+            "DELETE FROM \"public\".\"it's\" WHERE ctid = (SELECT ctid FROM \"public\".\"it's\" \
+             WHERE \"id\"::text = $1::integer::text AND \"body\" IS NULL AND \"n\"::text = $2::json::text LIMIT 1)"
+        );
+        assert_eq!(delete.params, vec![Some("1".into()), Some("{}".into())]);
+        let update = a
+            .update(
+                1,
+                Some(&[text("1"), text("b"), text("[]")]),
+                &[text("2"), Datum::Unchanged, text("[]")],
+            )
+            .unwrap();
+        assert_eq!(update.len(), 1);
+        assert_eq!(
+            &*update[0].sql,
+            "UPDATE \"public\".\"it's\" SET \"id\" = $1, \"n\" = $2 WHERE ctid = (SELECT ctid FROM \"public\".\"it's\" \
+             WHERE \"id\"::text = $3::integer::text AND \"body\"::text = $4::text::text AND \"n\"::text = $5::json::text LIMIT 1)"
+        );
+        assert!(a
+            .update(1, None, &[text("2"), text("b"), Datum::Null])
+            .is_err());
     }
 
     #[test]

@@ -17,6 +17,17 @@
 //!   because the row locks are held until the insert has committed;
 //! - a row deleted before the chunk is read is not copied, so nothing is
 //!   resurrected.
+//!
+//! Tables without a key (REPLICA IDENTITY FULL) cannot be copied that way:
+//! insert-if-absent needs a key to tell a copied row from a streamed one.
+//! They are read whole in the snapshot the slot exported when it was
+//! created, before the stream starts, and written in the same secondary
+//! transaction that records the slot's start as the applied position. That
+//! snapshot holds exactly the transactions committed before the slot's
+//! start, and the stream carries exactly those after it, so every row is
+//! there once. A crash before that transaction commits leaves no start
+//! recorded, so the next start makes a new slot and copies them again;
+//! they are not resumable part-way, and their progress shows once done.
 
 use crate::applier::{columns_as_text, literal_or_null, quote_ident, quote_literal};
 use crate::keys::{shape, Shape};
@@ -93,6 +104,71 @@ pub async fn progress(new: &Client, slot: &str) -> Result<Vec<Progress>, StreamE
         .collect())
 }
 
+/// Copies the tables without a key whole, reading them on old in the
+/// snapshot the slot exported and writing them through `new`, which has
+/// the transaction that will record the slot's start open. Returns the SQL
+/// that marks them copied, to run in that same transaction.
+pub async fn copy_keyless(
+    old_url: &BackendUrl,
+    new: &Client,
+    snapshot: &str,
+    slot: &str,
+    tables: &[TableShape],
+    config: &MirrorConfig,
+    report: &(dyn Fn(&str, u64, bool) + Sync),
+) -> Result<String, StreamError> {
+    use futures_util::{SinkExt, StreamExt};
+    let old = control_client(old_url, "cutover-copy").await?;
+    old.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot)
+    ))
+    .await?;
+    let throttle = Throttle::new(config.copy_max_rows_per_second);
+    let mut marks = String::new();
+    for table in tables.iter().filter(|t| t.keyless) {
+        let columns: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+        let list = if columns.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", columns.join(", "))
+        };
+        let out = old
+            .copy_out(&format!(
+                "COPY (SELECT {} FROM {}) TO STDOUT",
+                columns.join(", "),
+                table.qualified()
+            ))
+            .await?;
+        let sink = new
+            .copy_in(&format!("COPY {}{list} FROM STDIN", table.qualified()))
+            .await?;
+        futures_util::pin_mut!(out, sink);
+        // PostgreSQL sends each row as one CopyData message.
+        let mut rows = 0u64;
+        while let Some(row) = out.next().await {
+            sink.feed(row?).await?;
+            rows += 1;
+            if rows.is_multiple_of(1000) {
+                let wait = throttle.delay(1000);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let copied = sink.finish().await?;
+        report(&table.qualified(), copied, true);
+        tracing::info!(table = %table.qualified(), rows = copied, "copied a table without a key in the slot's snapshot");
+        marks.push_str(&format!(
+            "UPDATE cutover.copy_progress SET rows = {copied}, done = true WHERE slot = {} AND table_name = {}; ",
+            quote_literal(slot),
+            quote_literal(&table.qualified())
+        ));
+    }
+    old.batch_execute("COMMIT").await?;
+    Ok(marks)
+}
+
 /// Limits copied rows per second across all tables.
 struct Throttle {
     rate: u64,
@@ -101,6 +177,14 @@ struct Throttle {
 }
 
 impl Throttle {
+    fn new(rate: u64) -> Throttle {
+        Throttle {
+            rate,
+            started: Instant::now(),
+            rows: Mutex::new(0),
+        }
+    }
+
     /// How long to wait before copying `rows` more.
     fn delay(&self, rows: u64) -> Duration {
         if self.rate == 0 {
@@ -133,11 +217,7 @@ pub async fn copy_pending(
         return Ok(());
     }
     let tables = crate::preconditions::user_tables(&old).await?;
-    let throttle = Throttle {
-        rate: config.copy_max_rows_per_second,
-        started: Instant::now(),
-        rows: Mutex::new(0),
-    };
+    let throttle = Throttle::new(config.copy_max_rows_per_second);
     let permits = tokio::sync::Semaphore::new(config.copy_parallel_tables as usize);
     let jobs = pending.iter().map(|p| {
         let table = tables.iter().find(|t| t.qualified() == p.table).cloned();
@@ -149,6 +229,13 @@ pub async fn copy_pending(
                     p.table
                 ))
             })?;
+            if table.keyless {
+                return Err(StreamError::Precondition(format!(
+                    "table {} has no primary key any more, so its copy cannot resume by key; \
+                     stop mirroring, add the key back or start mirroring over",
+                    p.table
+                )));
+            }
             let _permit = permits
                 .acquire()
                 .await

@@ -53,6 +53,14 @@ impl From<tokio_postgres::Error> for StreamError {
     }
 }
 
+/// Session settings of every connection cutover reads or writes rows with
+/// (the stream's walsender, copy, apply, verify): values then have one text
+/// form on both databases whatever each server's defaults, so a date or an
+/// interval means the same on both sides and row hashes compare. The same
+/// settings PostgreSQL's own logical replication uses, plus UTC and hex.
+pub const CANONICAL_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres \
+     -c extra_float_digits=3 -c timezone=UTC -c bytea_output=hex";
+
 /// A tokio-postgres connection for control work (copy, introspection, apply).
 pub async fn control_client(
     url: &cutover_config::BackendUrl,
@@ -65,6 +73,7 @@ pub async fn control_client(
         .user(&url.user)
         .dbname(&url.database)
         .application_name(application_name)
+        .options(CANONICAL_OPTIONS)
         .connect_timeout(std::time::Duration::from_secs(10));
     if let Some(pw) = &url.password {
         config.password(pw);

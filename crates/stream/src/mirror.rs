@@ -276,10 +276,24 @@ async fn session(
         .await?
         .is_some();
     let mut repl = ReplicationConnection::connect(&settings.old, &shared.scram).await?;
+    // Copy progress: metrics, and the status once the plan is known.
+    let report = |table: &str, rows: u64, done: bool| {
+        shared
+            .metrics
+            .copy_rows
+            .with_label_values(&[table])
+            .inc_by(rows);
+        shared.update(|s| {
+            if let Some(c) = s.copy.iter_mut().find(|c| c.table == table) {
+                c.rows += rows;
+                c.done = done;
+            }
+        });
+    };
     let fresh = settings.fresh && !shared.fresh_done.load(std::sync::atomic::Ordering::Relaxed);
     let start = match (applied, slot_exists) {
         _ if fresh => {
-            let start = setup(settings, &old, &new, &mut repl, slot_exists, false).await?;
+            let start = setup(settings, &old, &new, &mut repl, slot_exists, false, &report).await?;
             shared
                 .fresh_done
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -290,7 +304,7 @@ async fn session(
             tracing::info!(%lsn, "resuming the change stream");
             lsn
         }
-        _ => setup(settings, &old, &new, &mut repl, slot_exists, true).await?,
+        _ => setup(settings, &old, &new, &mut repl, slot_exists, true, &report).await?,
     };
     let progress = copy::progress(&new, &settings.slot).await?;
     let copying = progress.iter().any(|p| !p.done);
@@ -314,19 +328,6 @@ async fn session(
     shared.started.send_replace(Some(Ok(start)));
 
     // The stream and the copy run together (see `copy` for why that is safe).
-    let report = |table: &str, rows: u64, done: bool| {
-        shared
-            .metrics
-            .copy_rows
-            .with_label_values(&[table])
-            .inc_by(rows);
-        shared.update(|s| {
-            if let Some(c) = s.copy.iter_mut().find(|c| c.table == table) {
-                c.rows += rows;
-                c.done = done;
-            }
-        });
-    };
     let copy = async {
         copy::copy_pending(
             &settings.old,
@@ -355,13 +356,14 @@ async fn session(
     }
 }
 
-/// A new start: preconditions, publication, a slot without a snapshot,
-/// and, in one secondary transaction, what to copy and the slot's start as
-/// the applied position. Returns that position.
+/// A new start: preconditions, publication, a slot, and, in one secondary
+/// transaction, what to copy and the slot's start as the applied position.
+/// Returns that position.
 ///
-/// With `copy`, the copy plan (empty tables, every table pending). Without
-/// it — a start while writes are paused and both sides hold the same rows
-/// (promote, rollback) — nothing is copied.
+/// With `copy`, the copy plan (empty tables, every table pending) and the
+/// tables without a key, copied whole in the slot's exported snapshot (see
+/// `copy`). Without it — a start while writes are paused and both sides
+/// hold the same rows (promote, rollback) — nothing is copied.
 async fn setup(
     settings: &MirrorSettings,
     old: &tokio_postgres::Client,
@@ -369,6 +371,7 @@ async fn setup(
     repl: &mut ReplicationConnection,
     slot_exists: bool,
     copy: bool,
+    report: &(dyn Fn(&str, u64, bool) + Sync),
 ) -> Result<Lsn, StreamError> {
     let tables =
         preconditions::check(old, new, &settings.old.address(), &settings.old.user).await?;
@@ -382,7 +385,7 @@ async fn setup(
         "DROP PUBLICATION IF EXISTS {slot}; CREATE PUBLICATION {slot} FOR ALL TABLES"
     ))
     .await?;
-    let start = create_slot(repl, &slot).await?;
+    let (start, snapshot) = create_slot(repl, &slot, copy).await?;
     let plan = if copy {
         copy::plan_sql(old, &settings.slot, &tables).await?
     } else {
@@ -391,31 +394,70 @@ async fn setup(
             applier::quote_literal(&settings.slot)
         )
     };
-    new.batch_execute(&format!(
-        "BEGIN; SET LOCAL session_replication_role = replica; {plan}\
-         INSERT INTO {} (slot, lsn) VALUES ({}, '{start}') \
-         ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = now(); COMMIT",
-        applier::APPLIED_TABLE,
-        applier::quote_literal(&settings.slot)
-    ))
-    .await?;
+    let record = async {
+        new.batch_execute(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; {plan}"
+        ))
+        .await?;
+        let copied = match &snapshot {
+            Some(snapshot) if tables.iter().any(|t| t.keyless) => {
+                copy::copy_keyless(
+                    &settings.old,
+                    new,
+                    snapshot,
+                    &settings.slot,
+                    &tables,
+                    &settings.copy,
+                    report,
+                )
+                .await?
+            }
+            _ => String::new(),
+        };
+        new.batch_execute(&format!(
+            "{copied}INSERT INTO {} (slot, lsn) VALUES ({}, '{start}') \
+             ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = now(); COMMIT",
+            applier::APPLIED_TABLE,
+            applier::quote_literal(&settings.slot)
+        ))
+        .await?;
+        Ok::<(), StreamError>(())
+    };
+    if let Err(e) = record.await {
+        let _ = new.batch_execute("ROLLBACK").await;
+        return Err(e);
+    }
     tracing::info!(%start, tables = tables.len(), copy, "slot created; the stream starts here");
     Ok(start)
 }
 
-async fn create_slot(repl: &mut ReplicationConnection, slot: &str) -> Result<Lsn, StreamError> {
+/// Creates the slot; returns its start and, with `export`, the snapshot
+/// that sees exactly what committed before that start (valid until the
+/// replication connection runs its next command).
+async fn create_slot(
+    repl: &mut ReplicationConnection,
+    slot: &str,
+    export: bool,
+) -> Result<(Lsn, Option<String>), StreamError> {
+    let snapshot = if export {
+        "EXPORT_SNAPSHOT"
+    } else {
+        "NOEXPORT_SNAPSHOT"
+    };
     let rows = repl
         .command(&format!(
-            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT"
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput {snapshot}"
         ))
         .await?;
-    rows.first()
+    let row = rows.first();
+    let start = row
         .and_then(|r| r.get(1).cloned().flatten())
         .ok_or_else(|| {
             StreamError::Protocol("CREATE_REPLICATION_SLOT returned no position".to_string())
         })?
         .parse()
-        .map_err(StreamError::Protocol)
+        .map_err(StreamError::Protocol)?;
+    Ok((start, row.and_then(|r| r.get(2).cloned().flatten())))
 }
 
 /// Drops cutover's slot and publication named `slot` on `url`'s database,
@@ -533,9 +575,7 @@ async fn stream(
                 primary_end = primary_end.max(end);
                 let msg = decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
                 let msg = match msg {
-                    Logical::Relation(rel) => {
-                        Logical::Relation(primary_key_columns(old, rel).await?)
-                    }
+                    Logical::Relation(rel) => Logical::Relation(resolve_identity(old, rel).await?),
                     other => other,
                 };
                 if let Logical::Begin { final_lsn, .. } = &msg {
@@ -616,13 +656,15 @@ async fn stream(
 }
 
 /// With `REPLICA IDENTITY FULL` pgoutput flags every column as part of the
-/// identity; the applier matches and upserts by the primary key, so take
-/// the key columns from the primary's catalog for such tables.
-async fn primary_key_columns(
+/// identity. For a table with a primary key the applier matches and
+/// upserts by that key, so take the key columns from the primary's catalog;
+/// a table without one is matched by whole rows, for which the applier
+/// needs each column's type.
+async fn resolve_identity(
     old: &tokio_postgres::Client,
     mut rel: crate::pgoutput::Relation,
 ) -> Result<crate::pgoutput::Relation, StreamError> {
-    if rel.columns.len() < 2 || !rel.columns.iter().all(|c| c.is_key) {
+    if rel.identity != b'f' {
         return Ok(rel);
     }
     let table = format!(
@@ -630,22 +672,30 @@ async fn primary_key_columns(
         applier::quote_ident(&rel.schema),
         applier::quote_ident(&rel.name)
     );
-    let keys: Vec<String> = old
+    let rows = old
         .query(
-            "SELECT a.attname::text FROM pg_index i \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid \
+                            AND i.indisprimary AND a.attnum = ANY(i.indkey)) \
+             FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
             &[&table],
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if !keys.is_empty() {
+        .await?;
+    let column = |name: &str| rows.iter().find(|r| r.get::<_, String>(0) == name);
+    if rows.iter().any(|r| r.get::<_, bool>(2)) {
         for c in &mut rel.columns {
-            c.is_key = keys.contains(&c.name);
+            c.is_key = column(&c.name).is_some_and(|r| r.get(2));
         }
+        return Ok(rel);
     }
+    let types: Option<Vec<String>> = rel
+        .columns
+        .iter()
+        .map(|c| column(&c.name).map(|r| r.get(1)))
+        .collect();
+    rel.keyless_types = Some(types.ok_or_else(|| {
+        StreamError::Protocol(format!("the columns of {table} changed on the primary"))
+    })?);
     Ok(rel)
 }
 

@@ -63,7 +63,14 @@ pub struct Relation {
     pub oid: u32,
     pub schema: String,
     pub name: String,
+    /// The table's replica identity: `d`efault (primary key), `f`ull,
+    /// `i`ndex or `n`othing.
+    pub identity: u8,
     pub columns: Vec<Column>,
+    /// Set (by the stream, from the primary's catalog) for a table without
+    /// a key: REPLICA IDENTITY FULL and no primary key. Each column's type,
+    /// by which the applier matches whole rows.
+    pub keyless_types: Option<Vec<String>>,
 }
 
 /// A pgoutput logical message.
@@ -212,7 +219,7 @@ pub fn decode_logical(data: &[u8]) -> Result<Logical, DecodeError> {
             let oid = r.u32()?;
             let schema = r.cstr()?;
             let name = r.cstr()?;
-            let _identity = r.u8()?;
+            let identity = r.u8()?;
             let n = r.i16()?;
             let mut columns = Vec::with_capacity(n.max(0) as usize);
             for _ in 0..n {
@@ -230,7 +237,9 @@ pub fn decode_logical(data: &[u8]) -> Result<Logical, DecodeError> {
                 oid,
                 schema,
                 name,
+                identity,
                 columns,
+                keyless_types: None,
             })
         }
         b'I' => {

@@ -10,6 +10,9 @@ pub struct TableShape {
     pub schema: String,
     pub name: String,
     pub columns: Vec<(String, String)>,
+    /// No primary key: REPLICA IDENTITY FULL (the preconditions refuse
+    /// anything else), rows matched by their whole contents.
+    pub keyless: bool,
 }
 
 impl TableShape {
@@ -24,13 +27,66 @@ impl TableShape {
 
 const USER_TABLES: &str = "SELECT n.nspname, c.relname, \
        coalesce(array_agg(a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) \
-                FILTER (WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''), '{}') \
+                FILTER (WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''), '{}'), \
+       NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
      LEFT JOIN pg_attribute a ON a.attrelid = c.oid \
      WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
        AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover') AND n.nspname NOT LIKE 'pg_toast%' \
        AND n.nspname NOT LIKE 'pg_temp%' \
-     GROUP BY n.nspname, c.relname ORDER BY 1, 2";
+     GROUP BY n.nspname, c.relname, c.oid ORDER BY 1, 2";
+
+/// Tables (partitions included: their rows are what UPDATE and DELETE
+/// touch) whose changes cannot be mirrored: no primary key and not
+/// REPLICA IDENTITY FULL, or an identity cutover does not apply by.
+/// Publishing such a table would also make UPDATE and DELETE on it fail.
+const IDENTITY_PROBLEMS: &str =
+    "SELECT format('%I.%I', n.nspname, c.relname), c.relreplident::text \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover') \
+       AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+       AND (c.relreplident IN ('i', 'n') OR (c.relreplident = 'd' AND NOT EXISTS \
+            (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) \
+     ORDER BY 1";
+
+/// The identity check of one database: the error naming every table
+/// whose changes could not be applied by key or by whole row, and the fix.
+async fn check_identities(client: &Client, database: &str) -> Result<(), StreamError> {
+    let rows = client.query(IDENTITY_PROBLEMS, &[]).await?;
+    let named = |identity: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r.get::<_, String>(1) == identity)
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let (no_key, index, nothing) = (named("d"), named("i"), named("n"));
+    let mut problems = Vec::new();
+    if !no_key.is_empty() {
+        problems.push(format!(
+            "tables without a primary key cannot be mirrored as they are: {}; add a primary key to each, \
+             or run ALTER TABLE <table> REPLICA IDENTITY FULL (cutover then matches their rows by whole \
+             contents, which makes each update and delete scan the table on the new database)",
+            no_key.join(", ")
+        ));
+    }
+    if !index.is_empty() || !nothing.is_empty() {
+        let both: Vec<String> = index.into_iter().chain(nothing).collect();
+        problems.push(format!(
+            "tables with REPLICA IDENTITY USING INDEX or NOTHING are not supported: {}; \
+             run ALTER TABLE <table> REPLICA IDENTITY DEFAULT (with a primary key) or FULL",
+            both.join(", ")
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StreamError::Precondition(format!(
+            "{database}: {}",
+            problems.join("; ")
+        )))
+    }
+}
 
 /// The user tables of a database with their columns.
 pub async fn user_tables(client: &Client) -> Result<Vec<TableShape>, StreamError> {
@@ -50,6 +106,7 @@ pub async fn user_tables(client: &Client) -> Result<Vec<TableShape>, StreamError
                         None => (c, String::new()),
                     })
                     .collect(),
+                keyless: row.get(3),
             }
         })
         .collect())
@@ -93,28 +150,10 @@ pub async fn check(
             "old backend {old_address}: all {max} replication slots are in use; raise max_replication_slots and restart, or drop an unused slot"
         )));
     }
-    let no_key: Vec<String> = old
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover') \
-               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
-               AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
-             ORDER BY 1",
-            &[],
-        )
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    if !no_key.is_empty() {
-        return Err(StreamError::Precondition(format!(
-            "tables without a primary key cannot be mirrored: {}; add a primary key to each \
-             (REPLICA IDENTITY FULL tables without a key are not supported yet)",
-            no_key.join(", ")
-        )));
-    }
+    check_identities(old, &format!("old backend {old_address}")).await?;
+    // After promote the new database is published for the stream back to
+    // old, so its tables must qualify too.
+    check_identities(new, "new backend").await?;
     let old_tables = user_tables(old).await?;
     let new_tables: BTreeMap<(String, String), TableShape> = user_tables(new)
         .await?

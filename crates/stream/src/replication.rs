@@ -36,6 +36,7 @@ impl ReplicationConnection {
             params: &[
                 ("replication".to_string(), "database".to_string()),
                 ("application_name".to_string(), "cutover-stream".to_string()),
+                ("options".to_string(), crate::CANONICAL_OPTIONS.to_string()),
             ],
             timeout: Duration::from_secs(10),
             scram,

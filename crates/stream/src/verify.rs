@@ -9,6 +9,11 @@
 //! name the exact keys. Writes may be in flight while verify runs (the
 //! stream applies them moments later), so a differing chunk is checked again
 //! a few times before it is reported.
+//!
+//! A table without a key (REPLICA IDENTITY FULL) is compared whole, as a
+//! multiset of rows: count and hash sum first, and if they differ, the
+//! count of each distinct row, which names the rows (by their contents)
+//! missing on one side, as many times as copies are missing.
 
 use crate::applier::{columns_as_text, literal_or_null, quote_ident, quote_literal};
 use crate::keys::{shape, Shape};
@@ -113,15 +118,15 @@ impl VerifyReport {
     }
 }
 
-/// Count and hash-sum of the rows in a key range, computed by the database.
-async fn checksum(
-    client: &Client,
-    shape: &Shape,
-    range: &str,
-) -> Result<(i64, String), StreamError> {
+/// A row's text form, for table alias `t` (`t.*` names the table even
+/// when it has a column called `t`).
+const ROW_TEXT: &str = "ROW(t.*)::text";
+
+/// Count and hash-sum of the rows of `table` in a key range (`true` for
+/// all), computed by the database.
+async fn checksum(client: &Client, table: &str, range: &str) -> Result<(i64, String), StreamError> {
     let sql = format!(
-        "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text FROM {} t WHERE {range}",
-        shape.table
+        "SELECT count(*), coalesce(sum(hashtextextended({ROW_TEXT}, 0)::numeric), 0)::text FROM {table} t WHERE {range}"
     );
     let row = client.query_one(&sql, &[]).await?;
     Ok((row.get(0), row.get(1)))
@@ -134,7 +139,7 @@ async fn row_hashes(
     range: &str,
 ) -> Result<BTreeMap<Vec<String>, i64>, StreamError> {
     let sql = format!(
-        "SELECT ARRAY[{}], hashtextextended(t::text, 0) FROM {} t WHERE {range}",
+        "SELECT ARRAY[{}], hashtextextended({ROW_TEXT}, 0) FROM {} t WHERE {range}",
         shape.key_text, shape.table
     );
     Ok(client
@@ -294,11 +299,10 @@ async fn verify_table(
     budget: &mut Option<u64>,
     on_chunk: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<TableReport, StreamError> {
-    let shape = shape(old, table).await?;
     let (mut report, mut after) = saved.unwrap_or_else(|| {
         (
             TableReport {
-                table: shape.table.clone(),
+                table: table.qualified(),
                 rows_checked: 0,
                 chunks: 0,
                 chunks_this_run: 0,
@@ -308,6 +312,22 @@ async fn verify_table(
             None,
         )
     });
+    if table.keyless {
+        if !report.done && *budget != Some(0) {
+            if let Some(b) = budget.as_mut() {
+                *b -= 1;
+            }
+            report = verify_keyless(old, new, table, options).await?;
+            on_chunk(
+                &report.table,
+                report.rows_checked,
+                report.differences.len() as u64,
+            );
+            save_progress(new, &report, None).await?;
+        }
+        return Ok(report);
+    }
+    let shape = shape(old, table).await?;
     while !report.done {
         if *budget == Some(0) {
             return Ok(report);
@@ -344,8 +364,8 @@ async fn verify_table(
         let mut differences = Vec::new();
         for attempt in 0..=options.rechecks {
             let (a, b) = (
-                checksum(old, &shape, &range).await?,
-                checksum(new, &shape, &range).await?,
+                checksum(old, &shape.table, &range).await?,
+                checksum(new, &shape.table, &range).await?,
             );
             if attempt == 0 {
                 report.rows_checked += a.0 as u64;
@@ -377,6 +397,170 @@ async fn verify_table(
     Ok(report)
 }
 
+/// Compares a table without a key whole, as a multiset of rows.
+async fn verify_keyless(
+    old: &Client,
+    new: &Client,
+    table: &TableShape,
+    options: &VerifyOptions,
+) -> Result<TableReport, StreamError> {
+    let name = table.qualified();
+    let mut rows_checked = 0;
+    let mut differences = Vec::new();
+    for attempt in 0..=options.rechecks {
+        let (a, b) = (
+            checksum(old, &name, "true").await?,
+            checksum(new, &name, "true").await?,
+        );
+        if attempt == 0 {
+            rows_checked = a.0 as u64;
+        }
+        if a == b {
+            differences.clear();
+            break;
+        }
+        differences = multiset_diff(old, new, &name).await?;
+        if differences.is_empty() || attempt == options.rechecks {
+            break;
+        }
+        tokio::time::sleep(options.recheck_delay).await;
+    }
+    differences.sort();
+    Ok(TableReport {
+        table: name,
+        rows_checked,
+        chunks: 1,
+        chunks_this_run: 1,
+        done: true,
+        differences,
+    })
+}
+
+/// The rows (by contents) one side has more copies of than the other, one
+/// entry per missing copy. Distinct rows are counted by hash first, so only
+/// the rows whose counts differ cross the network as text.
+async fn multiset_diff(
+    old: &Client,
+    new: &Client,
+    table: &str,
+) -> Result<Vec<RowDiff>, StreamError> {
+    let sql = format!("SELECT hashtextextended({ROW_TEXT}, 0), count(*) FROM {table} t GROUP BY 1");
+    let (a, b): (BTreeMap<i64, i64>, BTreeMap<i64, i64>) =
+        (counts(old, &sql, &[]).await?, counts(new, &sql, &[]).await?);
+    let differing: Vec<i64> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|h| a.get(h) != b.get(h))
+        .copied()
+        .collect();
+    if differing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT {ROW_TEXT}, count(*) FROM {table} t WHERE hashtextextended({ROW_TEXT}, 0) = ANY($1) GROUP BY 1"
+    );
+    let (a, b): (BTreeMap<String, i64>, BTreeMap<String, i64>) = (
+        counts(old, &sql, &[&differing]).await?,
+        counts(new, &sql, &[&differing]).await?,
+    );
+    let mut out = Vec::new();
+    for row in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
+        let surplus = a.get(row).copied().unwrap_or(0) - b.get(row).copied().unwrap_or(0);
+        let kind = if surplus > 0 {
+            "missing_on_new"
+        } else {
+            "missing_on_old"
+        };
+        for _ in 0..surplus.unsigned_abs() {
+            out.push(RowDiff {
+                kind: kind.to_string(),
+                key: BTreeMap::from([("row".to_string(), row.clone())]),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// (value, count) rows as a map.
+async fn counts<K>(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<BTreeMap<K, i64>, StreamError>
+where
+    K: Ord + for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    Ok(client
+        .query(sql, params)
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Makes new hold as many copies of each named row (by contents) of a
+/// table without a key as old does; returns the copies added or removed.
+async fn repair_keyless(
+    old: &Client,
+    new: &Client,
+    table: &TableShape,
+    differences: &[RowDiff],
+) -> Result<u64, StreamError> {
+    let name = table.qualified();
+    let rows: std::collections::BTreeSet<&String> = differences
+        .iter()
+        .filter_map(|d| d.key.get("row"))
+        .collect();
+    let columns: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    let values = columns_as_text(table.columns.iter().map(|(n, _)| n));
+    let count_sql = format!("SELECT count(*) FROM {name} t WHERE {ROW_TEXT} = $1");
+    let mut repaired = 0;
+    for row in rows {
+        let on_old: i64 = old.query_one(&count_sql, &[row]).await?.get(0);
+        let on_new: i64 = new.query_one(&count_sql, &[row]).await?.get(0);
+        let change = if on_old > on_new {
+            let current = old
+                .query_one(
+                    &format!(
+                        "SELECT ARRAY[{}]::text[] FROM {name} t WHERE {ROW_TEXT} = $1 LIMIT 1",
+                        values.join(", ")
+                    ),
+                    &[row],
+                )
+                .await?;
+            let vals: Vec<Option<String>> = current.get(0);
+            let tuple = format!(
+                "({})",
+                vals.iter()
+                    .map(|v| literal_or_null(v.as_deref()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let tuples = vec![tuple; (on_old - on_new) as usize];
+            format!(
+                "INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE VALUES {}",
+                columns.join(", "),
+                tuples.join(", ")
+            )
+        } else if on_new > on_old {
+            format!(
+                "DELETE FROM {name} WHERE (tableoid, ctid) IN \
+                 (SELECT tableoid, ctid FROM {name} t WHERE {ROW_TEXT} = {} LIMIT {})",
+                quote_literal(row),
+                on_new - on_old
+            )
+        } else {
+            continue;
+        };
+        new.batch_execute(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; {change}; COMMIT"
+        ))
+        .await?;
+        repaired += (on_old - on_new).unsigned_abs();
+    }
+    Ok(repaired)
+}
+
 /// Re-copies the rows `report` names from old to new (upsert, or delete
 /// where old no longer has the row), then verifies those tables again.
 pub async fn repair(
@@ -393,6 +577,10 @@ pub async fn repair(
             continue;
         };
         touched.push(table.qualified());
+        if table.keyless {
+            repaired += repair_keyless(old, new, table, &t.differences).await?;
+            continue;
+        }
         let shape = shape(old, table).await?;
         let cols: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
         let sets: Vec<String> = table
