@@ -17,6 +17,42 @@ mod support;
 
 use support::{lsn, status, wait_drained, DB};
 
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|t| t.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    let per_second: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    ticks / per_second
+}
+
+/// The pid of the backend serving `application_name` on `cluster`.
+fn backend_pid(cluster: &Cluster, application_name: &str) -> String {
+    cluster
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = '{application_name}' LIMIT 1"
+            ),
+        )
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
@@ -202,6 +238,7 @@ async fn run_scale(scale: u32, seconds: u64, clients: u32) {
         lsn(&old.psql(DB, "SELECT pg_current_wal_lsn()").unwrap()).saturating_sub(lsn(&new
             .psql(DB, "SELECT lsn::text FROM cutover.applied")
             .unwrap()));
+    let cutover_cpu_before = cpu_seconds("self");
     let server = Server::start(config).await.expect("restart cutover");
     let catch_up_started = Instant::now();
     while status(&server)["mirror"].is_null()
@@ -211,6 +248,13 @@ async fn run_scale(scale: u32, seconds: u64, clients: u32) {
     }
     wait_drained(&server, &old).await;
     let catch_up = catch_up_started.elapsed();
+    // CPU of the three processes of the pipeline over the catch-up: the
+    // walsender decoding on old, cutover, the applier's backend on new
+    // (both backends were started by the restart, so their lifetime CPU is
+    // the catch-up's).
+    let cutover_cpu = cpu_seconds("self") - cutover_cpu_before;
+    let walsender_cpu = cpu_seconds(&backend_pid(&old, "cutover-stream"));
+    let applier_cpu = cpu_seconds(&backend_pid(&new, "cutover-applier"));
     let m = status(&server)["mirror"].clone();
     let backlog_tx = m["applied_transactions"].as_u64().unwrap_or(0);
     let backlog_rows = m["applied_rows"].as_u64().unwrap_or(0);
@@ -220,6 +264,12 @@ async fn run_scale(scale: u32, seconds: u64, clients: u32) {
         catch_up.as_secs_f64(),
         backlog_tx as f64 / catch_up.as_secs_f64(),
         backlog_rows as f64 / catch_up.as_secs_f64()
+    );
+    println!(
+        "scale {scale:>3} | catch-up CPU: walsender {walsender_cpu:.2}s, cutover {cutover_cpu:.2}s, new's applier backend {applier_cpu:.2}s \
+         = {:>7.0} rows per cutover CPU-second, {:>7.0} rows per CPU-second of the whole pipeline",
+        backlog_rows as f64 / cutover_cpu.max(0.01),
+        backlog_rows as f64 / (walsender_cpu + cutover_cpu + applier_cpu).max(0.01)
     );
     let report = cutover_stream::verify(
         &old_client,

@@ -332,13 +332,16 @@ impl Applier {
         ))
     }
 
-    /// Marks the batch as committed on the secondary.
-    pub fn batch_committed(&mut self) -> Batch {
-        let batch = std::mem::take(&mut self.batch);
-        if let Some(end) = batch.end_lsn {
-            self.applied = end;
-        }
-        batch
+    /// Takes the batch to apply. Its transactions count as applied only
+    /// once [`Applier::committed`] says the secondary committed them;
+    /// until then the next batch builds up behind it.
+    pub fn take_batch(&mut self) -> Batch {
+        std::mem::take(&mut self.batch)
+    }
+
+    /// Marks everything up to `end` as committed on the secondary.
+    pub fn committed(&mut self, end: Lsn) {
+        self.applied = self.applied.max(end);
     }
 
     fn is_own(&self, oid: u32) -> bool {
@@ -762,7 +765,13 @@ mod tests {
             .position_sql()
             .unwrap()
             .contains("VALUES ('slot', '0/B', now())"));
-        a.batch_committed();
+        let batch = a.take_batch();
+        assert_eq!(
+            a.applied(),
+            Lsn(0),
+            "not applied before the secondary commits"
+        );
+        a.committed(batch.end_lsn.unwrap());
         assert_eq!(a.applied(), Lsn(11));
         assert_eq!(a.position_sql(), None);
     }

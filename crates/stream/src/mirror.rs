@@ -514,6 +514,16 @@ async fn sync_sequences(
     Ok(())
 }
 
+/// What woke the stream loop.
+enum Event {
+    /// The batch in flight finished on the secondary.
+    Applied(Result<Applied, StreamError>),
+    /// A message from the primary, or none within the idle probe.
+    Message(Result<Result<Option<bytes::BytesMut>, StreamError>, tokio::time::error::Elapsed>),
+    /// A commit waits for a position.
+    Wanted,
+}
+
 async fn stream(
     settings: &MirrorSettings,
     shared: &Shared,
@@ -524,6 +534,11 @@ async fn stream(
 ) -> Result<(), StreamError> {
     let mut applier = Applier::new(&settings.slot, start);
     let mut statements = Statements::default();
+    // One batch is applied on the secondary while the next one is received
+    // and built; never more, so a failed batch cannot be followed by a
+    // later one (commit order) — the session restarts from the recorded
+    // position instead.
+    let mut in_flight: Option<InFlight<'_>> = None;
     let mut primary_end = start;
     let mut caught_up_at = Instant::now();
     let mut last_status = Instant::now();
@@ -531,97 +546,133 @@ async fn stream(
     let mut applied_at_sequence_sync = start;
     let mut wanted = shared.wanted.subscribe();
     loop {
-        let next = tokio::select! {
-            next = tokio::time::timeout(IDLE_PROBE, repl.next_copy_data()) => next,
-            _ = wanted.changed() => {
+        let event = tokio::select! {
+            r = async {
+                match in_flight.as_mut() {
+                    Some(batch) => batch.await,
+                    None => std::future::pending().await,
+                }
+            } => Event::Applied(r),
+            next = tokio::time::timeout(IDLE_PROBE, repl.next_copy_data()) => Event::Message(next),
+            _ = wanted.changed() => Event::Wanted,
+        };
+        let mut reply = false;
+        let mut keepalive = false;
+        let next = match event {
+            Event::Applied(result) => {
+                committed(shared, &mut applier, result?);
+                // Keep the secondary busy: whatever whole transactions
+                // arrived meanwhile go next.
+                in_flight = start_batch(new, &mut applier, &mut statements).await?;
+                reply = true;
+                None
+            }
+            Event::Wanted => {
                 // A commit waits for a position past what we know is on the
                 // secondary: with nothing pending, ask the primary where it is.
                 let caught_up = *shared.caught_up.borrow();
-                let idle = !applier.in_transaction() && applier.batch.end_lsn.is_none();
+                let idle = !applier.in_transaction()
+                    && applier.batch.end_lsn.is_none()
+                    && in_flight.is_none();
                 if idle && *wanted.borrow_and_update() > caught_up {
                     repl.send_status(caught_up, true).await?;
                 }
                 continue;
             }
+            Event::Message(next) => Some(next),
         };
-        let payload = match next {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => {
-                return Err(StreamError::Lost(
-                    "the primary ended the stream".to_string(),
-                ))
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                apply(shared, new, &mut applier, &mut statements).await?;
-                let applied_since = applier.applied() != applied_at_sequence_sync;
-                if applied_since || last_sequence_sync.elapsed() >= SEQUENCE_SYNC_INTERVAL {
-                    sync_sequences(old, new).await?;
-                    last_sequence_sync = Instant::now();
-                    applied_at_sequence_sync = applier.applied();
+        if let Some(next) = next {
+            let payload = match next {
+                Ok(Ok(Some(p))) => p,
+                Ok(Ok(None)) => {
+                    return Err(StreamError::Lost(
+                        "the primary ended the stream".to_string(),
+                    ))
                 }
-                // Quiet: have the primary tell us its WAL end, so lag can
-                // reach zero without waiting for its own keepalive.
-                let caught_up = *shared.caught_up.borrow();
-                repl.send_status(caught_up, true).await?;
-                last_status = Instant::now();
-                continue;
-            }
-        };
-        let mut reply = false;
-        let mut keepalive = false;
-        match decode_replication(&payload).map_err(|e| StreamError::Protocol(e.to_string()))? {
-            ReplicationMessage::XLogData { end, data, .. } => {
-                primary_end = primary_end.max(end);
-                let msg = decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
-                let msg = match msg {
-                    Logical::Relation(rel) => Logical::Relation(resolve_identity(old, rel).await?),
-                    other => other,
-                };
-                if let Logical::Begin { final_lsn, .. } = &msg {
-                    // Transactions arrive in commit order: every commit
-                    // record before this one's has been received and, with
-                    // nothing pending, applied. (One byte short of its
-                    // commit record, so confirming this never skips it.)
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    apply_all(shared, new, &mut applier, &mut statements, &mut in_flight).await?;
+                    let applied_since = applier.applied() != applied_at_sequence_sync;
+                    if applied_since || last_sequence_sync.elapsed() >= SEQUENCE_SYNC_INTERVAL {
+                        sync_sequences(old, new).await?;
+                        last_sequence_sync = Instant::now();
+                        applied_at_sequence_sync = applier.applied();
+                    }
+                    // Quiet: have the primary tell us its WAL end, so lag can
+                    // reach zero without waiting for its own keepalive.
+                    let caught_up = *shared.caught_up.borrow();
+                    repl.send_status(caught_up, true).await?;
+                    last_status = Instant::now();
+                    continue;
+                }
+            };
+            match decode_replication(&payload).map_err(|e| StreamError::Protocol(e.to_string()))? {
+                ReplicationMessage::XLogData { end, data, .. } => {
+                    primary_end = primary_end.max(end);
+                    let msg =
+                        decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
+                    let msg = match msg {
+                        Logical::Relation(rel) => {
+                            Logical::Relation(resolve_identity(old, rel).await?)
+                        }
+                        other => other,
+                    };
+                    if let Logical::Begin { final_lsn, .. } = &msg {
+                        // Transactions arrive in commit order: every commit
+                        // record before this one's has been received and, with
+                        // nothing pending, applied. (One byte short of its
+                        // commit record, so confirming this never skips it.)
+                        if !applier.in_transaction()
+                            && applier.batch.end_lsn.is_none()
+                            && in_flight.is_none()
+                        {
+                            let final_lsn = Lsn(final_lsn.0.saturating_sub(1));
+                            shared.caught_up.send_if_modified(|lsn| {
+                                let advanced = final_lsn > *lsn;
+                                *lsn = (*lsn).max(final_lsn);
+                                advanced
+                            });
+                        }
+                    }
+                    if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
+                        // Full: wait for the batch in flight, then send this one.
+                        if let Some(batch) = in_flight.take() {
+                            committed(shared, &mut applier, batch.await?);
+                        }
+                        in_flight = start_batch(new, &mut applier, &mut statements).await?;
+                        reply = true;
+                    }
+                }
+                ReplicationMessage::Keepalive {
+                    end,
+                    reply_requested,
+                } => {
+                    primary_end = primary_end.max(end);
+                    reply = reply_requested;
+                    keepalive = true;
+                    // Apply what is pending before claiming to be caught up.
+                    if applier.batch.end_lsn.is_some() || in_flight.is_some() {
+                        apply_all(shared, new, &mut applier, &mut statements, &mut in_flight)
+                            .await?;
+                    }
                     if !applier.in_transaction() && applier.batch.end_lsn.is_none() {
-                        let final_lsn = Lsn(final_lsn.0.saturating_sub(1));
+                        // Nothing pending: the secondary holds everything up to `end`.
                         shared.caught_up.send_if_modified(|lsn| {
-                            let advanced = final_lsn > *lsn;
-                            *lsn = (*lsn).max(final_lsn);
+                            let advanced = end > *lsn;
+                            *lsn = (*lsn).max(end);
                             advanced
                         });
                     }
                 }
-                if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
-                    apply(shared, new, &mut applier, &mut statements).await?;
-                    reply = true;
-                }
             }
-            ReplicationMessage::Keepalive {
-                end,
-                reply_requested,
-            } => {
-                primary_end = primary_end.max(end);
-                reply = reply_requested;
-                keepalive = true;
-                // Apply what is pending before claiming to be caught up.
-                if applier.batch.end_lsn.is_some() {
-                    apply(shared, new, &mut applier, &mut statements).await?;
-                }
-                if !applier.in_transaction() && applier.batch.end_lsn.is_none() {
-                    // Nothing pending: the secondary holds everything up to `end`.
-                    shared.caught_up.send_if_modified(|lsn| {
-                        let advanced = end > *lsn;
-                        *lsn = (*lsn).max(end);
-                        advanced
-                    });
-                }
+            // Batch whatever has already arrived; send it once the buffer
+            // is empty and the secondary is free.
+            if applier.batch.end_lsn.is_some()
+                && in_flight.is_none()
+                && !repl.has_buffered_message()
+            {
+                in_flight = start_batch(new, &mut applier, &mut statements).await?;
             }
-        }
-        // Batch whatever has already arrived; apply once the buffer is empty.
-        if applier.batch.end_lsn.is_some() && !repl.has_buffered_message() {
-            apply(shared, new, &mut applier, &mut statements).await?;
-            reply = true;
         }
         // Lag changes only when something was applied or the primary said
         // where it is; publishing it per row change would cost a lock and
@@ -811,32 +862,43 @@ impl Statements {
     }
 }
 
-/// The parameters of one step of a batch.
-enum StepParams<'a> {
-    Single(&'a [Option<String>]),
-    /// One array per column, a row per upsert.
-    Columns(Vec<Vec<Option<&'a str>>>),
+/// A batch on its way through the secondary.
+type InFlight<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Applied, StreamError>> + Send + 'a>>;
+
+/// A batch the secondary committed.
+struct Applied {
+    batch: applier::Batch,
+    statements: usize,
+    started: Instant,
 }
 
-/// Applies the batch in one secondary transaction: prepared statements,
-/// pipelined in commit order, then the position, then COMMIT.
-async fn apply(
-    shared: &Shared,
-    new: &tokio_postgres::Client,
+/// One statement of a batch: a single change, or one multi-row upsert
+/// (indexes into the batch's ops).
+enum Step {
+    Single(Statement, usize),
+    Merged(Statement, Vec<usize>, usize),
+}
+
+/// Takes the applier's pending batch, prepares what it needs, and returns
+/// it running on the secondary; None if nothing is pending.
+async fn start_batch<'a>(
+    new: &'a tokio_postgres::Client,
     applier: &mut Applier,
     statements: &mut Statements,
-) -> Result<(), StreamError> {
+) -> Result<Option<InFlight<'a>>, StreamError> {
     let Some(position) = applier.position_sql() else {
-        return Ok(());
+        return Ok(None);
     };
     let started = Instant::now();
-    let ops = &applier.batch.ops;
+    let batch = applier.take_batch();
+    let ops = &batch.ops;
     let mut steps = Vec::new();
     for step in applier::plan(ops) {
         match step {
             applier::Step::Single(i) => {
                 statements.prepare(new, &ops[i].sql).await?;
-                steps.push((ops[i].sql.clone(), StepParams::Single(&ops[i].params)));
+                steps.push(Step::Single(statements.prepared[&*ops[i].sql].clone(), i));
             }
             applier::Step::Upserts(rows) => {
                 let first = &ops[rows[0]];
@@ -846,36 +908,70 @@ async fn apply(
                     ));
                 };
                 let sql = statements.multi_upsert(new, &first.sql, upsert).await?;
-                let columns = (0..upsert.columns.len())
-                    .map(|c| {
-                        rows.iter()
-                            .map(|&r| ops[r].params.get(c).and_then(|p| p.as_deref()))
-                            .collect()
-                    })
-                    .collect();
-                steps.push((sql, StepParams::Columns(columns)));
+                steps.push(Step::Merged(
+                    statements.prepared[&*sql].clone(),
+                    rows,
+                    upsert.columns.len(),
+                ));
             }
         }
     }
-    // BEGIN, every change and the position with COMMIT go out together:
-    // tokio-postgres sends requests in the order their futures are first
-    // polled, so the whole batch costs one round trip. If a change fails,
-    // the server aborts the transaction and the COMMIT fails with it.
+    Ok(Some(Box::pin(run_batch(
+        new, batch, steps, position, started,
+    ))))
+}
+
+/// Applies a batch in one secondary transaction: BEGIN, every change and
+/// the position with COMMIT go out together — tokio-postgres sends requests
+/// in the order their futures are first polled, so the whole batch costs
+/// one round trip. If a change fails, the server aborts the transaction and
+/// the COMMIT fails with it.
+async fn run_batch(
+    new: &tokio_postgres::Client,
+    batch: applier::Batch,
+    steps: Vec<Step>,
+    position: String,
+    started: Instant,
+) -> Result<Applied, StreamError> {
+    let ops = &batch.ops;
+    // Merged upserts take one text array per column, a row per upsert.
+    let columns: Vec<Vec<Vec<Option<&str>>>> = steps
+        .iter()
+        .map(|step| match step {
+            Step::Single(..) => Vec::new(),
+            Step::Merged(_, rows, width) => (0..*width)
+                .map(|c| {
+                    rows.iter()
+                        .map(|&r| ops[r].params.get(c).and_then(|p| p.as_deref()))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect();
     let commit = format!("{position}; COMMIT");
     let result = async {
         let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
-        let executions = steps.iter().map(|(sql, params)| {
-            let statement = &statements.prepared[&**sql];
-            let params: Vec<Box<dyn ToSql + Sync + Send + '_>> = match params {
-                StepParams::Single(values) => values
-                    .iter()
-                    .map(|p| Box::new(TextParam(p.as_deref())) as Box<dyn ToSql + Sync + Send>)
-                    .collect(),
-                StepParams::Columns(columns) => columns
-                    .iter()
-                    .map(|c| Box::new(c) as Box<dyn ToSql + Sync + Send>)
-                    .collect(),
-            };
+        let executions = steps.iter().zip(&columns).map(|(step, columns)| {
+            let (statement, params): (&Statement, Vec<Box<dyn ToSql + Sync + Send + '_>>) =
+                match step {
+                    Step::Single(statement, i) => (
+                        statement,
+                        ops[*i]
+                            .params
+                            .iter()
+                            .map(|p| {
+                                Box::new(TextParam(p.as_deref())) as Box<dyn ToSql + Sync + Send>
+                            })
+                            .collect(),
+                    ),
+                    Step::Merged(statement, ..) => (
+                        statement,
+                        columns
+                            .iter()
+                            .map(|c| Box::new(c) as Box<dyn ToSql + Sync + Send>)
+                            .collect(),
+                    ),
+                };
             new.execute_raw(statement, params)
         });
         let executions = futures_util::future::try_join_all(executions);
@@ -887,8 +983,26 @@ async fn apply(
         let _ = new.batch_execute("ROLLBACK").await;
         return Err(e.into());
     }
-    let statements_run = steps.len();
-    let batch = applier.batch_committed();
+    let statements = steps.len();
+    drop(columns);
+    Ok(Applied {
+        batch,
+        statements,
+        started,
+    })
+}
+
+/// Records a batch the secondary committed: the applier's position, the
+/// caught-up position waiters watch, metrics and status.
+fn committed(shared: &Shared, applier: &mut Applier, applied: Applied) {
+    let Applied {
+        batch,
+        statements,
+        started,
+    } = applied;
+    if let Some(end) = batch.end_lsn {
+        applier.committed(end);
+    }
     let applied = applier.applied();
     shared
         .metrics
@@ -907,7 +1021,7 @@ async fn apply(
     tracing::debug!(
         transactions = batch.transactions,
         rows = batch.rows,
-        statements = statements_run,
+        statements,
         %applied,
         elapsed = ?started.elapsed(),
         "applied batch"
@@ -917,6 +1031,22 @@ async fn apply(
         s.applied_transactions += batch.transactions;
         s.applied_rows += batch.rows;
     });
+}
+
+/// Applies everything received: the batch in flight, then what is pending.
+async fn apply_all<'a>(
+    shared: &Shared,
+    new: &'a tokio_postgres::Client,
+    applier: &mut Applier,
+    statements: &mut Statements,
+    in_flight: &mut Option<InFlight<'a>>,
+) -> Result<(), StreamError> {
+    if let Some(batch) = in_flight.take() {
+        committed(shared, applier, batch.await?);
+    }
+    if let Some(batch) = start_batch(new, applier, statements).await? {
+        committed(shared, applier, batch.await?);
+    }
     Ok(())
 }
 
