@@ -565,18 +565,13 @@ async fn stream(
                 // arrived meanwhile go next.
                 in_flight = start_batch(new, &mut applier, &mut statements).await?;
                 reply = true;
+                // A commit that asked while this batch was in flight may
+                // wait for a position past it.
+                probe_if_wanted(shared, &applier, in_flight.is_some(), &mut wanted, repl).await?;
                 None
             }
             Event::Wanted => {
-                // A commit waits for a position past what we know is on the
-                // secondary: with nothing pending, ask the primary where it is.
-                let caught_up = *shared.caught_up.borrow();
-                let idle = !applier.in_transaction()
-                    && applier.batch.end_lsn.is_none()
-                    && in_flight.is_none();
-                if idle && *wanted.borrow_and_update() > caught_up {
-                    repl.send_status(caught_up, true).await?;
-                }
+                probe_if_wanted(shared, &applier, in_flight.is_some(), &mut wanted, repl).await?;
                 continue;
             }
             Event::Message(next) => Some(next),
@@ -704,6 +699,24 @@ async fn stream(
             last_status = Instant::now();
         }
     }
+}
+
+/// A commit waits for a position past what we know is on the secondary:
+/// with nothing pending, ask the primary where it is (its keepalive reply
+/// moves the caught-up position over WAL that carries no changes).
+async fn probe_if_wanted(
+    shared: &Shared,
+    applier: &Applier,
+    in_flight: bool,
+    wanted: &mut watch::Receiver<Lsn>,
+    repl: &mut ReplicationConnection,
+) -> Result<(), StreamError> {
+    let idle = !applier.in_transaction() && applier.batch.end_lsn.is_none() && !in_flight;
+    let caught_up = *shared.caught_up.borrow();
+    if idle && *wanted.borrow_and_update() > caught_up {
+        repl.send_status(caught_up, true).await?;
+    }
+    Ok(())
 }
 
 /// With `REPLICA IDENTITY FULL` pgoutput flags every column as part of the
