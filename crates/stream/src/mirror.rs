@@ -630,11 +630,13 @@ async fn stream(
                         }
                     }
                     if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
-                        // Full: wait for the batch in flight, then send this one.
+                        // Full: build this batch (it is sent when first
+                        // polled), wait for the one in flight, then send it.
+                        let next = start_batch(new, &mut applier, &mut statements).await?;
                         if let Some(batch) = in_flight.take() {
                             committed(shared, &mut applier, batch.await?);
                         }
-                        in_flight = start_batch(new, &mut applier, &mut statements).await?;
+                        in_flight = next;
                         reply = true;
                     }
                 }
