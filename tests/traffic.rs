@@ -842,3 +842,98 @@ async fn scripted_session_at_dial_100_matches_the_direct_connection_message_for_
         "the script's reads did not reach new:\n{m}"
     );
 }
+
+/// Drivers such as asyncpg prepare with Parse/Describe/Flush, read the
+/// descriptions, then Bind/Execute/Sync, and later run the statement by
+/// name: those statements must survive the session moving to another
+/// primary, and the open batch must stay on the backend that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_with_flush_survive_promote_and_rollback() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let mut c = RawClient::connect(server.proxy_addr, APP_USER, APP_PASSWORD, &[]).await;
+    let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag).collect::<String>();
+    let prepare = |name: &str, sql: &str| {
+        fe::batch(&[
+            fe::parse(name, sql, &[]),
+            fe::describe(b'S', name),
+            fe::flush(),
+        ])
+    };
+    let run = |name: &str, params: &[&str]| {
+        let params: Vec<Option<&[u8]>> = params.iter().map(|p| Some(p.as_bytes())).collect();
+        fe::batch(&[
+            fe::bind("", name, &[], &params, &[]),
+            fe::execute("", 0),
+            fe::sync(),
+        ])
+    };
+    async fn after_flush(c: &mut RawClient, count: usize) -> String {
+        let mut tags = String::new();
+        for _ in 0..count {
+            tags.push(c.next().await.expect("reply to a flushed batch").tag);
+        }
+        tags
+    }
+    c.send(&prepare(
+        "read",
+        "SELECT balance FROM accounts WHERE id = $1",
+    ))
+    .await;
+    assert_eq!(after_flush(&mut c, 3).await, "1tT");
+    assert_eq!(tags(&c.exchange(&run("read", &["7"]), 1).await), "2DCZ");
+    c.send(&prepare(
+        "write",
+        "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
+    ))
+    .await;
+    assert_eq!(after_flush(&mut c, 3).await, "1tn");
+    assert_eq!(
+        tags(&c.exchange(&run("write", &["7", "1"]), 1).await),
+        "2CZ"
+    );
+    // An error in a flushed batch: the server skips to the Sync, which must
+    // reach the same backend.
+    c.send(&fe::batch(&[fe::parse("bad", "SELEC 1", &[]), fe::flush()]))
+        .await;
+    assert_eq!(after_flush(&mut c, 1).await, "E");
+    assert_eq!(tags(&c.exchange(&fe::sync(), 1).await), "Z");
+
+    let balance = |msgs: &[Msg]| -> String {
+        let row = msgs.iter().find(|m| m.tag == 'D').expect("a row");
+        String::from_utf8(row.body[6..].to_vec()).unwrap()
+    };
+    // Inside BEGIN READ ONLY (served by new) a statement prepared with
+    // Flush runs on new too, and the transaction stays open.
+    let reply = c.exchange(&fe::query("BEGIN READ ONLY"), 1).await;
+    assert_eq!(reply.last().unwrap().body, b"T");
+    c.send(&prepare("port", "SELECT inet_server_port()::text"))
+        .await;
+    assert_eq!(after_flush(&mut c, 3).await, "1tT");
+    let reply = c.exchange(&run("port", &[]), 1).await;
+    assert_eq!(tags(&reply), "2DCZ", "{reply:?}");
+    assert_eq!(balance(&reply), p.new.port().to_string());
+    assert_eq!(reply.last().unwrap().body, b"T");
+    let reply = c.exchange(&fe::query("COMMIT"), 1).await;
+    assert_eq!(reply.last().unwrap().body, b"I");
+    let mut expected = 1;
+    for transition in ["/v1/promote", "/v1/rollback", "/v1/promote"] {
+        ok(&server, "POST", transition, r#"{"force": true}"#);
+        let reply = c.exchange(&run("write", &["7", "1"]), 1).await;
+        assert_eq!(tags(&reply), "2CZ", "{transition}: {reply:?}");
+        expected += 1;
+        let reply = c.exchange(&run("read", &["7"]), 1).await;
+        assert_eq!(tags(&reply), "2DCZ", "{transition}: {reply:?}");
+        assert_eq!(balance(&reply), expected.to_string(), "{transition}");
+    }
+    assert_eq!(
+        p.new
+            .psql(DB, "SELECT balance FROM accounts WHERE id = 7")
+            .unwrap()
+            .trim(),
+        expected.to_string()
+    );
+}

@@ -178,6 +178,9 @@ pub struct ClientCursor {
     pub cursor: Cursor,
     /// True after Parse/Bind/Describe/Execute/Close/Flush until the next Sync.
     pub unsynced: bool,
+    /// Inside a unit of work: after Parse/Bind/Describe/Execute/Close until
+    /// the Sync or Flush that ends it. Units start only outside one.
+    pub in_unit: bool,
 }
 
 /// How the client direction ended.
@@ -253,10 +256,16 @@ where
                     break;
                 }
             };
-            if !state.unsynced && frame.tag != b'X' && is_request_start(frame.tag) {
+            if !state.in_unit && frame.tag != b'X' && is_request_start(frame.tag) {
                 // Whatever came before goes first, so replies stay in order.
                 flush_to(backend, &mut cur.buf, &mut pos).await?;
-                match router.unit_start(&cur.buf, shared, backend).await? {
+                // After a Flush the primary still has the batch open: what
+                // follows, up to its Sync, belongs there.
+                let open_batch = state.unsynced;
+                match router
+                    .unit_start(&cur.buf, shared, backend, open_batch)
+                    .await?
+                {
                     UnitStart::Forward { writes } => unit_writes = writes,
                     UnitStart::Served { consumed } => {
                         cur.buf.advance(consumed);
@@ -276,6 +285,7 @@ where
                     shared.push_wrote(unit_writes);
                     shared.request_sent();
                     state.unsynced = false;
+                    state.in_unit = false;
                 }
                 b'F' => {
                     shared.push_wrote(true);
@@ -285,8 +295,16 @@ where
                 b'E' => {
                     metrics.extended_queries.inc();
                     state.unsynced = true;
+                    state.in_unit = true;
                 }
-                b'P' | b'B' | b'D' | b'C' | b'H' => state.unsynced = true,
+                b'P' | b'B' | b'D' | b'C' => {
+                    state.unsynced = true;
+                    state.in_unit = true;
+                }
+                b'H' => {
+                    state.unsynced = true;
+                    state.in_unit = false;
+                }
                 b'd' | b'c' | b'f' => {}
                 b'X' => {
                     stop = Some(Ok(ClientEnd::Terminated));

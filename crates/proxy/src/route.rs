@@ -146,6 +146,9 @@ struct Unit {
     parses: Vec<String>,
     /// Statements it Closes.
     closes: Vec<String>,
+    /// Ends with Flush, not Sync: the batch stays open on the backend that
+    /// runs it, so it and what follows up to the Sync run on the primary.
+    flush: bool,
 }
 
 enum Scan {
@@ -164,9 +167,10 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         buf: &[u8],
         shared: &relay::Shared,
         backend: &mut B,
+        open_batch: bool,
     ) -> Result<UnitStart, RouteError> {
         let mut plane = self.traffic.plane();
-        if !shared.holding.load(Ordering::SeqCst) {
+        if !shared.holding.load(Ordering::SeqCst) && !open_batch {
             let clean = shared.outstanding.load(Ordering::SeqCst) <= 0;
             if clean
                 && plane.state.primary != self.session.primary
@@ -198,7 +202,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         };
         let bytes = Bytes::copy_from_slice(&buf[..unit.len]);
 
-        if self.session.pinned_secondary {
+        if self.session.pinned_secondary && !open_batch {
             return match self
                 .run_on_secondary(&plane, &bytes, &unit, shared, false)
                 .await?
@@ -214,6 +218,16 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                     ))))
                 }
             };
+        }
+        if open_batch || unit.flush {
+            // Extended-protocol messages of a batch the primary holds open
+            // (a driver such as asyncpg prepares with Parse/Describe/Flush,
+            // then binds and syncs): they go there, and what they prepare
+            // or close is tracked as on any other unit.
+            if unit.class == Class::SessionChanging {
+                self.session.reads_on_primary = true;
+            }
+            return self.forward_to_primary(unit, shared, backend, true).await;
         }
         let writes = match unit.class {
             Class::Read | Class::ReadOnlyBegin => {
@@ -254,6 +268,18 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             }
             Class::Write => true,
         };
+        self.forward_to_primary(unit, shared, backend, writes).await
+    }
+
+    /// The unit runs on the primary: prepare there what it uses and the
+    /// primary lacks, then record what it closes and prepares.
+    async fn forward_to_primary<B: AsyncWrite + Unpin>(
+        &mut self,
+        unit: Unit,
+        shared: &relay::Shared,
+        backend: &mut B,
+        writes: bool,
+    ) -> Result<UnitStart, RouteError> {
         self.prepare_on_primary(&unit, shared, backend).await?;
         for name in &unit.closes {
             if let Some(p) = self.session.statements.remove(name) {
@@ -400,6 +426,15 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             }
         }
         out.extend_from_slice(bytes);
+        // A unit ending in Flush (inside a read-only transaction pinned
+        // here) gets a Sync of ours, so this batch ends where it began; its
+        // ReadyForQuery is dropped. Inside a transaction block a Sync
+        // commits nothing.
+        let own_sync = unit.flush;
+        if own_sync {
+            out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        }
+        let syncs = unit.syncs + usize::from(own_sync);
         if conn.stream.write_all(&out).await.is_err() {
             session.drop_secondary(OnReturn::Close);
             return Ok(Err(Fallback("connection")));
@@ -410,7 +445,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         let mut ready = 0;
         let mut status = TransactionStatus::Idle;
         let buf = &mut session.secondary_buf;
-        while ready < unit.syncs {
+        while ready < syncs {
             let frame = match read_frame(&mut conn.stream, buf, self.max_message).await {
                 Ok(frame) => frame,
                 Err(e) => {
@@ -426,6 +461,10 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                 b'1' if swallow_parse > 0 => swallow_parse -= 1,
                 b'3' if swallow_close > 0 => swallow_close -= 1,
                 b'S' => {}
+                b'Z' if own_sync => {
+                    ready += 1;
+                    status = ready_for_query::decode(&msg[5..]).unwrap_or(TransactionStatus::Idle);
+                }
                 tag => {
                     if tag == b'E' && !passed_on && may_fall_back {
                         let code = ErrorResponse::decode(&msg[5..]).unwrap_or_default().code;
@@ -534,6 +573,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             uses: Vec::new(),
             parses: Vec::new(),
             closes: Vec::new(),
+            flush: false,
         };
         let mut statements_seen = 0;
         let mut changes_session = false;
@@ -624,6 +664,16 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                     }
                 }
                 b'E' => {}
+                b'H' => {
+                    unit.class = if changes_session {
+                        Class::SessionChanging
+                    } else {
+                        Class::Write
+                    };
+                    unit.len = pos;
+                    unit.flush = true;
+                    return Scan::Complete(unit);
+                }
                 b'S' => {
                     if statements_seen == 0 {
                         unit.class = Class::Write;
