@@ -202,6 +202,8 @@ pub struct Batch {
     pub rows: u64,
     /// End LSN of the last whole transaction in the batch.
     pub end_lsn: Option<Lsn>,
+    /// Commit LSN of the first transaction in the batch.
+    pub first_commit: Option<Lsn>,
 }
 
 /// Turns decoded messages into SQL, one primary transaction at a time.
@@ -215,6 +217,8 @@ pub struct Applier {
     /// Row changes (inserts, updates, deletes) in the transaction being received.
     current_rows: u64,
     in_transaction: bool,
+    /// Commit LSN of the transaction being received.
+    current_commit: Lsn,
     /// Transactions at or before this position are already on the secondary.
     applied: Lsn,
     pub batch: Batch,
@@ -229,6 +233,7 @@ impl Applier {
             current: Vec::new(),
             current_rows: 0,
             in_transaction: false,
+            current_commit: Lsn(0),
             applied,
             batch: Batch::default(),
         }
@@ -236,6 +241,14 @@ impl Applier {
 
     pub fn applied(&self) -> Lsn {
         self.applied
+    }
+
+    /// Commit LSN of the earliest transaction received and not yet taken
+    /// for applying (the pending batch's first, or the one being received).
+    pub fn earliest_pending(&self) -> Option<Lsn> {
+        self.batch
+            .first_commit
+            .or(self.in_transaction.then_some(self.current_commit))
     }
 
     /// True between a transaction's Begin and its Commit.
@@ -246,7 +259,8 @@ impl Applier {
     /// Feeds one message. Returns true when a transaction just completed.
     pub fn feed(&mut self, msg: Logical) -> Result<bool, StreamError> {
         match msg {
-            Logical::Begin { .. } => {
+            Logical::Begin { final_lsn, .. } => {
+                self.current_commit = final_lsn;
                 self.in_transaction = true;
                 self.current.clear();
                 self.current_rows = 0;
@@ -310,6 +324,7 @@ impl Applier {
                     return Ok(false);
                 }
                 self.batch.ops.append(&mut self.current);
+                self.batch.first_commit.get_or_insert(self.current_commit);
                 self.batch.transactions += 1;
                 self.batch.rows += self.current_rows;
                 self.batch.end_lsn = Some(end_lsn);
@@ -816,6 +831,36 @@ mod tests {
         assert!(a
             .update(1, None, &[text("2"), text("b"), Datum::Null])
             .is_err());
+    }
+
+    #[test]
+    fn the_earliest_pending_commit_is_known() {
+        let mut a = Applier::new("slot", Lsn(0));
+        a.feed(Logical::Relation(rel())).unwrap();
+        assert_eq!(a.earliest_pending(), None);
+        let begin = |lsn| Logical::Begin {
+            final_lsn: Lsn(lsn),
+            xid: 1,
+        };
+        let commit = |lsn| Logical::Commit {
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 1),
+        };
+        a.feed(begin(10)).unwrap();
+        assert_eq!(a.earliest_pending(), Some(Lsn(10)));
+        a.feed(commit(10)).unwrap();
+        a.feed(begin(20)).unwrap();
+        assert_eq!(a.earliest_pending(), Some(Lsn(10)), "the batch's first");
+        let batch = a.take_batch();
+        assert_eq!(batch.first_commit, Some(Lsn(10)));
+        assert_eq!(
+            a.earliest_pending(),
+            Some(Lsn(20)),
+            "the one being received"
+        );
+        a.feed(commit(20)).unwrap();
+        assert_eq!(a.take_batch().first_commit, Some(Lsn(20)));
+        assert_eq!(a.earliest_pending(), None);
     }
 
     #[test]

@@ -539,6 +539,8 @@ async fn stream(
     // later one (commit order) — the session restarts from the recorded
     // position instead.
     let mut in_flight: Option<InFlight<'_>> = None;
+    // Commit LSN of the first transaction of the batch in flight.
+    let mut in_flight_first: Option<Lsn> = None;
     let mut primary_end = start;
     let mut caught_up_at = Instant::now();
     let mut last_status = Instant::now();
@@ -563,6 +565,7 @@ async fn stream(
                 committed(shared, &mut applier, result?);
                 // Keep the secondary busy: whatever whole transactions
                 // arrived meanwhile go next.
+                in_flight_first = applier.batch.first_commit;
                 in_flight = start_batch(new, &mut applier, &mut statements).await?;
                 reply = true;
                 // A commit that asked while this batch was in flight may
@@ -587,6 +590,7 @@ async fn stream(
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     apply_all(shared, new, &mut applier, &mut statements, &mut in_flight).await?;
+                    in_flight_first = None;
                     let applied_since = applier.applied() != applied_at_sequence_sync;
                     if applied_since || last_sequence_sync.elapsed() >= SEQUENCE_SYNC_INTERVAL {
                         sync_sequences(old, new).await?;
@@ -612,31 +616,16 @@ async fn stream(
                         }
                         other => other,
                     };
-                    if let Logical::Begin { final_lsn, .. } = &msg {
-                        // Transactions arrive in commit order: every commit
-                        // record before this one's has been received and, with
-                        // nothing pending, applied. (One byte short of its
-                        // commit record, so confirming this never skips it.)
-                        if !applier.in_transaction()
-                            && applier.batch.end_lsn.is_none()
-                            && in_flight.is_none()
-                        {
-                            let final_lsn = Lsn(final_lsn.0.saturating_sub(1));
-                            shared.caught_up.send_if_modified(|lsn| {
-                                let advanced = final_lsn > *lsn;
-                                *lsn = (*lsn).max(final_lsn);
-                                advanced
-                            });
-                        }
-                    }
                     if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
                         // Full: build this batch (it is sent when first
                         // polled), wait for the one in flight, then send it.
+                        let first = applier.batch.first_commit;
                         let next = start_batch(new, &mut applier, &mut statements).await?;
                         if let Some(batch) = in_flight.take() {
                             committed(shared, &mut applier, batch.await?);
                         }
                         in_flight = next;
+                        in_flight_first = first;
                         reply = true;
                     }
                 }
@@ -651,6 +640,7 @@ async fn stream(
                     if applier.batch.end_lsn.is_some() || in_flight.is_some() {
                         apply_all(shared, new, &mut applier, &mut statements, &mut in_flight)
                             .await?;
+                        in_flight_first = None;
                     }
                     if !applier.in_transaction() && applier.batch.end_lsn.is_none() {
                         // Nothing pending: the secondary holds everything up to `end`.
@@ -668,8 +658,22 @@ async fn stream(
                 && in_flight.is_none()
                 && !repl.has_buffered_message()
             {
+                in_flight_first = applier.batch.first_commit;
                 in_flight = start_batch(new, &mut applier, &mut statements).await?;
             }
+        }
+        // Transactions arrive in commit order, each after its commit: every
+        // transaction committed before the earliest one received and not
+        // yet applied has been received, and so applied. Everything up to
+        // one byte short of that one's commit record is on the secondary
+        // (confirming that to the slot never skips it).
+        if let Some(first) = in_flight_first.or(applier.earliest_pending()) {
+            let below = Lsn(first.0.saturating_sub(1));
+            shared.caught_up.send_if_modified(|lsn| {
+                let advanced = below > *lsn;
+                *lsn = (*lsn).max(below);
+                advanced
+            });
         }
         // Lag changes only when something was applied or the primary said
         // where it is; publishing it per row change would cost a lock and
