@@ -19,15 +19,24 @@ pub const FORWARD_SLOT: &str = "cutover";
 /// Slot and publication of the stream from new to old after promotion (on new).
 pub const REVERSE_SLOT: &str = "cutover_reverse";
 
-/// The primary's current WAL position, asked on a control connection. Many
-/// commits waiting at once share one query: waiters queue for the
-/// connection, and one whose turn comes after a query that started after it
-/// asked takes that query's answer.
+/// The primary's current WAL insert position, asked on a control
+/// connection: past the commit record of every transaction that has
+/// committed, even with `synchronous_commit = off` (the write position may
+/// not be). Many commits waiting at once share one query: waiters queue for
+/// the connection, and one whose turn comes after a query that started
+/// after it asked takes that query's answer. The statement is prepared
+/// once, so each query is one round trip.
 pub struct PrimaryPosition {
     url: BackendUrl,
-    /// The connection, and the last answer with the ticket it covers.
-    slot: tokio::sync::Mutex<(Option<tokio_postgres::Client>, u64, u64)>,
+    /// The connection with its statement, and the last answer with the
+    /// ticket it covers.
+    slot: tokio::sync::Mutex<(Option<PositionQuery>, u64, u64)>,
     asked: AtomicU64,
+}
+
+struct PositionQuery {
+    client: tokio_postgres::Client,
+    statement: tokio_postgres::Statement,
 }
 
 const POSITION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,19 +75,23 @@ impl PrimaryPosition {
         }
     }
 
-    async fn query(&self, client: &mut Option<tokio_postgres::Client>) -> Result<u64, String> {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            *client = Some(
-                cutover_stream::control_client(&self.url, "cutover-fence")
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
+    async fn query(&self, query: &mut Option<PositionQuery>) -> Result<u64, String> {
+        if query.as_ref().is_none_or(|q| q.client.is_closed()) {
+            let client = cutover_stream::control_client(&self.url, "cutover-fence")
+                .await
+                .map_err(|e| e.to_string())?;
+            let statement = client
+                .prepare("SELECT pg_current_wal_insert_lsn()::text")
+                .await
+                .map_err(|e| e.to_string())?;
+            *query = Some(PositionQuery { client, statement });
         }
-        let Some(c) = client.as_ref() else {
+        let Some(q) = query.as_ref() else {
             return Err("no connection".to_string());
         };
-        let row = c
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        let row = q
+            .client
+            .query_one(&q.statement, &[])
             .await
             .map_err(|e| e.to_string())?;
         let text: String = row.get(0);
