@@ -19,13 +19,16 @@ pub const FORWARD_SLOT: &str = "cutover";
 /// Slot and publication of the stream from new to old after promotion (on new).
 pub const REVERSE_SLOT: &str = "cutover_reverse";
 
-/// The primary's current WAL insert position, asked on a control
-/// connection: past the commit record of every transaction that has
-/// committed, even with `synchronous_commit = off` (the write position may
-/// not be). Many commits waiting at once share one query: waiters queue for
-/// the connection, and one whose turn comes after a query that started
-/// after it asked takes that query's answer. The statement is prepared
-/// once, so each query is one round trip.
+/// The primary's current WAL write position, asked on a control
+/// connection: past the commit record of every transaction whose commit
+/// has returned with `synchronous_commit` on (the insert position would
+/// also cover asynchronous commits, but it runs ahead into WAL not yet
+/// written, which the stream cannot pass until the primary writes it out,
+/// so commits would wait for other commits or for the WAL writer). Many
+/// commits waiting at once share one query: waiters queue for the
+/// connection, and one whose turn comes after a query that started after
+/// it asked takes that query's answer. The statement is prepared once, so
+/// each query is one round trip.
 pub struct PrimaryPosition {
     url: BackendUrl,
     /// The connection with its statement, and the last answer with the
@@ -81,7 +84,7 @@ impl PrimaryPosition {
                 .await
                 .map_err(|e| e.to_string())?;
             let statement = client
-                .prepare("SELECT pg_current_wal_insert_lsn()::text")
+                .prepare("SELECT pg_current_wal_lsn()::text")
                 .await
                 .map_err(|e| e.to_string())?;
             *query = Some(PositionQuery { client, statement });
