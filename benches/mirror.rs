@@ -9,13 +9,13 @@
 
 use cutover::Server;
 use cutover_config::Config;
-use cutover_pgcluster::{Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
+use cutover_pgcluster::{Cluster, SUPERUSER, SUPERUSER_PASSWORD};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{lsn, status, wait_drained, DB};
+use support::{lsn, pgbench, pgbench_command, pgbench_pair, status, wait_drained, DB};
 
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -57,53 +57,8 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-fn pgbench(cluster: &Cluster, args: &[&str]) -> String {
-    let out = Command::new(cluster.bindir().join("pgbench"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &cluster.port().to_string(),
-            "-U",
-            SUPERUSER,
-        ])
-        .args(args)
-        .arg(DB)
-        .env("PGPASSWORD", SUPERUSER_PASSWORD)
-        .output()
-        .expect("run pgbench");
-    assert!(
-        out.status.success(),
-        "pgbench {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 async fn run_scale(scale: u32, seconds: u64, clients: u32) {
-    let start_cluster = || {
-        Cluster::start(ClusterOptions {
-            host_auth: HostAuth::ScramSha256,
-            settings: vec!["max_connections = 100".to_string()],
-        })
-        .expect("start PostgreSQL")
-    };
-    let old = start_cluster();
-    let new = start_cluster();
-    for c in [&old, &new] {
-        c.psql("postgres", &format!("CREATE DATABASE {DB}"))
-            .unwrap();
-    }
-    pgbench(&old, &["-i", "-q", "-s", &scale.to_string()]);
-    pgbench(&new, &["-i", "-q", "-s", "1", "-I", "dtp"]);
-    for c in [&old, &new] {
-        // pgbench_history has no key; cutover mirrors tables by primary key.
-        c.psql(
-            DB,
-            "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY",
-        )
-        .unwrap();
-    }
+    let (old, new) = pgbench_pair(u64::from(scale), 100);
     let (rows, bytes): (u64, u64) = {
         let r = old
             .psql(
@@ -167,25 +122,14 @@ async fn run_scale(scale: u32, seconds: u64, clients: u32) {
         .as_u64()
         .unwrap_or(0);
     let load = {
-        let bindir = old.bindir().to_path_buf();
-        let port = old.port();
         let (seconds, clients) = (seconds.to_string(), clients.to_string());
+        let mut command = pgbench_command(
+            &old,
+            old.port(),
+            &["-n", "-N", "-T", &seconds, "-c", &clients, "-j", "2"],
+        );
         std::thread::spawn(move || {
-            let out = Command::new(bindir.join("pgbench"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    SUPERUSER,
-                    "-n",
-                    "-N",
-                ])
-                .args(["-T", &seconds, "-c", &clients, "-j", "2", DB])
-                .env("PGPASSWORD", SUPERUSER_PASSWORD)
-                .output()
-                .expect("pgbench load");
+            let out = command.output().expect("pgbench load");
             String::from_utf8_lossy(&out.stdout).into_owned()
         })
     };
@@ -223,6 +167,7 @@ async fn run_scale(scale: u32, seconds: u64, clients: u32) {
     let backlog_seconds = (seconds / 2).max(5).to_string();
     pgbench(
         &old,
+        old.port(),
         &[
             "-n",
             "-N",

@@ -9,13 +9,12 @@
 
 use cutover::Server;
 use cutover_config::Config;
-use cutover_pgcluster::{Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
-use std::process::Command;
+use cutover_pgcluster::{Cluster, SUPERUSER, SUPERUSER_PASSWORD};
 use std::time::Duration;
 
 mod support;
 
-use support::{wait_drained, DB};
+use support::{pgbench, pgbench_command, pgbench_pair, wait_drained, DB};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -27,27 +26,6 @@ fn env_num(name: &str, default: u64) -> u64 {
 struct Sample {
     tps: f64,
     latency_ms: f64,
-}
-
-fn pgbench_args(cluster: &Cluster, port: u16, args: &[&str]) -> Command {
-    let mut cmd = Command::new(cluster.bindir().join("pgbench"));
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
-        .args(args)
-        .arg(DB)
-        .env("PGPASSWORD", SUPERUSER_PASSWORD);
-    cmd
-}
-
-fn pgbench(cluster: &Cluster, port: u16, args: &[&str]) -> String {
-    let out = pgbench_args(cluster, port, args)
-        .output()
-        .expect("run pgbench");
-    assert!(
-        out.status.success(),
-        "pgbench {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn run(cluster: &Cluster, port: u16, script: &str, clients: u64, seconds: u64) -> Sample {
@@ -121,28 +99,7 @@ async fn bench() {
     let clients = env_num("BENCH_CLIENTS", 8);
     let scale = env_num("BENCH_SCALE", 10);
     let swaps = env_num("BENCH_SWAPS", 10);
-    let start_cluster = || {
-        Cluster::start(ClusterOptions {
-            host_auth: HostAuth::ScramSha256,
-            settings: vec!["max_connections = 200".to_string()],
-        })
-        .expect("start PostgreSQL")
-    };
-    let old = start_cluster();
-    let new = start_cluster();
-    for c in [&old, &new] {
-        c.psql("postgres", &format!("CREATE DATABASE {DB}"))
-            .unwrap();
-    }
-    pgbench(&old, old.port(), &["-i", "-q", "-s", &scale.to_string()]);
-    pgbench(&new, new.port(), &["-i", "-q", "-s", "1", "-I", "dtp"]);
-    for c in [&old, &new] {
-        c.psql(
-            DB,
-            "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY",
-        )
-        .unwrap();
-    }
+    let (old, new) = pgbench_pair(scale, 200);
     let dir = std::env::temp_dir().join(format!("cutover-bench-traffic-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let state_file = dir.join("state.json");
@@ -224,7 +181,7 @@ async fn bench() {
     let port = server.proxy_addr.port();
     let load_seconds = (swaps * 2 + 4).to_string();
     let c = clients.to_string();
-    let load = pgbench_args(
+    let load = pgbench_command(
         &old,
         port,
         &[

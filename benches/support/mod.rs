@@ -1,14 +1,68 @@
-//! What the mirroring and traffic benchmarks share: the status document of
-//! an in-process cutover and waiting for its stream to drain.
+//! What the mirroring and traffic benchmarks share: an old and a new
+//! cluster with pgbench tables, running pgbench, the status document of an
+//! in-process cutover and waiting for its stream to drain.
 
 #![allow(dead_code)]
 
 use cutover::Server;
-use cutover_pgcluster::Cluster;
+use cutover_pgcluster::{Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The database the benchmarks create on every cluster.
 pub const DB: &str = "bench";
+
+/// pgbench against `DB` on `port` (the cluster itself, or cutover in front of it).
+pub fn pgbench_command(cluster: &Cluster, port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(cluster.bindir().join("pgbench"));
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
+        .args(args)
+        .arg(DB)
+        .env("PGPASSWORD", SUPERUSER_PASSWORD);
+    cmd
+}
+
+/// Runs pgbench to the end; its standard output.
+pub fn pgbench(cluster: &Cluster, port: u16, args: &[&str]) -> String {
+    let out = pgbench_command(cluster, port, args)
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An old cluster with pgbench tables at `scale` and a new one with the
+/// same, empty tables. pgbench_history gets a key on both: keyed tables are
+/// copied in resumable chunks and applied by key (without one it would be
+/// copied whole and matched by whole rows).
+pub fn pgbench_pair(scale: u64, max_connections: u32) -> (Cluster, Cluster) {
+    let start = || {
+        Cluster::start(ClusterOptions {
+            host_auth: HostAuth::ScramSha256,
+            settings: vec![format!("max_connections = {max_connections}")],
+        })
+        .expect("start PostgreSQL")
+    };
+    let (old, new) = (start(), start());
+    for c in [&old, &new] {
+        c.psql("postgres", &format!("CREATE DATABASE {DB}"))
+            .unwrap();
+    }
+    pgbench(&old, old.port(), &["-i", "-q", "-s", &scale.to_string()]);
+    pgbench(&new, new.port(), &["-i", "-q", "-s", "1", "-I", "dtp"]);
+    for c in [&old, &new] {
+        c.psql(
+            DB,
+            "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY",
+        )
+        .unwrap();
+    }
+    (old, new)
+}
 
 pub fn status(server: &Server) -> serde_json::Value {
     let r = cutover::cli_http::request(

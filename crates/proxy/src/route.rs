@@ -481,12 +481,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                 }
             }
             if fallback.is_none() && replies.len() > REPLY_BUFFER {
-                self.client
-                    .lock()
-                    .await
-                    .write_all(&replies)
-                    .await
-                    .map_err(RouteError::Client)?;
+                write_client(self.client, &replies).await?;
                 replies.clear();
                 passed_on = true;
             }
@@ -505,12 +500,7 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         // Counted before the client can see the answer, so a scrape after
         // the reply always includes it.
         self.count_read(backend);
-        self.client
-            .lock()
-            .await
-            .write_all(&replies)
-            .await
-            .map_err(RouteError::Client)?;
+        write_client(self.client, &replies).await?;
         if status == TransactionStatus::Idle && shared.outstanding.load(Ordering::SeqCst) <= 0 {
             shared.release(self.traffic);
         }
@@ -689,6 +679,18 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             }
         }
     }
+}
+
+async fn write_client<W: AsyncWrite + Unpin>(
+    client: &tokio::sync::Mutex<W>,
+    bytes: &[u8],
+) -> Result<(), RouteError> {
+    client
+        .lock()
+        .await
+        .write_all(bytes)
+        .await
+        .map_err(RouteError::Client)
 }
 
 fn is_simple(bytes: &[u8]) -> bool {

@@ -448,46 +448,46 @@ impl Applier {
 }
 
 /// The single-row upsert statement of a relation, and its parts. A table
-/// without a key gets a plain INSERT: every row image is a row of its own.
+/// without a key gets a plain INSERT: every row image is a row of its own
+/// (its "key" for [`plan`] is the whole row).
 fn upsert_shape(r: &Relation) -> Result<(Arc<str>, Arc<Upsert>), StreamError> {
     let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
-    if r.keyless_types.is_some() {
-        let sql = format!(
-            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
-            table(r),
-            cols.join(", "),
-            placeholders.join(", "),
-        );
-        let insert = Upsert {
-            table: table(r),
-            columns: r.columns.iter().map(|c| c.name.clone()).collect(),
-            conflict: String::new(),
-            key_positions: (0..cols.len()).collect(),
-        };
-        return Ok((sql.into(), Arc::new(insert)));
-    }
-    let keys: Vec<String> = r
-        .columns
-        .iter()
-        .filter(|c| c.is_key)
-        .map(|c| quote_ident(&c.name))
-        .collect();
-    if keys.is_empty() {
-        return Err(no_key(r));
-    }
-    let sets: Vec<String> = r
-        .columns
-        .iter()
-        .filter(|c| !c.is_key)
-        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
-        .collect();
-    let action = if sets.is_empty() {
-        "DO NOTHING".to_string()
+    let (conflict, key_positions) = if r.keyless_types.is_some() {
+        (String::new(), (0..cols.len()).collect())
     } else {
-        format!("DO UPDATE SET {}", sets.join(", "))
+        let keys: Vec<String> = r
+            .columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        if keys.is_empty() {
+            return Err(no_key(r));
+        }
+        let sets: Vec<String> = r
+            .columns
+            .iter()
+            .filter(|c| !c.is_key)
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
+            .collect();
+        let action = if sets.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", sets.join(", "))
+        };
+        let positions = r
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+            .collect();
+        (
+            format!("ON CONFLICT ({}) {action}", keys.join(", ")),
+            positions,
+        )
     };
-    let conflict = format!("ON CONFLICT ({}) {action}", keys.join(", "));
     let sql = format!(
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({}) {conflict}",
         table(r),
@@ -498,15 +498,9 @@ fn upsert_shape(r: &Relation) -> Result<(Arc<str>, Arc<Upsert>), StreamError> {
         table: table(r),
         columns: r.columns.iter().map(|c| c.name.clone()).collect(),
         conflict,
-        key_positions: r
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.is_key)
-            .map(|(i, _)| i)
-            .collect(),
+        key_positions,
     };
-    Ok((sql.into(), Arc::new(upsert)))
+    Ok((sql.trim_end().into(), Arc::new(upsert)))
 }
 
 fn table(r: &Relation) -> String {

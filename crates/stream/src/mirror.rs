@@ -373,8 +373,7 @@ async fn setup(
     copy: bool,
     report: &(dyn Fn(&str, u64, bool) + Sync),
 ) -> Result<Lsn, StreamError> {
-    let tables =
-        preconditions::check(old, new, &settings.old.address(), &settings.old.user).await?;
+    let tables = preconditions::check(old, new, &settings.old, &settings.new).await?;
     let slot = applier::quote_ident(&settings.slot);
     if slot_exists {
         // Left by a start that never finished, or replaced by a fresh start.
@@ -539,8 +538,6 @@ async fn stream(
     // later one (commit order) — the session restarts from the recorded
     // position instead.
     let mut in_flight: Option<InFlight<'_>> = None;
-    // Commit LSN of the first transaction of the batch in flight.
-    let mut in_flight_first: Option<Lsn> = None;
     let mut primary_end = start;
     let mut caught_up_at = Instant::now();
     let mut last_status = Instant::now();
@@ -551,7 +548,7 @@ async fn stream(
         let event = tokio::select! {
             r = async {
                 match in_flight.as_mut() {
-                    Some(batch) => batch.await,
+                    Some(batch) => batch.done.as_mut().await,
                     None => std::future::pending().await,
                 }
             } => Event::Applied(r),
@@ -565,7 +562,6 @@ async fn stream(
                 committed(shared, &mut applier, result?);
                 // Keep the secondary busy: whatever whole transactions
                 // arrived meanwhile go next.
-                in_flight_first = applier.batch.first_commit;
                 in_flight = start_batch(new, &mut applier, &mut statements).await?;
                 reply = true;
                 // A commit that asked while this batch was in flight may
@@ -590,7 +586,6 @@ async fn stream(
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     apply_all(shared, new, &mut applier, &mut statements, &mut in_flight).await?;
-                    in_flight_first = None;
                     let applied_since = applier.applied() != applied_at_sequence_sync;
                     if applied_since || last_sequence_sync.elapsed() >= SEQUENCE_SYNC_INTERVAL {
                         sync_sequences(old, new).await?;
@@ -619,13 +614,11 @@ async fn stream(
                     if applier.feed(msg)? && applier.batch.rows >= MAX_BATCH_ROWS {
                         // Full: build this batch (it is sent when first
                         // polled), wait for the one in flight, then send it.
-                        let first = applier.batch.first_commit;
                         let next = start_batch(new, &mut applier, &mut statements).await?;
                         if let Some(batch) = in_flight.take() {
-                            committed(shared, &mut applier, batch.await?);
+                            committed(shared, &mut applier, batch.done.await?);
                         }
                         in_flight = next;
-                        in_flight_first = first;
                         reply = true;
                     }
                 }
@@ -640,7 +633,6 @@ async fn stream(
                     if applier.batch.end_lsn.is_some() || in_flight.is_some() {
                         apply_all(shared, new, &mut applier, &mut statements, &mut in_flight)
                             .await?;
-                        in_flight_first = None;
                     }
                     if !applier.in_transaction() && applier.batch.end_lsn.is_none() {
                         // Nothing pending: the secondary holds everything up to `end`.
@@ -658,7 +650,6 @@ async fn stream(
                 && in_flight.is_none()
                 && !repl.has_buffered_message()
             {
-                in_flight_first = applier.batch.first_commit;
                 in_flight = start_batch(new, &mut applier, &mut statements).await?;
             }
         }
@@ -667,6 +658,7 @@ async fn stream(
         // yet applied has been received, and so applied. Everything up to
         // one byte short of that one's commit record is on the secondary
         // (confirming that to the slot never skips it).
+        let in_flight_first = in_flight.as_ref().and_then(|f| f.first_commit);
         if let Some(first) = in_flight_first.or(applier.earliest_pending()) {
             let below = Lsn(first.0.saturating_sub(1));
             shared.caught_up.send_if_modified(|lsn| {
@@ -882,8 +874,13 @@ impl Statements {
 }
 
 /// A batch on its way through the secondary.
-type InFlight<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Applied, StreamError>> + Send + 'a>>;
+struct InFlight<'a> {
+    /// Commit LSN of its first transaction.
+    first_commit: Option<Lsn>,
+    done: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Applied, StreamError>> + Send + 'a>,
+    >,
+}
 
 /// A batch the secondary committed.
 struct Applied {
@@ -911,6 +908,7 @@ async fn start_batch<'a>(
     };
     let started = Instant::now();
     let batch = applier.take_batch();
+    let first_commit = batch.first_commit;
     let ops = &batch.ops;
     let mut steps = Vec::new();
     for step in applier::plan(ops) {
@@ -935,9 +933,10 @@ async fn start_batch<'a>(
             }
         }
     }
-    Ok(Some(Box::pin(run_batch(
-        new, batch, steps, position, started,
-    ))))
+    Ok(Some(InFlight {
+        first_commit,
+        done: Box::pin(run_batch(new, batch, steps, position, started)),
+    }))
 }
 
 /// Applies a batch in one secondary transaction: BEGIN, every change and
@@ -1061,10 +1060,10 @@ async fn apply_all<'a>(
     in_flight: &mut Option<InFlight<'a>>,
 ) -> Result<(), StreamError> {
     if let Some(batch) = in_flight.take() {
-        committed(shared, applier, batch.await?);
+        committed(shared, applier, batch.done.await?);
     }
     if let Some(batch) = start_batch(new, applier, statements).await? {
-        committed(shared, applier, batch.await?);
+        committed(shared, applier, batch.done.await?);
     }
     Ok(())
 }

@@ -116,9 +116,10 @@ pub async fn user_tables(client: &Client) -> Result<Vec<TableShape>, StreamError
 pub async fn check(
     old: &Client,
     new: &Client,
-    old_address: &str,
-    user: &str,
+    old_url: &cutover_config::BackendUrl,
+    new_url: &cutover_config::BackendUrl,
 ) -> Result<Vec<TableShape>, StreamError> {
+    let (old_address, user) = (old_url.address(), &old_url.user);
     let wal_level: String = old.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(StreamError::Precondition(format!(
@@ -153,7 +154,7 @@ pub async fn check(
     check_identities(old, &format!("old backend {old_address}")).await?;
     // After promote the new database is published for the stream back to
     // old, so its tables must qualify too.
-    check_identities(new, "new backend").await?;
+    check_identities(new, &format!("new backend {}", new_url.address())).await?;
     let old_tables = user_tables(old).await?;
     let new_tables: BTreeMap<(String, String), TableShape> = user_tables(new)
         .await?
