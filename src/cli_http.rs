@@ -44,7 +44,7 @@ pub fn request(
     };
     let mut stream = TcpStream::connect(&addr).map_err(connect)?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(connect)?;
     let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
     if let Some(token) = token {

@@ -6,11 +6,9 @@
 pub mod cli_http;
 mod migration;
 
-use cutover_admin::{AdminSource, ApiError, BoxFuture, Transition};
+use cutover_admin::{AdminSource, ApiError, BoxFuture, Transition, VerifyRequest};
 use cutover_config::{BackendConfig, Config};
-use cutover_control::{
-    Backend, BackendStatus, ControlState, Health, Metrics, Phase, PoolStatus, Status,
-};
+use cutover_control::{Backend, BackendStatus, ControlState, Health, Metrics, PoolStatus, Status};
 use cutover_proxy::traffic::{Plane, Traffic};
 use cutover_proxy::Proxy;
 use cutover_stream::MirrorSettings;
@@ -177,27 +175,6 @@ impl AdminSource for Daemon {
         self.config.admin.token.as_deref()
     }
 
-    fn start_mirror(&self) -> Result<serde_json::Value, ApiError> {
-        if self.config.new.is_none() {
-            return Err(ApiError::conflict(
-                "no [new] backend is configured; add [new] url = ... and restart cutover",
-            ));
-        }
-        let next = self
-            .control_state()
-            .start_mirroring()
-            .map_err(|r| ApiError::conflict(r.reason))?;
-        self.start_stream(Backend::Old, false)
-            .map_err(ApiError::conflict)?;
-        self.publish(next);
-        self.metrics
-            .traffic
-            .transitions
-            .with_label_values(&["mirror_start", "ok"])
-            .inc();
-        Ok(serde_json::json!({ "phase": Phase::Mirroring.name(), "started": true }))
-    }
-
     fn transition(
         &self,
         transition: Transition,
@@ -205,12 +182,33 @@ impl AdminSource for Daemon {
         Box::pin(self.run_transition(transition))
     }
 
-    fn start_verify(&self) -> Result<serde_json::Value, ApiError> {
-        let new = self.config.new.as_ref().ok_or_else(|| {
-            ApiError::conflict(
+    fn start_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
+        if self.config.new.is_none() {
+            return Err(ApiError::conflict(
                 "no [new] backend is configured; add [new] url = ... and restart cutover",
-            )
-        })?;
+            ));
+        }
+        // With a stream running from the primary, each chunk is compared
+        // at one point of it (exact under load); the primary is the side
+        // verify reads under locks.
+        let state = self.control_state();
+        let (source, stream) = {
+            let running = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+            match running.as_ref().filter(|s| s.from == state.primary) {
+                Some(s) => (s.from, Some(s.mirror.position())),
+                None => (Backend::Old, None),
+            }
+        };
+        let (Some(old_url), Some(new_url)) =
+            (self.url(source).cloned(), self.url(source.other()).cloned())
+        else {
+            return Err(ApiError::conflict("no [new] backend is configured"));
+        };
+        let options = cutover_stream::VerifyOptions {
+            tables: request.tables,
+            chunk_rows: i64::from(request.chunk_rows.unwrap_or(10_000)),
+            ..Default::default()
+        };
         {
             let mut doc = self.verify.lock().unwrap_or_else(|p| p.into_inner());
             if doc.as_ref().is_some_and(|v| v["state"] == "running") {
@@ -222,9 +220,9 @@ impl AdminSource for Daemon {
                 "state": "running", "rows_checked": 0, "chunks": 0, "rows_different": 0
             }));
         }
+        let stream_given = stream.is_some();
         let doc = self.verify.clone();
         let metrics = self.metrics.stream.clone();
-        let (old_url, new_url) = (self.config.old.url.clone(), new.url.clone());
         metrics.verify_rows_different.set(0);
         tokio::spawn(async move {
             let update = |f: &dyn Fn(&mut serde_json::Value)| {
@@ -246,8 +244,10 @@ impl AdminSource for Daemon {
             let result = async {
                 let old = cutover_stream::control_client(&old_url, "cutover-verify").await?;
                 let new = cutover_stream::control_client(&new_url, "cutover-verify").await?;
-                cutover_stream::verify_with_progress(&old, &new, &Default::default(), &on_chunk)
-                    .await
+                let stream = stream
+                    .as_ref()
+                    .map(|s| s as &dyn cutover_stream::StreamPoint);
+                cutover_stream::verify_with_progress(&old, &new, &options, stream, &on_chunk).await
             }
             .await;
             update(&|v| match &result {
@@ -261,7 +261,10 @@ impl AdminSource for Daemon {
                 }
             });
         });
-        Ok(serde_json::json!({ "verify": "started" }))
+        Ok(serde_json::json!({
+            "verify": "started",
+            "at_stream_position": stream_given,
+        }))
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {

@@ -51,10 +51,23 @@ enum Command {
         #[command(subcommand)]
         action: MirrorAction,
     },
-    /// Prove old and new hold the same rows (no daemon needed). Exit 1 on differences.
+    /// Prove old and new hold the same rows. Runs in the daemon (its
+    /// verdict counts for promote; each chunk is compared at one point of
+    /// the stream, exact under load), or alone with --standalone. Exit 1
+    /// on differences.
     Verify {
         #[command(flatten)]
         check: CheckArgs,
+        /// Which running cutover runs it (default: admin.listen from --config).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Bearer token (default: admin.token from --config, or CUTOVER_ADMIN__TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+        /// Verify here, without the daemon: needs --config with [old] and
+        /// [new]; a differing chunk is re-checked after a delay instead.
+        #[arg(long)]
+        standalone: bool,
     },
     /// Re-copy from old the rows verify finds different, then verify again.
     Repair {
@@ -112,7 +125,13 @@ enum Command {
 #[derive(Subcommand)]
 enum MirrorAction {
     /// Check preconditions, create the slot, copy, then stream changes.
+    /// Waits for the setup and exits non-zero with its error. Run it again
+    /// after fixing the cause of a failed stream.
     Start {
+        /// Let the copy empty tables on new that hold rows cutover did not
+        /// copy there (every row in them is deleted first).
+        #[arg(long)]
+        clear_new: bool,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -121,9 +140,9 @@ enum MirrorAction {
 /// What verify and repair look at.
 #[derive(Args)]
 struct CheckArgs {
-    /// Configuration naming the [old] and [new] databases.
+    /// Configuration naming the [old] and [new] databases (and the admin API).
     #[arg(long, short)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Only this table (`name` or `schema.name`); repeatable.
     #[arg(long = "table")]
     tables: Vec<String>,
@@ -153,7 +172,11 @@ impl CheckArgs {
         tokio_postgres::Client,
         cutover_stream::VerifyOptions,
     )> {
-        let config = Config::load(&self.config)?;
+        let path = self
+            .config
+            .as_deref()
+            .context("--config FILE is needed to reach [old] and [new] directly")?;
+        let config = Config::load(path)?;
         let new = config
             .new
             .as_ref()
@@ -192,6 +215,51 @@ async fn verify(check: CheckArgs) -> anyhow::Result<()> {
     let (old, new, options) = check.connect().await?;
     let report = cutover_stream::verify(&old, &new, &options).await?;
     check.print(&report)
+}
+
+/// Starts a verify in the daemon and follows it to its verdict, printing
+/// progress on stderr.
+fn verify_in_daemon(check: &CheckArgs, target: &AdminTarget) -> anyhow::Result<()> {
+    if check.resume || check.max_chunks.is_some() {
+        anyhow::bail!("--resume and --max-chunks apply to --standalone runs only");
+    }
+    let body = serde_json::json!({
+        "tables": check.tables,
+        "chunk_rows": check.chunk_rows.max(1),
+    });
+    call(target, "POST", "/v1/verify", &body.to_string())?;
+    let (base, _) = target.resolve()?;
+    let mut shown = None;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let response = cli_http::request(&base, "GET", "/v1/status", None, None)?;
+        let status: serde_json::Value =
+            serde_json::from_str(&response.body).context("reading /v1/status")?;
+        let v = &status["verify"];
+        let line = format!(
+            "verify: {} rows checked in {} chunks, {} different",
+            v["rows_checked"].as_u64().unwrap_or(0),
+            v["chunks"].as_u64().unwrap_or(0),
+            v["rows_different"].as_u64().unwrap_or(0)
+        );
+        if shown.as_ref() != Some(&line) {
+            eprintln!("{line}");
+            shown = Some(line);
+        }
+        match v["state"].as_str() {
+            Some("running") => continue,
+            Some("failed") => anyhow::bail!(
+                "verify failed: {}",
+                v["error"].as_str().unwrap_or("no reason given")
+            ),
+            _ => {
+                let report: cutover_stream::VerifyReport =
+                    serde_json::from_value(v["report"].clone())
+                        .context("reading the verify report from /v1/status")?;
+                return check.print(&report);
+            }
+        }
+    }
 }
 
 async fn repair(check: CheckArgs) -> anyhow::Result<()> {
@@ -258,8 +326,8 @@ fn main() -> ExitCode {
         }
         Command::Status { target, json } => report(status(&target, json)),
         Command::Mirror {
-            action: MirrorAction::Start { target },
-        } => report(mirror_start(&target)),
+            action: MirrorAction::Start { clear_new, target },
+        } => report(mirror_start(&target, clear_new)),
         Command::Reads {
             percent,
             target,
@@ -288,7 +356,23 @@ fn main() -> ExitCode {
         Command::Finalize { target, json } => {
             report(control(&target, "POST", "/v1/finalize", "{}", json))
         }
-        Command::Verify { check } => report(runtime(1).and_then(|rt| rt.block_on(verify(check)))),
+        Command::Verify {
+            check,
+            admin,
+            token,
+            standalone,
+        } => {
+            if standalone {
+                report(runtime(1).and_then(|rt| rt.block_on(verify(check))))
+            } else {
+                let target = AdminTarget {
+                    admin,
+                    config: check.config.clone(),
+                    token,
+                };
+                report(verify_in_daemon(&check, &target))
+            }
+        }
         Command::Repair { check } => report(runtime(1).and_then(|rt| rt.block_on(repair(check)))),
         Command::Demo {
             listen,
@@ -352,9 +436,17 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mirror_start(target: &AdminTarget) -> anyhow::Result<()> {
-    call(target, "POST", "/v1/mirror/start", "{}")?;
-    println!("mirroring started; follow it with `cutover status`");
+fn mirror_start(target: &AdminTarget, clear_new: bool) -> anyhow::Result<()> {
+    let doc = call(
+        target,
+        "POST",
+        "/v1/mirror/start",
+        &format!(r#"{{"clear_new": {clear_new}}}"#),
+    )?;
+    println!(
+        "mirroring started at {}; the copy runs now, follow it with `cutover status`",
+        doc["start_lsn"].as_str().unwrap_or("?")
+    );
     Ok(())
 }
 
@@ -587,12 +679,20 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
     );
     println!();
     println!("  then walk the migration (in another terminal):");
-    println!("    cargo run -- status {admin}");
-    println!("    cargo run -- mirror start {admin}");
-    println!("    curl -X POST http://{admin_listen}/v1/verify      # verdict in `status --json`");
-    println!("    cargo run -- reads 50 {admin}");
-    println!("    cargo run -- promote {admin}");
-    println!("    cargo run -- rollback {admin}");
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "cutover".to_string());
+    for step in [
+        "status",
+        "mirror start",
+        "verify",
+        "reads 50",
+        "promote",
+        "rollback",
+    ] {
+        println!("    {exe} {step} {admin}");
+    }
     println!("  metrics: curl http://{admin_listen}/metrics");
     println!();
     println!("  Ctrl-C stops cutover and deletes both databases.");

@@ -8,7 +8,7 @@ use cutover_admin::{ApiError, Transition};
 use cutover_config::BackendUrl;
 use cutover_control::{Backend, ControlState, Phase};
 use cutover_proxy::traffic::{BoxFuture, CommitFence, Plane};
-use cutover_stream::{Lsn, Mirror, MirrorSettings, StreamPosition};
+use cutover_stream::{Lsn, Mirror, MirrorSettings, StreamPosition, StreamState};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +43,8 @@ struct PositionQuery {
 }
 
 const POSITION_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `mirror start` waits for the setup before answering.
+const MIRROR_SETUP_WAIT: Duration = Duration::from_secs(60);
 
 impl PrimaryPosition {
     pub fn new(url: BackendUrl) -> PrimaryPosition {
@@ -117,6 +119,10 @@ impl CommitFence for StreamFence {
         self.position.caught_up().0
     }
 
+    fn serving(&self) -> bool {
+        self.position.serving()
+    }
+
     fn wait_applied(&self, lsn: u64, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(self.position.wait_for(Lsn(lsn), timeout))
     }
@@ -151,7 +157,7 @@ fn save_state(path: &Path, state: &ControlState) -> std::io::Result<()> {
 }
 
 impl Daemon {
-    fn url(&self, backend: Backend) -> Option<&BackendUrl> {
+    pub(crate) fn url(&self, backend: Backend) -> Option<&BackendUrl> {
         match backend {
             Backend::Old => Some(&self.config.old.url),
             Backend::New => self.config.new.as_ref().map(|n| &n.url),
@@ -160,6 +166,15 @@ impl Daemon {
 
     /// Settings for the stream whose source is `from`.
     pub(crate) fn stream_settings(&self, from: Backend, fresh: bool) -> Option<MirrorSettings> {
+        self.stream_settings_clearing(from, fresh, false)
+    }
+
+    fn stream_settings_clearing(
+        &self,
+        from: Backend,
+        fresh: bool,
+        clear_new: bool,
+    ) -> Option<MirrorSettings> {
         Some(MirrorSettings {
             old: self.url(from)?.clone(),
             new: self.url(from.other())?.clone(),
@@ -170,13 +185,23 @@ impl Daemon {
             .to_string(),
             copy: self.config.mirror.clone(),
             fresh,
+            clear_new,
         })
     }
 
     /// Starts the stream from `from` unless one runs.
     pub(crate) fn start_stream(&self, from: Backend, fresh: bool) -> Result<(), String> {
+        self.start_stream_clearing(from, fresh, false)
+    }
+
+    fn start_stream_clearing(
+        &self,
+        from: Backend,
+        fresh: bool,
+        clear_new: bool,
+    ) -> Result<(), String> {
         let settings = self
-            .stream_settings(from, fresh)
+            .stream_settings_clearing(from, fresh, clear_new)
             .ok_or("no [new] backend is configured; add [new] url = ... and restart cutover")?;
         let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         if stream.is_some() {
@@ -273,13 +298,18 @@ impl Daemon {
         let current = self.control_state();
         let refused = |r: cutover_control::Refusal| ApiError::conflict(r.reason);
         match transition {
+            Transition::MirrorStart { clear_new } => self.start_mirror(current, clear_new).await,
             Transition::Reads(percent) => {
                 let next = current.set_reads(percent).map_err(refused)?;
+                if percent > 0 && next.primary == Backend::Old {
+                    self.secondary_ready()?;
+                }
                 self.publish(next);
                 Ok(self.state_json(next))
             }
             Transition::Promote { force } => {
                 let next = current.promote().map_err(refused)?;
+                self.secondary_ready()?;
                 if !force {
                     self.promotion_ready()?;
                 }
@@ -319,6 +349,109 @@ impl Daemon {
         }
     }
 
+    /// Starts mirroring, or starts it again when it failed, and waits for
+    /// its setup (preconditions, slot, copy plan) to finish: a setup error
+    /// is the answer, not something to find later in the status.
+    async fn start_mirror(
+        &self,
+        current: ControlState,
+        clear_new: bool,
+    ) -> Result<serde_json::Value, ApiError> {
+        if self.config.new.is_none() {
+            return Err(ApiError::conflict(
+                "no [new] backend is configured; add [new] url = ... and restart cutover",
+            ));
+        }
+        let failed = {
+            let stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+            stream
+                .as_ref()
+                .is_none_or(|s| s.mirror.status().state == StreamState::Failed)
+        };
+        let next = if failed && current.phase.streams() {
+            let stopped = self.stream.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(stopped) = stopped {
+                stopped.mirror.stop().await;
+            }
+            current
+        } else {
+            current
+                .start_mirroring()
+                .map_err(|r| ApiError::conflict(r.reason))?
+        };
+        self.start_stream_clearing(next.primary, false, clear_new)
+            .map_err(ApiError::conflict)?;
+        self.publish(next);
+        let started = {
+            let stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+            stream.as_ref().map(|s| s.mirror.started())
+        };
+        let Some(started) = started else {
+            return Err(ApiError::conflict(
+                "the change stream stopped while starting",
+            ));
+        };
+        match started.wait(MIRROR_SETUP_WAIT).await {
+            Ok(lsn) => Ok(serde_json::json!({
+                "phase": next.phase.name(),
+                "started": true,
+                "start_lsn": lsn.to_string(),
+            })),
+            Err(reason) => Err(ApiError::conflict(format!(
+                "mirroring could not start: {reason}; fix it and run `cutover mirror start` again"
+            ))),
+        }
+    }
+
+    /// The dial may send reads to the secondary, and new may be promoted,
+    /// only once every table is copied and the stream runs: before that
+    /// the secondary is missing rows.
+    fn secondary_ready(&self) -> Result<(), ApiError> {
+        let status = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.mirror.status());
+        let Some(status) = status else {
+            return Err(ApiError::conflict(
+                "no change stream is running; run `cutover mirror start` first",
+            ));
+        };
+        match status.state {
+            StreamState::Streaming => Ok(()),
+            StreamState::Copying => {
+                let left: Vec<&str> = status
+                    .copy
+                    .iter()
+                    .filter(|c| !c.done)
+                    .map(|c| c.table.as_str())
+                    .collect();
+                Err(ApiError::conflict(format!(
+                    "the secondary is not ready: the initial copy is still running ({} of {} tables left: {}); \
+                     wait until `cutover status` shows the stream streaming",
+                    left.len(),
+                    status.copy.len(),
+                    left.join(", ")
+                )))
+            }
+            state => Err(ApiError::conflict(format!(
+                "the secondary is not ready: the change stream is {}{}; {}",
+                state.name(),
+                status
+                    .error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default(),
+                if state == StreamState::Failed {
+                    "fix the cause and run `cutover mirror start` again"
+                } else {
+                    "wait until `cutover status` shows the stream streaming"
+                }
+            ))),
+        }
+    }
+
     /// Promotion needs a drained stream and a clean last verify.
     fn promotion_ready(&self) -> Result<(), ApiError> {
         let status = self
@@ -330,10 +463,10 @@ impl Daemon {
         let Some(status) = status else {
             return Err(ApiError::conflict("no change stream is running"));
         };
-        if status.state != "streaming" || status.lag_bytes.unwrap_or(u64::MAX) > 0 {
+        if status.state != StreamState::Streaming || status.lag_bytes.unwrap_or(u64::MAX) > 0 {
             return Err(ApiError::conflict(format!(
                 "the stream is not caught up (state {}, lag {} bytes); wait for lag 0 or use --force",
-                status.state,
+                status.state.name(),
                 status
                     .lag_bytes
                     .map_or("unknown".to_string(), |b| b.to_string())

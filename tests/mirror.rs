@@ -90,6 +90,10 @@ fn mirror_status(server: &cutover::Server) -> serde_json::Value {
     mirror_status_at(server.admin_addr)
 }
 
+fn status_doc(server: &cutover::Server) -> serde_json::Value {
+    serde_json::from_str(&admin_get(server, "/v1/status").1).unwrap()
+}
+
 /// Every row of every table, as text, in key order.
 fn contents(c: &Cluster, table: &str, key: &str) -> String {
     c.psql(
@@ -420,7 +424,12 @@ async fn preconditions_fail_with_the_fix() {
         )
         .unwrap();
     let server = start_proxy_with(&config).await;
-    assert_eq!(post(&server, "/v1/mirror/start", None).0, 200);
+    let (code, body) = post(&server, "/v1/mirror/start", None);
+    assert_eq!(
+        code, 409,
+        "mirror start answers with the setup's error: {body}"
+    );
+    assert!(body.contains("public.nokey, public.nokey2"), "{body}");
     let error = wait_for_failure(&server).await;
     assert!(
         error.contains("\"public\".\"nokey\", \"public\".\"nokey2\"")
@@ -521,10 +530,14 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
     assert_eq!(post(&server, "/v1/mirror/start", None).0, 200);
     drained(&server, &p.old).await;
 
-    let (code, out) =
-        tokio::task::block_in_place(|| run_cli(&["verify", "--chunk-rows", "7"], &path));
+    // In the daemon: its verdict is what promote looks at.
+    let admin = format!("http://{}", server.admin_addr);
+    let (code, out) = tokio::task::block_in_place(|| {
+        run_cli(&["verify", "--chunk-rows", "7", "--admin", &admin], &path)
+    });
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("old and new hold the same rows"), "{out}");
+    assert_eq!(status_doc(&server)["verify"]["state"], "clean");
 
     // A bounded window, then a resumed run that checks only the rest.
     let chunks_of = |out: &str, field: &str| -> (bool, u64) {
@@ -542,6 +555,7 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
         run_cli(
             &[
                 "verify",
+                "--standalone",
                 "--json",
                 "--chunk-rows",
                 "50",
@@ -556,7 +570,14 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
     assert_eq!(chunks_of(&out, "chunks_this_run"), (false, 4));
     let (code, out) = tokio::task::block_in_place(|| {
         run_cli(
-            &["verify", "--json", "--chunk-rows", "50", "--resume"],
+            &[
+                "verify",
+                "--standalone",
+                "--json",
+                "--chunk-rows",
+                "50",
+                "--resume",
+            ],
             &path,
         )
     });
@@ -582,11 +603,12 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
         .unwrap();
     let (code, out) = tokio::task::block_in_place(|| {
         run_cli(
-            &["verify", "--json", "--chunk-rows", "7", "--rechecks", "1"],
+            &["verify", "--json", "--chunk-rows", "7", "--admin", &admin],
             &path,
         )
     });
     assert_eq!(code, 1, "{out}");
+    assert_eq!(status_doc(&server)["verify"]["state"], "differences");
     let json_end = out.rfind('}').unwrap();
     let report: serde_json::Value = serde_json::from_str(&out[..=json_end]).unwrap();
     assert_eq!(report["clean"], false);
@@ -628,7 +650,17 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
     assert_eq!(found_sorted, expected, "{out}");
 
     let (code, out) = tokio::task::block_in_place(|| {
-        run_cli(&["verify", "--table", "docs", "--rechecks", "1"], &path)
+        run_cli(
+            &[
+                "verify",
+                "--standalone",
+                "--table",
+                "docs",
+                "--rechecks",
+                "1",
+            ],
+            &path,
+        )
     });
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -936,7 +968,7 @@ async fn tables_without_a_key_are_copied_streamed_verified_and_repaired() {
         "{metrics}"
     );
 
-    let (code, out) = tokio::task::block_in_place(|| run_cli(&["verify"], &path));
+    let (code, out) = tokio::task::block_in_place(|| run_cli(&["verify", "--standalone"], &path));
     assert_eq!(code, 0, "{out}");
 
     // Damage new behind the stream's back: one copy of a duplicate gone, a
@@ -951,7 +983,15 @@ async fn tables_without_a_key_are_copied_streamed_verified_and_repaired() {
         .unwrap();
     let (code, out) = tokio::task::block_in_place(|| {
         run_cli(
-            &["verify", "--json", "--table", "log", "--rechecks", "1"],
+            &[
+                "verify",
+                "--standalone",
+                "--json",
+                "--table",
+                "log",
+                "--rechecks",
+                "1",
+            ],
             &path,
         )
     });

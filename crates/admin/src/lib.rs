@@ -25,10 +25,8 @@ pub trait AdminSource: Send + Sync + 'static {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>>;
     /// The bearer token mutating endpoints require, if any.
     fn token(&self) -> Option<&str>;
-    /// Starts mirroring to the new database.
-    fn start_mirror(&self) -> Result<serde_json::Value, ApiError>;
     /// Starts a verify run in the background.
-    fn start_verify(&self) -> Result<serde_json::Value, ApiError>;
+    fn start_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError>;
     /// Changes the control state (read dial, promote, rollback, finalize).
     fn transition(
         &self,
@@ -36,11 +34,29 @@ pub trait AdminSource: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>>;
 }
 
+/// What a verify run covers (`POST /v1/verify`, all fields optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// Only these tables (`name` or `schema.name`); every table when empty.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Rows per checksum chunk.
+    pub chunk_rows: Option<u32>,
+}
+
 /// An operator's request to change the control state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    /// Start mirroring (or start it again after it failed); `clear_new`
+    /// lets the copy empty tables on new holding rows it did not put there.
+    MirrorStart {
+        clear_new: bool,
+    },
     Reads(u8),
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
     Rollback,
     Finalize,
 }
@@ -48,6 +64,7 @@ pub enum Transition {
 impl Transition {
     pub fn name(&self) -> &'static str {
         match self {
+            Transition::MirrorStart { .. } => "mirror_start",
             Transition::Reads(_) => "reads",
             Transition::Promote { .. } => "promote",
             Transition::Rollback => "rollback",
@@ -177,21 +194,47 @@ async fn status(State(source): State<Arc<dyn AdminSource>>) -> Json<Status> {
     Json(source.status())
 }
 
-async fn mirror_start(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(source.as_ref(), &headers) {
-        return e.into_response();
-    }
-    match source.start_mirror() {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn mirror_start(
+    State(source): State<Arc<dyn AdminSource>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let transition = json_body(&body).and_then(|map| match map.get("clear_new") {
+        None => Ok(Transition::MirrorStart { clear_new: false }),
+        Some(serde_json::Value::Bool(clear_new)) => Ok(Transition::MirrorStart {
+            clear_new: *clear_new,
+        }),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "clear_new must be true or false, got {other}"
+        ))),
+    });
+    run_transition(source, &headers, transition).await
 }
 
-async fn verify_start(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
+async fn verify_start(
+    State(source): State<Arc<dyn AdminSource>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     if let Err(e) = authorize(source.as_ref(), &headers) {
         return e.into_response();
     }
-    match source.start_verify() {
+    let request = json_body(&body).and_then(|map| {
+        serde_json::from_value::<VerifyRequest>(serde_json::Value::Object(map))
+            .map_err(|e| ApiError::bad_request(format!("verify request: {e}")))
+    });
+    let request = match request {
+        Ok(VerifyRequest {
+            chunk_rows: Some(0),
+            ..
+        }) => Err(ApiError::bad_request("chunk_rows must be at least 1")),
+        other => other,
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match source.start_verify(request) {
         Ok(body) => Json(body).into_response(),
         Err(e) => e.into_response(),
     }

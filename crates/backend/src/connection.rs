@@ -346,12 +346,57 @@ impl BackendConnection {
         }
     }
 
+    /// Runs one simple query and returns the first column of its first
+    /// row (None for no row or NULL).
+    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, String> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(|e| e.to_string())?;
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::new();
+        let mut value = None;
+        let mut failure = None;
+        loop {
+            let frame = read_frame(&mut self.stream, &mut buf, MAX_LOGIN_MESSAGE)
+                .await
+                .map_err(|e| e.to_string())?;
+            let msg = buf.split_to(frame.len);
+            match frame.tag {
+                b'Z' => break,
+                b'E' => {
+                    failure = Some(ErrorResponse::decode(&msg[5..]).unwrap_or_default().message)
+                }
+                b'D' if value.is_none() => value = Some(first_column(&msg[5..])),
+                _ => {}
+            }
+        }
+        match failure {
+            Some(message) => Err(message),
+            None => Ok(value.flatten()),
+        }
+    }
+
     /// Says goodbye politely; errors don't matter, the socket closes anyway.
     pub async fn terminate(mut self) {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
         let _ = self.stream.write_all(&out).await;
     }
+}
+
+/// The first column of a DataRow body as text; None for NULL or a
+/// malformed row.
+fn first_column(body: &[u8]) -> Option<String> {
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if count < 1 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    let bytes = body.get(6..6 + len)?;
+    String::from_utf8(bytes.to_vec()).ok()
 }
 
 /// Records a ParameterStatus value, keeping first-reported order.

@@ -8,7 +8,7 @@ pub mod pool;
 pub mod scram;
 
 pub use connection::{send_cancel, BackendConnection, ConnectError, LoginTarget};
-pub use pool::{Checkout, OnReturn, Pool, PoolKey, PoolSettings, PoolStats};
+pub use pool::{Checkout, OnReturn, Pool, PoolKey, PoolSettings, PoolSize, PoolStats};
 pub use scram::ScramCache;
 
 use cutover_config::BackendUrl;

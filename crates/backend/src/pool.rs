@@ -1,5 +1,8 @@
 //! A pool of backend sessions for one backend, keyed by who logs in and with
-//! which startup parameters, capped at `pool_size` open sessions.
+//! which startup parameters, capped at `pool_size` open sessions — or, by
+//! default, at what the server itself accepts (`max_connections` less the
+//! slots it reserves), learned on the first login, so cutover never turns
+//! a client away that the database would have taken.
 //!
 //! A checkout is a guard. When it drops, the session goes back to the pool
 //! only if the proxy marked it clean enough to reset (no reply outstanding);
@@ -10,7 +13,7 @@
 use crate::connection::{BackendConnection, ConnectError, LoginTarget};
 use crate::scram::ScramCache;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -24,10 +27,27 @@ pub struct PoolSettings {
     pub backend: String,
     pub address: String,
     pub database: String,
-    pub size: u32,
+    pub size: PoolSize,
     pub connect_timeout: Duration,
     pub checkout_timeout: Duration,
 }
+
+/// How many sessions a pool may open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    Fixed(u32),
+    /// As many as the server accepts for non-superusers; until the first
+    /// login has asked, this many.
+    FromServer {
+        until_known: u32,
+    },
+}
+
+/// What the server accepts for ordinary roles: `max_connections` less the
+/// superuser-reserved slots (and `reserved_connections` where it exists).
+const SERVER_LIMIT_SQL: &str = "SELECT (current_setting('max_connections')::int \
+     - current_setting('superuser_reserved_connections')::int \
+     - coalesce(current_setting('reserved_connections', true)::int, 0))::text";
 
 /// Sessions are interchangeable only for the same user and startup parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -55,6 +75,9 @@ struct Inner {
     settings: PoolSettings,
     /// One permit per open session, idle or in use.
     permits: Arc<Semaphore>,
+    /// The cap in force; with `PoolSize::FromServer`, set once learned.
+    size: AtomicU32,
+    size_known: AtomicBool,
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     returned: Notify,
     scram: ScramCache,
@@ -71,9 +94,15 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(settings: PoolSettings) -> Pool {
+        let (size, known) = match settings.size {
+            PoolSize::Fixed(n) => (n, true),
+            PoolSize::FromServer { until_known } => (until_known, false),
+        };
         Pool {
             inner: Arc::new(Inner {
-                permits: Arc::new(Semaphore::new(settings.size as usize)),
+                permits: Arc::new(Semaphore::new(size as usize)),
+                size: AtomicU32::new(size),
+                size_known: AtomicBool::new(known),
                 settings,
                 idle: Mutex::new(HashMap::new()),
                 returned: Notify::new(),
@@ -92,7 +121,7 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         PoolStats {
-            size: self.inner.settings.size,
+            size: self.inner.size.load(Ordering::Relaxed),
             in_use: self.inner.in_use.load(Ordering::Relaxed),
             idle: self.inner.idle_count.load(Ordering::Relaxed),
             waiting: self.inner.waiting.load(Ordering::Relaxed),
@@ -142,7 +171,7 @@ impl Pool {
                     return Err(ConnectError::PoolTimeout {
                         backend: inner.settings.backend.clone(),
                         waited: inner.settings.checkout_timeout,
-                        size: inner.settings.size,
+                        size: inner.size.load(Ordering::Relaxed),
                     });
                 }
             }
@@ -159,12 +188,39 @@ impl Pool {
             scram: &inner.scram,
         };
         match BackendConnection::connect(&target).await {
-            Ok(conn) => Ok(self.guard(key, conn, permit, true)),
+            Ok(mut conn) => {
+                if !inner.size_known.swap(true, Ordering::SeqCst) {
+                    self.learn_size(&mut conn).await;
+                }
+                Ok(self.guard(key, conn, permit, true))
+            }
             Err(e) => {
                 inner.connect_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
         }
+    }
+
+    /// Asks the server how many sessions it accepts and makes that the cap.
+    async fn learn_size(&self, conn: &mut BackendConnection) {
+        let inner = &self.inner;
+        let limit = match conn.query_value(SERVER_LIMIT_SQL).await {
+            Ok(Some(text)) => text.parse::<u32>().ok().filter(|n| *n > 0),
+            _ => None,
+        };
+        let Some(limit) = limit else {
+            tracing::warn!(backend = %inner.settings.backend, "could not ask the server for max_connections; the pool keeps its provisional size");
+            return;
+        };
+        let before = inner.size.load(Ordering::SeqCst);
+        if limit > before {
+            inner.permits.add_permits((limit - before) as usize);
+            inner.size.store(limit, Ordering::SeqCst);
+        } else {
+            let forgotten = inner.permits.forget_permits((before - limit) as usize) as u32;
+            inner.size.store(before - forgotten, Ordering::SeqCst);
+        }
+        tracing::info!(backend = %inner.settings.backend, size = inner.size.load(Ordering::SeqCst), "pool size taken from the server's max_connections");
     }
 
     fn stop_waiting(&self, waiting: &mut bool) {

@@ -142,6 +142,7 @@ struct RawProxy {
     worker_threads: Option<u32>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    other_databases: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -220,6 +221,20 @@ pub struct ProxyConfig {
     /// Threads running client sessions; 1 means a single-threaded runtime.
     pub worker_threads: usize,
     pub tls: Option<TlsFiles>,
+    /// Databases other than the migrated one (`[old] url`'s) that clients
+    /// may reach on the primary's server, passed through unmirrored and
+    /// unrouted, as PgBouncer's `*` entry does; `["*"]` (the default) is
+    /// every database, `[]` none.
+    pub other_databases: Vec<String>,
+}
+
+impl ProxyConfig {
+    /// Whether a client may reach `database`, which is not the migrated one.
+    pub fn passes_through(&self, database: &str) -> bool {
+        self.other_databases
+            .iter()
+            .any(|d| d == "*" || d == database)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -249,7 +264,9 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub url: BackendUrl,
-    pub pool_size: u32,
+    /// Sessions cutover may open to this backend; None: as many as the
+    /// server accepts (`max_connections` less its reserved slots).
+    pub pool_size: Option<u32>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -287,11 +304,22 @@ impl Config {
             )));
         }
         let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        // Only CUTOVER_<SECTION>__<KEY> names a setting; other CUTOVER_*
+        // variables (a wrapper script's CUTOVER_BIN) are not ours.
+        let overrides: std::collections::HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix("CUTOVER_")
+                    .and_then(|rest| rest.split_once("__"))
+                    .is_some_and(|(section, key)| !section.is_empty() && !key.is_empty())
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let source = config::Environment::with_prefix("CUTOVER")
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
-            .source(Some(env.clone()));
+            .source(Some(overrides));
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(source)
@@ -362,8 +390,14 @@ impl Config {
         let proxy = ProxyConfig {
             listen,
             max_client_connections,
+            other_databases: raw
+                .proxy
+                .other_databases
+                .unwrap_or_else(|| vec!["*".to_string()]),
             max_message_bytes: max_message_bytes as usize,
-            pool_timeout: Duration::from_millis(raw.proxy.pool_timeout_ms.unwrap_or(5_000)),
+            // PgBouncer's query_wait_timeout: a client waits this long for
+            // a session before it gets 53300.
+            pool_timeout: Duration::from_millis(raw.proxy.pool_timeout_ms.unwrap_or(120_000)),
             shutdown_timeout: Duration::from_millis(
                 raw.proxy.shutdown_timeout_ms.unwrap_or(30_000),
             ),
@@ -533,8 +567,8 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 fn backend(section: &str, raw: RawBackend) -> Result<BackendConfig, ConfigError> {
     let url = BackendUrl::parse(&raw.url)
         .map_err(|reason| ConfigError::invalid(&format!("{section}.url"), reason))?;
-    let pool_size = raw.pool_size.unwrap_or(50);
-    if pool_size == 0 {
+    let pool_size = raw.pool_size;
+    if pool_size == Some(0) {
         return Err(ConfigError::invalid(
             &format!("{section}.pool_size"),
             "must be at least 1",
@@ -557,7 +591,8 @@ mod tests {
         let c = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(c.proxy.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.old.url.database, "app");
-        assert_eq!(c.old.pool_size, 50);
+        assert_eq!(c.old.pool_size, None);
+        assert_eq!(c.proxy.pool_timeout, Duration::from_secs(120));
         assert_eq!(c.auth.method, AuthMethod::ScramSha256);
     }
 
@@ -587,12 +622,14 @@ mod tests {
                     "postgres://u@127.0.0.1:7000/other".to_string(),
                 ),
                 ("CUTOVER_OLD__POOL_SIZE".to_string(), "7".to_string()),
+                ("CUTOVER_BIN".to_string(), "/usr/bin/cutover".to_string()),
+                ("CUTOVER_".to_string(), "x".to_string()),
             ],
         )
         .unwrap();
         assert_eq!(c.old.url.port, 7000);
         assert_eq!(c.old.url.database, "other");
-        assert_eq!(c.old.pool_size, 7);
+        assert_eq!(c.old.pool_size, Some(7));
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct StreamMetrics {
     pub applied_rows: IntCounter,
     pub apply_batch_seconds: Histogram,
     pub reconnects: IntCounter,
+    /// 1 while the stream stopped on an error no retry gets past.
+    pub failed: IntGauge,
+    /// 1 while the secondary may serve reads: copied and streaming.
+    pub serving: IntGauge,
     pub copy_rows: IntCounterVec,
     pub verify_rows_checked: IntCounter,
     pub verify_chunks: IntCounter,
@@ -180,6 +184,16 @@ impl Metrics {
                     "Times the change stream was interrupted and reconnected.",
                 ))
                 .expect("valid metric"),
+                failed: IntGauge::with_opts(opts(
+                    "stream_failed",
+                    "1 while the change stream stopped on an error no retry gets past (see /v1/status); run `cutover mirror start` after the fix.",
+                ))
+                .expect("valid metric"),
+                serving: IntGauge::with_opts(opts(
+                    "stream_serving",
+                    "1 while every table is copied and the stream runs, so the secondary may serve reads.",
+                ))
+                .expect("valid metric"),
                 verify_rows_checked: IntCounter::with_opts(opts(
                     "verify_rows_checked_total",
                     "Rows compared by verify runs started from the daemon.",
@@ -276,6 +290,8 @@ impl Metrics {
             Box::new(m.stream.applied_rows.clone()),
             Box::new(m.stream.apply_batch_seconds.clone()),
             Box::new(m.stream.reconnects.clone()),
+            Box::new(m.stream.failed.clone()),
+            Box::new(m.stream.serving.clone()),
             Box::new(m.stream.copy_rows.clone()),
             Box::new(m.stream.verify_rows_checked.clone()),
             Box::new(m.stream.verify_chunks.clone()),

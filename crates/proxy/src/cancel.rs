@@ -1,7 +1,9 @@
-//! Cancel keys. Clients get a (pid, secret) minted by the proxy; a
-//! CancelRequest carrying one is forwarded to the backend session that client
-//! is pinned to, with that session's real key. Unknown keys are ignored, as
-//! PostgreSQL ignores them.
+//! Cancel keys. Clients get a key whose pid is that of the backend session
+//! serving them (so `pg_backend_pid()`, `pg_terminate_backend`, NOTIFY
+//! sender pids and `pg_stat_activity` agree with what the driver reports)
+//! and whose secret the proxy mints; a CancelRequest carrying one is
+//! forwarded to the backend session that client is pinned to, with that
+//! session's real key. Unknown keys are ignored, as PostgreSQL ignores them.
 
 use cutover_wire::messages::backend_key_data::CancelKey;
 use rand::RngExt;
@@ -21,13 +23,14 @@ pub struct CancelRegistry {
 }
 
 impl CancelRegistry {
-    /// Mints a fresh client key for `target`.
+    /// Mints a fresh client key for `target`: its backend's pid, a secret
+    /// of the proxy's (never the backend's).
     pub fn register(&self, target: CancelTarget) -> CancelKey {
         let mut rng = rand::rng();
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let key = CancelKey {
-                pid: rng.random_range(1..i32::MAX),
+                pid: target.key.pid,
                 secret: rng.random(),
             };
             if let std::collections::hash_map::Entry::Vacant(slot) = targets.entry(key) {

@@ -12,7 +12,7 @@ mod session;
 pub mod traffic;
 
 use cancel::CancelRegistry;
-use cutover_backend::{Pool, PoolSettings};
+use cutover_backend::{Pool, PoolSettings, PoolSize};
 use cutover_config::Config;
 use cutover_control::{Backend, Metrics};
 use cutover_wire::auth::Authenticator;
@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// Sessions a pool sized by the server may open before its first login
+/// has asked the server (PostgreSQL's default max_connections).
+const PROVISIONAL_POOL_SIZE: u32 = 100;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use traffic::Traffic;
@@ -53,6 +57,8 @@ pub(crate) struct Shared {
 pub struct Pools {
     pub old: Pool,
     pub new: Option<Pool>,
+    /// Pools for other databases on either backend's server, made on first use.
+    other: std::sync::Mutex<std::collections::HashMap<(Backend, String), Pool>>,
 }
 
 impl Pools {
@@ -61,6 +67,25 @@ impl Pools {
             Backend::Old => Some(&self.old),
             Backend::New => self.new.as_ref(),
         }
+    }
+
+    /// The pool for `database` on `backend`'s server: the same settings as
+    /// that backend's pool, another database.
+    pub fn other(&self, backend: Backend, database: &str) -> Option<Pool> {
+        let template = self.get(backend)?.settings().clone();
+        let mut other = self.other.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = other
+            .entry((backend, database.to_string()))
+            .or_insert_with(|| {
+                Pool::new(PoolSettings {
+                    database: database.to_string(),
+                    size: PoolSize::FromServer {
+                        until_known: PROVISIONAL_POOL_SIZE,
+                    },
+                    ..template
+                })
+            });
+        Some(pool.clone())
     }
 }
 
@@ -84,7 +109,12 @@ impl Proxy {
                 backend: name.to_string(),
                 address: backend.url.address(),
                 database: backend.url.database.clone(),
-                size: backend.pool_size,
+                size: match backend.pool_size {
+                    Some(n) => PoolSize::Fixed(n),
+                    None => PoolSize::FromServer {
+                        until_known: PROVISIONAL_POOL_SIZE,
+                    },
+                },
                 connect_timeout: config.proxy.connect_timeout,
                 checkout_timeout: config.proxy.pool_timeout,
             })
@@ -92,6 +122,7 @@ impl Proxy {
         let pools = Pools {
             old: pool("old", &config.old),
             new: config.new.as_ref().map(|b| pool("new", b)),
+            other: Default::default(),
         };
         Ok(Proxy {
             shared: Arc::new(Shared {

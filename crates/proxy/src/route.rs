@@ -78,6 +78,9 @@ pub struct SessionRouting {
     /// The session changed settings cutover could not follow: its reads
     /// stay on the primary.
     reads_on_primary: bool,
+    /// Connected to a database other than the migrated one: every byte
+    /// goes to its backend session; no gate, no routing, no commit waits.
+    pub passthrough: bool,
 }
 
 impl SessionRouting {
@@ -96,6 +99,7 @@ impl SessionRouting {
             draw: splitmix(id ^ 0x5eed),
             pinned_secondary: false,
             reads_on_primary: false,
+            passthrough: false,
         }
     }
 
@@ -169,6 +173,9 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         backend: &mut B,
         open_batch: bool,
     ) -> Result<UnitStart, RouteError> {
+        if self.session.passthrough {
+            return Ok(UnitStart::Forward { writes: false });
+        }
         let mut plane = self.traffic.plane();
         if !shared.holding.load(Ordering::SeqCst) && !open_batch {
             let clean = shared.outstanding.load(Ordering::SeqCst) <= 0;
@@ -335,6 +342,9 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         };
         if self.session.reads_on_primary {
             return refuse("session_state");
+        }
+        if !fence.serving() {
+            return refuse("stream_down");
         }
         if !self.traffic.secondary_healthy() {
             return refuse("unhealthy");

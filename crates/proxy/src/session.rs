@@ -31,10 +31,12 @@ pub(crate) async fn run(
 ) {
     let _ = tcp.set_nodelay(true);
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let other_database = |name: &str| shared.config.proxy.passes_through(name);
     let settings = HandshakeSettings {
         tls: shared.tls.as_ref(),
         authenticator: &shared.authenticator,
         database: &shared.config.old.url.database,
+        other_database: &other_database,
     };
     let accepted =
         match tokio::time::timeout(crate::AUTH_TIMEOUT, cutover_wire::accept(tcp, &settings)).await
@@ -113,8 +115,8 @@ async fn serve(
     let StartupRequest {
         mut stream,
         user,
+        database,
         params,
-        ..
     } = request;
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     shared.metrics.client_connections.inc();
@@ -137,7 +139,15 @@ async fn serve(
         .and_then(|u| u.password.clone());
     let key = PoolKey { user, params };
     let primary = shared.traffic.plane().state.primary;
-    let Some(pool) = shared.pools.get(primary) else {
+    // Another database on the same server: forwarded as it is, never
+    // mirrored or routed.
+    let passthrough = database != shared.config.old.url.database;
+    let pool = if passthrough {
+        shared.pools.other(primary, &database)
+    } else {
+        shared.pools.get(primary).cloned()
+    };
+    let Some(pool) = pool else {
         let e = ErrorResponse::fatal(
             sqlstate::CONNECTION_FAILURE,
             "the primary is the new backend, but no [new] backend is configured",
@@ -188,6 +198,7 @@ async fn serve(
     tracing::debug!(reused = !checkout.fresh, "client logged in");
 
     let mut routing = SessionRouting::new(id, key, password, primary);
+    routing.passthrough = passthrough;
     let mut session = Session {
         checkout,
         client_key,

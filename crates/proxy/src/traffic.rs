@@ -22,6 +22,9 @@ pub trait CommitFence: Send + Sync {
     fn primary_position(&self) -> BoxFuture<'_, Result<u64, String>>;
     /// Everything at or before this position is on the secondary.
     fn caught_up(&self) -> u64;
+    /// Every table is copied and the stream runs; false from the moment
+    /// it stops, so reads never go to a secondary that may miss rows.
+    fn serving(&self) -> bool;
     /// Waits until the secondary holds everything up to `lsn`; false on timeout.
     fn wait_applied(&self, lsn: u64, timeout: Duration) -> BoxFuture<'_, bool>;
 }
@@ -116,8 +119,10 @@ impl Traffic {
             .await
             .ok()?
             .ok()?;
-        // Not streaming yet (slot being created): nothing to wait for.
-        if !plane.sync || fence.caught_up() == 0 || self.lagging(fence.as_ref()) {
+        // Not serving (copying, reconnecting, failed): reads stay on the
+        // primary, so nothing needs the commit on the secondary yet; the
+        // returned position still fences this session's reads later.
+        if !plane.sync || !fence.serving() || self.lagging(fence.as_ref()) {
             return Some(lsn);
         }
         if fence.wait_applied(lsn, plane.sync_timeout).await {

@@ -54,9 +54,58 @@ pub struct Progress {
     pub done: bool,
 }
 
+/// Empties, for a fresh copy, the secondary's tables that hold rows — but
+/// only rows cutover copied there before (the table is in this slot's
+/// copy progress): a table holding rows someone else put on the new
+/// database is refused with the fix, unless `clear_new` allows it. The
+/// tables go in one TRUNCATE, so foreign keys among them do not stop it.
+pub async fn clear_sql(
+    new: &Client,
+    slot: &str,
+    tables: &[TableShape],
+    clear_new: bool,
+) -> Result<String, StreamError> {
+    let copied_before: Vec<String> = new
+        .query(
+            "SELECT table_name FROM cutover.copy_progress WHERE slot = $1",
+            &[&slot],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let mut clear = Vec::new();
+    let mut foreign = Vec::new();
+    for t in tables {
+        let table = t.qualified();
+        let has_rows: bool = new
+            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), &[])
+            .await?
+            .try_get(0)?;
+        if !has_rows {
+            continue;
+        }
+        if clear_new || copied_before.contains(&table) {
+            clear.push(table);
+        } else {
+            foreign.push(table);
+        }
+    }
+    if !foreign.is_empty() {
+        return Err(StreamError::Precondition(format!(
+            "new database: {} already hold rows that cutover did not copy there; empty them, \
+             or run `cutover mirror start --clear-new` to have cutover delete every row in them first",
+            foreign.join(", ")
+        )));
+    }
+    if clear.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(format!("TRUNCATE {}; ", clear.join(", ")))
+}
+
 /// Records a fresh copy plan: every table pending from its first key, in
-/// the same secondary transaction that empties the tables and sets the
-/// stream's start position.
+/// the same secondary transaction that sets the stream's start position.
 pub async fn plan_sql(
     old: &Client,
     slot: &str,
@@ -75,8 +124,7 @@ pub async fn plan_sql(
             .await?
             .get(0);
         sql.push_str(&format!(
-            "TRUNCATE {0}; INSERT INTO cutover.copy_progress (slot, table_name, estimated_rows) VALUES ({1}, {2}, {estimate}); ",
-            t.qualified(),
+            "INSERT INTO cutover.copy_progress (slot, table_name, estimated_rows) VALUES ({}, {}, {estimate}); ",
             quote_literal(slot),
             quote_literal(&t.qualified())
         ));

@@ -40,16 +40,24 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// `(lit::text::type, ...)` for key values.
+    fn literal(&self, vals: &[String]) -> String {
+        let parts: Vec<String> = self
+            .types
+            .iter()
+            .zip(vals)
+            .map(|(t, v)| format!("{}::text::{t}", quote_literal(v)))
+            .collect();
+        format!("({})", parts.join(", "))
+    }
+
+    /// The row with these key values.
+    pub fn key_equals(&self, vals: &[String]) -> String {
+        format!("{} = {}", self.key_tuple, self.literal(vals))
+    }
+
     pub fn range(&self, after: Option<&[String]>, upto: Option<&[String]>) -> String {
-        let literal = |vals: &[String]| {
-            let parts: Vec<String> = self
-                .types
-                .iter()
-                .zip(vals)
-                .map(|(t, v)| format!("{}::text::{t}", quote_literal(v)))
-                .collect();
-            format!("({})", parts.join(", "))
-        };
+        let literal = |vals: &[String]| self.literal(vals);
         let mut conds = Vec::new();
         if let Some(a) = after {
             conds.push(format!("{} > {}", self.key_tuple, literal(a)));

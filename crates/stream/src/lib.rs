@@ -15,10 +15,11 @@ pub mod replication;
 pub mod verify;
 
 pub use mirror::{
-    carry_sequences, drop_slot, Mirror, MirrorSettings, MirrorStatus, StreamPosition, TableCopy,
+    carry_sequences, drop_slot, Mirror, MirrorSettings, MirrorStatus, Started, StreamPosition,
+    StreamState, TableCopy,
 };
 pub use pgoutput::Lsn;
-pub use verify::{repair, verify, verify_with_progress, VerifyOptions, VerifyReport};
+pub use verify::{repair, verify, verify_with_progress, StreamPoint, VerifyOptions, VerifyReport};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StreamError {

@@ -13,6 +13,7 @@ use cutover_config::{BackendUrl, MirrorConfig};
 use cutover_control::StreamMetrics;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -29,8 +30,10 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const SEQUENCE_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// After this long without a message while behind, ask the primary where it is.
 const IDLE_PROBE: Duration = Duration::from_millis(500);
-/// Back-off before reconnecting after a lost connection.
+/// Back-off before reconnecting after a lost connection: doubled after
+/// each failed attempt up to the cap, back to the first once streaming.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct MirrorSettings {
@@ -44,6 +47,38 @@ pub struct MirrorSettings {
     /// databases are identical (promote and rollback start the stream in
     /// the other direction this way). Restarts after that resume the slot.
     pub fresh: bool,
+    /// A first start may empty tables on the secondary that hold rows
+    /// cutover did not copy there (`mirror start --clear-new`).
+    pub clear_new: bool,
+}
+
+/// Where the mirroring task is.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamState {
+    /// Preconditions, slot, copy plan.
+    #[default]
+    Starting,
+    /// The stream runs and the initial copy is not finished.
+    Copying,
+    /// Every table is copied and the stream runs.
+    Streaming,
+    /// A connection was lost or a transient error stopped it; retrying.
+    Reconnecting,
+    /// An error no retry gets past; `mirror start` again after the fix.
+    Failed,
+}
+
+impl StreamState {
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamState::Starting => "starting",
+            StreamState::Copying => "copying",
+            StreamState::Streaming => "streaming",
+            StreamState::Reconnecting => "reconnecting",
+            StreamState::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -58,8 +93,7 @@ pub struct TableCopy {
 /// What `/v1/status` shows of mirroring.
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct MirrorStatus {
-    /// starting | copying | streaming | reconnecting | failed
-    pub state: String,
+    pub state: StreamState,
     pub error: Option<String>,
     /// Last position whose changes are on the secondary.
     pub applied_lsn: Option<String>,
@@ -85,13 +119,32 @@ struct Shared {
     /// Set once the stream runs (its start position) or failed for good.
     started: watch::Sender<Option<Result<Lsn, String>>>,
     /// The fresh start has been made; reconnects resume from here on.
-    fresh_done: std::sync::atomic::AtomicBool,
+    fresh_done: AtomicBool,
+    /// Every table is copied and the stream is running: the secondary may
+    /// serve reads. Cleared the moment the stream stops.
+    serving: Arc<AtomicBool>,
     scram: ScramCache,
 }
 
 impl Shared {
     fn update(&self, f: impl FnOnce(&mut MirrorStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Moves to `state`; the secondary serves reads only while streaming.
+    fn set_state(&self, state: StreamState, error: Option<String>) {
+        self.serving
+            .store(state == StreamState::Streaming, Ordering::SeqCst);
+        self.metrics
+            .failed
+            .set(i64::from(state == StreamState::Failed));
+        self.metrics
+            .serving
+            .set(i64::from(state == StreamState::Streaming));
+        self.update(|s| {
+            s.state = state;
+            s.error = error;
+        });
     }
 }
 
@@ -111,11 +164,9 @@ impl Mirror {
         let shared = Arc::new(Shared {
             wanted,
             started,
-            fresh_done: std::sync::atomic::AtomicBool::new(false),
-            status: Mutex::new(MirrorStatus {
-                state: "starting".to_string(),
-                ..MirrorStatus::default()
-            }),
+            fresh_done: AtomicBool::new(false),
+            serving: Arc::new(AtomicBool::new(false)),
+            status: Mutex::new(MirrorStatus::default()),
             caught_up,
             scram: ScramCache::default(),
             metrics,
@@ -143,11 +194,38 @@ impl Mirror {
         StreamPosition {
             caught_up: self.shared.caught_up.subscribe(),
             wanted: self.shared.wanted.clone(),
+            serving: self.shared.serving.clone(),
         }
     }
 
     /// Waits until the stream runs; the error says why it cannot start.
     pub async fn wait_started(&self, timeout: Duration) -> Result<Lsn, String> {
+        self.started().wait(timeout).await
+    }
+
+    /// A handle to wait for the start with, held without the mirror.
+    pub fn started(&self) -> Started {
+        Started {
+            shared: self.shared.clone(),
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shared.serving.store(false, Ordering::SeqCst);
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Waits for a mirror's setup to finish.
+pub struct Started {
+    shared: Arc<Shared>,
+}
+
+impl Started {
+    /// The stream's start position once it runs; the error says why it
+    /// cannot start, or, past `timeout`, what it is still retrying.
+    pub async fn wait(&self, timeout: Duration) -> Result<Lsn, String> {
         let mut started = self.shared.started.subscribe();
         let result = tokio::time::timeout(timeout, started.wait_for(|s| s.is_some())).await;
         match result {
@@ -155,16 +233,21 @@ impl Mirror {
                 .clone()
                 .unwrap_or_else(|| Err("not started".to_string())),
             Ok(Err(_)) => Err("the mirroring task ended".to_string()),
-            Err(_) => Err(format!(
-                "the change stream did not start within {} ms",
-                timeout.as_millis()
-            )),
+            Err(_) => {
+                let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+                Err(format!(
+                    "the change stream did not start within {} s (state {}{}); cutover keeps trying, \
+                     follow it with `cutover status`",
+                    timeout.as_secs(),
+                    status.state.name(),
+                    status
+                        .error
+                        .as_deref()
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
+                ))
+            }
         }
-    }
-
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
     }
 }
 
@@ -174,9 +257,16 @@ impl Mirror {
 pub struct StreamPosition {
     caught_up: watch::Receiver<Lsn>,
     wanted: watch::Sender<Lsn>,
+    serving: Arc<AtomicBool>,
 }
 
 impl StreamPosition {
+    /// Every table is copied and the stream runs: reads may go to the
+    /// secondary. False from the moment the stream stops.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
     /// Everything at or before this position is on the secondary.
     pub fn caught_up(&self) -> Lsn {
         *self.caught_up.borrow()
@@ -206,46 +296,74 @@ fn slot_is_wedged(e: &StreamError) -> bool {
         if code == "XX000" && message.contains("could not map filenode"))
 }
 
+/// True for errors a retry can get past: lost or refused connections,
+/// servers shutting down or short of resources, lock and serialization
+/// conflicts, a slot still held by a previous walsender. Anything else
+/// (a constraint, a permission, a missing column, a precondition) fails
+/// the same way every time until someone fixes it.
+fn is_transient(e: &StreamError) -> bool {
+    match e {
+        StreamError::Precondition(_) => false,
+        StreamError::Server { code, .. } => {
+            ["08", "40", "53", "55", "57", "58"].contains(&code.get(..2).unwrap_or(""))
+        }
+        StreamError::Connect(_)
+        | StreamError::Lost(_)
+        | StreamError::Protocol(_)
+        | StreamError::Control(_) => true,
+    }
+}
+
 async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     let mut rebuild = false;
+    let mut delay = RETRY_DELAY;
     loop {
         let result = tokio::select! {
             r = session(&settings, &shared, std::mem::take(&mut rebuild)) => r,
             _ = stopped.wait_for(|s| *s) => return,
         };
+        let ran = matches!(
+            shared
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state,
+            StreamState::Copying | StreamState::Streaming
+        );
+        shared.serving.store(false, Ordering::SeqCst);
+        shared.metrics.serving.set(0);
+        if ran {
+            delay = RETRY_DELAY;
+        }
         match result {
             Ok(()) => return,
-            Err(StreamError::Precondition(reason)) => {
-                tracing::error!(%reason, "mirroring cannot start");
-                shared.started.send_replace(Some(Err(reason.clone())));
-                shared.update(|s| {
-                    s.state = "failed".to_string();
-                    s.error = Some(reason);
-                });
-                return;
-            }
             Err(e) if slot_is_wedged(&e) => {
                 tracing::warn!(error = %e, "the slot cannot be decoded; creating a new slot and copying again");
                 shared.metrics.reconnects.inc();
                 rebuild = true;
-                shared.update(|s| {
-                    s.state = "reconnecting".to_string();
-                    s.error = Some(format!("{e}; starting over with a new slot"));
-                });
+                shared.set_state(
+                    StreamState::Reconnecting,
+                    Some(format!("{e}; starting over with a new slot")),
+                );
+            }
+            Err(e) if !is_transient(&e) => {
+                let reason = e.to_string();
+                tracing::error!(%reason, "mirroring stopped; fix the cause and run `cutover mirror start` again");
+                shared.started.send_replace(Some(Err(reason.clone())));
+                shared.set_state(StreamState::Failed, Some(reason));
+                return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "mirroring interrupted; reconnecting");
+                tracing::warn!(error = %e, retry_in = ?delay, "mirroring interrupted; reconnecting");
                 shared.metrics.reconnects.inc();
-                shared.update(|s| {
-                    s.state = "reconnecting".to_string();
-                    s.error = Some(e.to_string());
-                });
+                shared.set_state(StreamState::Reconnecting, Some(e.to_string()));
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(RETRY_DELAY) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
+        delay = (delay * 2).min(MAX_RETRY_DELAY);
     }
 }
 
@@ -290,13 +408,11 @@ async fn session(
             }
         });
     };
-    let fresh = settings.fresh && !shared.fresh_done.load(std::sync::atomic::Ordering::Relaxed);
+    let fresh = settings.fresh && !shared.fresh_done.load(Ordering::Relaxed);
     let start = match (applied, slot_exists) {
         _ if fresh => {
             let start = setup(settings, &old, &new, &mut repl, slot_exists, false, &report).await?;
-            shared
-                .fresh_done
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            shared.fresh_done.store(true, Ordering::Relaxed);
             start
         }
         (Some(lsn), true) if !rebuild => {
@@ -309,8 +425,6 @@ async fn session(
     let progress = copy::progress(&new, &settings.slot).await?;
     let copying = progress.iter().any(|p| !p.done);
     shared.update(|s| {
-        s.state = if copying { "copying" } else { "streaming" }.to_string();
-        s.error = None;
         s.applied_lsn = Some(start.to_string());
         s.caught_up_lsn = Some(start.to_string());
         s.copy = progress
@@ -326,6 +440,12 @@ async fn session(
     repl.start(&settings.slot, &settings.slot, start).await?;
     shared.caught_up.send_replace(start);
     shared.started.send_replace(Some(Ok(start)));
+    let state = if copying {
+        StreamState::Copying
+    } else {
+        StreamState::Streaming
+    };
+    shared.set_state(state, None);
 
     // The stream and the copy run together (see `copy` for why that is safe).
     let copy = async {
@@ -338,7 +458,7 @@ async fn session(
         )
         .await?;
         sync_sequences(&old, &new).await?;
-        shared.update(|s| s.state = "streaming".to_string());
+        shared.set_state(StreamState::Streaming, None);
         tracing::info!("initial copy complete");
         Ok::<(), StreamError>(())
     };
@@ -386,7 +506,8 @@ async fn setup(
     .await?;
     let (start, snapshot) = create_slot(repl, &slot, copy).await?;
     let plan = if copy {
-        copy::plan_sql(old, &settings.slot, &tables).await?
+        let clear = copy::clear_sql(new, &settings.slot, &tables, settings.clear_new).await?;
+        clear + &copy::plan_sql(old, &settings.slot, &tables).await?
     } else {
         format!(
             "DELETE FROM cutover.copy_progress WHERE slot = {};",

@@ -6,9 +6,21 @@
 //! chunk, each database computes a row count and a sum of 64-bit hashes of
 //! the rows' text form, so rows cross the network only when a chunk
 //! differs; then both sides' (key, hash) pairs are fetched and compared to
-//! name the exact keys. Writes may be in flight while verify runs (the
-//! stream applies them moments later), so a differing chunk is checked again
-//! a few times before it is reported.
+//! name the exact keys.
+//!
+//! Writes continue while verify runs, and the stream applies each one
+//! moments after it commits on old. With the running stream at hand (a
+//! verify in the daemon), each chunk is compared at one point of the
+//! stream, as Vitess VDiff stops its stream at a position: the chunk's rows
+//! are read on old `FOR SHARE` (held until new has been read, so they
+//! cannot change), old's WAL position is taken after the locks are granted
+//! (every change to those rows committed before it), and new is read once
+//! the stream has applied up to that position. Rows inserted into the
+//! range after old's read (not locked, not in old's result) may already be
+//! on new; each key that differs is therefore checked again the same way,
+//! alone, and only differences that survive are reported. Without the
+//! stream (`--standalone`), a differing chunk is re-checked a few times,
+//! `recheck_delay` apart, which can report a row that was only in flight.
 //!
 //! A table without a key (REPLICA IDENTITY FULL) is compared whole, as a
 //! multiset of rows: count and hash sum first, and if they differ, the
@@ -21,8 +33,26 @@ use crate::preconditions::TableShape;
 use crate::StreamError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio_postgres::Client;
+
+/// The running stream, as verify waits on it.
+pub trait StreamPoint: Sync {
+    /// Waits until the secondary holds every change up to `lsn`; false if
+    /// the stream does not get there in time.
+    fn reach<'a>(&'a self, lsn: crate::Lsn) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+}
+
+/// How long verify waits for the stream to pass a chunk's position.
+const STREAM_WAIT: Duration = Duration::from_secs(60);
+
+impl StreamPoint for crate::StreamPosition {
+    fn reach<'a>(&'a self, lsn: crate::Lsn) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(self.wait_for(lsn, STREAM_WAIT))
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
@@ -60,7 +90,7 @@ pub struct RowDiff {
     pub key: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TableReport {
     pub table: String,
     /// Rows and chunks checked, including by earlier runs this one resumed.
@@ -73,7 +103,7 @@ pub struct TableReport {
     pub differences: Vec<RowDiff>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct VerifyReport {
     /// No differences in what was checked.
     pub clean: bool,
@@ -122,8 +152,8 @@ impl VerifyReport {
 /// when it has a column called `t`).
 const ROW_TEXT: &str = "ROW(t.*)::text";
 
-/// Count and hash-sum of the rows of `table` in a key range (`true` for
-/// all), computed by the database.
+/// Count and hash-sum of the rows of `table` (or a subquery over it) in a
+/// key range (`true` for all), computed by the database.
 async fn checksum(client: &Client, table: &str, range: &str) -> Result<(i64, String), StreamError> {
     let sql = format!(
         "SELECT count(*), coalesce(sum(hashtextextended({ROW_TEXT}, 0)::numeric), 0)::text FROM {table} t WHERE {range}"
@@ -132,15 +162,17 @@ async fn checksum(client: &Client, table: &str, range: &str) -> Result<(i64, Str
     Ok((row.get(0), row.get(1)))
 }
 
-/// (key → row hash) for the rows in a key range.
+/// (key → row hash) for the rows in a key range of `from` (the table, or
+/// a subquery over it).
 async fn row_hashes(
     client: &Client,
     shape: &Shape,
+    from: &str,
     range: &str,
 ) -> Result<BTreeMap<Vec<String>, i64>, StreamError> {
     let sql = format!(
-        "SELECT ARRAY[{}], hashtextextended({ROW_TEXT}, 0) FROM {} t WHERE {range}",
-        shape.key_text, shape.table
+        "SELECT ARRAY[{}], hashtextextended({ROW_TEXT}, 0) FROM {from} t WHERE {range}",
+        shape.key_text
     );
     Ok(client
         .query(&sql, &[])
@@ -181,21 +213,24 @@ fn diff(
     out
 }
 
-/// Verifies every table (or those named in `options.tables`).
+/// Verifies every table (or those named in `options.tables`), without the
+/// stream: differing chunks are re-checked after a delay.
 pub async fn verify(
     old: &Client,
     new: &Client,
     options: &VerifyOptions,
 ) -> Result<VerifyReport, StreamError> {
-    verify_with_progress(old, new, options, &|_, _, _| {}).await
+    verify_with_progress(old, new, options, None, &|_, _, _| {}).await
 }
 
-/// As [`verify`], calling `on_chunk(table, rows_checked, differences_found)`
-/// after every chunk.
+/// As [`verify`], comparing each chunk at one point of `stream` when given
+/// (see the module comment), and calling `on_chunk(table, rows_checked,
+/// differences_found)` after every chunk.
 pub async fn verify_with_progress(
     old: &Client,
     new: &Client,
     options: &VerifyOptions,
+    stream: Option<&dyn StreamPoint>,
     on_chunk: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<VerifyReport, StreamError> {
     let tables = crate::preconditions::user_tables(old).await?;
@@ -222,7 +257,13 @@ pub async fn verify_with_progress(
             .await?;
             None
         };
-        reports.push(verify_table(old, new, &table, options, saved, &mut budget, on_chunk).await?);
+        let at = Checker {
+            old,
+            new,
+            options,
+            stream,
+        };
+        reports.push(verify_table(&at, &table, saved, &mut budget, on_chunk).await?);
     }
     Ok(VerifyReport {
         clean: reports.iter().all(|r| r.differences.is_empty()),
@@ -290,11 +331,199 @@ async fn save_progress(
     Ok(())
 }
 
+/// The two databases and how chunks are compared.
+struct Checker<'a> {
+    old: &'a Client,
+    new: &'a Client,
+    options: &'a VerifyOptions,
+    stream: Option<&'a dyn StreamPoint>,
+}
+
+impl Checker<'_> {
+    /// Old's WAL write position now, inside the transaction holding the
+    /// chunk's locks: a writer's locks are released only after its commit
+    /// record is written (with `synchronous_commit` on), so every change
+    /// to the locked rows is before it. (The insert position would also
+    /// cover asynchronous commits, but on an idle server it can sit past
+    /// anything the stream will be sent until more WAL is written.)
+    async fn old_position(&self) -> Result<crate::Lsn, StreamError> {
+        let text: String = self
+            .old
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .try_get(0)?;
+        text.parse().map_err(StreamError::Protocol)
+    }
+
+    async fn reach(&self, stream: &dyn StreamPoint, lsn: crate::Lsn) -> Result<(), StreamError> {
+        if stream.reach(lsn).await {
+            Ok(())
+        } else {
+            Err(StreamError::Control(format!(
+                "the change stream did not apply up to {lsn} within {} s; verify needs a running stream \
+                 (see `cutover status`), or run it with --standalone",
+                STREAM_WAIT.as_secs()
+            )))
+        }
+    }
+
+    /// Compares one key range: (rows on old, differences).
+    async fn chunk(&self, shape: &Shape, range: &str) -> Result<(u64, Vec<RowDiff>), StreamError> {
+        let Some(stream) = self.stream else {
+            return self.chunk_rechecked(shape, range).await;
+        };
+        let (old, new) = (self.old, self.new);
+        old.batch_execute("BEGIN").await?;
+        let result: Result<(u64, Vec<RowDiff>), StreamError> = async {
+            let locked = format!("(SELECT * FROM {} WHERE {range} FOR SHARE)", shape.table);
+            let a = checksum(old, &locked, "true").await?;
+            self.reach(stream, self.old_position().await?).await?;
+            let b = checksum(new, &shape.table, range).await?;
+            if a == b {
+                return Ok((a.0 as u64, Vec::new()));
+            }
+            let differences = diff(
+                shape,
+                &row_hashes(old, shape, &locked, "true").await?,
+                &row_hashes(new, shape, &shape.table, range).await?,
+            );
+            Ok((a.0 as u64, differences))
+        }
+        .await;
+        old.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .await?;
+        let (rows, differences) = result?;
+        let mut real = Vec::new();
+        for d in differences {
+            if self.key_differs(stream, shape, &d).await? {
+                real.push(d);
+            }
+        }
+        Ok((rows, real))
+    }
+
+    /// One key checked again at one point of the stream. A row absent on
+    /// old but present on new may be an insert on old still in progress
+    /// when old was read; it is asked about a few times.
+    async fn key_differs(
+        &self,
+        stream: &dyn StreamPoint,
+        shape: &Shape,
+        d: &RowDiff,
+    ) -> Result<bool, StreamError> {
+        let values: Vec<String> = shape
+            .keys
+            .iter()
+            .map(|k| d.key.get(k).cloned().unwrap_or_default())
+            .collect();
+        let range = shape.key_equals(&values);
+        let (old, new) = (self.old, self.new);
+        for _ in 0..3 {
+            old.batch_execute("BEGIN").await?;
+            let result = async {
+                let locked = format!("(SELECT * FROM {} WHERE {range} FOR SHARE)", shape.table);
+                let a = row_hashes(old, shape, &locked, "true").await?;
+                self.reach(stream, self.old_position().await?).await?;
+                let b = row_hashes(new, shape, &shape.table, &range).await?;
+                Ok::<_, StreamError>((a, b))
+            }
+            .await;
+            old.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
+                .await?;
+            let (a, b) = result?;
+            if a == b {
+                return Ok(false);
+            }
+            if !a.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Without the stream: compare, and re-check a differing chunk a few
+    /// times in case the difference was in flight.
+    async fn chunk_rechecked(
+        &self,
+        shape: &Shape,
+        range: &str,
+    ) -> Result<(u64, Vec<RowDiff>), StreamError> {
+        let (old, new, options) = (self.old, self.new, self.options);
+        let mut rows = 0;
+        let mut differences = Vec::new();
+        for attempt in 0..=options.rechecks {
+            let (a, b) = (
+                checksum(old, &shape.table, range).await?,
+                checksum(new, &shape.table, range).await?,
+            );
+            if attempt == 0 {
+                rows = a.0 as u64;
+            }
+            if a == b {
+                differences.clear();
+                break;
+            }
+            differences = diff(
+                shape,
+                &row_hashes(old, shape, &shape.table, range).await?,
+                &row_hashes(new, shape, &shape.table, range).await?,
+            );
+            if differences.is_empty() || attempt == options.rechecks {
+                break;
+            }
+            tokio::time::sleep(options.recheck_delay).await;
+        }
+        Ok((rows, differences))
+    }
+
+    /// A table without a key, whole: with the stream, its rows are read on
+    /// old `FOR SHARE` and new is read once the stream passed old's
+    /// position; rows inserted meanwhile can still differ, so a differing
+    /// comparison is made again, up to `rechecks` times.
+    async fn keyless(&self, name: &str) -> Result<(u64, Vec<RowDiff>), StreamError> {
+        let (old, new, options) = (self.old, self.new, self.options);
+        let mut rows = 0;
+        let mut differences = Vec::new();
+        for attempt in 0..=options.rechecks {
+            old.batch_execute("BEGIN").await?;
+            let result: Result<(u64, Vec<RowDiff>), StreamError> = async {
+                let a = match self.stream {
+                    Some(stream) => {
+                        let locked = format!("(SELECT * FROM {name} FOR SHARE)");
+                        let a = checksum(old, &locked, "true").await?;
+                        self.reach(stream, self.old_position().await?).await?;
+                        a
+                    }
+                    None => checksum(old, name, "true").await?,
+                };
+                let b = checksum(new, name, "true").await?;
+                if a == b {
+                    return Ok((a.0 as u64, Vec::new()));
+                }
+                Ok((a.0 as u64, multiset_diff(old, new, name).await?))
+            }
+            .await;
+            old.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
+                .await?;
+            let (count, found) = result?;
+            if attempt == 0 {
+                rows = count;
+            }
+            differences = found;
+            if differences.is_empty() || attempt == options.rechecks {
+                break;
+            }
+            if self.stream.is_none() {
+                tokio::time::sleep(options.recheck_delay).await;
+            }
+        }
+        Ok((rows, differences))
+    }
+}
+
 async fn verify_table(
-    old: &Client,
-    new: &Client,
+    at: &Checker<'_>,
     table: &TableShape,
-    options: &VerifyOptions,
     saved: Option<(TableReport, Option<Vec<String>>)>,
     budget: &mut Option<u64>,
     on_chunk: &(dyn Fn(&str, u64, u64) + Sync),
@@ -317,16 +546,26 @@ async fn verify_table(
             if let Some(b) = budget.as_mut() {
                 *b -= 1;
             }
-            report = verify_keyless(old, new, table, options).await?;
+            let (rows_checked, mut differences) = at.keyless(&table.qualified()).await?;
+            differences.sort();
+            report = TableReport {
+                table: table.qualified(),
+                rows_checked,
+                chunks: 1,
+                chunks_this_run: 1,
+                done: true,
+                differences,
+            };
             on_chunk(
                 &report.table,
                 report.rows_checked,
                 report.differences.len() as u64,
             );
-            save_progress(new, &report, None).await?;
+            save_progress(at.new, &report, None).await?;
         }
         return Ok(report);
     }
+    let (old, new, options) = (at.old, at.new, at.options);
     let shape = shape(old, table).await?;
     while !report.done {
         if *budget == Some(0) {
@@ -360,31 +599,8 @@ async fn verify_table(
         let range = shape.range(after.as_deref(), upto.as_deref());
         report.chunks += 1;
         report.chunks_this_run += 1;
-        let rows_before = report.rows_checked;
-        let mut differences = Vec::new();
-        for attempt in 0..=options.rechecks {
-            let (a, b) = (
-                checksum(old, &shape.table, &range).await?,
-                checksum(new, &shape.table, &range).await?,
-            );
-            if attempt == 0 {
-                report.rows_checked += a.0 as u64;
-            }
-            if a == b {
-                differences.clear();
-                break;
-            }
-            differences = diff(
-                &shape,
-                &row_hashes(old, &shape, &range).await?,
-                &row_hashes(new, &shape, &range).await?,
-            );
-            if differences.is_empty() || attempt == options.rechecks {
-                break;
-            }
-            tokio::time::sleep(options.recheck_delay).await;
-        }
-        let rows_in_chunk = report.rows_checked - rows_before;
+        let (rows_in_chunk, differences) = at.chunk(&shape, &range).await?;
+        report.rows_checked += rows_in_chunk;
         on_chunk(&report.table, rows_in_chunk, differences.len() as u64);
         report.differences.extend(differences);
         report.differences.sort();
@@ -395,45 +611,6 @@ async fn verify_table(
         save_progress(new, &report, after.as_deref()).await?;
     }
     Ok(report)
-}
-
-/// Compares a table without a key whole, as a multiset of rows.
-async fn verify_keyless(
-    old: &Client,
-    new: &Client,
-    table: &TableShape,
-    options: &VerifyOptions,
-) -> Result<TableReport, StreamError> {
-    let name = table.qualified();
-    let mut rows_checked = 0;
-    let mut differences = Vec::new();
-    for attempt in 0..=options.rechecks {
-        let (a, b) = (
-            checksum(old, &name, "true").await?,
-            checksum(new, &name, "true").await?,
-        );
-        if attempt == 0 {
-            rows_checked = a.0 as u64;
-        }
-        if a == b {
-            differences.clear();
-            break;
-        }
-        differences = multiset_diff(old, new, &name).await?;
-        if differences.is_empty() || attempt == options.rechecks {
-            break;
-        }
-        tokio::time::sleep(options.recheck_delay).await;
-    }
-    differences.sort();
-    Ok(TableReport {
-        table: name,
-        rows_checked,
-        chunks: 1,
-        chunks_this_run: 1,
-        done: true,
-        differences,
-    })
 }
 
 /// The rows (by contents) one side has more copies of than the other, one

@@ -24,8 +24,10 @@ const MAX_AUTH_MESSAGE: usize = 65_536;
 pub struct HandshakeSettings<'a> {
     pub tls: Option<&'a TlsAcceptor>,
     pub authenticator: &'a Authenticator,
-    /// The one database this proxy serves.
+    /// The database being migrated.
     pub database: &'a str,
+    /// Whether another database may be reached (passed through).
+    pub other_database: &'a (dyn Fn(&str) -> bool + Sync),
 }
 
 /// A client that has proven who it is.
@@ -217,7 +219,7 @@ async fn login(
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     authenticate(stream, settings.authenticator, &user, &mut out).await?;
-    if database != settings.database {
+    if database != settings.database && !(settings.other_database)(&database) {
         return Err(HandshakeError::UnknownDatabase(database));
     }
     if !out.is_empty() {
