@@ -167,6 +167,8 @@ impl Msg {
 pub struct RawClient {
     pub stream: TcpStream,
     pub login: Vec<Msg>,
+    /// The BackendKeyData the server gave.
+    pub key: cutover_wire::messages::backend_key_data::CancelKey,
     buf: BytesMut,
 }
 
@@ -208,6 +210,7 @@ impl RawClient {
             .collect();
         login.sort_by(|a, b| a.body.cmp(&b.body));
         RawClient {
+            key: conn.key,
             stream: conn.stream,
             login,
             buf: BytesMut::new(),

@@ -58,7 +58,8 @@ pub struct Progress {
 /// only rows cutover copied there before (the table is in this slot's
 /// copy progress): a table holding rows someone else put on the new
 /// database is refused with the fix, unless `clear_new` allows it. The
-/// tables go in one TRUNCATE, so foreign keys among them do not stop it.
+/// tables go in one TRUNCATE with every other mirrored table, so foreign
+/// keys among them do not stop it.
 pub async fn clear_sql(
     new: &Client,
     slot: &str,
@@ -74,7 +75,7 @@ pub async fn clear_sql(
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?;
-    let mut clear = Vec::new();
+    let mut clear: Vec<String> = Vec::new();
     let mut foreign = Vec::new();
     for t in tables {
         let table = t.qualified();
@@ -101,7 +102,11 @@ pub async fn clear_sql(
     if clear.is_empty() {
         return Ok(String::new());
     }
-    Ok(format!("TRUNCATE {}; ", clear.join(", ")))
+    // TRUNCATE refuses a table referenced by a foreign key from a table
+    // not truncated with it, empty or not: every mirrored table goes in
+    // the one statement (the empty ones lose nothing).
+    let all: Vec<String> = tables.iter().map(TableShape::qualified).collect();
+    Ok(format!("TRUNCATE {}; ", all.join(", ")))
 }
 
 /// Records a fresh copy plan: every table pending from its first key, in
