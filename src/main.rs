@@ -46,6 +46,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The schema on new: `schema copy` creates there the tables (with
+    /// their types, sequences, keys, indexes, foreign keys, owner and
+    /// grants) that old has and new lacks, as `mirror start` does.
+    Schema {
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
     /// Control mirroring to the new database.
     Mirror {
         #[command(subcommand)]
@@ -119,6 +126,19 @@ enum Command {
         /// Where the admin API listens.
         #[arg(long, default_value = "127.0.0.1:9187")]
         admin_listen: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaAction {
+    /// Create on new what old has and new lacks, in one transaction.
+    Copy {
+        /// Configuration naming the [old] and [new] databases.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the statements instead of running them.
+        #[arg(long)]
+        print: bool,
     },
 }
 
@@ -262,6 +282,30 @@ fn verify_in_daemon(check: &CheckArgs, target: &AdminTarget) -> anyhow::Result<(
     }
 }
 
+async fn schema_copy(path: PathBuf, print: bool) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let new = config
+        .new
+        .as_ref()
+        .context("the configuration has no [new] section; add [new] url = ...")?;
+    let old = cutover_stream::control_client(&config.old.url, "cutover-schema").await?;
+    let new = cutover_stream::control_client(&new.url, "cutover-schema").await?;
+    let ddl = if print {
+        cutover_stream::schema::missing_ddl(&old, &new).await?
+    } else {
+        cutover_stream::schema::create_missing(&old, &new).await?
+    };
+    for statement in &ddl {
+        println!("{statement};");
+    }
+    if ddl.is_empty() {
+        eprintln!("cutover: new already has every table old has");
+    } else if !print {
+        eprintln!("cutover: created {} objects on new", ddl.len());
+    }
+    Ok(())
+}
+
 async fn repair(check: CheckArgs) -> anyhow::Result<()> {
     let (old, new, options) = check.connect().await?;
     let report = cutover_stream::verify(&old, &new, &options).await?;
@@ -325,6 +369,9 @@ fn main() -> ExitCode {
             report(runtime(config.proxy.worker_threads).and_then(|rt| rt.block_on(serve(config))))
         }
         Command::Status { target, json } => report(status(&target, json)),
+        Command::Schema {
+            action: SchemaAction::Copy { config, print },
+        } => report(runtime(1).and_then(|rt| rt.block_on(schema_copy(config, print)))),
         Command::Mirror {
             action: MirrorAction::Start { clear_new, target },
         } => report(mirror_start(&target, clear_new)),

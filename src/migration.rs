@@ -403,16 +403,20 @@ impl Daemon {
         }
     }
 
+    /// The running stream's status, if one runs.
+    fn stream_status(&self) -> Option<cutover_stream::MirrorStatus> {
+        self.stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.mirror.status())
+    }
+
     /// The dial may send reads to the secondary, and new may be promoted,
     /// only once every table is copied and the stream runs: before that
     /// the secondary is missing rows.
     fn secondary_ready(&self) -> Result<(), ApiError> {
-        let status = self
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|s| s.mirror.status());
+        let status = self.stream_status();
         let Some(status) = status else {
             return Err(ApiError::conflict(
                 "no change stream is running; run `cutover mirror start` first",
@@ -454,12 +458,7 @@ impl Daemon {
 
     /// Promotion needs a drained stream and a clean last verify.
     fn promotion_ready(&self) -> Result<(), ApiError> {
-        let status = self
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|s| s.mirror.status());
+        let status = self.stream_status();
         let Some(status) = status else {
             return Err(ApiError::conflict("no change stream is running"));
         };

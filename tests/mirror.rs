@@ -90,10 +90,6 @@ fn mirror_status(server: &cutover::Server) -> serde_json::Value {
     mirror_status_at(server.admin_addr)
 }
 
-fn status_doc(server: &cutover::Server) -> serde_json::Value {
-    serde_json::from_str(&admin_get(server, "/v1/status").1).unwrap()
-}
-
 /// Every row of every table, as text, in key order.
 fn contents(c: &Cluster, table: &str, key: &str) -> String {
     c.psql(

@@ -131,28 +131,15 @@ fn call(
     path: &str,
     body: &str,
 ) -> (u16, serde_json::Value) {
-    let r = cutover::cli_http::request(
-        &format!("http://{}", server.admin_addr),
-        method,
-        path,
-        Some(body),
-        Some(TOKEN),
-    )
-    .expect("admin request");
-    (
-        r.status,
-        serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null),
-    )
+    admin_call(server, method, path, body, Some(TOKEN))
 }
 
 fn ok(server: &cutover::Server, method: &str, path: &str, body: &str) -> serde_json::Value {
-    let (status, doc) = call(server, method, path, body);
-    assert_eq!(status, 200, "{method} {path}: {doc}");
-    doc
+    admin_ok(server, method, path, body, Some(TOKEN))
 }
 
 fn status(server: &cutover::Server) -> serde_json::Value {
-    serde_json::from_str(&admin_get(server, "/v1/status").1).unwrap()
+    status_doc(server)
 }
 
 const CANONICAL: &str = "SET datestyle = ISO; SET timezone = 'UTC'; SET extra_float_digits = 3;";
@@ -662,4 +649,122 @@ async fn what_drivers_check_of_the_session_holds() {
     .expect("refused");
     assert_eq!(sqlstate(&refused), "3D000");
     server.shutdown().await;
+}
+
+/// The schema as the catalog says it: columns with types, nullability,
+/// defaults, identities and generated expressions; constraints; indexes;
+/// replica identities; sequences; grants.
+const CATALOG: &str = r#"
+SELECT string_agg(x, E'\n' ORDER BY x) FROM (
+  SELECT format('column %s.%s %s %s %s %s %s', c.oid::regclass, a.attname, format_type(a.atttypid, a.atttypmod),
+                a.attnotnull, a.attidentity, a.attgenerated, pg_get_expr(d.adbin, d.adrelid)) AS x
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+  WHERE n.nspname IN ('public', 'billing') AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+  SELECT format('constraint %s %s %s %s', conrelid::regclass, contypid::regtype, conname, pg_get_constraintdef(oid))
+  FROM pg_constraint WHERE connamespace IN ('public'::regnamespace, 'billing'::regnamespace)
+  UNION ALL
+  SELECT format('index %s', pg_get_indexdef(i.indexrelid)) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+  WHERE c.relnamespace IN ('public'::regnamespace, 'billing'::regnamespace)
+  UNION ALL
+  SELECT format('table %s %s %s %s %s', c.oid::regclass, c.relkind, c.relreplident, pg_get_partkeydef(c.oid),
+                pg_get_expr(c.relpartbound, c.oid))
+  FROM pg_class c WHERE c.relnamespace IN ('public'::regnamespace, 'billing'::regnamespace) AND c.relkind IN ('r', 'p')
+  UNION ALL
+  SELECT format('sequence %s %s %s %s', s.seqrelid::regclass, format_type(s.seqtypid, NULL), s.seqincrement, s.seqcycle)
+  FROM pg_sequence s
+  UNION ALL
+  SELECT format('type %s %s', t.oid::regtype, t.typtype) FROM pg_type t
+  WHERE t.typnamespace = 'public'::regnamespace AND t.typtype IN ('e', 'd', 'c') AND t.typrelid = 0
+  UNION ALL
+  SELECT format('grant %s %s %s', c.oid::regclass, a.privilege_type, pg_get_userbyid(a.grantee))
+  FROM pg_class c, aclexplode(c.relacl) a
+  WHERE c.relnamespace IN ('public'::regnamespace, 'billing'::regnamespace) AND c.relkind IN ('r', 'p', 'S')
+) s
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_start_creates_what_new_lacks_from_olds_definition() {
+    let old = cluster(HostAuth::ScramSha256);
+    let new = cluster(HostAuth::ScramSha256);
+    old.psql(DB, SCHEMA).unwrap();
+    old.psql(DB, SEED).unwrap();
+    let p = Pair { old, new };
+    let text = config(&p, "");
+    let path = std::env::temp_dir().join(format!("cutover-schema-{}.toml", std::process::id()));
+    std::fs::write(&path, &text).unwrap();
+
+    // `schema copy --print` shows what would be made, and makes nothing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["schema", "copy", "--print", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "CREATE TYPE public.order_status AS ENUM ('new', 'paid', 'shipped', 'cancelled');",
+        "CREATE DOMAIN public.email AS text",
+        "CREATE TABLE public.audit_log_new PARTITION OF public.audit_log FOR VALUES FROM ('2026-01-01') TO ('2100-01-01');",
+        "GENERATED ALWAYS AS IDENTITY",
+        "GENERATED ALWAYS AS ((price * 1.2)) STORED",
+        "CREATE SCHEMA \"billing\";",
+    ] {
+        assert!(printed.contains(expected), "{expected} not in:\n{printed}");
+    }
+    assert_eq!(
+        p.new
+            .psql(DB, "SELECT count(*) FROM pg_class WHERE relname = 'users'")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+
+    let server = start_proxy_with(&text).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    let (old_catalog, new_catalog) = (
+        p.old.psql(DB, CATALOG).unwrap(),
+        p.new.psql(DB, CATALOG).unwrap(),
+    );
+    let only_old: Vec<&str> = old_catalog
+        .lines()
+        .filter(|l| !new_catalog.lines().any(|n| n == *l))
+        .collect();
+    let only_new: Vec<&str> = new_catalog
+        .lines()
+        .filter(|l| !old_catalog.lines().any(|o| o == *l))
+        .collect();
+    assert!(
+        only_old.is_empty() && only_new.is_empty(),
+        "catalogs differ:\nonly on old:\n{}\nonly on new:\n{}",
+        only_old.join("\n"),
+        only_new.join("\n")
+    );
+    assert_identical(&p, "copy into the created schema");
+    assert_eq!(daemon_verify(&server).await["state"], "clean");
+
+    // After promote the app's own role writes on new (owner and grants came
+    // along) and its identity continues past the copied rows.
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    ok(&server, "POST", "/v1/promote", "{}");
+    let client = connect(server.proxy_addr).await;
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO users (email, name) VALUES ('after@example.com', 'after') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(id > 1500, "identity restarted past the copied rows: {id}");
+    drained(&server, &p.new).await;
+    assert_identical(&p, "promote onto the created schema");
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
 }

@@ -116,30 +116,15 @@ fn call(
     body: &str,
     token: Option<&str>,
 ) -> (u16, serde_json::Value) {
-    let r = cutover::cli_http::request(
-        &format!("http://{}", server.admin_addr),
-        method,
-        path,
-        Some(body),
-        token,
-    )
-    .expect("admin request");
-    (
-        r.status,
-        serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null),
-    )
+    admin_call(server, method, path, body, token)
 }
 
 fn ok(server: &cutover::Server, method: &str, path: &str, body: &str) -> serde_json::Value {
-    let (status, doc) = call(server, method, path, body, Some(TOKEN));
-    assert_eq!(status, 200, "{method} {path}: {doc}");
-    doc
+    admin_ok(server, method, path, body, Some(TOKEN))
 }
 
 fn status(server: &cutover::Server) -> serde_json::Value {
-    let (code, body) = admin_get(server, "/v1/status");
-    assert_eq!(code, 200);
-    serde_json::from_str(&body).unwrap()
+    status_doc(server)
 }
 
 fn assert_identical(p: &Pair, step: &str) {

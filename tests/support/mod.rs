@@ -309,6 +309,48 @@ pub fn parse_messages(mut bytes: &[u8]) -> Vec<Msg> {
 }
 
 /// HTTP GET against the admin API: (status, body).
+/// A call to the admin API: status and the JSON answer (Null if none).
+pub fn admin_call(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let r = cutover::cli_http::request(
+        &format!("http://{}", server.admin_addr),
+        method,
+        path,
+        Some(body),
+        token,
+    )
+    .expect("admin request");
+    (
+        r.status,
+        serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// An admin call that must answer 200.
+pub fn admin_ok(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> serde_json::Value {
+    let (status, doc) = admin_call(server, method, path, body, token);
+    assert_eq!(status, 200, "{method} {path}: {doc}");
+    doc
+}
+
+/// `/v1/status` as JSON.
+pub fn status_doc(server: &Server) -> serde_json::Value {
+    let (code, body) = admin_get(server, "/v1/status");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
 pub fn admin_get(server: &Server, path: &str) -> (u16, String) {
     let r = cutover::cli_http::request(
         &format!("http://{}", server.admin_addr),

@@ -12,6 +12,7 @@ pub mod mirror;
 pub mod pgoutput;
 pub mod preconditions;
 pub mod replication;
+pub mod schema;
 pub mod verify;
 
 pub use mirror::{
