@@ -148,6 +148,57 @@ async fn main() {
         })
     });
 
+    // The same with the standalone verify (no locks, no stream position:
+    // differing chunks re-checked after a delay) for comparison.
+    let urls = (
+        cutover_config::BackendUrl::parse(&old.url(SUPERUSER, SUPERUSER_PASSWORD, DB)).unwrap(),
+        cutover_config::BackendUrl::parse(&new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)).unwrap(),
+    );
+    let old_client = cutover_stream::control_client(&urls.0, "bench")
+        .await
+        .unwrap();
+    let new_client = cutover_stream::control_client(&urls.1, "bench")
+        .await
+        .unwrap();
+    let options = cutover_stream::VerifyOptions {
+        chunk_rows: i64::from(chunk_rows),
+        ..Default::default()
+    };
+    let ((alone_tps, alone_p50, alone_p99), alone_rows, alone_secs, alone_runs, false_differences) =
+        tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let load = scope.spawn(|| writers(&old, seconds, clients));
+                let runtime = tokio::runtime::Handle::current();
+                let measured = runtime.block_on(async {
+                    let window = Instant::now();
+                    let (mut rows, mut secs, mut runs, mut differences) =
+                        (0u64, 0.0f64, 0u32, 0usize);
+                    while window.elapsed() < Duration::from_secs(seconds.saturating_sub(1)) {
+                        let started = Instant::now();
+                        let report = cutover_stream::verify(&old_client, &new_client, &options)
+                            .await
+                            .expect("standalone verify");
+                        secs += started.elapsed().as_secs_f64();
+                        rows += report.tables.iter().map(|t| t.rows_checked).sum::<u64>();
+                        differences += report
+                            .tables
+                            .iter()
+                            .map(|t| t.differences.len())
+                            .sum::<usize>();
+                        runs += 1;
+                    }
+                    (rows, secs, runs, differences)
+                });
+                (
+                    load.join().expect("writers"),
+                    measured.0,
+                    measured.1,
+                    measured.2,
+                    measured.3,
+                )
+            })
+        });
+
     println!("verify under load (scale {scale}, {clients} pgbench -N clients, chunk {chunk_rows} rows, 2 cores shared)");
     println!("| measure | idle | under load | ratio |");
     println!("|---|---:|---:|---:|");
@@ -168,6 +219,15 @@ async fn main() {
     println!(
         "| writers p99 ms | {base_p99:.2} | {load_p99:.2} | {:.2} |",
         load_p99 / base_p99
+    );
+    println!();
+    println!("standalone verify (no locks, re-checks after a delay) under the same load:");
+    println!(
+        "| verify rows/s {:.0} ({alone_runs} runs, {false_differences} rows reported different that were only in flight) | writers tx/s {alone_tps:.0} ({:.2}) | p50 {alone_p50:.2} ms ({:.2}) | p99 {alone_p99:.2} ms ({:.2}) |",
+        alone_rows as f64 / alone_secs.max(f64::EPSILON),
+        alone_tps / base_tps,
+        alone_p50 / base_p50,
+        alone_p99 / base_p99
     );
     server.shutdown().await;
 }

@@ -247,7 +247,9 @@ fn verify_in_daemon(check: &CheckArgs, target: &AdminTarget) -> anyhow::Result<(
         "tables": check.tables,
         "chunk_rows": check.chunk_rows.max(1),
     });
-    call(target, "POST", "/v1/verify", &body.to_string())?;
+    call(target, "POST", "/v1/verify", &body.to_string()).map_err(|e| {
+        e.context("verify runs in the daemon; without one, use `cutover verify --standalone --config FILE`")
+    })?;
     let (base, _) = target.resolve()?;
     let mut shown = None;
     loop {

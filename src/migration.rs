@@ -500,6 +500,7 @@ impl Daemon {
         let started = Instant::now();
         let deadline = started + max_pause;
         self.traffic.gate.pause();
+        let in_flight = self.traffic.gate.active().max(0);
         let prepared = self.prepare_swap(current, next, deadline).await;
         let result = match prepared {
             Ok(reverse) => {
@@ -541,11 +542,13 @@ impl Daemon {
             "to": next.primary.name(),
             "milliseconds": paused.as_secs_f64() * 1000.0,
             "completed": result.is_ok(),
+            "sessions_in_flight": in_flight,
         }));
         match result {
             Ok(()) => {
                 let mut body = self.state_json(next);
                 body["pause_ms"] = (paused.as_secs_f64() * 1000.0).into();
+                body["sessions_in_flight"] = in_flight.into();
                 Ok(body)
             }
             Err(reason) => Err(ApiError::unavailable(format!(

@@ -441,15 +441,6 @@ async fn preconditions_fail_with_the_fix() {
             "DROP TABLE nokey, nokey2; CREATE TABLE only_old (id int PRIMARY KEY)",
         )
         .unwrap();
-    let server = start_proxy_with(&config).await;
-    post(&server, "/v1/mirror/start", None);
-    let error = wait_for_failure(&server).await;
-    assert!(
-        error.contains("\"public\".\"only_old\" is missing on the new database"),
-        "{error}"
-    );
-    server.shutdown().await;
-
     p.new
         .psql(DB, "CREATE TABLE only_old (id bigint PRIMARY KEY)")
         .unwrap();
@@ -459,6 +450,24 @@ async fn preconditions_fail_with_the_fix() {
     assert!(
         error.contains("`id integer` on old but `id bigint` on new"),
         "{error}"
+    );
+    server.shutdown().await;
+
+    // A table new lacks is created from old's definition.
+    p.new.psql(DB, "DROP TABLE only_old").unwrap();
+    let server = start_proxy_with(&config).await;
+    let (code, body) = post(&server, "/v1/mirror/start", None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        p.new
+            .psql(
+                DB,
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                 WHERE attrelid = 'only_old'::regclass AND attname = 'id'"
+            )
+            .unwrap()
+            .trim(),
+        "integer"
     );
     server.shutdown().await;
 

@@ -381,24 +381,31 @@ async fn an_app_schema_with_foreign_keys_mirrors_through_the_whole_migration_und
     drained(&server, &p.old).await;
     assert_identical(&p, "dial 100");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers = workload(server.proxy_addr, 1, stop.clone(), acked.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let doc = ok(&server, "POST", "/v1/promote", "{}");
-    assert_eq!(doc["primary"], "new", "{doc}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let doc = ok(&server, "POST", "/v1/rollback", "{}");
-    assert_eq!(doc["primary"], "old", "{doc}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let doc = ok(&server, "POST", "/v1/promote", "{}");
-    assert_eq!(doc["primary"], "new", "{doc}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
+    // Each swap under load, then old == new once the stream drained.
+    for (round, (transition, primary)) in
+        [("promote", "new"), ("rollback", "old"), ("promote", "new")]
+            .into_iter()
+            .enumerate()
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = workload(
+            server.proxy_addr,
+            1 + round as i32,
+            stop.clone(),
+            acked.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let doc = ok(&server, "POST", &format!("/v1/{transition}"), "{}");
+        assert_eq!(doc["primary"], primary, "{doc}");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.await.unwrap();
+        }
+        let source = if primary == "new" { &p.new } else { &p.old };
+        drained(&server, source).await;
+        assert_identical(&p, &format!("{transition} to {primary} (round {round})"));
     }
-    drained(&server, &p.new).await;
-    assert_identical(&p, "promote, rollback, promote");
 
     let errors = acked.errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "client errors: {errors:?}");

@@ -493,11 +493,12 @@ async fn setup(
     copy: bool,
     report: &(dyn Fn(&str, u64, bool) + Sync),
 ) -> Result<Lsn, StreamError> {
+    preconditions::check_source(old, &settings.old).await?;
     if copy {
         // Tables new lacks are created from old's definition first.
         crate::schema::create_missing(old, new).await?;
     }
-    let tables = preconditions::check(old, new, &settings.old, &settings.new).await?;
+    let tables = preconditions::check(old, new, &settings.new).await?;
     let slot = applier::quote_ident(&settings.slot);
     if slot_exists {
         // Left by a start that never finished, or replaced by a fresh start.

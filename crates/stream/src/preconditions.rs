@@ -112,13 +112,13 @@ pub async fn user_tables(client: &Client) -> Result<Vec<TableShape>, StreamError
         .collect())
 }
 
-/// Verifies the old and new databases can be mirrored; returns the tables.
-pub async fn check(
+/// Verifies the old database can be the stream's source: logical WAL, a
+/// role that may replicate, a free slot, tables whose changes can be
+/// applied by key or by whole row.
+pub async fn check_source(
     old: &Client,
-    new: &Client,
     old_url: &cutover_config::BackendUrl,
-    new_url: &cutover_config::BackendUrl,
-) -> Result<Vec<TableShape>, StreamError> {
+) -> Result<(), StreamError> {
     let (old_address, user) = (old_url.address(), &old_url.user);
     let wal_level: String = old.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
@@ -151,7 +151,16 @@ pub async fn check(
             "old backend {old_address}: all {max} replication slots are in use; raise max_replication_slots and restart, or drop an unused slot"
         )));
     }
-    check_identities(old, &format!("old backend {old_address}")).await?;
+    check_identities(old, &format!("old backend {old_address}")).await
+}
+
+/// Verifies the new database can receive old's tables (after
+/// [`check_source`]); returns the tables.
+pub async fn check(
+    old: &Client,
+    new: &Client,
+    new_url: &cutover_config::BackendUrl,
+) -> Result<Vec<TableShape>, StreamError> {
     // After promote the new database is published for the stream back to
     // old, so its tables must qualify too.
     check_identities(new, &format!("new backend {}", new_url.address())).await?;

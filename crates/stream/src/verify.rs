@@ -10,17 +10,19 @@
 //!
 //! Writes continue while verify runs, and the stream applies each one
 //! moments after it commits on old. With the running stream at hand (a
-//! verify in the daemon), each chunk is compared at one point of the
-//! stream, as Vitess VDiff stops its stream at a position: the chunk's rows
-//! are read on old `FOR SHARE` (held until new has been read, so they
-//! cannot change), old's WAL position is taken after the locks are granted
-//! (every change to those rows committed before it), and new is read once
-//! the stream has applied up to that position. Rows inserted into the
-//! range after old's read (not locked, not in old's result) may already be
-//! on new; each key that differs is therefore checked again the same way,
-//! alone, and only differences that survive are reported. Without the
-//! stream (`--standalone`), a differing chunk is re-checked a few times,
-//! `recheck_delay` apart, which can report a row that was only in flight.
+//! verify in the daemon), each chunk is compared at a point of the stream,
+//! as Vitess VDiff stops its stream at a position: old is read, old's WAL
+//! position taken, and new read once the stream has applied up to it, so
+//! new holds at least everything old's read saw; equal sums mean the chunk
+//! was equal at that point. Keys that differ may have changed on old since
+//! its read, so each is checked again alone under a row lock: its row read
+//! on old `FOR SHARE` (it cannot change until new has been read), old's
+//! position taken after the lock is granted, new read once the stream
+//! passed it. Only differences that survive that are reported. Writers
+//! wait only on the few rows being re-checked, never on whole chunks.
+//! Without the stream (`--standalone`), a differing chunk is re-checked a
+//! few times, `recheck_delay` apart, which can report a row that was only
+//! in flight.
 //!
 //! A table without a key (REPLICA IDENTITY FULL) is compared whole, as a
 //! multiset of rows: count and hash sum first, and if they differ, the
@@ -47,6 +49,9 @@ pub trait StreamPoint: Sync {
 
 /// How long verify waits for the stream to pass a chunk's position.
 const STREAM_WAIT: Duration = Duration::from_secs(60);
+/// A differing key is compared this many times before it is reported.
+const KEY_RECHECKS: u32 = 3;
+const KEY_RECHECK_DELAY: Duration = Duration::from_millis(250);
 
 impl StreamPoint for crate::StreamPosition {
     fn reach<'a>(&'a self, lsn: crate::Lsn) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
@@ -367,44 +372,41 @@ impl Checker<'_> {
         }
     }
 
-    /// Compares one key range: (rows on old, differences).
+    /// Compares one key range: (rows on old, differences). Old is read
+    /// first, then its position; new is read once the stream applied past
+    /// it, so new holds at least everything old's read saw. Keys that
+    /// differ (changed on old since, or really different) are checked
+    /// again one by one under a row lock.
     async fn chunk(&self, shape: &Shape, range: &str) -> Result<(u64, Vec<RowDiff>), StreamError> {
         let Some(stream) = self.stream else {
             return self.chunk_rechecked(shape, range).await;
         };
         let (old, new) = (self.old, self.new);
-        old.batch_execute("BEGIN").await?;
-        let result: Result<(u64, Vec<RowDiff>), StreamError> = async {
-            let locked = format!("(SELECT * FROM {} WHERE {range} FOR SHARE)", shape.table);
-            let a = checksum(old, &locked, "true").await?;
-            self.reach(stream, self.old_position().await?).await?;
-            let b = checksum(new, &shape.table, range).await?;
-            if a == b {
-                return Ok((a.0 as u64, Vec::new()));
-            }
-            let differences = diff(
-                shape,
-                &row_hashes(old, shape, &locked, "true").await?,
-                &row_hashes(new, shape, &shape.table, range).await?,
-            );
-            Ok((a.0 as u64, differences))
+        let a = checksum(old, &shape.table, range).await?;
+        self.reach(stream, self.old_position().await?).await?;
+        let b = checksum(new, &shape.table, range).await?;
+        if a == b {
+            return Ok((a.0 as u64, Vec::new()));
         }
-        .await;
-        old.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
-            .await?;
-        let (rows, differences) = result?;
+        let on_old = row_hashes(old, shape, &shape.table, range).await?;
+        self.reach(stream, self.old_position().await?).await?;
+        let on_new = row_hashes(new, shape, &shape.table, range).await?;
         let mut real = Vec::new();
-        for d in differences {
+        for d in diff(shape, &on_old, &on_new) {
             if self.key_differs(stream, shape, &d).await? {
                 real.push(d);
             }
         }
-        Ok((rows, real))
+        Ok((a.0 as u64, real))
     }
 
-    /// One key checked again at one point of the stream. A row absent on
-    /// old but present on new may be an insert on old still in progress
-    /// when old was read; it is asked about a few times.
+    /// One key checked again at one point of the stream: its row read on
+    /// old `FOR SHARE` (it cannot change until new has been read), old's
+    /// position taken after the lock is granted, new read once the stream
+    /// applied past it. A few attempts, `KEY_RECHECK_DELAY` apart, cover
+    /// what a lock cannot: an insert on old still in progress, and a
+    /// commit with `synchronous_commit = off` whose record the WAL writer
+    /// has not written yet.
     async fn key_differs(
         &self,
         stream: &dyn StreamPoint,
@@ -418,7 +420,10 @@ impl Checker<'_> {
             .collect();
         let range = shape.key_equals(&values);
         let (old, new) = (self.old, self.new);
-        for _ in 0..3 {
+        for attempt in 0..KEY_RECHECKS {
+            if attempt > 0 {
+                tokio::time::sleep(KEY_RECHECK_DELAY).await;
+            }
             old.batch_execute("BEGIN").await?;
             let result = async {
                 let locked = format!("(SELECT * FROM {} WHERE {range} FOR SHARE)", shape.table);
@@ -433,9 +438,6 @@ impl Checker<'_> {
             let (a, b) = result?;
             if a == b {
                 return Ok(false);
-            }
-            if !a.is_empty() {
-                return Ok(true);
             }
         }
         Ok(true)
@@ -476,45 +478,34 @@ impl Checker<'_> {
         Ok((rows, differences))
     }
 
-    /// A table without a key, whole: with the stream, its rows are read on
-    /// old `FOR SHARE` and new is read once the stream passed old's
-    /// position; rows inserted meanwhile can still differ, so a differing
-    /// comparison is made again, up to `rechecks` times.
+    /// A table without a key, whole, as a multiset of rows: with the
+    /// stream, new is read once the stream applied past old's position
+    /// after old's read. Rows changed on old since can differ, and without
+    /// a key nothing narrower can be locked, so a differing comparison is
+    /// made again, up to `rechecks` times (`recheck_delay` apart).
     async fn keyless(&self, name: &str) -> Result<(u64, Vec<RowDiff>), StreamError> {
         let (old, new, options) = (self.old, self.new, self.options);
         let mut rows = 0;
         let mut differences = Vec::new();
         for attempt in 0..=options.rechecks {
-            old.batch_execute("BEGIN").await?;
-            let result: Result<(u64, Vec<RowDiff>), StreamError> = async {
-                let a = match self.stream {
-                    Some(stream) => {
-                        let locked = format!("(SELECT * FROM {name} FOR SHARE)");
-                        let a = checksum(old, &locked, "true").await?;
-                        self.reach(stream, self.old_position().await?).await?;
-                        a
-                    }
-                    None => checksum(old, name, "true").await?,
-                };
-                let b = checksum(new, name, "true").await?;
-                if a == b {
-                    return Ok((a.0 as u64, Vec::new()));
-                }
-                Ok((a.0 as u64, multiset_diff(old, new, name).await?))
-            }
-            .await;
-            old.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
-                .await?;
-            let (count, found) = result?;
-            if attempt == 0 {
-                rows = count;
-            }
-            differences = found;
-            if differences.is_empty() || attempt == options.rechecks {
-                break;
-            }
-            if self.stream.is_none() {
+            if attempt > 0 {
                 tokio::time::sleep(options.recheck_delay).await;
+            }
+            let a = checksum(old, name, "true").await?;
+            if let Some(stream) = self.stream {
+                self.reach(stream, self.old_position().await?).await?;
+            }
+            let b = checksum(new, name, "true").await?;
+            if attempt == 0 {
+                rows = a.0 as u64;
+            }
+            differences = if a == b {
+                Vec::new()
+            } else {
+                multiset_diff(old, new, name).await?
+            };
+            if differences.is_empty() {
+                break;
             }
         }
         Ok((rows, differences))
