@@ -1,8 +1,10 @@
-//! Verify under load: the daemon's verify (each chunk compared at one point
-//! of the stream, rows held `FOR SHARE` on old meanwhile) idle and while
-//! pgbench simple-update writes through the primary, and what it costs the
-//! writers: their p50/p99 latency and tx/s with and without verify running,
-//! measured in the same run.
+//! Verify under load: the daemon's verify (each chunk compared at a point
+//! of the stream, differing keys re-checked under row locks) idle and
+//! while pgbench simple-update writes to the primary, and what it costs the
+//! writers: their tx/s and p50/p99 latency with and without verify running,
+//! measured in the same run; then the standalone verify (no stream, no
+//! locks, re-checks after a delay) under the same load, with the rows it
+//! reported different that were only in flight.
 //!
 //! Run: `cargo bench --bench verify`. Tunables: BENCH_SCALE (default 10),
 //! BENCH_SECONDS (each load window, default 15), BENCH_CLIENTS (default 8),

@@ -51,9 +51,10 @@ impl Shape {
         format!("({})", parts.join(", "))
     }
 
-    /// The row with these key values.
-    pub fn key_equals(&self, vals: &[String]) -> String {
-        format!("{} = {}", self.key_tuple, self.literal(vals))
+    /// The rows with these keys (each a list of key values).
+    pub fn key_in(&self, keys: &[Vec<String>]) -> String {
+        let list: Vec<String> = keys.iter().map(|k| self.literal(k)).collect();
+        format!("{} IN ({})", self.key_tuple, list.join(", "))
     }
 
     pub fn range(&self, after: Option<&[String]>, upto: Option<&[String]>) -> String {

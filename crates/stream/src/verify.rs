@@ -391,39 +391,45 @@ impl Checker<'_> {
         let on_old = row_hashes(old, shape, &shape.table, range).await?;
         self.reach(stream, self.old_position().await?).await?;
         let on_new = row_hashes(new, shape, &shape.table, range).await?;
-        let mut real = Vec::new();
-        for d in diff(shape, &on_old, &on_new) {
-            if self.key_differs(stream, shape, &d).await? {
-                real.push(d);
-            }
-        }
-        Ok((a.0 as u64, real))
+        let differences = diff(shape, &on_old, &on_new);
+        Ok((
+            a.0 as u64,
+            self.keys_differ(stream, shape, differences).await?,
+        ))
     }
 
-    /// One key checked again at one point of the stream: its row read on
-    /// old `FOR SHARE` (it cannot change until new has been read), old's
-    /// position taken after the lock is granted, new read once the stream
-    /// applied past it. A few attempts, `KEY_RECHECK_DELAY` apart, cover
-    /// what a lock cannot: an insert on old still in progress, and a
-    /// commit with `synchronous_commit = off` whose record the WAL writer
-    /// has not written yet.
-    async fn key_differs(
+    /// The differing keys checked again at one point of the stream: their
+    /// rows read on old `FOR SHARE` (they cannot change until new has been
+    /// read), old's position taken after the locks are granted, new read
+    /// once the stream applied past it. A few attempts, `KEY_RECHECK_DELAY`
+    /// apart, cover what a lock cannot: an insert on old still in
+    /// progress, and a commit with `synchronous_commit = off` whose record
+    /// the WAL writer has not written yet. Returns those still different.
+    async fn keys_differ(
         &self,
         stream: &dyn StreamPoint,
         shape: &Shape,
-        d: &RowDiff,
-    ) -> Result<bool, StreamError> {
-        let values: Vec<String> = shape
-            .keys
-            .iter()
-            .map(|k| d.key.get(k).cloned().unwrap_or_default())
-            .collect();
-        let range = shape.key_equals(&values);
+        mut differences: Vec<RowDiff>,
+    ) -> Result<Vec<RowDiff>, StreamError> {
         let (old, new) = (self.old, self.new);
         for attempt in 0..KEY_RECHECKS {
+            if differences.is_empty() {
+                break;
+            }
             if attempt > 0 {
                 tokio::time::sleep(KEY_RECHECK_DELAY).await;
             }
+            let keys: Vec<Vec<String>> = differences
+                .iter()
+                .map(|d| {
+                    shape
+                        .keys
+                        .iter()
+                        .map(|k| d.key.get(k).cloned().unwrap_or_default())
+                        .collect()
+                })
+                .collect();
+            let range = shape.key_in(&keys);
             old.batch_execute("BEGIN").await?;
             let result = async {
                 let locked = format!("(SELECT * FROM {} WHERE {range} FOR SHARE)", shape.table);
@@ -436,11 +442,25 @@ impl Checker<'_> {
             old.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
                 .await?;
             let (a, b) = result?;
-            if a == b {
-                return Ok(false);
-            }
+            let still: Vec<(String, std::collections::BTreeMap<String, String>)> =
+                diff(shape, &a, &b)
+                    .into_iter()
+                    .map(|d| (d.kind, d.key))
+                    .collect();
+            differences = differences
+                .into_iter()
+                .filter_map(|d| {
+                    still
+                        .iter()
+                        .find(|(_, key)| *key == d.key)
+                        .map(|(kind, key)| RowDiff {
+                            kind: kind.clone(),
+                            key: key.clone(),
+                        })
+                })
+                .collect();
         }
-        Ok(true)
+        Ok(differences)
     }
 
     /// Without the stream: compare, and re-check a differing chunk a few
