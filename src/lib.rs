@@ -145,6 +145,7 @@ impl AdminSource for Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            write_paused: self.traffic.gate.is_paused(),
             clients: self.proxy.clients(),
             backends,
             mirror,

@@ -682,33 +682,6 @@ async fn verify_finds_rows_changed_on_new_and_repair_fixes_them() {
     server.shutdown().await;
 }
 
-/// The daemon as a child process, so it can be killed with SIGKILL.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_daemon(config: &std::path::Path, admin: std::net::SocketAddr) -> Daemon {
-    let child = std::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cutover::cli_http::request(&format!("http://{admin}"), "GET", "/healthz", None, None)
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon(child)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
     let p = pair();

@@ -1042,3 +1042,121 @@ async fn a_pause_past_max_pause_aborts_and_traffic_resumes_unchanged() {
     drop(long);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_promotes_pause_comes_back_before_the_swap_and_loses_nothing() {
+    let p = pair();
+    let (proxy_port, admin_port) = (
+        cutover_pgcluster::free_port().unwrap(),
+        cutover_pgcluster::free_port().unwrap(),
+    );
+    let text = config(&p, "")
+        .replace("max_pause_ms = 8000", "max_pause_ms = 60000")
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{proxy_port}\""),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{admin_port}\""),
+            1,
+        );
+    let path = p.state_file.with_file_name("cutover.toml");
+    std::fs::write(&path, &text).unwrap();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let proxy = std::net::SocketAddr::from(([127, 0, 0, 1], proxy_port));
+    let base = format!("http://{admin}");
+    let post = |path: &str, body: &str| {
+        cutover::cli_http::request(&base, "POST", path, Some(body), Some(TOKEN))
+    };
+    let status_doc = || -> serde_json::Value {
+        let r = cutover::cli_http::request(&base, "GET", "/v1/status", None, None).unwrap();
+        serde_json::from_str(&r.body).unwrap()
+    };
+
+    let mut daemon = spawn_daemon(&path, admin);
+    assert_eq!(post("/v1/mirror/start", "{}").unwrap().status, 200);
+    drained_at(admin, &p.old).await;
+
+    // Acknowledged writes, then a transaction left open so the pause waits.
+    let client = connect(proxy).await;
+    for id in 10_001..=10_050i32 {
+        client
+            .execute(
+                "INSERT INTO accounts (id, balance, note) VALUES ($1, $1, 'acknowledged')",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+    let mut holder = connect(proxy).await;
+    let open = holder.transaction().await.unwrap();
+    open.execute(
+        "UPDATE accounts SET note = 'never committed' WHERE id = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    let promote = std::thread::spawn({
+        let base = base.clone();
+        move || {
+            cutover::cli_http::request(
+                &base,
+                "POST",
+                "/v1/promote",
+                Some(r#"{"force": true}"#),
+                Some(TOKEN),
+            )
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_doc()["write_paused"] != true {
+        assert!(Instant::now() < deadline, "the pause never began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    // The operator's promote got no answer: cutover died mid-pause.
+    assert!(promote.join().unwrap().is_err());
+    drop(open);
+    drop(holder);
+
+    // Back before the swap: old primary, the stream from old, nothing lost.
+    let _daemon = spawn_daemon(&path, admin);
+    let s = status_doc();
+    assert_eq!(
+        (s["phase"].as_str(), s["primary"].as_str()),
+        (Some("mirroring"), Some("old")),
+        "{s}"
+    );
+    drained_at(admin, &p.old).await;
+    assert_eq!(status_doc()["mirror"]["from"], "old");
+    let count =
+        "SELECT count(*) FROM accounts WHERE id BETWEEN 10001 AND 10050 AND note = 'acknowledged'";
+    for c in [&p.old, &p.new] {
+        assert_eq!(c.psql(DB, count).unwrap().trim(), "50");
+        assert_eq!(
+            c.psql(DB, "SELECT note FROM accounts WHERE id = 1")
+                .unwrap()
+                .trim(),
+            "seed",
+            "the open transaction was not committed"
+        );
+    }
+    assert_identical(&p, "SIGKILL during the pause");
+
+    // And the promote can be made after the restart.
+    let r = post("/v1/promote", r#"{"force": true}"#).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let client = connect(proxy).await;
+    client
+        .execute(
+            "INSERT INTO accounts (id, balance, note) VALUES (10051, 1, 'on new')",
+            &[],
+        )
+        .await
+        .unwrap();
+    drained_at(admin, &p.new).await;
+    assert_identical(&p, "promote after the restart");
+}

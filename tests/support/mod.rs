@@ -543,3 +543,30 @@ pub async fn drained_at(admin: SocketAddr, source: &Cluster) {
 pub async fn drained(server: &Server, source: &Cluster) {
     drained_at(server.admin_addr, source).await
 }
+
+/// The daemon as a child process, so it can be killed with SIGKILL.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_daemon(config: &std::path::Path, admin: std::net::SocketAddr) -> Daemon {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cutover::cli_http::request(&format!("http://{admin}"), "GET", "/healthz", None, None)
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon(child)
+}

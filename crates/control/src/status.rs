@@ -21,6 +21,9 @@ pub struct Status {
     /// The last promote or rollback pause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_pause: Option<serde_json::Value>,
+    /// A promote or rollback holds new statements back right now.
+    #[serde(default)]
+    pub write_paused: bool,
     pub clients: i64,
     pub backends: Vec<BackendStatus>,
     /// Copy progress, stream position and lag while mirroring.

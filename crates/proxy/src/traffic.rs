@@ -201,6 +201,10 @@ impl Gate {
         self.changed.notify_waiters();
     }
 
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
     pub fn active(&self) -> i64 {
         self.active.load(Ordering::SeqCst)
     }
