@@ -19,11 +19,12 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
-fn serve_fails(config: &str) -> (i32, String) {
+fn serve_fails(config: &str, env: &[(&str, &str)]) -> (i32, String) {
     let path = write_config("bad.toml", config);
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&path)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -36,44 +37,78 @@ fn serve_fails(config: &str) -> (i32, String) {
 fn bad_configuration_exits_2_naming_the_key_and_reason() {
     let old = "[old]\nurl = \"postgres://u:p@127.0.0.1:5432/app\"\n";
     let cases = [
-        (format!("{old}pool_sise = 3\n"), "pool_sise"),
+        (
+            format!("{old}pool_sise = 3\n"),
+            "unknown field `pool_sise`, expected `url` or `pool_size` for key `old`",
+        ),
         (
             format!("[proxy]\nlisten = \"nowhere\"\n{old}"),
-            "proxy.listen",
+            "config key `proxy.listen`: \"nowhere\" is not an address like \"127.0.0.1:6432\"",
         ),
         (
             format!("[auth]\nmethod = \"kerberos\"\n{old}"),
-            "auth.method",
+            "config key `auth.method`: unknown method \"kerberos\"; use \"scram-sha-256\", \"md5\" or \"trust\"",
         ),
-        ("[old]\nurl = \"mysql://x@h/d\"\n".to_string(), "old.url"),
+        (
+            "[old]\nurl = \"mysql://x@h/d\"\n".to_string(),
+            "config key `old.url`: \"mysql://x@h/d\" must start with postgres://",
+        ),
         (
             format!("{old}[new]\nurl = \"postgres://u@h:99999/d\"\n"),
-            "new.url",
+            "config key `new.url`: port \"99999\" is not a number from 1 to 65535",
         ),
         (
             format!("[auth]\nusers = [{{ name = \"app\" }}]\n{old}"),
-            "auth.users[0]",
+            "config key `auth.users[0]`: user \"app\" has no password, which auth.method = \"scram-sha-256\" needs",
         ),
         (
             format!(
                 "[proxy]\ntls_cert = \"/nonexistent.crt\"\ntls_key = \"/nonexistent.key\"\n{old}"
             ),
-            "proxy.tls_cert",
+            "config key `proxy.tls_cert`: file /nonexistent.crt does not exist",
         ),
-        ("[proxy]\nlisten = \"127.0.0.1:1\"\n".to_string(), "old"),
-        ("this is not toml".to_string(), "bad.toml"),
+        (
+            "[proxy]\nlisten = \"127.0.0.1:1\"\n".to_string(),
+            "missing configuration field \"old\"",
+        ),
+        (
+            "this is not toml".to_string(),
+            "bad.toml: TOML parse error at line 1, column 6",
+        ),
     ];
-    for (text, key) in cases {
-        let (code, stderr) = serve_fails(&text);
+    for (text, expected) in cases {
+        let (code, stderr) = serve_fails(&text, &[]);
         assert_eq!(code, 2, "{text}\n{stderr}");
-        assert!(stderr.contains(key), "expected {key:?} in: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in: {stderr}"
+        );
+    }
+    // Bad environment overrides are bad configuration too.
+    for (var, value, expected) in [
+        (
+            "CUTOVER_PROXY__MAX_CLIENT_CONNECTIONS",
+            "abc",
+            "invalid type: string \"abc\", expected an integer for key `proxy.max_client_connections` in the environment",
+        ),
+        (
+            "CUTOVER_PROXY__MAX_CLIENT_CONNECTIONS",
+            "0",
+            "config key `proxy.max_client_connections`: must be at least 1",
+        ),
+        ("CUTOVER_NOPE__X", "1", "unknown field `nope`, expected one of"),
+    ] {
+        let (code, stderr) = serve_fails(old, &[(var, value)]);
+        assert_eq!(code, 2, "{var}={value}\n{stderr}");
+        assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
     }
     let out = Command::new(BIN)
         .args(["serve", "--config", "/does/not/exist.toml"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("config: file /does/not/exist.toml does not exist"));
 }
 
 struct Daemon {
@@ -124,16 +159,20 @@ async fn status_cli_admin_api_and_sigterm_behave_as_documented() {
         "{}[old]\nurl = \"postgres://postgres:wrong@127.0.0.1:1/{DB}\"\npool_size = 7\n",
         users_section()
     );
+    // A wrapper's own CUTOVER_* variable is not a setting.
     let mut daemon = spawn_daemon(
         &config,
-        &[(
-            "CUTOVER_OLD__URL",
-            cluster.url(
-                cutover_pgcluster::SUPERUSER,
-                cutover_pgcluster::SUPERUSER_PASSWORD,
-                DB,
+        &[
+            (
+                "CUTOVER_OLD__URL",
+                cluster.url(
+                    cutover_pgcluster::SUPERUSER,
+                    cutover_pgcluster::SUPERUSER_PASSWORD,
+                    DB,
+                ),
             ),
-        )],
+            ("CUTOVER_BIN", BIN.to_string()),
+        ],
     );
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
     let client = connect(addr).await;
@@ -153,23 +192,39 @@ async fn status_cli_admin_api_and_sigterm_behave_as_documented() {
     );
     assert_eq!(status["backends"][0]["pool"]["size"], 7);
     assert_eq!(status["backends"][0]["pool"]["in_use"], 1);
+    // After one client ran one simple query: the exact counts.
     let metrics = get("/metrics");
-    assert!(
-        metrics.body.contains("cutover_client_connections 1"),
-        "{}",
-        metrics.body
-    );
-    for name in [
-        "cutover_client_connections_total",
-        "cutover_queries_total{backend=\"old\",kind=\"simple\"}",
-        "cutover_query_duration_seconds_bucket",
-        "cutover_client_bytes_received_total",
-        "cutover_client_bytes_sent_total",
-        "cutover_pool_connections{backend=\"old\",state=\"in_use\"}",
-        "cutover_backend_up{backend=\"old\"}",
+    for (name, value) in [
+        ("cutover_client_connections", 1.0),
+        ("cutover_client_connections_total", 1.0),
+        (
+            "cutover_queries_total{backend=\"old\",kind=\"simple\"}",
+            1.0,
+        ),
+        ("cutover_query_duration_seconds_count{backend=\"old\"}", 1.0),
+        (
+            "cutover_pool_connections{backend=\"old\",state=\"in_use\"}",
+            1.0,
+        ),
+        (
+            "cutover_pool_connections{backend=\"old\",state=\"idle\"}",
+            0.0,
+        ),
+        ("cutover_backend_up{backend=\"old\"}", 1.0),
+        ("cutover_protocol_errors_total", 0.0),
     ] {
-        assert!(metrics.body.contains(name), "missing {name}");
+        let seen = metric(&metrics.body, name);
+        assert!(
+            seen == Some(value) || (value == 0.0 && seen.is_none()),
+            "{name}: {seen:?}, expected {value}\n{}",
+            metrics.body
+        );
     }
+    let received = metric(&metrics.body, "cutover_client_bytes_received_total").unwrap();
+    let sent = metric(&metrics.body, "cutover_client_bytes_sent_total").unwrap();
+    // "SELECT 1" is a 14-byte Query plus Terminate-free session; the reply
+    // is at least RowDescription, DataRow, CommandComplete, ReadyForQuery.
+    assert!(received >= 14.0 && sent >= 40.0, "{received} {sent}");
     let missing = get("/v2/nothing");
     assert_eq!(missing.status, 404);
     assert!(missing.body.contains("\"reason\""), "{}", missing.body);
@@ -198,16 +253,19 @@ async fn status_cli_admin_api_and_sigterm_behave_as_documented() {
 
     // SIGTERM: stop accepting, give the idle session the shutdown timeout,
     // then close it with 57P01 and exit 0.
+    let raw = RawClient::connect(addr, APP_USER, APP_PASSWORD, &[]).await;
     let sent = Instant::now();
     Command::new("kill")
         .args(["-TERM", &daemon.child.id().to_string()])
         .status()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        connect_as(addr, APP_USER, APP_PASSWORD).await.is_err(),
-        "no new clients after SIGTERM"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connect_as(addr, APP_USER, APP_PASSWORD).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "new clients still accepted after SIGTERM"
+        );
+    }
     assert!(client
         .simple_query("SELECT 'still served while draining'")
         .await
@@ -219,11 +277,12 @@ async fn status_cli_admin_api_and_sigterm_behave_as_documented() {
         "{:?}",
         sent.elapsed()
     );
-    let err = client.simple_query("SELECT 1").await.unwrap_err();
-    assert!(
-        err.as_db_error().map(|e| e.code().code()) == Some("57P01") || err.is_closed(),
-        "{err}"
-    );
+    // The idle session was closed with 57P01, said before the close.
+    let mut raw = raw;
+    let goodbye = raw.next().await.expect("an ErrorResponse before the close");
+    assert_eq!(goodbye.tag, 'E');
+    assert_eq!(error_fields(&goodbye.body).0, "57P01");
+    assert!(client.simple_query("SELECT 1").await.is_err());
 
     // Logs are JSON lines.
     let stderr = daemon.child.stderr.take().unwrap();
