@@ -12,7 +12,6 @@ use cutover_pgcluster::{Cluster, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::*;
-use tokio::io::AsyncWriteExt;
 
 async fn raw(addr: SocketAddr, application_name: &str) -> RawClient {
     RawClient::connect(
@@ -46,39 +45,6 @@ async fn wait_gone(cluster: &Cluster, pid: i32) {
         assert!(Instant::now() < deadline, "backend {pid} is still there");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Waits until the backend `pid` runs a statement.
-async fn wait_active(cluster: &Cluster, pid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let state = cluster
-            .psql(
-                "postgres",
-                &format!("SELECT state FROM pg_stat_activity WHERE pid = {pid}"),
-            )
-            .unwrap();
-        if state.trim() == "active" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backend {pid} never started its statement"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A CancelRequest with `pid` and `secret`, as a driver sends it.
-async fn cancel(addr: SocketAddr, pid: i32, secret: i32) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut packet = Vec::new();
-    packet.extend_from_slice(&16i32.to_be_bytes());
-    packet.extend_from_slice(&80_877_102i32.to_be_bytes());
-    packet.extend_from_slice(&pid.to_be_bytes());
-    packet.extend_from_slice(&secret.to_be_bytes());
-    stream.write_all(&packet).await.unwrap();
-    let _ = read_to_close(&mut stream).await;
 }
 
 fn sqlstate_of(replies: &[Msg]) -> Option<String> {
@@ -196,8 +162,8 @@ async fn a_stale_cancel_key_cancels_nothing_and_each_client_cancels_its_own() {
     assert_eq!(reused.key.pid, stale.pid, "the session was reused");
     assert_ne!(reused.key.secret, stale.secret, "with a secret of its own");
     reused.send(&fe::query("SELECT pg_sleep(1)")).await;
-    wait_active(&c, stale.pid).await;
-    cancel(server.proxy_addr, stale.pid, stale.secret).await;
+    wait_backend_active(&c, stale.pid).await;
+    send_cancel_request(server.proxy_addr, stale.pid, stale.secret).await;
     let replies = reused.until_ready(1).await;
     assert_eq!(
         sqlstate_of(&replies),
@@ -212,9 +178,9 @@ async fn a_stale_cancel_key_cancels_nothing_and_each_client_cancels_its_own() {
     assert_ne!(one.key.pid, two.key.pid);
     one.send(&fe::query("SELECT pg_sleep(60)")).await;
     two.send(&fe::query("SELECT pg_sleep(60)")).await;
-    wait_active(&c, one.key.pid).await;
-    wait_active(&c, two.key.pid).await;
-    cancel(server.proxy_addr, one.key.pid, one.key.secret).await;
+    wait_backend_active(&c, one.key.pid).await;
+    wait_backend_active(&c, two.key.pid).await;
+    send_cancel_request(server.proxy_addr, one.key.pid, one.key.secret).await;
     let replies = one.until_ready(1).await;
     assert_eq!(sqlstate_of(&replies).as_deref(), Some("57014"));
     let state = c
@@ -231,7 +197,7 @@ async fn a_stale_cancel_key_cancels_nothing_and_each_client_cancels_its_own() {
         "active",
         "the other client's statement runs on"
     );
-    cancel(server.proxy_addr, two.key.pid, two.key.secret).await;
+    send_cancel_request(server.proxy_addr, two.key.pid, two.key.secret).await;
     let replies = two.until_ready(1).await;
     assert_eq!(sqlstate_of(&replies).as_deref(), Some("57014"));
     leave(one).await;

@@ -104,28 +104,27 @@ async fn cancel_request_stops_the_running_query_and_unknown_keys_do_nothing() {
     let server = start_proxy(&cluster).await;
     let client = connect(server.proxy_addr).await;
     let token = client.cancel_token();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
 
-    // An unknown key is ignored and harms no one.
-    let mut bogus = tokio::net::TcpStream::connect(server.proxy_addr)
-        .await
-        .unwrap();
-    let mut packet = vec![0, 0, 0, 16];
-    packet.extend_from_slice(&80877102i32.to_be_bytes());
-    packet.extend_from_slice(&12345i32.to_be_bytes());
-    packet.extend_from_slice(&678i32.to_be_bytes());
-    tokio::io::AsyncWriteExt::write_all(&mut bogus, &packet)
-        .await
-        .unwrap();
-    assert!(read_to_close(&mut bogus).await.is_empty());
-    let row = client
-        .query_one("SELECT pg_sleep(0.3)::text, 7", &[])
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i32>(1), 7);
+    // Keys cutover never issued — one made up, one with the right pid and
+    // a wrong secret — arrive while a statement runs and cancel nothing.
+    let sleeping = tokio::spawn(async move {
+        let row = client.query_one("SELECT pg_sleep(1)::text, 7", &[]).await;
+        (client, row)
+    });
+    wait_backend_active(&cluster, pid).await;
+    send_cancel_request(server.proxy_addr, 12345, 678).await;
+    send_cancel_request(server.proxy_addr, pid, 678).await;
+    let (client, row) = sleeping.await.unwrap();
+    assert_eq!(row.expect("not cancelled").get::<_, i32>(1), 7);
 
     let started = Instant::now();
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_backend_active(&cluster, pid).await;
     token
         .cancel_query(tokio_postgres::NoTls)
         .await
@@ -146,10 +145,10 @@ async fn cancel_request_stops_the_running_query_and_unknown_keys_do_nothing() {
         wait_for_metric(
             &server,
             "cutover_cancel_requests_total{result=\"unknown_key\"}",
-            1.0
+            2.0
         )
         .await,
-        Some(1.0)
+        Some(2.0)
     );
     server.shutdown().await;
 }

@@ -11,8 +11,27 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_auth_methods_accept_right_and_refuse_wrong_passwords() {
     let cluster = cluster(HostAuth::ScramSha256);
-    for method in ["scram-sha-256", "md5", "trust"] {
+    for (method, request) in [("scram-sha-256", 10), ("md5", 5), ("trust", 0)] {
         let server = start_proxy_with(&config_text(&cluster, method, "", "")).await;
+        // The authentication request cutover sends first: SASL, MD5, or
+        // straight to AuthenticationOk.
+        let mut stream = raw_startup(
+            server.proxy_addr,
+            196_608,
+            &[("user", APP_USER), ("database", DB)],
+        )
+        .await;
+        let mut head = [0u8; 9];
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut head)
+            .await
+            .unwrap();
+        assert_eq!(head[0], b'R', "{method}");
+        assert_eq!(
+            i32::from_be_bytes([head[5], head[6], head[7], head[8]]),
+            request,
+            "{method}"
+        );
+        drop(stream);
         let client = connect_as(server.proxy_addr, APP_USER, APP_PASSWORD)
             .await
             .unwrap_or_else(|e| panic!("{method}: {e}"));
@@ -207,10 +226,19 @@ async fn exhausted_pool_makes_clients_wait_then_fail_with_53300() {
         let addr = server.proxy_addr;
         async move { connect_as(addr, APP_USER, APP_PASSWORD).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, body) = admin_get(&server, "/v1/status");
-    assert_eq!(status, 200);
-    assert!(body.contains("\"waiting\":1"), "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = admin_get(&server, "/v1/status");
+        assert_eq!(status, 200);
+        if body.contains("\"waiting\":1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no client waiting: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(a);
     let c = waiter
         .await
@@ -281,7 +309,7 @@ async fn backend_killed_mid_query_gives_the_client_an_error_and_cutover_carries_
         .unwrap()
         .get(0);
     let running = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_backend_active(&cluster, pid).await;
     cluster
         .psql("postgres", &format!("SELECT pg_terminate_backend({pid})"))
         .unwrap();
@@ -300,8 +328,13 @@ async fn backend_killed_mid_query_gives_the_client_an_error_and_cutover_carries_
 
     // The whole server crashes (immediate stop) mid-query.
     let victim = connect(server.proxy_addr).await;
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let running = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_backend_active(&cluster, pid).await;
     tokio::task::block_in_place(|| cluster.kill()).unwrap();
     let result = tokio::time::timeout(Duration::from_secs(10), running)
         .await

@@ -14,7 +14,7 @@ use cutover_backend::{BackendConnection, LoginTarget};
 use cutover_config::Config;
 use cutover_pgcluster::{Cluster, ClusterOptions, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -366,11 +366,11 @@ pub fn admin_get(server: &Server, path: &str) -> (u16, String) {
 /// Polls /metrics until `name_and_labels` has `value` (for counters updated
 /// by background work), returning the last value seen after 5 s.
 pub async fn wait_for_metric(server: &Server, name_and_labels: &str, value: f64) -> Option<f64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, body) = tokio::task::block_in_place(|| admin_get(server, "/metrics"));
         let seen = metric(&body, name_and_labels);
-        if seen == Some(value) || std::time::Instant::now() > deadline {
+        if seen == Some(value) || Instant::now() > deadline {
             return seen;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -520,7 +520,7 @@ pub fn lsn(text: &str) -> u64 {
 /// `source` (the stream's primary) has written now.
 pub async fn drained_at(admin: SocketAddr, source: &Cluster) {
     let target = lsn(&source.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let m = mirror_status_at(admin);
         if let (Some(c), "streaming") = (
@@ -531,10 +531,7 @@ pub async fn drained_at(admin: SocketAddr, source: &Cluster) {
                 return;
             }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stream did not drain: {m}"
-        );
+        assert!(Instant::now() < deadline, "stream did not drain: {m}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -561,12 +558,45 @@ pub fn spawn_daemon(config: &std::path::Path, admin: std::net::SocketAddr) -> Da
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while cutover::cli_http::request(&format!("http://{admin}"), "GET", "/healthz", None, None)
         .is_err()
     {
-        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        assert!(Instant::now() < deadline, "daemon did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     Daemon(child)
+}
+
+/// Waits until the backend `pid` runs a statement.
+pub async fn wait_backend_active(cluster: &Cluster, pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = cluster
+            .psql(
+                "postgres",
+                &format!("SELECT state FROM pg_stat_activity WHERE pid = {pid}"),
+            )
+            .unwrap();
+        if state.trim() == "active" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend {pid} never started its statement"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A CancelRequest with `pid` and `secret`, as a driver sends it.
+pub async fn send_cancel_request(addr: SocketAddr, pid: i32, secret: i32) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&16i32.to_be_bytes());
+    packet.extend_from_slice(&80_877_102i32.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(&secret.to_be_bytes());
+    stream.write_all(&packet).await.unwrap();
+    let _ = read_to_close(&mut stream).await;
 }
