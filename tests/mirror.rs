@@ -392,9 +392,15 @@ async fn restart_resumes_the_stream_and_a_down_secondary_catches_up() {
     let tasks = workload(server.proxy_addr, direct_addr(&p.old), stop.clone());
     tokio::time::sleep(Duration::from_millis(700)).await;
     tokio::task::block_in_place(|| p.new.stop()).unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let state = mirror_status(&server)["state"].clone();
-    assert_eq!(state, "reconnecting", "{}", mirror_status(&server));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mirror_status(&server)["state"] != "reconnecting" {
+        assert!(
+            Instant::now() < deadline,
+            "the stream did not notice: {}",
+            mirror_status(&server)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::task::block_in_place(|| p.new.restart()).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
