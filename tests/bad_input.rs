@@ -310,6 +310,46 @@ async fn tls_clients_are_served_over_tls() {
         "{out:?}"
     );
     assert!(stdout.contains("over tls"), "{out:?}");
+    // An SSLRequest with a plaintext startup packet right behind it, before
+    // our answer: refused, as PostgreSQL refuses it (the bytes were not
+    // encrypted and may have been injected), never served.
+    let mut s = tokio::net::TcpStream::connect(server.proxy_addr)
+        .await
+        .unwrap();
+    let mut packet = 8i32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&80877103i32.to_be_bytes());
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196_608i32.to_be_bytes());
+    for part in ["user", APP_USER, "database", DB, ""] {
+        startup.extend_from_slice(part.as_bytes());
+        startup.push(0);
+    }
+    packet.extend_from_slice(&(startup.len() as i32 + 4).to_be_bytes());
+    packet.extend_from_slice(&startup);
+    s.write_all(&packet).await.unwrap();
+    let answer = read_to_close(&mut s).await;
+    let (code, message) = single_fatal(&parse_messages(&answer));
+    assert_eq!(code, "08P01");
+    assert_eq!(message, "received unencrypted data after SSL request");
+    // A client that requires channel binding is refused with a clear
+    // error: cutover offers SCRAM-SHA-256 without -PLUS.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(cluster.bindir().join("psql"))
+            .arg(format!(
+                "postgres://{APP_USER}@127.0.0.1:{}/{DB}?sslmode=require&channel_binding=require",
+                server.proxy_addr.port()
+            ))
+            .args(["-X", "-A", "-t", "-c", "SELECT 'bound'"])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .output()
+            .unwrap()
+    });
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("channel binding is required, but server did not offer an authentication method that supports channel binding"),
+        "{stderr}"
+    );
     // Plain clients are still served.
     connect(server.proxy_addr)
         .await

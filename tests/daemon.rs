@@ -298,3 +298,56 @@ async fn status_cli_admin_api_and_sigterm_behave_as_documented() {
         serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
     }
 }
+
+#[test]
+fn demo_starts_two_databases_and_serves_them() {
+    let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| !l.contains("Ctrl-C"))
+        .collect();
+    let text = lines.join("\n");
+    // The walk it prints uses this binary, not a debug build through cargo.
+    for step in [
+        "status",
+        "mirror start",
+        "verify",
+        "reads 50",
+        "promote",
+        "rollback",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "{BIN} {step} --admin http://127.0.0.1:{admin_port}"
+            )),
+            "{step} missing from:\n{text}"
+        );
+    }
+    assert!(!text.contains("cargo run"), "{text}");
+    let out = Command::new("psql")
+        .arg(format!("postgres://app:app@127.0.0.1:{port}/app"))
+        .args(["-X", "-A", "-t", "-c", "SELECT count(*) FROM accounts"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1000",
+        "{out:?}"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -133,6 +133,14 @@ pub async fn accept(
         match packet {
             StartupPacket::Ssl if !asked_ssl && !stream.is_tls() => {
                 asked_ssl = true;
+                // Bytes sent before our answer were not encrypted, and may
+                // have been injected on the way: refuse, as PostgreSQL does.
+                if stream.has_unread_plaintext() {
+                    let e = HandshakeError::Protocol(
+                        "received unencrypted data after SSL request".to_string(),
+                    );
+                    return Err(fail(stream, e).await);
+                }
                 match settings.tls {
                     Some(acceptor) => {
                         stream.write_all(b"S").await?;

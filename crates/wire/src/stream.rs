@@ -16,6 +16,18 @@ impl ClientStream {
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
     }
+
+    /// True when a plain client has already sent more bytes than we have
+    /// read (checked without waiting and without consuming them).
+    pub fn has_unread_plaintext(&self) -> bool {
+        let ClientStream::Plain(tcp) = self else {
+            return false;
+        };
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+    }
 }
 
 impl AsyncRead for ClientStream {
