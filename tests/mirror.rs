@@ -1068,3 +1068,115 @@ async fn tables_without_a_key_need_replica_identity_full_on_both_sides() {
     assert!(error.contains("USING INDEX or NOTHING"), "{error}");
     server.shutdown().await;
 }
+
+/// `mirror start`'s answer for a configuration that cannot work.
+async fn start_refused(config: &str) -> String {
+    let server = start_proxy_with(config).await;
+    let (code, body) = post(&server, "/v1/mirror/start", None);
+    server.shutdown().await;
+    assert_eq!(code, 409, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    doc["reason"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_precondition_names_its_fix() {
+    let p = pair();
+    let config = mirror_config(&p, "");
+    let as_role = |cluster: &Cluster, role: &str| {
+        config.replace(
+            &cluster.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+            &cluster.url(role, "pw", DB),
+        )
+    };
+    for c in [&p.old, &p.new] {
+        c.psql(
+            DB,
+            "CREATE ROLE plain LOGIN PASSWORD 'pw'; \
+             CREATE ROLE replicator LOGIN REPLICATION PASSWORD 'pw'",
+        )
+        .unwrap();
+    }
+
+    let reason = start_refused(&as_role(&p.old, "plain")).await;
+    assert!(
+        reason.contains("role \"plain\" may not replicate; run ALTER ROLE \"plain\" REPLICATION"),
+        "{reason}"
+    );
+    let reason = start_refused(&as_role(&p.old, "replicator")).await;
+    assert!(
+        reason.contains(&format!("old backend 127.0.0.1:{}", p.old.port()))
+            && reason.contains("role \"replicator\" may not set session_replication_role")
+            && reason.contains("GRANT SET ON PARAMETER session_replication_role TO \"replicator\""),
+        "{reason}"
+    );
+    let reason = start_refused(&as_role(&p.new, "plain")).await;
+    assert!(
+        reason.contains(&format!("new backend 127.0.0.1:{}", p.new.port()))
+            && reason.contains("role \"plain\" may not set session_replication_role"),
+        "{reason}"
+    );
+
+    p.old
+        .psql(DB, "CREATE TABLE shaped (id int PRIMARY KEY, a int, b int)")
+        .unwrap();
+    p.new
+        .psql(DB, "CREATE TABLE shaped (id int PRIMARY KEY, a int)")
+        .unwrap();
+    let reason = start_refused(&config).await;
+    assert!(
+        reason.contains("table \"public\".\"shaped\" differs on the new database: column `b integer` is missing"),
+        "{reason}"
+    );
+    p.new
+        .psql(DB, "ALTER TABLE shaped ADD COLUMN b int, ADD COLUMN c int")
+        .unwrap();
+    let reason = start_refused(&config).await;
+    assert!(
+        reason.contains(
+            "table \"public\".\"shaped\" differs on the new database: it has extra column `c`"
+        ),
+        "{reason}"
+    );
+    p.new.psql(DB, "ALTER TABLE shaped DROP COLUMN c").unwrap();
+
+    // A slot of cutover's name that something else is consuming.
+    p.old
+        .psql(
+            DB,
+            "SELECT pg_create_logical_replication_slot('cutover', 'test_decoding')",
+        )
+        .unwrap();
+    let mut consumer = std::process::Command::new(p.old.bindir().join("pg_recvlogical"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &p.old.port().to_string(),
+            "-U",
+            SUPERUSER,
+        ])
+        .args(["-d", DB, "--slot", "cutover", "--start", "-f", "/dev/null"])
+        .env("PGPASSWORD", SUPERUSER_PASSWORD)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p
+        .old
+        .psql(DB, "SELECT count(*) FROM pg_replication_slots WHERE active")
+        .unwrap()
+        .trim()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "pg_recvlogical did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reason = start_refused(&config).await;
+    let _ = consumer.kill();
+    let _ = consumer.wait();
+    assert!(
+        reason.contains("replication slot \"cutover\" is in use by another connection (pid ")
+            && reason.contains("stop whatever consumes it"),
+        "{reason}"
+    );
+}

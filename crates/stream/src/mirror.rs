@@ -374,6 +374,7 @@ async fn session(
 ) -> Result<(), StreamError> {
     let old = control_client(&settings.old, "cutover-control").await?;
     let new = control_client(&settings.new, "cutover-applier").await?;
+    preconditions::check_target(&new, &settings.new).await?;
     new.batch_execute(applier::SCHEMA_SQL).await?;
     new.batch_execute(copy::PROGRESS_SQL).await?;
     let applied: Option<String> = new
@@ -393,6 +394,13 @@ async fn session(
         )
         .await?
         .is_some();
+    let fresh = settings.fresh && !shared.fresh_done.load(Ordering::Relaxed);
+    let resumes = !fresh && !rebuild && applied.is_some() && slot_exists;
+    if !resumes {
+        // Before the walsender login, so a role that may not replicate
+        // gets the fix rather than a refused login retried for ever.
+        preconditions::check_source(&old, &settings.old, &settings.slot).await?;
+    }
     let mut repl = ReplicationConnection::connect(&settings.old, &shared.scram).await?;
     // Copy progress: metrics, and the status once the plan is known.
     let report = |table: &str, rows: u64, done: bool| {
@@ -408,7 +416,6 @@ async fn session(
             }
         });
     };
-    let fresh = settings.fresh && !shared.fresh_done.load(Ordering::Relaxed);
     let start = match (applied, slot_exists) {
         _ if fresh => {
             let start = setup(settings, &old, &new, &mut repl, slot_exists, false, &report).await?;
@@ -493,7 +500,6 @@ async fn setup(
     copy: bool,
     report: &(dyn Fn(&str, u64, bool) + Sync),
 ) -> Result<Lsn, StreamError> {
-    preconditions::check_source(old, &settings.old).await?;
     if copy {
         // Tables new lacks are created from old's definition first.
         crate::schema::create_missing(old, new).await?;

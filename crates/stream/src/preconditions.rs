@@ -2,7 +2,12 @@
 
 use crate::StreamError;
 use std::collections::BTreeMap;
+use std::time::Duration;
 use tokio_postgres::Client;
+
+/// How long a slot held by a walsender is watched for release.
+const SLOT_RELEASE_CHECKS: u32 = 10;
+const SLOT_RELEASE_DELAY: Duration = Duration::from_millis(500);
 
 /// A user table to mirror: schema, name, and its columns in order with types.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +123,7 @@ pub async fn user_tables(client: &Client) -> Result<Vec<TableShape>, StreamError
 pub async fn check_source(
     old: &Client,
     old_url: &cutover_config::BackendUrl,
+    slot: &str,
 ) -> Result<(), StreamError> {
     let (old_address, user) = (old_url.address(), &old_url.user);
     let wal_level: String = old.query_one("SHOW wal_level", &[]).await?.get(0);
@@ -138,11 +144,38 @@ pub async fn check_source(
             "old backend {old_address}: role \"{user}\" may not replicate; run ALTER ROLE \"{user}\" REPLICATION"
         )));
     }
+    // A slot of this name held by another connection: something else
+    // consumes it (or another cutover runs against this database). Our
+    // own previous walsender may take a moment to go away, so look again
+    // for a few seconds before calling it someone else's.
+    let mut holder = None;
+    for attempt in 0..SLOT_RELEASE_CHECKS {
+        if attempt > 0 {
+            tokio::time::sleep(SLOT_RELEASE_DELAY).await;
+        }
+        holder = old
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await?;
+        if holder.is_none() {
+            break;
+        }
+    }
+    if let Some(row) = holder {
+        let pid: Option<i32> = row.try_get(0)?;
+        return Err(StreamError::Precondition(format!(
+            "old backend {old_address}: replication slot \"{slot}\" is in use by another connection (pid {}); \
+             stop whatever consumes it (another cutover?), or drop it with SELECT pg_drop_replication_slot('{slot}') once it is free",
+            pid.map_or("unknown".to_string(), |p| p.to_string())
+        )));
+    }
     let slots = old
         .query_one(
             "SELECT current_setting('max_replication_slots')::int, \
-                    (SELECT count(*)::int FROM pg_replication_slots WHERE slot_name <> 'cutover')",
-            &[],
+                    (SELECT count(*)::int FROM pg_replication_slots WHERE slot_name <> $1)",
+            &[&slot],
         )
         .await?;
     let (max, used): (i32, i32) = (slots.get(0), slots.get(1));
@@ -151,7 +184,63 @@ pub async fn check_source(
             "old backend {old_address}: all {max} replication slots are in use; raise max_replication_slots and restart, or drop an unused slot"
         )));
     }
-    check_identities(old, &format!("old backend {old_address}")).await
+    check_identities(old, &format!("old backend {old_address}")).await?;
+    // After promote old receives the reverse stream, applied as a replica.
+    check_replica_role(old, &format!("old backend {old_address}"), user).await
+}
+
+/// Verifies the stream's target lets cutover do its work there: set
+/// `session_replication_role` and keep its bookkeeping in schema `cutover`.
+pub async fn check_target(
+    new: &Client,
+    new_url: &cutover_config::BackendUrl,
+) -> Result<(), StreamError> {
+    let (database, user) = (format!("new backend {}", new_url.address()), &new_url.user);
+    check_replica_role(new, &database, user).await?;
+    let can_create: bool = new
+        .query_one(
+            "SELECT has_database_privilege(current_user, current_database(), 'CREATE') \
+                 OR has_schema_privilege(current_user, (SELECT oid FROM pg_namespace WHERE nspname = 'cutover'), 'CREATE')",
+            &[],
+        )
+        .await?
+        .try_get::<_, Option<bool>>(0)?
+        .unwrap_or(false);
+    if !can_create {
+        return Err(StreamError::Precondition(format!(
+            "{database}: role \"{user}\" may not create schema cutover, where cutover records its position; \
+             run GRANT CREATE ON DATABASE \"{}\" TO \"{user}\" (or use the database owner)",
+            new_url.database
+        )));
+    }
+    Ok(())
+}
+
+/// The applier writes with `session_replication_role = replica` (so the
+/// target's triggers and foreign-key checks do not fire again): the role
+/// must be allowed to set it.
+async fn check_replica_role(
+    client: &Client,
+    database: &str,
+    user: &str,
+) -> Result<(), StreamError> {
+    let allowed = client
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
+        .await;
+    match allowed {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(StreamError::Precondition(format!(
+                "{database}: role \"{user}\" may not set session_replication_role, which cutover applies \
+                 changes with; run GRANT SET ON PARAMETER session_replication_role TO \"{user}\" (or use a superuser)"
+            )))
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e.into())
+        }
+    }
 }
 
 /// Verifies the new database can receive old's tables (after
@@ -161,6 +250,12 @@ pub async fn check(
     new: &Client,
     new_url: &cutover_config::BackendUrl,
 ) -> Result<Vec<TableShape>, StreamError> {
+    check_replica_role(
+        new,
+        &format!("new backend {}", new_url.address()),
+        &new_url.user,
+    )
+    .await?;
     // After promote the new database is published for the stream back to
     // old, so its tables must qualify too.
     check_identities(new, &format!("new backend {}", new_url.address())).await?;
