@@ -1180,3 +1180,86 @@ async fn every_precondition_names_its_fix() {
         "{reason}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_settings_bound_what_they_say_and_progress_is_exact() {
+    let p = pair();
+    p.old
+        .psql(
+            DB,
+            "INSERT INTO accounts (balance) SELECT g FROM generate_series(1, 1500) g; \
+             INSERT INTO scratch SELECT g, 'v' || g FROM generate_series(1, 1000) g; \
+             INSERT INTO events (account, amount) SELECT g, g FROM generate_series(1, 500) g",
+        )
+        .unwrap();
+    let (chunk, rate, total) = (250u64, 1000u64, 3000u64);
+    let config = mirror_config(&p, "").replace(
+        "\n[new]",
+        &format!(
+            "\n[mirror]\ncopy_chunk_rows = {chunk}\ncopy_parallel_tables = 1\ncopy_max_rows_per_second = {rate}\n[new]"
+        ),
+    );
+    let server = start_proxy_with(&config).await;
+    let started = Instant::now();
+    assert_eq!(post(&server, "/v1/mirror/start", None).0, 200);
+    let mut samples = 0;
+    loop {
+        let m = mirror_status(&server);
+        let copy = m["copy"].as_array().cloned().unwrap_or_default();
+        let in_progress: Vec<&serde_json::Value> = copy
+            .iter()
+            .filter(|t| t["rows"].as_u64().unwrap() > 0 && t["done"] == false)
+            .collect();
+        assert!(in_progress.len() <= 1, "more than one table at a time: {m}");
+        for t in &in_progress {
+            assert_eq!(
+                t["rows"].as_u64().unwrap() % chunk,
+                0,
+                "progress moves by whole chunks: {m}"
+            );
+        }
+        samples += 1;
+        if m["state"] == "streaming" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    // 3,000 rows at 1,000 rows/s: the throttle holds the copy to ~3 s
+    // (the last chunk's rows are not waited for).
+    let floor = Duration::from_millis((total - chunk) * 1000 / rate);
+    assert!(
+        elapsed >= floor,
+        "copy took {elapsed:?}, throttle floor {floor:?}"
+    );
+    assert!(samples > 10, "the copy was watched while it ran");
+    let m = mirror_status(&server);
+    let metrics = admin_get(&server, "/metrics").1;
+    for (table, rows) in [("accounts", 1500u64), ("scratch", 1000), ("events", 500)] {
+        let name = format!("\"public\".\"{table}\"");
+        let t = m["copy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            (t["rows"].as_u64(), t["done"].as_bool()),
+            (Some(rows), Some(true)),
+            "{t}"
+        );
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("cutover_copy_rows_total{{table=\"\\\"public\\\".\\\"{table}\\\"\"}}")
+            ),
+            Some(rows as f64),
+            "{metrics}"
+        );
+    }
+    drained(&server, &p.old).await;
+    assert_identical(&p);
+    server.shutdown().await;
+}

@@ -1169,3 +1169,266 @@ async fn sigkill_during_a_promotes_pause_comes_back_before_the_swap_and_loses_no
     drained_at(admin, &p.new).await;
     assert_identical(&p, "promote after the restart");
 }
+
+fn new_reads(server: &cutover::Server) -> f64 {
+    metric(
+        &server_metrics(server),
+        "cutover_reads_total{backend=\"new\"}",
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_cutover_cannot_replay_keep_reads_on_the_primary_until_discard_all() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    let read = "SELECT balance FROM accounts WHERE id = 9";
+    for (how, change) in [
+        ("set_config", "SELECT set_config('work_mem', '8MB', false)"),
+        (
+            "a SET among other statements",
+            "SET work_mem = '8MB'; SELECT 1",
+        ),
+        ("SET over the extended protocol", ""),
+    ] {
+        let client = connect(server.proxy_addr).await;
+        client.query_one(read, &[]).await.unwrap();
+        let before = new_reads(&server);
+        assert!(before > 0.0, "{how}: reads reach new first");
+        if change.is_empty() {
+            client.execute("SET work_mem = '8MB'", &[]).await.unwrap();
+        } else {
+            client.batch_execute(change).await.unwrap();
+        }
+        let after_change = new_reads(&server);
+        for _ in 0..5 {
+            client.query_one(read, &[]).await.unwrap();
+        }
+        assert_eq!(
+            new_reads(&server),
+            after_change,
+            "{how}: reads stayed on old"
+        );
+        let work_mem: String = client.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+        assert_eq!(work_mem, "8MB", "{how}");
+        client.batch_execute("DISCARD ALL").await.unwrap();
+        client.query_one(read, &[]).await.unwrap();
+        assert!(
+            new_reads(&server) > after_change,
+            "{how}: DISCARD ALL released the session"
+        );
+    }
+    let m = server_metrics(&server);
+    assert!(
+        metric(&m, "cutover_read_fallbacks_total{reason=\"session_state\"}").unwrap_or(0.0) >= 15.0,
+        "{m}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_secondary_stops_commit_waits_and_reads_until_it_caught_up() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "[mirror]\nsync_timeout_ms = 300\n")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+    // The applier blocks on a lock held on new.
+    let (blocker, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname={DB}",
+            p.new.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let client = connect(server.proxy_addr).await;
+    let timeouts = || {
+        metric(
+            &server_metrics(&server),
+            "cutover_commit_wait_timeouts_total",
+        )
+        .unwrap_or(0.0)
+    };
+    client
+        .execute("UPDATE accounts SET balance = 1 WHERE id = 11", &[])
+        .await
+        .unwrap();
+    assert_eq!(timeouts(), 1.0, "the first commit waited and timed out");
+    let before = new_reads(&server);
+    for i in 2..12i32 {
+        client
+            .execute("UPDATE accounts SET balance = $1 WHERE id = 11", &[&i])
+            .await
+            .unwrap();
+        let seen: i32 = client
+            .query_one("SELECT balance FROM accounts WHERE id = 11", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(seen, i, "reads left the lagging secondary");
+    }
+    assert_eq!(timeouts(), 1.0, "later commits did not wait");
+    assert_eq!(
+        new_reads(&server),
+        before,
+        "no read went to new while it lagged"
+    );
+    let m = server_metrics(&server);
+    assert_eq!(metric(&m, "cutover_secondary_lagging"), Some(1.0), "{m}");
+    assert!(
+        metric(&m, "cutover_read_fallbacks_total{reason=\"lagging\"}").unwrap_or(0.0) >= 10.0,
+        "{m}"
+    );
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    drained(&server, &p.old).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while new_reads(&server) == before {
+        let seen: i32 = client
+            .query_one("SELECT balance FROM accounts WHERE id = 11", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(seen, 11);
+        assert!(Instant::now() < deadline, "reads never returned to new");
+    }
+    assert_eq!(
+        metric(&server_metrics(&server), "cutover_secondary_lagging"),
+        Some(0.0)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_strategy_keeps_each_session_on_one_backend() {
+    let p = pair();
+    let server = start_proxy_with(&config(&p, "[routing]\nstrategy = \"session\"\n")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 50}"#);
+    let mut seen = std::collections::BTreeSet::new();
+    for session in 0..20 {
+        let client = connect(server.proxy_addr).await;
+        let ports: std::collections::BTreeSet<String> = {
+            let mut ports = std::collections::BTreeSet::new();
+            for _ in 0..10 {
+                let port: String = client
+                    .query_one("SELECT setting FROM pg_settings WHERE name = 'port'", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                ports.insert(port);
+            }
+            ports
+        };
+        assert_eq!(
+            ports.len(),
+            1,
+            "session {session} moved between backends: {ports:?}"
+        );
+        seen.extend(ports);
+    }
+    assert_eq!(seen.len(), 2, "at dial 50 sessions land on both: {seen:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jdbc_batch_and_a_skip_locked_job_queue_work_at_dial_100() {
+    let p = pair();
+    for c in [&p.old, &p.new] {
+        c.psql(
+            DB,
+            "CREATE TABLE jobs (id int PRIMARY KEY, done bool NOT NULL DEFAULT false, worker int); \
+             GRANT ALL ON jobs TO app",
+        )
+        .unwrap();
+    }
+    p.old
+        .psql(
+            DB,
+            "INSERT INTO jobs (id) SELECT g FROM generate_series(1, 60) g",
+        )
+        .unwrap();
+    let server = start_proxy_with(&config(&p, "")).await;
+    ok(&server, "POST", "/v1/mirror/start", "{}");
+    drained(&server, &p.old).await;
+    ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
+
+    // pgJDBC sends BEGIN in the same Sync batch as the first statement.
+    let mut jdbc = RawClient::connect(server.proxy_addr, APP_USER, APP_PASSWORD, &[]).await;
+    let batch = [
+        fe::parse("", "BEGIN", &[]),
+        fe::bind("", "", &[], &[], &[]),
+        fe::execute("", 0),
+        fe::parse("", "SELECT count(*) FROM jobs WHERE id <= 5", &[]),
+        fe::bind("", "", &[], &[], &[]),
+        fe::execute("", 0),
+        fe::parse("", "UPDATE jobs SET worker = 0 WHERE id = 1", &[]),
+        fe::bind("", "", &[], &[], &[]),
+        fe::execute("", 0),
+        fe::sync(),
+    ]
+    .concat();
+    let replies = jdbc.exchange(&batch, 1).await;
+    assert!(replies.iter().all(|m| m.tag != 'E'), "{replies:?}");
+    assert_eq!(replies.last().unwrap().body, b"T", "inside the transaction");
+    let replies = jdbc.exchange(&fe::query("COMMIT"), 1).await;
+    assert!(replies.iter().all(|m| m.tag != 'E'), "{replies:?}");
+
+    // Three workers drain a queue with FOR UPDATE SKIP LOCKED.
+    let workers = (1..=3i32).map(|worker| {
+        let addr = server.proxy_addr;
+        tokio::spawn(async move {
+            let mut client = connect(addr).await;
+            let mut claimed = Vec::new();
+            loop {
+                let tx = client.transaction().await.unwrap();
+                let Some(row) = tx
+                    .query_opt(
+                        "SELECT id FROM jobs WHERE NOT done ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                else {
+                    tx.commit().await.unwrap();
+                    return claimed;
+                };
+                let id: i32 = row.get(0);
+                tx.execute(
+                    "UPDATE jobs SET done = true, worker = $1 WHERE id = $2",
+                    &[&worker, &id],
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                claimed.push(id);
+            }
+        })
+    });
+    let mut all: Vec<i32> = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all.sort();
+    assert_eq!(all, (1..=60).collect::<Vec<i32>>(), "each job exactly once");
+    drained(&server, &p.old).await;
+    for c in [&p.old, &p.new] {
+        assert_eq!(
+            c.psql(DB, "SELECT count(*) FROM jobs WHERE done")
+                .unwrap()
+                .trim(),
+            "60"
+        );
+    }
+    server.shutdown().await;
+}
