@@ -714,9 +714,37 @@ async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let proxy: std::net::SocketAddr = ([127, 0, 0, 1], proxy_port).into();
 
+    // A table without a key, where a replayed insert would show up as a
+    // duplicate row: every acknowledged insert carries its own number.
+    for c in [&p.old, &p.new] {
+        c.psql(
+            DB,
+            "CREATE TABLE tally (n bigint, note text); ALTER TABLE tally REPLICA IDENTITY FULL; \
+             GRANT ALL ON tally TO app",
+        )
+        .unwrap();
+    }
     // Writes go straight to old so they continue while cutover is dead.
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = workload(direct_addr(&p.old), direct_addr(&p.old), stop.clone());
+    let tally = {
+        let (stop, old) = (stop.clone(), direct_addr(&p.old));
+        tokio::spawn(async move {
+            let client = connect(old).await;
+            let mut acknowledged = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                client
+                    .execute(
+                        "INSERT INTO tally VALUES ($1, 'acknowledged')",
+                        &[&(acknowledged + 1)],
+                    )
+                    .await
+                    .unwrap();
+                acknowledged += 1;
+            }
+            acknowledged
+        })
+    };
 
     let daemon = tokio::task::block_in_place(|| spawn_daemon(&path, admin));
     let (code, out) = tokio::task::block_in_place(|| run_cli(&["mirror", "start"], &path));
@@ -805,9 +833,19 @@ async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
     for t in tasks {
         t.await.unwrap();
     }
+    let acknowledged = tally.await.unwrap();
     drained_at(admin, &p.old).await;
     assert_identical(&p);
     sequences_match(&p).await;
+    assert!(acknowledged > 100, "{acknowledged}");
+    let counts = "SELECT count(*) || ' ' || count(DISTINCT n) || ' ' || max(n) FROM tally";
+    for c in [&p.old, &p.new] {
+        assert_eq!(
+            c.psql(DB, counts).unwrap().trim(),
+            format!("{acknowledged} {acknowledged} {acknowledged}"),
+            "every acknowledged insert once, none twice"
+        );
+    }
 }
 
 const KEYLESS_SCHEMA: &str = r#"
@@ -1261,5 +1299,118 @@ async fn copy_settings_bound_what_they_say_and_progress_is_exact() {
     }
     drained(&server, &p.old).await;
     assert_identical(&p);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_is_on_both_sides_when_writes_race_a_throttled_copy() {
+    let p = pair();
+    p.old
+        .psql(
+            DB,
+            "INSERT INTO accounts (id, balance) SELECT g, g FROM generate_series(1, 3000) g; \
+             SELECT setval('accounts_id_seq', 3000)",
+        )
+        .unwrap();
+    let config = mirror_config(&p, "").replace(
+        "\n[new]",
+        "\n[mirror]\ncopy_chunk_rows = 50\ncopy_max_rows_per_second = 2000\n[new]",
+    );
+    let server = start_proxy_with(&config).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each worker owns the ids equal to it mod 3 and records what it was
+    // acknowledged: the balance it set, or that it deleted the row.
+    let workers: Vec<_> = (0..3i32)
+        .map(|worker| {
+            let (stop, proxy) = (stop.clone(), server.proxy_addr);
+            tokio::spawn(async move {
+                let client = connect(proxy).await;
+                let mut state: std::collections::BTreeMap<i32, Option<i32>> = (1..=3000)
+                    .filter(|id| id % 3 == worker)
+                    .map(|id| (id, Some(id)))
+                    .collect();
+                let mut n = 0i32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = 3 * ((n * 37) % 1000) + worker;
+                    let id = if id == 0 { 3 } else { id };
+                    let value = 1_000_000 * (worker + 1) + n;
+                    let next = match state.get(&id).copied().flatten() {
+                        Some(_) if n % 5 == 0 => {
+                            client
+                                .execute("DELETE FROM accounts WHERE id = $1", &[&id])
+                                .await
+                                .unwrap();
+                            None
+                        }
+                        Some(_) => {
+                            client
+                                .execute(
+                                    "UPDATE accounts SET balance = $2 WHERE id = $1",
+                                    &[&id, &value],
+                                )
+                                .await
+                                .unwrap();
+                            Some(value)
+                        }
+                        None => {
+                            client
+                                .execute(
+                                    "INSERT INTO accounts (id, balance) VALUES ($1, $2)",
+                                    &[&id, &value],
+                                )
+                                .await
+                                .unwrap();
+                            Some(value)
+                        }
+                    };
+                    state.insert(id, next);
+                }
+                state
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(post(&server, "/v1/mirror/start", None).0, 200);
+    assert_eq!(mirror_status(&server)["state"], "copying");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mirror_status(&server)["state"] != "streaming" {
+        assert!(Instant::now() < deadline, "{}", mirror_status(&server));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acknowledged = std::collections::BTreeMap::new();
+    for w in workers {
+        acknowledged.extend(w.await.unwrap());
+    }
+    drained(&server, &p.old).await;
+    assert_identical(&p);
+    for c in [&p.old, &p.new] {
+        let rows: std::collections::BTreeMap<i32, i32> = c
+            .psql(
+                DB,
+                "SELECT id || ' ' || balance FROM accounts WHERE id <= 3000",
+            )
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (id, balance) = l.split_once(' ')?;
+                Some((id.parse().ok()?, balance.parse().ok()?))
+            })
+            .collect();
+        for (id, expected) in &acknowledged {
+            assert_eq!(
+                rows.get(id),
+                expected.as_ref(),
+                "id {id} on port {}",
+                c.port()
+            );
+        }
+    }
+    let changed = acknowledged
+        .iter()
+        .filter(|(id, v)| **v != Some(**id))
+        .count();
+    assert!(changed > 100, "the workload changed {changed} rows");
     server.shutdown().await;
 }

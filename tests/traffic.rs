@@ -1432,3 +1432,17 @@ async fn a_jdbc_batch_and_a_skip_locked_job_queue_work_at_dial_100() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_start_without_a_new_backend_is_refused_with_the_fix() {
+    let c = cluster(HostAuth::ScramSha256);
+    let server = start_proxy(&c).await;
+    let (code, doc) = call(&server, "POST", "/v1/mirror/start", "{}", None);
+    assert_eq!(code, 409, "{doc}");
+    assert_eq!(
+        doc["reason"],
+        "no [new] backend is configured; add [new] url = ... and restart cutover"
+    );
+    assert_eq!(status(&server)["phase"], "passthrough");
+    server.shutdown().await;
+}
