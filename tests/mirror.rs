@@ -51,16 +51,7 @@ fn pair() -> Pair {
 }
 
 fn mirror_config(p: &Pair, token: &str) -> String {
-    let mut text = config_text(&p.old, "scram-sha-256", "", "pool_size = 60");
-    text = text.replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\""),
-    );
-    text.push_str(&format!(
-        "\n[new]\nurl = \"{}\"\n",
-        p.new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)
-    ));
-    text
+    mirror_config_text(&p.old, &p.new, token, "pool_size = 60", "")
 }
 
 fn seed(old: &Cluster) {
@@ -698,17 +689,7 @@ async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
         .unwrap();
     let proxy_port = cutover_pgcluster::free_port().unwrap();
     let admin_port = cutover_pgcluster::free_port().unwrap();
-    let config = mirror_config(&p, "")
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{proxy_port}\""),
-            1,
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{admin_port}\""),
-            1,
-        );
+    let config = on_ports(&mirror_config(&p, ""), proxy_port, admin_port);
     let path = std::env::temp_dir().join(format!("cutover-kill-{}.toml", std::process::id()));
     std::fs::write(&path, &config).unwrap();
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();

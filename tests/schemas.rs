@@ -113,16 +113,13 @@ fn shop() -> Pair {
 }
 
 fn config(p: &Pair, extra: &str) -> String {
-    let mut text = config_text(&p.old, "scram-sha-256", "", "");
-    text = text.replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\""),
-    );
-    text.push_str(&format!(
-        "\n[new]\nurl = \"{}\"\n\n[cutover]\nmax_pause_ms = 8000\n{extra}",
-        p.new.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
-    ));
-    text
+    mirror_config_text(
+        &p.old,
+        &p.new,
+        TOKEN,
+        "",
+        &format!("\n[cutover]\nmax_pause_ms = 8000\n{extra}"),
+    )
 }
 
 fn call(

@@ -254,7 +254,8 @@ async fn two_hundred_concurrent_clients_run_transactions_without_loss() {
     let server = start_proxy_with(&config_text(
         &cluster,
         "scram-sha-256",
-        "",
+        // 200 SCRAM logins at once on a loaded 2-core machine take a while.
+        "connect_timeout_ms = 120000",
         "pool_size = 220",
     ))
     .await;

@@ -96,17 +96,16 @@ fn pair() -> Pair {
 }
 
 fn config(p: &Pair, extra: &str) -> String {
-    let mut text = config_text(&p.old, "scram-sha-256", "", "pool_size = 40");
-    text = text.replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\""),
-    );
-    text.push_str(&format!(
-        "\n[new]\nurl = \"{}\"\npool_size = 40\n\n[cutover]\nstate_file = \"{}\"\nmax_pause_ms = 8000\n{extra}",
-        p.new.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
-        p.state_file.display()
-    ));
-    text
+    mirror_config_text(
+        &p.old,
+        &p.new,
+        TOKEN,
+        "pool_size = 40",
+        &format!(
+            "pool_size = 40\n\n[cutover]\nstate_file = \"{}\"\nmax_pause_ms = 8000\n{extra}",
+            p.state_file.display()
+        ),
+    )
 }
 
 fn call(
@@ -1059,18 +1058,11 @@ async fn sigkill_during_a_promotes_pause_comes_back_before_the_swap_and_loses_no
         cutover_pgcluster::free_port().unwrap(),
         cutover_pgcluster::free_port().unwrap(),
     );
-    let text = config(&p, "")
-        .replace("max_pause_ms = 8000", "max_pause_ms = 60000")
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{proxy_port}\""),
-            1,
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{admin_port}\""),
-            1,
-        );
+    let text = on_ports(
+        &config(&p, "").replace("max_pause_ms = 8000", "max_pause_ms = 60000"),
+        proxy_port,
+        admin_port,
+    );
     let path = p.state_file.with_file_name("cutover.toml");
     std::fs::write(&path, &text).unwrap();
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));

@@ -69,6 +69,42 @@ url = "{}"
     )
 }
 
+/// [`config_text`] for a proxy in front of `old` mirroring to `new`, with
+/// admin token `token`; `old_extra` goes into `[old]`, `new_tail` after
+/// `[new]`'s url (more keys, then further sections).
+pub fn mirror_config_text(
+    old: &Cluster,
+    new: &Cluster,
+    token: &str,
+    old_extra: &str,
+    new_tail: &str,
+) -> String {
+    let text = config_text(old, "scram-sha-256", "", old_extra).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\""),
+    );
+    format!(
+        "{text}\n[new]\nurl = \"{}\"\n{new_tail}",
+        new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)
+    )
+}
+
+/// The configuration with the proxy and the admin API on fixed ports (for
+/// a daemon run as a child process).
+pub fn on_ports(config: &str, proxy_port: u16, admin_port: u16) -> String {
+    config
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{proxy_port}\""),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{admin_port}\""),
+            1,
+        )
+}
+
 pub async fn start_proxy(cluster: &Cluster) -> Server {
     start_proxy_with(&config_text(cluster, "scram-sha-256", "", "")).await
 }

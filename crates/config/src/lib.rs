@@ -401,7 +401,9 @@ impl Config {
             shutdown_timeout: Duration::from_millis(
                 raw.proxy.shutdown_timeout_ms.unwrap_or(30_000),
             ),
-            connect_timeout: Duration::from_millis(raw.proxy.connect_timeout_ms.unwrap_or(5_000)),
+            // PgBouncer's server_connect_timeout: a login to a busy server
+            // (SCRAM costs CPU) can take seconds.
+            connect_timeout: Duration::from_millis(raw.proxy.connect_timeout_ms.unwrap_or(15_000)),
             worker_threads: match raw.proxy.worker_threads.unwrap_or(0) {
                 0 => default_worker_threads(),
                 n => n as usize,

@@ -30,6 +30,9 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const SEQUENCE_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// After this long without a message while behind, ask the primary where it is.
 const IDLE_PROBE: Duration = Duration::from_millis(500);
+/// A batch rolled back by a deadlock or serialization failure is sent
+/// again this many times in all before the session restarts.
+const APPLY_ATTEMPTS: u32 = 5;
 /// Back-off before reconnecting after a lost connection: doubled after
 /// each failed attempt up to the cap, back to the first once streaming.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -1099,39 +1102,56 @@ async fn run_batch(
         })
         .collect();
     let commit = format!("{position}; COMMIT");
-    let result = async {
-        let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
-        let executions = steps.iter().zip(&columns).map(|(step, columns)| {
-            let (statement, params): (&Statement, Vec<Box<dyn ToSql + Sync + Send + '_>>) =
-                match step {
-                    Step::Single(statement, i) => (
-                        statement,
-                        ops[*i]
-                            .params
-                            .iter()
-                            .map(|p| {
-                                Box::new(TextParam(p.as_deref())) as Box<dyn ToSql + Sync + Send>
-                            })
-                            .collect(),
-                    ),
-                    Step::Merged(statement, ..) => (
-                        statement,
-                        columns
-                            .iter()
-                            .map(|c| Box::new(c) as Box<dyn ToSql + Sync + Send>)
-                            .collect(),
-                    ),
-                };
-            new.execute_raw(statement, params)
-        });
-        let executions = futures_util::future::try_join_all(executions);
-        let commit = new.batch_execute(&commit);
-        futures_util::future::try_join3(begin, executions, commit).await
-    }
-    .await;
-    if let Err(e) = result {
+    // The copy writes the same tables on the secondary: a deadlock or
+    // serialization failure between its chunk and this batch rolls the
+    // batch back whole, and it is simply sent again.
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
+            let executions = steps.iter().zip(&columns).map(|(step, columns)| {
+                let (statement, params): (&Statement, Vec<Box<dyn ToSql + Sync + Send + '_>>) =
+                    match step {
+                        Step::Single(statement, i) => (
+                            statement,
+                            ops[*i]
+                                .params
+                                .iter()
+                                .map(|p| {
+                                    Box::new(TextParam(p.as_deref()))
+                                        as Box<dyn ToSql + Sync + Send>
+                                })
+                                .collect(),
+                        ),
+                        Step::Merged(statement, ..) => (
+                            statement,
+                            columns
+                                .iter()
+                                .map(|c| Box::new(c) as Box<dyn ToSql + Sync + Send>)
+                                .collect(),
+                        ),
+                    };
+                new.execute_raw(statement, params)
+            });
+            let executions = futures_util::future::try_join_all(executions);
+            let commit = new.batch_execute(&commit);
+            futures_util::future::try_join3(begin, executions, commit).await
+        }
+        .await;
+        let Err(e) = result else {
+            break;
+        };
         let _ = new.batch_execute("ROLLBACK").await;
-        return Err(e.into());
+        attempt += 1;
+        let conflict = e.code().is_some_and(|c| {
+            *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+        });
+        if !conflict || attempt >= APPLY_ATTEMPTS {
+            return Err(e.into());
+        }
+        tracing::debug!(attempt, error = %e, "batch rolled back by a lock conflict; applying it again");
+        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
     }
     let statements = steps.len();
     drop(columns);
