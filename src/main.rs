@@ -575,6 +575,12 @@ fn render_status(s: &Status) -> String {
         },
         s.clients
     );
+    if s.write_paused {
+        out.insert_str(
+            out.len() - 1,
+            "writes:  PAUSED (a promote or rollback is swapping the primary)\n",
+        );
+    }
     out.push_str("BACKEND  ROLE       ADDRESS                DATABASE   HEALTH   POOL (in use/idle/waiting of size)\n");
     for b in &s.backends {
         let health = match b.healthy {
@@ -609,6 +615,15 @@ fn render_status(s: &Status) -> String {
         ));
         if let Some(e) = m["error"].as_str() {
             out.push_str(&format!("         error: {e}\n"));
+        }
+        match m["state"].as_str() {
+            Some("failed") => out.push_str(
+                "         stopped: reads stay on the primary; fix the error, then `cutover mirror start`\n",
+            ),
+            Some("copying") => out.push_str(
+                "         not ready: the dial and promote wait until every table is copied\n",
+            ),
+            _ => {}
         }
         for t in m["copy"].as_array().into_iter().flatten() {
             out.push_str(&format!(
