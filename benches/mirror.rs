@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{lsn, pgbench, pgbench_command, pgbench_pair, status, wait_drained, DB};
+use support::{
+    lsn, pgbench, pgbench_command, pgbench_pair, start_mirroring, status, wait_drained, DB,
+};
 
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -79,18 +81,7 @@ async fn run_scale(scale: u32, seconds: u64, clients: u32) {
     let server = Server::start(config.clone()).await.expect("start cutover");
 
     // Copy.
-    let started = Instant::now();
-    let r = cutover::cli_http::request(
-        &format!("http://{}", server.admin_addr),
-        "POST",
-        "/v1/mirror/start",
-        Some("{}"),
-        None,
-    )
-    .expect("mirror start");
-    assert_eq!(r.status, 200, "{}", r.body);
-    wait_drained(&server, &old).await;
-    let copy_time = started.elapsed();
+    let copy_time = start_mirroring(&server, &old).await;
 
     // Verify.
     let old_client = cutover_stream::control_client(

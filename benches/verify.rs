@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{pgbench_command, pgbench_pair, status, wait_drained, DB};
+use support::{pgbench_command, pgbench_pair, start_mirroring, status, DB};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
@@ -111,16 +111,7 @@ async fn main() {
     ))
     .expect("config");
     let server = Server::start(config).await.expect("start cutover");
-    let r = cutover::cli_http::request(
-        &format!("http://{}", server.admin_addr),
-        "POST",
-        "/v1/mirror/start",
-        Some("{}"),
-        None,
-    )
-    .expect("mirror start");
-    assert_eq!(r.status, 200, "{}", r.body);
-    wait_drained(&server, &old).await;
+    start_mirroring(&server, &old).await;
 
     let (idle_rows, idle_secs, verdict) = daemon_verify(&server, chunk_rows).await;
     assert_eq!(verdict, "clean");

@@ -437,8 +437,7 @@ async fn an_app_schema_with_foreign_keys_mirrors_through_the_whole_migration_und
 async fn verify_under_conflicting_load_reports_nothing_and_finds_a_planted_difference() {
     let p = shop();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Acknowledged::default());
     let workers = workload(server.proxy_addr, 0, stop.clone(), acked.clone());
@@ -490,8 +489,7 @@ async fn verify_under_conflicting_load_reports_nothing_and_finds_a_planted_diffe
 async fn a_stream_that_stops_at_dial_100_sends_reads_to_old_at_once() {
     let p = shop();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let client = connect(server.proxy_addr).await;
     let read = "SELECT name FROM users WHERE id = 7";
@@ -546,8 +544,7 @@ async fn a_stream_that_stops_at_dial_100_sends_reads_to_old_at_once() {
     p.new
         .psql(DB, "ALTER TABLE users DROP CONSTRAINT no_more")
         .unwrap();
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     client.query_one(read, &[]).await.unwrap();
     assert!(served_by_new() > before, "reads returned to new");
     assert_identical(&p, "the stream restarted");
@@ -730,8 +727,7 @@ async fn mirror_start_creates_what_new_lacks_from_olds_definition() {
     );
 
     let server = start_proxy_with(&text).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     let (old_catalog, new_catalog) = (
         p.old.psql(DB, CATALOG).unwrap(),
         p.new.psql(DB, CATALOG).unwrap(),

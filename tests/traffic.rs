@@ -253,8 +253,7 @@ async fn whole_migration_under_load_keeps_both_sides_identical_and_loses_nothing
     let p = pair();
     let text = config(&p, "");
     let mut server = start_proxy_with(&text).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     assert_identical(&p, "mirror start");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -441,8 +440,7 @@ async fn finish(workers: &mut Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>) 
 async fn statements_that_could_write_never_reach_the_secondary() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let client = connect(server.proxy_addr).await;
     // A plain read does go to new.
@@ -512,8 +510,7 @@ async fn statements_that_could_write_never_reach_the_secondary() {
 async fn reads_fall_back_when_the_secondary_dies_and_return_when_it_is_back() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "[mirror]\nsync_timeout_ms = 300\n")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let client = connect(server.proxy_addr).await;
     let read = || client.query_one("SELECT balance FROM accounts WHERE id = 3", &[]);
@@ -609,8 +606,7 @@ async fn control_api_refuses_bad_requests_with_the_reason() {
         doc["reason"].as_str().unwrap().contains("after promote"),
         "{doc}"
     );
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     let (code, doc) = call(&server, "POST", "/v1/promote", "{}", Some(TOKEN));
     assert_eq!(code, 409);
     assert!(doc["reason"].as_str().unwrap().contains("verify"), "{doc}");
@@ -629,8 +625,7 @@ async fn control_api_refuses_bad_requests_with_the_reason() {
 async fn async_commits_still_read_their_own_writes_at_dial_100() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "[mirror]\nsync = false\n")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let client = connect(server.proxy_addr).await;
     for i in 0..200i32 {
@@ -701,8 +696,7 @@ async fn cli_prints_the_state_and_exits_non_zero_with_the_reason_when_refused() 
     );
     let (code, _, err) = tokio::task::block_in_place(|| cli(&["promote"]));
     assert_eq!(code, 1, "{err}");
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     let (code, out, err) = tokio::task::block_in_place(|| cli(&["reads", "25"]));
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "phase shifting, primary old, reads on new 25%");
@@ -725,8 +719,7 @@ async fn cli_prints_the_state_and_exits_non_zero_with_the_reason_when_refused() 
 async fn read_only_transactions_go_as_a_unit_and_missing_objects_fall_back() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "[routing]\nstrategy = \"session\"\n")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let client = connect(server.proxy_addr).await;
     let reads_new = || {
@@ -802,8 +795,7 @@ async fn read_only_transactions_go_as_a_unit_and_missing_objects_fall_back() {
 async fn prepared_statements_work_whichever_backend_runs_them() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let mut client = connect(server.proxy_addr).await;
     // Prepared while idle: on new, the secondary.
@@ -850,8 +842,7 @@ async fn prepared_statements_work_whichever_backend_runs_them() {
 async fn scripted_session_at_dial_100_matches_the_direct_connection_message_for_message() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let params = [
         ("application_name", "fidelity"),
@@ -880,8 +871,7 @@ async fn scripted_session_at_dial_100_matches_the_direct_connection_message_for_
 async fn statements_prepared_with_flush_survive_promote_and_rollback() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let mut c = RawClient::connect(server.proxy_addr, APP_USER, APP_PASSWORD, &[]).await;
     let tags = |msgs: &[Msg]| msgs.iter().map(|m| m.tag).collect::<String>();
@@ -972,8 +962,7 @@ async fn a_pause_past_max_pause_aborts_and_traffic_resumes_unchanged() {
     let p = pair();
     let text = config(&p, "").replace("max_pause_ms = 8000", "max_pause_ms = 500");
     let server = start_proxy_with(&text).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 50}"#);
     let before = status(&server);
 
@@ -1174,8 +1163,7 @@ fn new_reads(server: &cutover::Server) -> f64 {
 async fn settings_cutover_cannot_replay_keep_reads_on_the_primary_until_discard_all() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     let read = "SELECT balance FROM accounts WHERE id = 9";
     for (how, change) in [
@@ -1225,8 +1213,7 @@ async fn settings_cutover_cannot_replay_keep_reads_on_the_primary_until_discard_
 async fn a_lagging_secondary_stops_commit_waits_and_reads_until_it_caught_up() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "[mirror]\nsync_timeout_ms = 300\n")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
     // The applier blocks on a lock held on new.
     let (blocker, connection) = tokio_postgres::connect(
@@ -1304,8 +1291,7 @@ async fn a_lagging_secondary_stops_commit_waits_and_reads_until_it_caught_up() {
 async fn the_session_strategy_keeps_each_session_on_one_backend() {
     let p = pair();
     let server = start_proxy_with(&config(&p, "[routing]\nstrategy = \"session\"\n")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 50}"#);
     let mut seen = std::collections::BTreeSet::new();
     for session in 0..20 {
@@ -1351,8 +1337,7 @@ async fn a_jdbc_batch_and_a_skip_locked_job_queue_work_at_dial_100() {
         )
         .unwrap();
     let server = start_proxy_with(&config(&p, "")).await;
-    ok(&server, "POST", "/v1/mirror/start", "{}");
-    drained(&server, &p.old).await;
+    start_mirroring(&server, &p.old, Some(TOKEN)).await;
     ok(&server, "PUT", "/v1/reads", r#"{"percent": 100}"#);
 
     // pgJDBC sends BEGIN in the same Sync batch as the first statement.

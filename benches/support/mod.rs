@@ -82,6 +82,23 @@ pub fn lsn(text: &str) -> u64 {
     (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
 }
 
+/// Starts mirroring through the admin API and waits until the copy is
+/// done and the stream holds everything `old` has written; how long that took.
+pub async fn start_mirroring(server: &Server, old: &Cluster) -> Duration {
+    let started = Instant::now();
+    let r = cutover::cli_http::request(
+        &format!("http://{}", server.admin_addr),
+        "POST",
+        "/v1/mirror/start",
+        Some("{}"),
+        None,
+    )
+    .expect("mirror start");
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_drained(server, old).await;
+    started.elapsed()
+}
+
 /// Waits until the stream holds everything `source` has written now;
 /// returns how long that took.
 pub async fn wait_drained(server: &Server, source: &Cluster) -> Duration {

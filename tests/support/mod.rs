@@ -380,6 +380,13 @@ pub fn admin_ok(
     doc
 }
 
+/// Starts mirroring (answer 200 required) and waits until the stream has
+/// passed everything `source` has written.
+pub async fn start_mirroring(server: &Server, source: &Cluster, token: Option<&str>) {
+    admin_ok(server, "POST", "/v1/mirror/start", "{}", token);
+    drained(server, source).await;
+}
+
 /// `/v1/status` as JSON.
 pub fn status_doc(server: &Server) -> serde_json::Value {
     let (code, body) = admin_get(server, "/v1/status");
