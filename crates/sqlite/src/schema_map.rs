@@ -1,0 +1,1028 @@
+//! Reading a SQLite file's schema and data into the schema map.
+//!
+//! The declaration decides a column's type family (SQLite's affinity
+//! rules: INT → integer, CHAR/CLOB/TEXT → text, BLOB or nothing → by
+//! data, REAL/FLOA/DOUB → float, else numeric), with the names apps
+//! really write (BOOLEAN, DATETIME, DATE, JSON, UUID, DECIMAL) on top; the
+//! data decides the codec within the family: a DATETIME column holding
+//! integers above 10^11 holds epoch milliseconds, below that epoch
+//! seconds, and text holds ISO-8601. An override (`[[schema.columns]]`)
+//! settles what neither can. Values that fit no codec of the chosen type
+//! are listed with their key, never altered.
+
+use rusqlite::types::ValueRef;
+use rusqlite::Connection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("schema.columns: {0}")]
+    Override(String),
+}
+
+/// What an operator says of a column the data cannot settle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnOverride {
+    pub table: String,
+    pub column: String,
+    /// The PostgreSQL type on new.
+    pub pg_type: String,
+    /// `unix_s`, `unix_ms`, `iso_text`, `bool_int`, `json_text`, ...;
+    /// None: detected.
+    pub storage: Option<String>,
+}
+
+/// How many values of each SQLite storage class a column holds, and what
+/// they look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    pub null: u64,
+    pub integer: u64,
+    pub real: u64,
+    pub text: u64,
+    pub blob: u64,
+    /// Integers that are 0 or 1.
+    pub zero_one: u64,
+    /// Texts that spell a boolean ('true'/'false', 't'/'f', 'yes'/'no', '1'/'0').
+    pub bool_text: u64,
+    /// Integers above 10^11 (epoch milliseconds after 1973).
+    pub big_integers: u64,
+    /// Texts that are ISO-8601 / SQLite date-times.
+    pub datetime_text: u64,
+    /// Texts that are plain dates (`YYYY-MM-DD`).
+    pub date_text: u64,
+    /// Texts that parse as a JSON object or array.
+    pub json_text: u64,
+    /// Texts that are UUIDs.
+    pub uuid_text: u64,
+    /// The longest text, in characters.
+    pub max_chars: u64,
+}
+
+impl Profile {
+    pub fn non_null(&self) -> u64 {
+        self.integer + self.real + self.text + self.blob
+    }
+
+    fn note(&mut self, value: ValueRef<'_>) {
+        match value {
+            ValueRef::Null => self.null += 1,
+            ValueRef::Integer(i) => {
+                self.integer += 1;
+                if i == 0 || i == 1 {
+                    self.zero_one += 1;
+                }
+                if i.unsigned_abs() >= 100_000_000_000 {
+                    self.big_integers += 1;
+                }
+            }
+            ValueRef::Real(_) => self.real += 1,
+            ValueRef::Text(bytes) => {
+                self.text += 1;
+                let text = String::from_utf8_lossy(bytes);
+                self.max_chars = self.max_chars.max(text.chars().count() as u64);
+                let lower = text.trim().to_ascii_lowercase();
+                if ["true", "false", "t", "f", "yes", "no", "1", "0"].contains(&lower.as_str()) {
+                    self.bool_text += 1;
+                }
+                if is_date(&text) {
+                    self.date_text += 1;
+                } else if is_datetime(&text) {
+                    self.datetime_text += 1;
+                }
+                if (lower.starts_with('{') || lower.starts_with('['))
+                    && serde_json::from_str::<serde_json::Value>(&text).is_ok()
+                {
+                    self.json_text += 1;
+                }
+                if is_uuid(&text) {
+                    self.uuid_text += 1;
+                }
+            }
+            ValueRef::Blob(_) => self.blob += 1,
+        }
+    }
+}
+
+/// `YYYY-MM-DD` alone.
+fn is_date(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+/// `YYYY-MM-DD[T ]HH:MM[:SS[.fff]][Z|±HH:MM]`, as SQLite, JavaScript and
+/// ORMs write them.
+fn is_datetime(text: &str) -> bool {
+    let b = text.as_bytes();
+    if b.len() < 16 || !is_date(&text[..10]) || !(b[10] == b'T' || b[10] == b' ') {
+        return false;
+    }
+    b[11..13].iter().all(u8::is_ascii_digit)
+        && b[13] == b':'
+        && b[14..16].iter().all(u8::is_ascii_digit)
+}
+
+fn is_uuid(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// How a date-time is stored in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeCodec {
+    UnixSeconds,
+    UnixMillis,
+    /// ISO-8601 or SQLite's `YYYY-MM-DD HH:MM:SS` text; without an offset
+    /// it means UTC.
+    IsoText,
+}
+
+/// How a column's values are stored in the file: what a value read from
+/// it means, and how one written to it must look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Stored as SQLite stores the family (integers, reals, text, blobs).
+    Native,
+    /// A boolean as 0/1.
+    BoolInt,
+    /// A boolean as text ('true'/'false', 't'/'f', 'yes'/'no').
+    BoolText,
+    /// A date-time; the variant is how new values are written. Values in
+    /// the other forms (a column can mix them) are read too.
+    Time(TimeCodec),
+    /// A date as `YYYY-MM-DD` text.
+    DateText,
+    /// JSON as text.
+    JsonText,
+}
+
+impl Codec {
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Native => "native",
+            Codec::BoolInt => "bool_int",
+            Codec::BoolText => "bool_text",
+            Codec::Time(TimeCodec::UnixSeconds) => "unix_s",
+            Codec::Time(TimeCodec::UnixMillis) => "unix_ms",
+            Codec::Time(TimeCodec::IsoText) => "iso_text",
+            Codec::DateText => "date_text",
+            Codec::JsonText => "json_text",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Codec> {
+        Some(match name {
+            "native" => Codec::Native,
+            "bool_int" => Codec::BoolInt,
+            "bool_text" => Codec::BoolText,
+            "unix_s" => Codec::Time(TimeCodec::UnixSeconds),
+            "unix_ms" => Codec::Time(TimeCodec::UnixMillis),
+            "iso_text" => Codec::Time(TimeCodec::IsoText),
+            "date_text" => Codec::DateText,
+            "json_text" => Codec::JsonText,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    /// The declaration as written (`INTEGER`, `DATETIME`, `varchar(20)`, ``).
+    pub declared: String,
+    pub not_null: bool,
+    /// The SQLite default expression as written.
+    pub default: Option<String>,
+    pub profile: Profile,
+    pub pg_type: String,
+    pub codec: Codec,
+    /// The PostgreSQL default, translated.
+    pub pg_default: Option<String>,
+    /// Decisions the data could not settle, said in the DDL comment.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    pub name: String,
+    pub columns: Vec<Column>,
+    /// Primary-key columns in key order; empty for none.
+    pub primary_key: Vec<String>,
+    /// The `INTEGER PRIMARY KEY` column that aliases the rowid: an identity
+    /// on new.
+    pub rowid_alias: Option<String>,
+    pub autoincrement: bool,
+    pub without_rowid: bool,
+    /// Where the identity restarts: past the largest id and past
+    /// `sqlite_sequence`, as SQLite would continue.
+    pub next_id: Option<i64>,
+    /// `(key, column, value)` of values that fit no codec of the column's type.
+    pub bad_values: Vec<(String, String, String)>,
+}
+
+/// The schema map of one SQLite file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaMap {
+    pub tables: Vec<Table>,
+}
+
+impl SchemaMap {
+    /// Reads every user table of `conn` (not `sqlite_*`), profiles every
+    /// column's values, and decides types and codecs; `overrides` win.
+    pub fn read(conn: &Connection, overrides: &[ColumnOverride]) -> Result<SchemaMap, SqliteError> {
+        let mut names = Vec::new();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?;
+            for row in rows {
+                names.push(row?);
+            }
+        }
+        for o in overrides {
+            if !names.iter().any(|(n, _)| *n == o.table) {
+                return Err(SqliteError::Override(format!(
+                    "table {:?} is not in the SQLite file",
+                    o.table
+                )));
+            }
+        }
+        let mut tables = Vec::new();
+        for (name, sql) in names {
+            tables.push(read_table(
+                conn,
+                &name,
+                sql.as_deref().unwrap_or(""),
+                overrides,
+            )?);
+        }
+        Ok(SchemaMap { tables })
+    }
+
+    /// PostgreSQL DDL for every table: columns with their types, defaults
+    /// and identities, primary keys, and a comment per column saying what
+    /// the file holds.
+    pub fn ddl(&self) -> String {
+        let mut out = String::new();
+        for t in &self.tables {
+            out.push_str(&format!("CREATE TABLE {} (\n", quote(&t.name)));
+            let mut lines = Vec::new();
+            for c in &t.columns {
+                let mut line = format!("  {} {}", quote(&c.name), c.pg_type);
+                if t.rowid_alias.as_deref() == Some(c.name.as_str()) {
+                    line.push_str(" GENERATED BY DEFAULT AS IDENTITY");
+                } else if let Some(d) = &c.pg_default {
+                    line.push_str(&format!(" DEFAULT {d}"));
+                }
+                if c.not_null || t.primary_key.contains(&c.name) {
+                    line.push_str(" NOT NULL");
+                }
+                lines.push((line, comment(c)));
+            }
+            if !t.primary_key.is_empty() {
+                let keys: Vec<String> = t.primary_key.iter().map(|k| quote(k)).collect();
+                lines.push((
+                    format!("  PRIMARY KEY ({})", keys.join(", ")),
+                    String::new(),
+                ));
+            }
+            let last = lines.len().saturating_sub(1);
+            for (i, (line, comment)) in lines.iter().enumerate() {
+                let comma = if i == last { "" } else { "," };
+                if comment.is_empty() {
+                    out.push_str(&format!("{line}{comma}\n"));
+                } else {
+                    out.push_str(&format!("{line}{comma}  -- {comment}\n"));
+                }
+            }
+            out.push_str(");\n");
+            if let (Some(id), Some(next)) = (&t.rowid_alias, t.next_id) {
+                out.push_str(&format!(
+                    "ALTER TABLE {} ALTER COLUMN {} RESTART WITH {next};\n",
+                    quote(&t.name),
+                    quote(id)
+                ));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn comment(c: &Column) -> String {
+    let p = &c.profile;
+    let mut counts = Vec::new();
+    for (n, name) in [
+        (p.integer, "integer"),
+        (p.real, "real"),
+        (p.text, "text"),
+        (p.blob, "blob"),
+        (p.null, "null"),
+    ] {
+        if n > 0 {
+            counts.push(format!("{name} {n}"));
+        }
+    }
+    let declared = if c.declared.is_empty() {
+        "(no type)".to_string()
+    } else {
+        c.declared.clone()
+    };
+    let mut text = format!(
+        "sqlite: {declared}; stored: {}; codec: {}",
+        if counts.is_empty() {
+            "empty".to_string()
+        } else {
+            counts.join(", ")
+        },
+        c.codec.name()
+    );
+    for n in &c.notes {
+        text.push_str("; ");
+        text.push_str(n);
+    }
+    text
+}
+
+/// A PostgreSQL identifier, always quoted (mixed case and reserved words
+/// come through as they are).
+pub fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+struct Info {
+    name: String,
+    declared: String,
+    not_null: bool,
+    default: Option<String>,
+    pk: i64,
+}
+
+fn read_table(
+    conn: &Connection,
+    name: &str,
+    sql: &str,
+    overrides: &[ColumnOverride],
+) -> Result<Table, SqliteError> {
+    let mut infos = Vec::new();
+    {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", quote(name)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Info {
+                name: r.get(1)?,
+                declared: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                not_null: r.get::<_, i64>(3)? != 0,
+                default: r.get(4)?,
+                pk: r.get(5)?,
+            })
+        })?;
+        for row in rows {
+            infos.push(row?);
+        }
+    }
+    let upper = sql.to_ascii_uppercase();
+    let without_rowid = upper
+        .replace(char::is_whitespace, "")
+        .ends_with("WITHOUTROWID");
+    let mut keyed: Vec<&Info> = infos.iter().filter(|i| i.pk > 0).collect();
+    keyed.sort_by_key(|i| i.pk);
+    let primary_key: Vec<String> = keyed.iter().map(|i| i.name.clone()).collect();
+    // Only a single-column key declared exactly INTEGER aliases the rowid
+    // (`INT PRIMARY KEY` does not), and never in a WITHOUT ROWID table.
+    let rowid_alias = match keyed.as_slice() {
+        [only] if !without_rowid && only.declared.eq_ignore_ascii_case("INTEGER") => {
+            Some(only.name.clone())
+        }
+        _ => None,
+    };
+    let autoincrement = upper.contains("AUTOINCREMENT");
+
+    let mut profiles: Vec<Profile> = vec![Profile::default(); infos.len()];
+    if !infos.is_empty() {
+        let list: Vec<String> = infos.iter().map(|i| quote(&i.name)).collect();
+        let mut stmt = conn.prepare(&format!("SELECT {} FROM {}", list.join(", "), quote(name)))?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            for (i, p) in profiles.iter_mut().enumerate() {
+                p.note(row.get_ref(i)?);
+            }
+        }
+    }
+
+    let mut columns = Vec::new();
+    for (info, profile) in infos.iter().zip(profiles) {
+        let given = overrides
+            .iter()
+            .find(|o| o.table == name && o.column == info.name);
+        columns.push(decide(
+            info,
+            profile,
+            given,
+            rowid_alias.as_deref() == Some(&info.name),
+        )?);
+    }
+    if let Some(o) = overrides
+        .iter()
+        .find(|o| o.table == name && !infos.iter().any(|i| i.name == o.column))
+    {
+        return Err(SqliteError::Override(format!(
+            "column {:?} is not in table {name:?}",
+            o.column
+        )));
+    }
+
+    let next_id = match &rowid_alias {
+        Some(id) => {
+            let max: Option<i64> = conn.query_row(
+                &format!("SELECT max({}) FROM {}", quote(id), quote(name)),
+                [],
+                |r| r.get(0),
+            )?;
+            let sequence: Option<i64> = if autoincrement {
+                conn.query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?
+            } else {
+                None
+            };
+            Some(max.unwrap_or(0).max(sequence.unwrap_or(0)) + 1)
+        }
+        None => None,
+    };
+    let bad_values = bad_values(conn, name, &primary_key, &columns)?;
+    Ok(Table {
+        name: name.to_string(),
+        columns,
+        primary_key,
+        rowid_alias,
+        autoincrement,
+        without_rowid,
+        next_id,
+        bad_values,
+    })
+}
+
+/// The type family of a declaration, by SQLite's affinity rules with the
+/// names apps write on top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Integer,
+    Boolean,
+    DateTime,
+    Date,
+    Float,
+    Numeric,
+    Json,
+    Uuid,
+    Text,
+    Blob,
+    /// No declaration: the data decides.
+    Untyped,
+}
+
+fn family(declared: &str) -> Family {
+    let d = declared.to_ascii_uppercase();
+    if d.is_empty() {
+        Family::Untyped
+    } else if d.contains("BOOL") {
+        Family::Boolean
+    } else if d.contains("DATETIME") || d.contains("TIMESTAMP") {
+        Family::DateTime
+    } else if d == "DATE" {
+        Family::Date
+    } else if d.contains("INT") {
+        Family::Integer
+    } else if d.contains("JSON") {
+        Family::Json
+    } else if d.contains("UUID") {
+        Family::Uuid
+    } else if d.contains("CHAR") || d.contains("CLOB") || d.contains("TEXT") {
+        Family::Text
+    } else if d.contains("BLOB") {
+        Family::Blob
+    } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
+        Family::Float
+    } else {
+        Family::Numeric
+    }
+}
+
+fn decide(
+    info: &Info,
+    profile: Profile,
+    given: Option<&ColumnOverride>,
+    rowid_alias: bool,
+) -> Result<Column, SqliteError> {
+    let mut notes = Vec::new();
+    let p = &profile;
+    let (pg_type, codec) = match family(&info.declared) {
+        _ if rowid_alias => ("bigint".to_string(), Codec::Native),
+        Family::Integer => ("bigint".to_string(), Codec::Native),
+        Family::Boolean => {
+            let codec = if p.text > 0 && p.text >= p.integer {
+                Codec::BoolText
+            } else {
+                Codec::BoolInt
+            };
+            ("boolean".to_string(), codec)
+        }
+        Family::DateTime => (
+            "timestamptz".to_string(),
+            Codec::Time(time_codec(p, &mut notes)),
+        ),
+        Family::Date => ("date".to_string(), Codec::DateText),
+        Family::Float => ("double precision".to_string(), Codec::Native),
+        Family::Numeric => ("numeric".to_string(), Codec::Native),
+        Family::Json => {
+            if p.text == p.json_text {
+                ("jsonb".to_string(), Codec::JsonText)
+            } else {
+                notes.push(format!(
+                    "{} of {} values are not JSON: text",
+                    p.text - p.json_text,
+                    p.text
+                ));
+                ("text".to_string(), Codec::Native)
+            }
+        }
+        Family::Uuid => {
+            if p.text == p.uuid_text && p.blob == 0 {
+                ("uuid".to_string(), Codec::Native)
+            } else {
+                notes.push("values are not all UUID text: text".to_string());
+                ("text".to_string(), Codec::Native)
+            }
+        }
+        Family::Text => {
+            if p.text > 0 && p.text == p.json_text && p.integer + p.real + p.blob == 0 {
+                ("jsonb".to_string(), Codec::JsonText)
+            } else {
+                (text_type(&info.declared, p, &mut notes), Codec::Native)
+            }
+        }
+        Family::Blob => ("bytea".to_string(), Codec::Native),
+        Family::Untyped => {
+            let non_null = p.non_null();
+            let ty = if non_null == 0 || p.text > 0 {
+                "text"
+            } else if p.integer == non_null {
+                "bigint"
+            } else if p.integer + p.real == non_null {
+                "double precision"
+            } else if p.blob == non_null {
+                "bytea"
+            } else {
+                "text"
+            };
+            if non_null == 0 {
+                notes.push("no values to tell the type by: text".to_string());
+            }
+            (ty.to_string(), Codec::Native)
+        }
+    };
+    let (pg_type, codec) = match given {
+        Some(o) => {
+            let codec = match &o.storage {
+                Some(s) => Codec::parse(s).ok_or_else(|| {
+                    SqliteError::Override(format!(
+                        "{}.{}: unknown storage {s:?}; use native, unix_s, unix_ms, iso_text, bool_int, bool_text, date_text or json_text",
+                        o.table, o.column
+                    ))
+                })?,
+                None if o.pg_type == "timestamptz" || o.pg_type == "timestamp" => {
+                    Codec::Time(time_codec(p, &mut notes))
+                }
+                None if o.pg_type == "boolean" => {
+                    if p.text > 0 { Codec::BoolText } else { Codec::BoolInt }
+                }
+                None => codec,
+            };
+            notes.push("type set by schema.columns".to_string());
+            (o.pg_type.clone(), codec)
+        }
+        None => (pg_type, codec),
+    };
+    let pg_default = info
+        .default
+        .as_deref()
+        .map(|d| translate_default(d, &pg_type, codec));
+    Ok(Column {
+        name: info.name.clone(),
+        declared: info.declared.clone(),
+        not_null: info.not_null,
+        default: info.default.clone(),
+        profile,
+        pg_type,
+        codec,
+        pg_default,
+        notes,
+    })
+}
+
+/// The codec new values of a date-time column are written in: the form
+/// most of its values have (integers told apart by magnitude).
+fn time_codec(p: &Profile, notes: &mut Vec<String>) -> TimeCodec {
+    let millis = p.big_integers;
+    let seconds = p.integer - p.big_integers;
+    let text = p.datetime_text + p.date_text;
+    let forms = [millis, seconds, text].iter().filter(|n| **n > 0).count();
+    if forms > 1 {
+        notes.push(format!(
+            "mixed storage: {millis} epoch ms, {seconds} epoch s, {text} text; all are read"
+        ));
+    }
+    if millis >= seconds && millis >= text && millis > 0 {
+        TimeCodec::UnixMillis
+    } else if seconds >= text && seconds > 0 {
+        TimeCodec::UnixSeconds
+    } else {
+        TimeCodec::IsoText
+    }
+}
+
+/// `varchar(n)` stays when no value is longer (SQLite never enforced n).
+fn text_type(declared: &str, p: &Profile, notes: &mut Vec<String>) -> String {
+    let d = declared.to_ascii_lowercase();
+    let length = d
+        .split_once('(')
+        .and_then(|(_, rest)| rest.trim_end_matches(')').trim().parse::<u64>().ok());
+    match length {
+        Some(n) if d.contains("char") && p.max_chars <= n => format!("varchar({n})"),
+        Some(n) => {
+            notes.push(format!(
+                "declared length {n}, longest value {}: text",
+                p.max_chars
+            ));
+            "text".to_string()
+        }
+        None => "text".to_string(),
+    }
+}
+
+/// The expression without the parentheses wrapping all of it
+/// (`(datetime('now'))` → `datetime('now')`).
+fn unwrap_parens(expression: &str) -> &str {
+    let mut e = expression.trim();
+    while e.starts_with('(') && e.ends_with(')') {
+        let inner = &e[1..e.len() - 1];
+        let mut depth = 0i32;
+        let balanced = inner.chars().all(|c| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            depth >= 0
+        });
+        if !balanced || depth != 0 {
+            break;
+        }
+        e = inner.trim();
+    }
+    e
+}
+
+/// SQLite's default expressions as PostgreSQL ones: the clock functions
+/// by meaning, never quoted; booleans as booleans; literals as they are.
+fn translate_default(default: &str, pg_type: &str, codec: Codec) -> String {
+    let bare = unwrap_parens(default);
+    let lower = bare.to_ascii_lowercase().replace(' ', "");
+    match lower.as_str() {
+        "current_timestamp" | "datetime('now')" | "datetime(\"now\")" => {
+            return match codec {
+                Codec::Time(TimeCodec::UnixSeconds) if pg_type != "timestamptz" => {
+                    "floor(extract(epoch from now()))::bigint".to_string()
+                }
+                _ => "now()".to_string(),
+            }
+        }
+        "strftime('%s','now')" | "unixepoch()" | "unixepoch('now')" => {
+            return if pg_type == "timestamptz" {
+                "now()".to_string()
+            } else {
+                "floor(extract(epoch from now()))::bigint".to_string()
+            };
+        }
+        "current_date" | "date('now')" => return "CURRENT_DATE".to_string(),
+        _ => {}
+    }
+    if pg_type == "boolean" {
+        return match lower.trim_matches('\'') {
+            "1" | "true" | "t" | "yes" => "true".to_string(),
+            _ => "false".to_string(),
+        };
+    }
+    bare.to_string()
+}
+
+/// Values a column's type cannot hold: text that is no number in an
+/// integer or numeric column, anything but a boolean spelling in a boolean
+/// column, text that is no date-time in a timestamp column.
+fn bad_values(
+    conn: &Connection,
+    table: &str,
+    key: &[String],
+    columns: &[Column],
+) -> Result<Vec<(String, String, String)>, SqliteError> {
+    let key_expr = if key.is_empty() {
+        "rowid".to_string()
+    } else {
+        key.iter()
+            .map(|k| quote(k))
+            .collect::<Vec<_>>()
+            .join(" || ',' || ")
+    };
+    let mut bad = Vec::new();
+    for c in columns {
+        let col = quote(&c.name);
+        let condition = match c.pg_type.as_str() {
+            "bigint" | "integer" | "smallint" => format!("typeof({col}) NOT IN ('integer', 'null')"),
+            "numeric" | "double precision" => {
+                format!("typeof({col}) NOT IN ('integer', 'real', 'null')")
+            }
+            "boolean" => format!(
+                "{col} IS NOT NULL AND lower(trim({col})) NOT IN ('0', '1', 'true', 'false', 't', 'f', 'yes', 'no')"
+            ),
+            "timestamptz" => format!(
+                "typeof({col}) = 'text' AND {col} NOT GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'"
+            ),
+            _ => continue,
+        };
+        let mut stmt = conn.prepare(&format!(
+            "SELECT CAST({key_expr} AS TEXT), CAST({col} AS TEXT) FROM {} WHERE {condition} LIMIT 100",
+            quote(table)
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+            ))
+        })?;
+        for row in rows {
+            let (k, v) = row?;
+            bad.push((k.unwrap_or_default(), c.name.clone(), v.unwrap_or_default()));
+        }
+    }
+    Ok(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(sql: &str) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(sql).unwrap();
+        conn
+    }
+
+    fn table<'a>(map: &'a SchemaMap, name: &str) -> &'a Table {
+        map.tables.iter().find(|t| t.name == name).unwrap()
+    }
+
+    fn column<'a>(map: &'a SchemaMap, t: &str, c: &str) -> &'a Column {
+        table(map, t).columns.iter().find(|x| x.name == c).unwrap()
+    }
+
+    #[test]
+    fn rowid_aliases_restart_where_sqlite_would_continue() {
+        let conn = file(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL);
+             INSERT INTO users (email) VALUES ('a'), ('b'), ('c'), ('d'), ('e');
+             DELETE FROM users WHERE id >= 4;
+             CREATE TABLE emptied (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT);
+             INSERT INTO emptied (v) VALUES ('x'), ('y'), ('z');
+             DELETE FROM emptied;
+             CREATE TABLE never_used (id integer primary key autoincrement, v TEXT);
+             CREATE TABLE plain (id INTEGER PRIMARY KEY, v TEXT);
+             INSERT INTO plain (v) VALUES ('1'), ('2'), ('3');
+             DELETE FROM plain WHERE id = 3;
+             CREATE TABLE intpk (id INT PRIMARY KEY, v TEXT);
+             CREATE TABLE pairs (a TEXT, b INTEGER, PRIMARY KEY (a, b)) WITHOUT ROWID;",
+        );
+        let map = SchemaMap::read(&conn, &[]).unwrap();
+        // AUTOINCREMENT never reuses an id, even after the newest rows went.
+        assert_eq!(table(&map, "users").next_id, Some(6));
+        assert_eq!(table(&map, "emptied").next_id, Some(4));
+        assert_eq!(table(&map, "never_used").next_id, Some(1));
+        // Without it SQLite takes max(id) + 1.
+        assert_eq!(table(&map, "plain").next_id, Some(3));
+        assert_eq!(table(&map, "users").rowid_alias.as_deref(), Some("id"));
+        assert_eq!(
+            table(&map, "intpk").rowid_alias,
+            None,
+            "INT PRIMARY KEY is no alias"
+        );
+        let pairs = table(&map, "pairs");
+        assert!(pairs.without_rowid);
+        assert_eq!(pairs.rowid_alias, None);
+        assert_eq!(pairs.primary_key, ["a", "b"]);
+        let ddl = map.ddl();
+        assert!(
+            ddl.contains("\"id\" bigint GENERATED BY DEFAULT AS IDENTITY NOT NULL"),
+            "{ddl}"
+        );
+        assert!(
+            ddl.contains("ALTER TABLE \"users\" ALTER COLUMN \"id\" RESTART WITH 6;"),
+            "{ddl}"
+        );
+        assert!(ddl.contains("PRIMARY KEY (\"a\", \"b\")"), "{ddl}");
+    }
+
+    #[test]
+    fn date_times_keep_their_family_and_the_data_picks_the_codec() {
+        let conn = file(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, at DATETIME, seen timestamp, day DATE, n INTEGER);
+             INSERT INTO events (at, seen, day, n) VALUES
+               (1700000000000, '2024-01-02T03:04:05Z', '2024-01-02', 1700000000000),
+               (1700000001000, '2024-01-02 03:04:05', '2024-01-03', 1700000000),
+               ('2024-01-02T03:04:05.123+02:00', '2024-01-02T03:04:05', '2024-01-04', 3),
+               (1700000000, NULL, NULL, NULL);",
+        );
+        let map = SchemaMap::read(&conn, &[]).unwrap();
+        let at = column(&map, "events", "at");
+        assert_eq!(at.pg_type, "timestamptz");
+        assert_eq!(at.codec, Codec::Time(TimeCodec::UnixMillis));
+        assert!(
+            at.notes
+                .iter()
+                .any(|n| n.contains("mixed storage: 2 epoch ms, 1 epoch s, 1 text")),
+            "{:?}",
+            at.notes
+        );
+        let seen = column(&map, "events", "seen");
+        assert_eq!(
+            (seen.pg_type.as_str(), seen.codec),
+            ("timestamptz", Codec::Time(TimeCodec::IsoText))
+        );
+        let day = column(&map, "events", "day");
+        assert_eq!((day.pg_type.as_str(), day.codec), ("date", Codec::DateText));
+        // Declared INTEGER stays an integer, epoch-looking or not.
+        assert_eq!(column(&map, "events", "n").pg_type, "bigint");
+        assert!(table(&map, "events").bad_values.is_empty());
+    }
+
+    #[test]
+    fn booleans_json_text_blobs_and_untyped_columns() {
+        let conn = file(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, a BOOLEAN, b boolean, c INTEGER, meta TEXT, notes TEXT,
+                             code VARCHAR(3), short VARCHAR(10), doc JSON, raw BLOB, u UUID, anything, unset);
+             INSERT INTO t VALUES
+               (1, 0, 'true', 0, '{\"k\": [1, 2]}', '{not json', 'ABCD', 'ok', '[1]', x'00ff', '8c9e3b1a-0f2d-4c5e-9a7b-1d2e3f4a5b6c', 1, NULL),
+               (2, 1, 'false', 1, '[\"x\"]', 'plain', 'AB', 'fine', '{}', x'01', '0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d', 2, NULL);",
+        );
+        let map = SchemaMap::read(&conn, &[]).unwrap();
+        let ty = |c: &str| {
+            let col = column(&map, "t", c);
+            (col.pg_type.clone(), col.codec)
+        };
+        assert_eq!(ty("a"), ("boolean".to_string(), Codec::BoolInt));
+        assert_eq!(ty("b"), ("boolean".to_string(), Codec::BoolText));
+        assert_eq!(
+            ty("c"),
+            ("bigint".to_string(), Codec::Native),
+            "0/1 in INTEGER stays integer"
+        );
+        assert_eq!(ty("meta"), ("jsonb".to_string(), Codec::JsonText));
+        assert_eq!(ty("notes"), ("text".to_string(), Codec::Native));
+        assert_eq!(
+            ty("code"),
+            ("text".to_string(), Codec::Native),
+            "a value longer than 3"
+        );
+        assert_eq!(ty("short"), ("varchar(10)".to_string(), Codec::Native));
+        assert_eq!(ty("doc"), ("jsonb".to_string(), Codec::JsonText));
+        assert_eq!(ty("raw"), ("bytea".to_string(), Codec::Native));
+        assert_eq!(ty("u"), ("uuid".to_string(), Codec::Native));
+        assert_eq!(ty("anything"), ("bigint".to_string(), Codec::Native));
+        assert_eq!(ty("unset"), ("text".to_string(), Codec::Native));
+        let code = column(&map, "t", "code");
+        assert_eq!(code.profile.max_chars, 4);
+        assert!(map.ddl().contains("sqlite: VARCHAR(3); stored: text 2; codec: native; declared length 3, longest value 4: text"), "{}", map.ddl());
+    }
+
+    #[test]
+    fn defaults_become_postgres_expressions_never_quoted_strings() {
+        let conn = file(
+            "CREATE TABLE d (id INTEGER PRIMARY KEY,
+                             created DATETIME DEFAULT CURRENT_TIMESTAMP,
+                             stamped DATETIME NOT NULL DEFAULT (datetime('now')),
+                             epoch INTEGER DEFAULT (strftime('%s','now')),
+                             day DATE DEFAULT CURRENT_DATE,
+                             active BOOLEAN DEFAULT 1,
+                             off BOOLEAN DEFAULT 'false',
+                             label TEXT DEFAULT 'new',
+                             n INTEGER DEFAULT 0);",
+        );
+        let map = SchemaMap::read(&conn, &[]).unwrap();
+        let default = |c: &str| column(&map, "d", c).pg_default.clone().unwrap();
+        assert_eq!(default("created"), "now()");
+        assert_eq!(default("stamped"), "now()");
+        assert_eq!(default("epoch"), "floor(extract(epoch from now()))::bigint");
+        assert_eq!(default("day"), "CURRENT_DATE");
+        assert_eq!(default("active"), "true");
+        assert_eq!(default("off"), "false");
+        assert_eq!(default("label"), "'new'");
+        assert_eq!(default("n"), "0");
+    }
+
+    #[test]
+    fn values_that_do_not_fit_are_reported_with_key_and_value() {
+        let conn = file(
+            "CREATE TABLE m (id INTEGER PRIMARY KEY, qty INTEGER, price DECIMAL(10,2), ok BOOLEAN, at DATETIME);
+             INSERT INTO m VALUES (1, 3, 149.99, 1, '2024-01-01 00:00:00'),
+                                  (2, 'abc', 'cheap', 'maybe', 'yesterday');",
+        );
+        let map = SchemaMap::read(&conn, &[]).unwrap();
+        let mut bad = table(&map, "m").bad_values.clone();
+        bad.sort();
+        assert_eq!(
+            bad,
+            [
+                ("2".to_string(), "at".to_string(), "yesterday".to_string()),
+                ("2".to_string(), "ok".to_string(), "maybe".to_string()),
+                ("2".to_string(), "price".to_string(), "cheap".to_string()),
+                ("2".to_string(), "qty".to_string(), "abc".to_string()),
+            ]
+        );
+        assert_eq!(column(&map, "m", "price").pg_type, "numeric");
+    }
+
+    #[test]
+    fn overrides_say_what_the_data_cannot_and_bad_ones_are_refused() {
+        let conn = file(
+            "CREATE TABLE analytics (id INTEGER PRIMARY KEY, \"timestamp\" INTEGER, flag INTEGER);
+             INSERT INTO analytics VALUES (1, 1700000000000, 1), (2, 1700000001000, 0);",
+        );
+        let given = |column: &str, ty: &str, storage: Option<&str>| ColumnOverride {
+            table: "analytics".to_string(),
+            column: column.to_string(),
+            pg_type: ty.to_string(),
+            storage: storage.map(str::to_string),
+        };
+        let map = SchemaMap::read(
+            &conn,
+            &[
+                given("timestamp", "timestamptz", Some("unix_ms")),
+                given("flag", "boolean", None),
+            ],
+        )
+        .unwrap();
+        let ts = column(&map, "analytics", "timestamp");
+        assert_eq!(
+            (ts.pg_type.as_str(), ts.codec),
+            ("timestamptz", Codec::Time(TimeCodec::UnixMillis))
+        );
+        let flag = column(&map, "analytics", "flag");
+        assert_eq!(
+            (flag.pg_type.as_str(), flag.codec),
+            ("boolean", Codec::BoolInt)
+        );
+        assert!(
+            map.ddl().contains("\"timestamp\" timestamptz"),
+            "quoted: {}",
+            map.ddl()
+        );
+
+        let err = SchemaMap::read(&conn, &[given("timestamp", "timestamptz", Some("unix_us"))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("analytics.timestamp: unknown storage \"unix_us\""),
+            "{err}"
+        );
+        let err = SchemaMap::read(&conn, &[given("nope", "text", None)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("column \"nope\" is not in table \"analytics\""),
+            "{err}"
+        );
+        let mut other = given("x", "text", None);
+        other.table = "missing".to_string();
+        let err = SchemaMap::read(&conn, &[other]).unwrap_err().to_string();
+        assert!(
+            err.contains("table \"missing\" is not in the SQLite file"),
+            "{err}"
+        );
+    }
+}
