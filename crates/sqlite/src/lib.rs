@@ -7,7 +7,9 @@
 //! stream and verify are meant to read values through this one map.
 
 pub mod schema_map;
+pub mod value;
 
 pub use schema_map::{
     Codec, Column, ColumnOverride, Profile, SchemaMap, SqliteError, Table, TimeCodec,
 };
+pub use value::BadValue;

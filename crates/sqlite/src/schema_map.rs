@@ -565,7 +565,9 @@ fn decide(
             }
         }
         Family::Uuid => {
-            if p.text == p.uuid_text && p.blob == 0 {
+            // Text in the 36-character form, or 16-byte blobs (a blob of
+            // another length is reported when it is converted).
+            if p.text == p.uuid_text && p.integer + p.real == 0 {
                 ("uuid".to_string(), Codec::Native)
             } else {
                 notes.push("values are not all UUID text: text".to_string());
