@@ -228,6 +228,33 @@ pub struct Table {
     pub next_id: Option<i64>,
     /// `(key, column, value)` of values that fit no codec of the column's type.
     pub bad_values: Vec<(String, String, String)>,
+    /// Indexes and UNIQUE constraints (not the primary key's).
+    pub indexes: Vec<Index>,
+    pub foreign_keys: Vec<ForeignKey>,
+}
+
+/// An index or a UNIQUE constraint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Index {
+    pub name: String,
+    pub unique: bool,
+    /// Declared as a table constraint (UNIQUE (...)) rather than CREATE INDEX.
+    pub constraint: bool,
+    /// Key columns, each with whether it is descending; None for an
+    /// expression, which is not carried over.
+    pub columns: Vec<(Option<String>, bool)>,
+    /// The WHERE clause of a partial index, as written.
+    pub partial: Option<String>,
+}
+
+/// A foreign key with its actions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForeignKey {
+    pub columns: Vec<String>,
+    pub references: String,
+    pub referenced: Vec<String>,
+    pub on_update: String,
+    pub on_delete: String,
 }
 
 /// The schema map of one SQLite file.
@@ -318,8 +345,81 @@ impl SchemaMap {
             }
             out.push('\n');
         }
+        // Indexes and foreign keys after every table, as after the data.
+        for t in &self.tables {
+            for i in &t.indexes {
+                out.push_str(&index_ddl(t, i));
+            }
+        }
+        for t in &self.tables {
+            for (n, fk) in t.foreign_keys.iter().enumerate() {
+                let list = |names: &[String]| {
+                    names
+                        .iter()
+                        .map(|c| quote(c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                out.push_str(&format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) ON UPDATE {} ON DELETE {};\n",
+                    quote(&t.name),
+                    quote(&format!("{}_fkey{}", t.name, n + 1)),
+                    list(&fk.columns),
+                    quote(&fk.references),
+                    list(&fk.referenced),
+                    fk.on_update,
+                    fk.on_delete
+                ));
+            }
+        }
         out
     }
+}
+
+/// CREATE INDEX (or a UNIQUE constraint) for PostgreSQL; an expression
+/// index is named in a comment instead, to be made by hand.
+fn index_ddl(t: &Table, i: &Index) -> String {
+    if i.columns.iter().any(|(c, _)| c.is_none()) {
+        return format!(
+            "-- index {} on {} uses an expression; create it by hand\n",
+            quote(&i.name),
+            quote(&t.name)
+        );
+    }
+    let columns: Vec<String> = i
+        .columns
+        .iter()
+        .map(|(c, desc)| {
+            let c = quote(c.as_deref().unwrap_or_default());
+            if *desc {
+                format!("{c} DESC")
+            } else {
+                c
+            }
+        })
+        .collect();
+    if i.constraint {
+        // SQLite names these sqlite_autoindex_*; PostgreSQL's own
+        // convention is table_columns_key.
+        let names: Vec<&str> = i.columns.iter().filter_map(|(c, _)| c.as_deref()).collect();
+        return format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} UNIQUE ({});\n",
+            quote(&t.name),
+            quote(&format!("{}_{}_key", t.name, names.join("_"))),
+            columns.join(", ")
+        );
+    }
+    format!(
+        "CREATE {}INDEX {} ON {} ({}){};\n",
+        if i.unique { "UNIQUE " } else { "" },
+        quote(&i.name),
+        quote(&t.name),
+        columns.join(", "),
+        i.partial
+            .as_deref()
+            .map(|w| format!(" WHERE {w}"))
+            .unwrap_or_default()
+    )
 }
 
 fn comment(c: &Column) -> String {
@@ -478,7 +578,125 @@ fn read_table(
         without_rowid,
         next_id,
         bad_values,
+        indexes: indexes(conn, name)?,
+        foreign_keys: foreign_keys(conn, name)?,
     })
+}
+
+fn indexes(conn: &Connection, table: &str) -> Result<Vec<Index>, SqliteError> {
+    let mut list = Vec::new();
+    {
+        let mut stmt = conn.prepare(&format!("PRAGMA index_list({})", quote(table)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? != 0,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        for row in rows {
+            list.push(row?);
+        }
+    }
+    let mut out = Vec::new();
+    for (name, unique, origin) in list {
+        if origin == "pk" {
+            continue;
+        }
+        let mut columns = Vec::new();
+        let mut stmt = conn.prepare(&format!("PRAGMA index_xinfo({})", quote(&name)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, i64>(3)? != 0,
+                r.get::<_, i64>(5)? != 0,
+            ))
+        })?;
+        for row in rows {
+            let (cid, column, desc, key) = row?;
+            if key {
+                columns.push((if cid == -2 { None } else { column }, desc));
+            }
+        }
+        let sql: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                [&name],
+                |r| r.get(0),
+            )
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        let partial = sql.as_deref().and_then(|sql| {
+            let upper = sql.to_ascii_uppercase();
+            upper
+                .rfind(" WHERE ")
+                .map(|at| sql[at + 7..].trim().to_string())
+        });
+        out.push(Index {
+            name,
+            unique,
+            constraint: origin == "u",
+            columns,
+            partial,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn foreign_keys(conn: &Connection, table: &str) -> Result<Vec<ForeignKey>, SqliteError> {
+    let mut by_id: Vec<(i64, ForeignKey)> = Vec::new();
+    let mut stmt = conn.prepare(&format!("PRAGMA foreign_key_list({})", quote(table)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, Option<String>>(4)?,
+            r.get::<_, String>(5)?,
+            r.get::<_, String>(6)?,
+        ))
+    })?;
+    for row in rows {
+        let (id, parent, from, to, on_update, on_delete) = row?;
+        let position = match by_id.iter().position(|(i, _)| *i == id) {
+            Some(p) => p,
+            None => {
+                by_id.push((
+                    id,
+                    ForeignKey {
+                        columns: Vec::new(),
+                        references: parent,
+                        referenced: Vec::new(),
+                        on_update,
+                        on_delete,
+                    },
+                ));
+                by_id.len() - 1
+            }
+        };
+        let fk = &mut by_id[position].1;
+        fk.columns.push(from);
+        fk.referenced.extend(to);
+    }
+    // `REFERENCES parent` without columns means the parent's primary key.
+    for (_, fk) in &mut by_id {
+        if fk.referenced.is_empty() {
+            let mut stmt =
+                conn.prepare(&format!("PRAGMA table_info({})", quote(&fk.references)))?;
+            let mut keys: Vec<(i64, String)> = stmt
+                .query_map([], |r| Ok((r.get::<_, i64>(5)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<_, _>>()?;
+            keys.retain(|(pk, _)| *pk > 0);
+            keys.sort();
+            fk.referenced = keys.into_iter().map(|(_, n)| n).collect();
+        }
+    }
+    by_id.sort_by_key(|(id, _)| *id);
+    Ok(by_id.into_iter().map(|(_, fk)| fk).collect())
 }
 
 /// The type family of a declaration, by SQLite's affinity rules with the
@@ -967,6 +1185,41 @@ mod tests {
             ]
         );
         assert_eq!(column(&map, "m", "price").pg_type, "numeric");
+    }
+
+    #[test]
+    fn indexes_uniques_and_foreign_keys_with_their_actions_carry_over() {
+        let conn = file(
+            "CREATE TABLE \"Users\" (id INTEGER PRIMARY KEY, email TEXT, org TEXT, deleted_at DATETIME, UNIQUE (org, email));
+             CREATE TABLE posts (id INTEGER PRIMARY KEY,
+                                 author INTEGER REFERENCES \"Users\" ON DELETE CASCADE,
+                                 editor INTEGER REFERENCES \"Users\" (id) ON UPDATE CASCADE ON DELETE SET NULL,
+                                 at DATETIME, title TEXT);
+             CREATE INDEX posts_recent ON posts (at DESC, id);
+             CREATE UNIQUE INDEX users_live_email ON \"Users\" (email) WHERE deleted_at IS NULL;
+             CREATE INDEX posts_lower ON posts (lower(title));
+             CREATE TABLE lines (o INTEGER, n INTEGER, PRIMARY KEY (o, n));
+             CREATE TABLE notes (o INTEGER, n INTEGER, body TEXT, FOREIGN KEY (o, n) REFERENCES lines (o, n));",
+        );
+        let map = SchemaMap::read(&conn, &[]).unwrap();
+        let posts = table(&map, "posts");
+        assert_eq!(posts.foreign_keys.len(), 2);
+        let ddl = map.ddl();
+        for expected in [
+            "CREATE INDEX \"posts_recent\" ON \"posts\" (\"at\" DESC, \"id\");",
+            "CREATE UNIQUE INDEX \"users_live_email\" ON \"Users\" (\"email\") WHERE deleted_at IS NULL;",
+            "ADD CONSTRAINT \"Users_org_email_key\" UNIQUE (\"org\", \"email\");",
+            "-- index \"posts_lower\" on \"posts\" uses an expression; create it by hand",
+            "FOREIGN KEY (\"author\") REFERENCES \"Users\" (\"id\") ON UPDATE NO ACTION ON DELETE CASCADE;",
+            "FOREIGN KEY (\"editor\") REFERENCES \"Users\" (\"id\") ON UPDATE CASCADE ON DELETE SET NULL;",
+            "FOREIGN KEY (\"o\", \"n\") REFERENCES \"lines\" (\"o\", \"n\")",
+        ] {
+            assert!(ddl.contains(expected), "{expected} not in:\n{ddl}");
+        }
+        // Indexes and keys come after every table (after the data).
+        let last_table = ddl.rfind("CREATE TABLE").unwrap();
+        assert!(ddl.find("CREATE INDEX").unwrap() > last_table);
+        assert!(ddl.find("FOREIGN KEY").unwrap() > last_table);
     }
 
     #[test]
