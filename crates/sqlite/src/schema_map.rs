@@ -1222,6 +1222,61 @@ mod tests {
         assert!(ddl.find("FOREIGN KEY").unwrap() > last_table);
     }
 
+    /// The same app schema as a hand-written file, as drizzle-kit writes
+    /// it (backticks) and as Prisma migrate writes it (quoted names,
+    /// DATETIME holding epoch milliseconds): one map.
+    #[test]
+    fn three_ddl_styles_map_the_same_way() {
+        let hand = "CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL UNIQUE,
+                      is_admin BOOLEAN NOT NULL DEFAULT 0, created_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP);";
+        let drizzle = "CREATE TABLE `users` (`id` integer PRIMARY KEY AUTOINCREMENT NOT NULL, `email` text NOT NULL,
+                         `is_admin` boolean DEFAULT false NOT NULL, `created_at` datetime DEFAULT CURRENT_TIMESTAMP NOT NULL);
+                       CREATE UNIQUE INDEX `users_email_unique` ON `users` (`email`);";
+        let prisma = "CREATE TABLE \"users\" (\"id\" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, \"email\" TEXT NOT NULL,
+                        \"is_admin\" BOOLEAN NOT NULL DEFAULT false, \"created_at\" DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP);
+                      CREATE UNIQUE INDEX \"users_email_key\" ON \"users\"(\"email\");";
+        let rows = "INSERT INTO users (email, is_admin, created_at) VALUES
+                      ('a@x.io', 1, 1700000000000), ('b@x.io', 0, 1700000001000);
+                    DELETE FROM users WHERE id = 2;";
+        for (style, ddl) in [("hand", hand), ("drizzle", drizzle), ("prisma", prisma)] {
+            let conn = file(&format!("{ddl} {rows}"));
+            let map = SchemaMap::read(&conn, &[]).unwrap();
+            let users = table(&map, "users");
+            assert_eq!(users.rowid_alias.as_deref(), Some("id"), "{style}");
+            assert_eq!(
+                users.next_id,
+                Some(3),
+                "{style}: AUTOINCREMENT past the deleted row"
+            );
+            let types: Vec<(String, Codec, Option<String>)> = users
+                .columns
+                .iter()
+                .map(|c| (c.pg_type.clone(), c.codec, c.pg_default.clone()))
+                .collect();
+            assert_eq!(
+                types,
+                vec![
+                    ("bigint".to_string(), Codec::Native, None),
+                    ("text".to_string(), Codec::Native, None),
+                    (
+                        "boolean".to_string(),
+                        Codec::BoolInt,
+                        Some("false".to_string())
+                    ),
+                    (
+                        "timestamptz".to_string(),
+                        Codec::Time(TimeCodec::UnixMillis),
+                        Some("now()".to_string())
+                    ),
+                ],
+                "{style}"
+            );
+            assert_eq!(users.indexes.len(), 1, "{style}");
+            assert!(users.indexes[0].unique, "{style}");
+            assert!(table(&map, "users").bad_values.is_empty(), "{style}");
+        }
+    }
+
     #[test]
     fn overrides_say_what_the_data_cannot_and_bad_ones_are_refused() {
         let conn = file(
