@@ -705,7 +705,13 @@ async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
         )
         .unwrap();
     }
+    let daemon = tokio::task::block_in_place(|| spawn_daemon(&path, admin));
+    let (code, out) = tokio::task::block_in_place(|| run_cli(&["mirror", "start"], &path));
+    assert_eq!(code, 0, "{out}");
     // Writes go straight to old so they continue while cutover is dead.
+    // They start once the slot exists: TRUNCATEs racing its creation can
+    // leave a slot PostgreSQL cannot decode, which cutover survives by
+    // making a new slot and copying again (not what this test is about).
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = workload(direct_addr(&p.old), direct_addr(&p.old), stop.clone());
     let tally = {
@@ -727,9 +733,6 @@ async fn sigkill_mid_copy_and_mid_apply_loses_and_duplicates_nothing() {
         })
     };
 
-    let daemon = tokio::task::block_in_place(|| spawn_daemon(&path, admin));
-    let (code, out) = tokio::task::block_in_place(|| run_cli(&["mirror", "start"], &path));
-    assert_eq!(code, 0, "{out}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = mirror_status_at(admin);
