@@ -82,7 +82,7 @@ impl Daemon {
     }
 
     fn mirror_settings(&self) -> Option<MirrorSettings> {
-        self.stream_settings(Backend::Old, false)
+        self.stream_settings(Backend::Old, false, false)
     }
 
     fn pool_status(&self, backend: Backend) -> Option<PoolStatus> {
@@ -332,7 +332,7 @@ impl Server {
                     "resuming the saved control state"
                 );
                 if state.phase.streams() {
-                    if let Err(e) = daemon.start_stream(state.primary, false) {
+                    if let Err(e) = daemon.start_stream(state.primary, false, false) {
                         tracing::error!(error = %e, "cannot resume the change stream");
                     }
                 }
@@ -431,7 +431,7 @@ async fn resume_mirror(daemon: Arc<Daemon>, settings: MirrorSettings) {
     };
     if was_running.await.is_some() {
         if let Ok(next) = daemon.control_state().start_mirroring() {
-            if daemon.start_stream(Backend::Old, false).is_ok() {
+            if daemon.start_stream(Backend::Old, false, false).is_ok() {
                 daemon.publish(next);
             }
         }

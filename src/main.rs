@@ -562,7 +562,7 @@ fn status(target: &AdminTarget, json: bool) -> anyhow::Result<()> {
 
 fn render_status(s: &Status) -> String {
     let mut out = format!(
-        "cutover {}  up {}s\nphase:   {}\nprimary: {}\nreads:   {}% on new{}\nclients: {}\n\n",
+        "cutover {}  up {}s\nphase:   {}\nprimary: {}\nreads:   {}% on new{}\nclients: {}\n",
         s.version,
         s.uptime_seconds,
         s.phase,
@@ -576,11 +576,9 @@ fn render_status(s: &Status) -> String {
         s.clients
     );
     if s.write_paused {
-        out.insert_str(
-            out.len() - 1,
-            "writes:  PAUSED (a promote or rollback is swapping the primary)\n",
-        );
+        out.push_str("writes:  PAUSED (a promote or rollback is swapping the primary)\n");
     }
+    out.push('\n');
     out.push_str("BACKEND  ROLE       ADDRESS                DATABASE   HEALTH   POOL (in use/idle/waiting of size)\n");
     for b in &s.backends {
         let health = match b.healthy {

@@ -164,12 +164,9 @@ impl Daemon {
         }
     }
 
-    /// Settings for the stream whose source is `from`.
-    pub(crate) fn stream_settings(&self, from: Backend, fresh: bool) -> Option<MirrorSettings> {
-        self.stream_settings_clearing(from, fresh, false)
-    }
-
-    fn stream_settings_clearing(
+    /// Settings for the stream whose source is `from` (see
+    /// [`MirrorSettings`] for `fresh` and `clear_new`).
+    pub(crate) fn stream_settings(
         &self,
         from: Backend,
         fresh: bool,
@@ -190,18 +187,14 @@ impl Daemon {
     }
 
     /// Starts the stream from `from` unless one runs.
-    pub(crate) fn start_stream(&self, from: Backend, fresh: bool) -> Result<(), String> {
-        self.start_stream_clearing(from, fresh, false)
-    }
-
-    fn start_stream_clearing(
+    pub(crate) fn start_stream(
         &self,
         from: Backend,
         fresh: bool,
         clear_new: bool,
     ) -> Result<(), String> {
         let settings = self
-            .stream_settings_clearing(from, fresh, clear_new)
+            .stream_settings(from, fresh, clear_new)
             .ok_or("no [new] backend is configured; add [new] url = ... and restart cutover")?;
         let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         if stream.is_some() {
@@ -362,13 +355,16 @@ impl Daemon {
                 "no [new] backend is configured; add [new] url = ... and restart cutover",
             ));
         }
-        let failed = {
-            let stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-            stream
+        // Mirroring whose stream failed (or never came back after a
+        // restart) starts again in the same phase.
+        let restart = current.phase.streams()
+            && self
+                .stream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
-                .is_none_or(|s| s.mirror.status().state == StreamState::Failed)
-        };
-        let next = if failed && current.phase.streams() {
+                .is_none_or(|s| s.mirror.status().state == StreamState::Failed);
+        let next = if restart {
             let stopped = self.stream.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(stopped) = stopped {
                 stopped.mirror.stop().await;
@@ -379,7 +375,7 @@ impl Daemon {
                 .start_mirroring()
                 .map_err(|r| ApiError::conflict(r.reason))?
         };
-        self.start_stream_clearing(next.primary, false, clear_new)
+        self.start_stream(next.primary, false, clear_new)
             .map_err(ApiError::conflict)?;
         self.publish(next);
         let started = {
@@ -514,7 +510,7 @@ impl Daemon {
                 if let Some(old) = old {
                     let url = self.url(old.from).cloned();
                     let slot = self
-                        .stream_settings(old.from, false)
+                        .stream_settings(old.from, false, false)
                         .map(|s| s.slot)
                         .unwrap_or_default();
                     tokio::spawn(async move {
@@ -594,7 +590,7 @@ impl Daemon {
             ));
         }
         let settings = self
-            .stream_settings(next.primary, true)
+            .stream_settings(next.primary, true, false)
             .ok_or("no [new] backend is configured")?;
         // Logical replication does not carry sequences: bring them over
         // now, while nothing writes, so the first insert on the new

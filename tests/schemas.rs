@@ -421,15 +421,22 @@ async fn an_app_schema_with_foreign_keys_mirrors_through_the_whole_migration_und
     for c in [&p.old, &p.new] {
         assert_eq!(c.psql(DB, &sql).unwrap().trim(), orders.len().to_string());
     }
-    // Sequences moved with the primary: new keys on new did not collide.
-    let max_old: i64 = p
-        .old
-        .psql(DB, "SELECT max(id) FROM users")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(max_old > 1500);
+    // Sequences moved with the primary: on new, the primary now, every
+    // identity and serial sequence is past the largest key it serves.
+    for (sequence, table) in [
+        ("users_id_seq", "users"),
+        ("orders_id_seq", "orders"),
+        ("audit_log_id_seq", "audit_log"),
+    ] {
+        let ahead = p
+            .new
+            .psql(
+                DB,
+                &format!("SELECT last_value >= (SELECT max(id) FROM {table}) FROM {sequence}"),
+            )
+            .unwrap();
+        assert_eq!(ahead.trim(), "t", "{sequence} behind {table}'s keys on new");
+    }
     server.shutdown().await;
 }
 

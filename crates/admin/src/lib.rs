@@ -220,16 +220,15 @@ async fn verify_start(
         return e.into_response();
     }
     let request = json_body(&body).and_then(|map| {
-        serde_json::from_value::<VerifyRequest>(serde_json::Value::Object(map))
-            .map_err(|e| ApiError::bad_request(format!("verify request: {e}")))
+        match serde_json::from_value::<VerifyRequest>(serde_json::Value::Object(map)) {
+            Ok(VerifyRequest {
+                chunk_rows: Some(0),
+                ..
+            }) => Err(ApiError::bad_request("chunk_rows must be at least 1")),
+            Ok(request) => Ok(request),
+            Err(e) => Err(ApiError::bad_request(format!("verify request: {e}"))),
+        }
     });
-    let request = match request {
-        Ok(VerifyRequest {
-            chunk_rows: Some(0),
-            ..
-        }) => Err(ApiError::bad_request("chunk_rows must be at least 1")),
-        other => other,
-    };
     let request = match request {
         Ok(r) => r,
         Err(e) => return e.into_response(),

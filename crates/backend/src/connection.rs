@@ -310,6 +310,30 @@ impl BackendConnection {
     /// Runs simple-query statements whose results nobody needs (session reset),
     /// waiting for each ReadyForQuery. Fails on any ErrorResponse.
     pub async fn run_quietly(&mut self, statements: &[&str]) -> Result<(), String> {
+        self.simple_queries(statements, |_| {}).await
+    }
+
+    /// Runs one simple query and returns the first column of its first
+    /// row (None for no row or NULL).
+    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, String> {
+        let mut value = None;
+        self.simple_queries(&[sql], |row| {
+            if value.is_none() {
+                value = Some(first_column(row));
+            }
+        })
+        .await?;
+        Ok(value.flatten())
+    }
+
+    /// Sends `statements` as simple queries and reads every reply up to
+    /// their ReadyForQuery, handing each DataRow body to `on_row` and
+    /// recording ParameterStatus changes. Fails on any ErrorResponse.
+    async fn simple_queries(
+        &mut self,
+        statements: &[&str],
+        mut on_row: impl FnMut(&[u8]),
+    ) -> Result<(), String> {
         let mut out = BytesMut::new();
         for sql in statements {
             frontend::query(sql, &mut out).map_err(|e| e.to_string())?;
@@ -336,45 +360,14 @@ impl BackendConnection {
                         self.set_param(name, value);
                     }
                 }
+                b'D' => on_row(&msg[5..]),
                 _ => {}
             }
         }
         match (failure, buf.is_empty()) {
             (Some(message), _) => Err(message),
-            (None, false) => Err("unexpected data after reset".to_string()),
+            (None, false) => Err("unexpected data after the replies".to_string()),
             (None, true) => Ok(()),
-        }
-    }
-
-    /// Runs one simple query and returns the first column of its first
-    /// row (None for no row or NULL).
-    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, String> {
-        let mut out = BytesMut::new();
-        frontend::query(sql, &mut out).map_err(|e| e.to_string())?;
-        self.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = BytesMut::new();
-        let mut value = None;
-        let mut failure = None;
-        loop {
-            let frame = read_frame(&mut self.stream, &mut buf, MAX_LOGIN_MESSAGE)
-                .await
-                .map_err(|e| e.to_string())?;
-            let msg = buf.split_to(frame.len);
-            match frame.tag {
-                b'Z' => break,
-                b'E' => {
-                    failure = Some(ErrorResponse::decode(&msg[5..]).unwrap_or_default().message)
-                }
-                b'D' if value.is_none() => value = Some(first_column(&msg[5..])),
-                _ => {}
-            }
-        }
-        match failure {
-            Some(message) => Err(message),
-            None => Ok(value.flatten()),
         }
     }
 

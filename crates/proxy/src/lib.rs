@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use traffic::Traffic;
 
 /// Sessions a pool sized by the server may open before its first login
 /// has asked the server (PostgreSQL's default max_connections).
 const PROVISIONAL_POOL_SIZE: u32 = 100;
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use traffic::Traffic;
 
 /// How long a client may take to complete startup and authentication
 /// (PostgreSQL's authentication_timeout default).

@@ -1074,11 +1074,46 @@ async fn start_batch<'a>(
     }))
 }
 
-/// Applies a batch in one secondary transaction: BEGIN, every change and
-/// the position with COMMIT go out together — tokio-postgres sends requests
-/// in the order their futures are first polled, so the whole batch costs
-/// one round trip. If a change fails, the server aborts the transaction and
-/// the COMMIT fails with it.
+/// Sends one batch as a single round trip: BEGIN, every step, then the
+/// position with COMMIT (tokio-postgres sends requests in the order their
+/// futures are first polled). If a change fails, the server aborts the
+/// transaction and the COMMIT fails with it.
+async fn send_batch(
+    new: &tokio_postgres::Client,
+    ops: &[applier::Op],
+    steps: &[Step],
+    columns: &[Vec<Vec<Option<&str>>>],
+    commit: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
+    let executions = steps.iter().zip(columns).map(|(step, columns)| {
+        let (statement, params): (&Statement, Vec<Box<dyn ToSql + Sync + Send + '_>>) = match step {
+            Step::Single(statement, i) => (
+                statement,
+                ops[*i]
+                    .params
+                    .iter()
+                    .map(|p| Box::new(TextParam(p.as_deref())) as Box<dyn ToSql + Sync + Send>)
+                    .collect(),
+            ),
+            Step::Merged(statement, ..) => (
+                statement,
+                columns
+                    .iter()
+                    .map(|c| Box::new(c) as Box<dyn ToSql + Sync + Send>)
+                    .collect(),
+            ),
+        };
+        new.execute_raw(statement, params)
+    });
+    let executions = futures_util::future::try_join_all(executions);
+    let commit = new.batch_execute(commit);
+    futures_util::future::try_join3(begin, executions, commit).await?;
+    Ok(())
+}
+
+/// Applies a batch in one secondary transaction (see [`send_batch`]),
+/// sending it again when a lock conflict rolled it back.
 async fn run_batch(
     new: &tokio_postgres::Client,
     batch: applier::Batch,
@@ -1107,38 +1142,7 @@ async fn run_batch(
     // batch back whole, and it is simply sent again.
     let mut attempt = 0;
     loop {
-        let result = async {
-            let begin = new.batch_execute("BEGIN; SET LOCAL session_replication_role = replica");
-            let executions = steps.iter().zip(&columns).map(|(step, columns)| {
-                let (statement, params): (&Statement, Vec<Box<dyn ToSql + Sync + Send + '_>>) =
-                    match step {
-                        Step::Single(statement, i) => (
-                            statement,
-                            ops[*i]
-                                .params
-                                .iter()
-                                .map(|p| {
-                                    Box::new(TextParam(p.as_deref()))
-                                        as Box<dyn ToSql + Sync + Send>
-                                })
-                                .collect(),
-                        ),
-                        Step::Merged(statement, ..) => (
-                            statement,
-                            columns
-                                .iter()
-                                .map(|c| Box::new(c) as Box<dyn ToSql + Sync + Send>)
-                                .collect(),
-                        ),
-                    };
-                new.execute_raw(statement, params)
-            });
-            let executions = futures_util::future::try_join_all(executions);
-            let commit = new.batch_execute(&commit);
-            futures_util::future::try_join3(begin, executions, commit).await
-        }
-        .await;
-        let Err(e) = result else {
+        let Err(e) = send_batch(new, ops, &steps, &columns, &commit).await else {
             break;
         };
         let _ = new.batch_execute("ROLLBACK").await;

@@ -244,18 +244,12 @@ async fn check_replica_role(
 }
 
 /// Verifies the new database can receive old's tables (after
-/// [`check_source`]); returns the tables.
+/// [`check_source`] and [`check_target`]); returns the tables.
 pub async fn check(
     old: &Client,
     new: &Client,
     new_url: &cutover_config::BackendUrl,
 ) -> Result<Vec<TableShape>, StreamError> {
-    check_replica_role(
-        new,
-        &format!("new backend {}", new_url.address()),
-        &new_url.user,
-    )
-    .await?;
     // After promote the new database is published for the stream back to
     // old, so its tables must qualify too.
     check_identities(new, &format!("new backend {}", new_url.address())).await?;

@@ -246,26 +246,23 @@ async fn sequences(old: &Client, new: &Client) -> Result<Vec<String>, StreamErro
     .await?;
     let mut ddl = Vec::new();
     for name in missing {
-        let row = old
-            .query_one(
-                "SELECT format_type(seqtypid, NULL), seqstart, seqincrement, seqmin, seqmax, seqcache, seqcycle \
-                 FROM pg_sequence WHERE seqrelid = $1::text::regclass",
-                &[&name],
-            )
-            .await?;
-        let ty: String = row.try_get(0)?;
-        ddl.push(format!(
-            "CREATE SEQUENCE {name} AS {ty} {}",
-            sequence_options(&row)?
-        ));
+        let (ty, options) = sequence_definition(old, &name).await?;
+        ddl.push(format!("CREATE SEQUENCE {name} AS {ty} {options}"));
         ddl.extend(owner_and_grants(old, new, Object::Relation("SEQUENCE", &name)).await?);
     }
     Ok(ddl)
 }
 
-/// `START WITH ... [NO] CYCLE` from a pg_sequence row (type, start,
-/// increment, min, max, cache, cycle).
-fn sequence_options(row: &tokio_postgres::Row) -> Result<String, StreamError> {
+/// A sequence's type and its options (`START WITH ... [NO] CYCLE`), as
+/// old has them.
+async fn sequence_definition(old: &Client, name: &str) -> Result<(String, String), StreamError> {
+    let row = old
+        .query_one(
+            "SELECT format_type(seqtypid, NULL), seqstart, seqincrement, seqmin, seqmax, seqcache, seqcycle \
+             FROM pg_sequence WHERE seqrelid = $1::text::regclass",
+            &[&name],
+        )
+        .await?;
     let (start, increment, min, max, cache, cycle): (i64, i64, i64, i64, i64, bool) = (
         row.try_get(1)?,
         row.try_get(2)?,
@@ -274,9 +271,12 @@ fn sequence_options(row: &tokio_postgres::Row) -> Result<String, StreamError> {
         row.try_get(5)?,
         row.try_get(6)?,
     );
-    Ok(format!(
-        "START WITH {start} INCREMENT BY {increment} MINVALUE {min} MAXVALUE {max} CACHE {cache} {}CYCLE",
-        if cycle { "" } else { "NO " }
+    Ok((
+        row.try_get(0)?,
+        format!(
+            "START WITH {start} INCREMENT BY {increment} MINVALUE {min} MAXVALUE {max} CACHE {cache} {}CYCLE",
+            if cycle { "" } else { "NO " }
+        ),
     ))
 }
 
@@ -341,14 +341,8 @@ async fn create_table(old: &Client, t: &Missing) -> Result<String, StreamError> 
             ("a" | "d", _, _) => {
                 let options = match &sequence {
                     Some(seq) => {
-                        let row = old
-                            .query_one(
-                                "SELECT format_type(seqtypid, NULL), seqstart, seqincrement, seqmin, seqmax, seqcache, seqcycle \
-                                 FROM pg_sequence WHERE seqrelid = $1::text::regclass",
-                                &[seq],
-                            )
-                            .await?;
-                        format!(" (SEQUENCE NAME {seq} {})", sequence_options(&row)?)
+                        let (_, options) = sequence_definition(old, seq).await?;
+                        format!(" (SEQUENCE NAME {seq} {options})")
                     }
                     None => String::new(),
                 };

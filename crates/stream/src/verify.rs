@@ -345,10 +345,11 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    /// Old's WAL write position now, inside the transaction holding the
-    /// chunk's locks: a writer's locks are released only after its commit
-    /// record is written (with `synchronous_commit` on), so every change
-    /// to the locked rows is before it. (The insert position would also
+    /// Old's WAL write position now: after a read of old, it is past the
+    /// commit record of every change that read saw, and inside a key
+    /// re-check's transaction, past every change to the locked rows (a
+    /// writer's locks are released only after its commit record is
+    /// written, with `synchronous_commit` on). (The insert position would also
     /// cover asynchronous commits, but on an idle server it can sit past
     /// anything the stream will be sent until more WAL is written.)
     async fn old_position(&self) -> Result<crate::Lsn, StreamError> {
@@ -376,7 +377,7 @@ impl Checker<'_> {
     /// first, then its position; new is read once the stream applied past
     /// it, so new holds at least everything old's read saw. Keys that
     /// differ (changed on old since, or really different) are checked
-    /// again one by one under a row lock.
+    /// again together under row locks.
     async fn chunk(&self, shape: &Shape, range: &str) -> Result<(u64, Vec<RowDiff>), StreamError> {
         let Some(stream) = self.stream else {
             return self.chunk_rechecked(shape, range).await;
@@ -442,23 +443,9 @@ impl Checker<'_> {
             old.batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
                 .await?;
             let (a, b) = result?;
-            let still: Vec<(String, std::collections::BTreeMap<String, String>)> =
-                diff(shape, &a, &b)
-                    .into_iter()
-                    .map(|d| (d.kind, d.key))
-                    .collect();
-            differences = differences
-                .into_iter()
-                .filter_map(|d| {
-                    still
-                        .iter()
-                        .find(|(_, key)| *key == d.key)
-                        .map(|(kind, key)| RowDiff {
-                            kind: kind.clone(),
-                            key: key.clone(),
-                        })
-                })
-                .collect();
+            // The range is exactly these keys: what still differs, with
+            // its kind as it is now.
+            differences = diff(shape, &a, &b);
         }
         Ok(differences)
     }
