@@ -8,7 +8,6 @@
 //! BENCH_CLIENTS (pgbench clients for the apply load, default 8).
 
 use cutover::Server;
-use cutover_config::Config;
 use cutover_pgcluster::{Cluster, SUPERUSER, SUPERUSER_PASSWORD};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,7 +15,8 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::{
-    lsn, pgbench, pgbench_command, pgbench_pair, start_mirroring, status, wait_drained, DB,
+    lsn, pair_config, pgbench, pgbench_command, pgbench_pair, start_mirroring, status,
+    wait_drained, DB,
 };
 
 /// CPU seconds (user + system) a process has used, from /proc.
@@ -71,13 +71,7 @@ async fn run_scale(scale: u32, seconds: u64, clients: u32) {
         let mut it = r.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
         (it.next().unwrap_or(0), it.next().unwrap_or(0))
     };
-    let config = Config::from_toml(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n",
-        old.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
-        new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)
-    ))
-    .expect("config");
+    let config = pair_config(&old, &new);
     let server = Server::start(config.clone()).await.expect("start cutover");
 
     // Copy.

@@ -11,13 +11,12 @@
 //! BENCH_CHUNK_ROWS (verify chunk, default 10000).
 
 use cutover::Server;
-use cutover_config::Config;
 use cutover_pgcluster::{Cluster, SUPERUSER, SUPERUSER_PASSWORD};
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{pgbench_command, pgbench_pair, start_mirroring, status, DB};
+use support::{pair_config, pgbench_command, pgbench_pair, start_mirroring, status, DB};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
@@ -103,13 +102,7 @@ async fn main() {
     let clients: u32 = env_or("BENCH_CLIENTS", "8").parse().unwrap();
     let chunk_rows: u32 = env_or("BENCH_CHUNK_ROWS", "10000").parse().unwrap();
     let (old, new) = pgbench_pair(scale, 100);
-    let config = Config::from_toml(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n",
-        old.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
-        new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)
-    ))
-    .expect("config");
+    let config = pair_config(&old, &new);
     let server = Server::start(config).await.expect("start cutover");
     start_mirroring(&server, &old).await;
 

@@ -64,6 +64,17 @@ pub fn pgbench_pair(scale: u64, max_connections: u32) -> (Cluster, Cluster) {
     (old, new)
 }
 
+/// cutover on ephemeral ports in front of `old`, mirroring to `new`.
+pub fn pair_config(old: &Cluster, new: &Cluster) -> cutover_config::Config {
+    cutover_config::Config::from_toml(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [old]\nurl = \"{}\"\n[new]\nurl = \"{}\"\n",
+        old.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+        new.url(SUPERUSER, SUPERUSER_PASSWORD, DB)
+    ))
+    .expect("config")
+}
+
 pub fn status(server: &Server) -> serde_json::Value {
     let r = cutover::cli_http::request(
         &format!("http://{}", server.admin_addr),
