@@ -35,6 +35,8 @@ pub enum StartError {
     Proxy(#[from] cutover_proxy::ProxyError),
     #[error("{0}")]
     State(String),
+    #[error("old.url is the SQLite file {0}: `cutover serve` cannot serve a SQLite file yet; `cutover schema` and `cutover convert` read it")]
+    SqliteOld(String),
 }
 
 /// The parts the admin API reports on.
@@ -290,6 +292,9 @@ impl Server {
     /// Binds both listeners and starts serving. A backend that is down does
     /// not stop the start: clients get its connection error until it is back.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        if let Some(path) = config.old.url.sqlite_path() {
+            return Err(StartError::SqliteOld(path.display().to_string()));
+        }
         let metrics = Arc::new(Metrics::new());
         let saved = match &config.cutover.state_file {
             Some(path) => migration::load_state(path).map_err(StartError::State)?,

@@ -51,7 +51,7 @@ fn bad_configuration_exits_2_naming_the_key_and_reason() {
         ),
         (
             "[old]\nurl = \"mysql://x@h/d\"\n".to_string(),
-            "config key `old.url`: \"mysql://x@h/d\" must start with postgres://",
+            "config key `old.url`: \"mysql://x@h/d\" must start with postgres:// or sqlite:",
         ),
         (
             format!("{old}[new]\nurl = \"postgres://u@h:99999/d\"\n"),

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use url::BackendUrl;
+pub use url::{BackendUrl, Target};
 
 /// A configuration problem, naming the key and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,49 @@ struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     cutover: RawCutover,
+    #[serde(default)]
+    schema: RawSchema,
 }
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSchema {
+    #[serde(default)]
+    columns: Vec<RawColumn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumn {
+    table: String,
+    column: String,
+    #[serde(rename = "type")]
+    pg_type: String,
+    storage: Option<String>,
+}
+
+/// What an operator says of a SQLite column that its declaration and data
+/// cannot settle: the PostgreSQL type on new and, optionally, how the file
+/// stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnSetting {
+    pub table: String,
+    pub column: String,
+    pub pg_type: String,
+    pub storage: Option<String>,
+}
+
+/// Storage codecs a `[[schema.columns]]` entry may name.
+pub const STORAGES: &[&str] = &[
+    "native",
+    "unix_s",
+    "unix_ms",
+    "iso_text",
+    "bool_int",
+    "bool_text",
+    "date_text",
+    "json_text",
+];
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +215,8 @@ struct RawAdmin {
 struct RawBackend {
     url: String,
     pool_size: Option<u32>,
+    /// For a SQLite file: the database name clients connect to.
+    database: Option<String>,
 }
 
 /// How clients prove who they are to cutover.
@@ -280,6 +324,8 @@ pub struct Config {
     pub mirror: MirrorConfig,
     pub routing: RoutingConfig,
     pub cutover: CutoverConfig,
+    /// `[[schema.columns]]`: type and storage settings for SQLite columns.
+    pub schema_columns: Vec<ColumnSetting>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -476,6 +522,36 @@ impl Config {
         };
         let old = backend("old", raw.old)?;
         let new = raw.new.map(|b| backend("new", b)).transpose()?;
+        if new.as_ref().is_some_and(|n| n.url.sqlite_path().is_some()) {
+            return Err(ConfigError::invalid(
+                "new.url",
+                "the new database must be PostgreSQL (postgres://...)",
+            ));
+        }
+        let mut schema_columns = Vec::new();
+        for (i, c) in raw.schema.columns.into_iter().enumerate() {
+            let key = format!("schema.columns[{i}]");
+            for (name, value) in [("table", &c.table), ("column", &c.column), ("type", &c.pg_type)] {
+                if value.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        &format!("{key}.{name}"),
+                        "must not be empty",
+                    ));
+                }
+            }
+            if let Some(s) = c.storage.as_deref().filter(|s| !STORAGES.contains(s)) {
+                return Err(ConfigError::invalid(
+                    &format!("{key}.storage"),
+                    format!("unknown storage {s:?}; use one of {}", STORAGES.join(", ")),
+                ));
+            }
+            schema_columns.push(ColumnSetting {
+                table: c.table,
+                column: c.column,
+                pg_type: c.pg_type,
+                storage: c.storage,
+            });
+        }
         let defaults = MirrorConfig::default();
         let mirror = MirrorConfig {
             copy_chunk_rows: raw
@@ -544,6 +620,7 @@ impl Config {
                 max_pause,
                 state_file: raw.cutover.state_file,
             },
+            schema_columns,
         })
     }
 }
@@ -567,8 +644,24 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 fn backend(section: &str, raw: RawBackend) -> Result<BackendConfig, ConfigError> {
-    let url = BackendUrl::parse(&raw.url)
+    let mut url = BackendUrl::parse(&raw.url)
         .map_err(|reason| ConfigError::invalid(&format!("{section}.url"), reason))?;
+    match (raw.database, url.sqlite_path().is_some()) {
+        (None, _) => {}
+        (Some(name), true) if !name.is_empty() => url.database = name,
+        (Some(_), true) => {
+            return Err(ConfigError::invalid(
+                &format!("{section}.database"),
+                "must not be empty",
+            ))
+        }
+        (Some(_), false) => {
+            return Err(ConfigError::invalid(
+                &format!("{section}.database"),
+                "is for a SQLite file; a postgres:// URL names its database itself",
+            ))
+        }
+    }
     let pool_size = raw.pool_size;
     if pool_size == Some(0) {
         return Err(ConfigError::invalid(
@@ -629,9 +722,40 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.old.url.port, 7000);
+        assert_eq!(c.old.url.address(), "127.0.0.1:7000");
         assert_eq!(c.old.url.database, "other");
         assert_eq!(c.old.pool_size, Some(7));
+    }
+
+    #[test]
+    fn sqlite_old_with_column_settings() {
+        let c = Config::from_toml(
+            r#"
+            [old]
+            url = "sqlite:///srv/app/data/app.db"
+            database = "shop"
+            [new]
+            url = "postgres://cutover@127.0.0.1/app"
+            [[schema.columns]]
+            table = "analytics"
+            column = "timestamp"
+            type = "timestamptz"
+            storage = "unix_ms"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.old.url.database, "shop");
+        assert_eq!(c.schema_columns[0].storage.as_deref(), Some("unix_ms"));
+        let err = Config::from_toml(
+            "[old]\nurl = \"sqlite:a.db\"\n[[schema.columns]]\ntable = \"t\"\ncolumn = \"c\"\ntype = \"bigint\"\nstorage = \"epoch\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("schema.columns[0].storage"), "{err}");
+        let err = Config::from_toml("[old]\nurl = \"sqlite:a.db\"\n[new]\nurl = \"sqlite:b.db\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("new.url"), "{err}");
+        let err = Config::from_toml(&format!("{MINIMAL}database = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("old.database"), "{err}");
     }
 
     #[test]

@@ -1,11 +1,25 @@
-//! `postgres://user:password@host:port/database` URLs for the backends.
+//! Backend URLs: `postgres://user:password@host:port/database` for a
+//! PostgreSQL server, `sqlite:///abs/path.db` or `sqlite:rel/path.db` for a
+//! SQLite file.
+
+use std::path::PathBuf;
+
+/// Where a backend is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A PostgreSQL server.
+    Tcp { host: String, port: u16 },
+    /// A SQLite file (only `[old]` may be one).
+    Sqlite { path: PathBuf },
+}
 
 /// A parsed backend URL. The user and password are the control-plane login;
 /// client sessions log in as the client's own user.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BackendUrl {
-    pub host: String,
-    pub port: u16,
+    pub target: Target,
+    /// The database clients name: from the URL, or for a SQLite file
+    /// `[old] database` or the file's stem (`app` for `app.db`).
     pub database: String,
     pub user: String,
     pub password: Option<String>,
@@ -18,17 +32,28 @@ impl std::fmt::Debug for BackendUrl {
 }
 
 impl BackendUrl {
-    /// `host:port`, for messages and status.
+    /// `host:port` (or the SQLite file's path), for messages and status.
     pub fn address(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+        match &self.target {
+            Target::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            Target::Tcp { host, port } => format!("{host}:{port}"),
+            Target::Sqlite { path } => path.display().to_string(),
+        }
+    }
+
+    /// The SQLite file this URL names, if it names one.
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        match &self.target {
+            Target::Sqlite { path } => Some(path),
+            Target::Tcp { .. } => None,
         }
     }
 
     /// The URL with the password hidden, safe to log.
     pub fn redacted(&self) -> String {
+        if let Target::Sqlite { path } = &self.target {
+            return format!("sqlite://{}", path.display());
+        }
         let pw = if self.password.is_some() { ":***" } else { "" };
         format!(
             "postgres://{}{}@{}/{}",
@@ -39,11 +64,41 @@ impl BackendUrl {
         )
     }
 
+    /// `sqlite:///srv/app.db` is an absolute path, `sqlite:data/app.db` a
+    /// path relative to the working directory.
+    fn parse_sqlite(rest: &str) -> Result<BackendUrl, String> {
+        let path = match rest.strip_prefix("//") {
+            Some(after) if after.starts_with('/') => after,
+            Some(_) => {
+                return Err(
+                    "write sqlite:///absolute/path.db or sqlite:relative/path.db".to_string(),
+                )
+            }
+            None => rest,
+        };
+        let path = PathBuf::from(decode(path.split('?').next().unwrap_or(path))?);
+        let database = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| "the URL must name a SQLite file".to_string())?
+            .to_string();
+        Ok(BackendUrl {
+            target: Target::Sqlite { path },
+            database,
+            user: String::new(),
+            password: None,
+        })
+    }
+
     pub fn parse(text: &str) -> Result<BackendUrl, String> {
+        if let Some(rest) = text.strip_prefix("sqlite:") {
+            return Self::parse_sqlite(rest);
+        }
         let rest = text
             .strip_prefix("postgres://")
             .or_else(|| text.strip_prefix("postgresql://"))
-            .ok_or_else(|| format!("{text:?} must start with postgres://"))?;
+            .ok_or_else(|| format!("{text:?} must start with postgres:// or sqlite:"))?;
         let rest = rest.split('?').next().unwrap_or(rest);
         let (authority, database) = match rest.split_once('/') {
             Some((a, d)) => (a, d),
@@ -90,8 +145,7 @@ impl BackendUrl {
             database
         };
         Ok(BackendUrl {
-            host,
-            port,
+            target: Target::Tcp { host, port },
             database,
             user,
             password,
@@ -137,6 +191,18 @@ mod tests {
         let u = BackendUrl::parse("postgresql://bob@[::1]").unwrap();
         assert_eq!(u.address(), "[::1]:5432");
         assert_eq!(u.database, "bob");
+    }
+
+    #[test]
+    fn parses_sqlite_files() {
+        let u = BackendUrl::parse("sqlite:///srv/app/data/app.db").unwrap();
+        assert_eq!(u.sqlite_path(), Some(std::path::Path::new("/srv/app/data/app.db")));
+        assert_eq!(u.database, "app");
+        let u = BackendUrl::parse("sqlite:data/my%20app.sqlite3").unwrap();
+        assert_eq!(u.sqlite_path(), Some(std::path::Path::new("data/my app.sqlite3")));
+        assert_eq!(u.database, "my app");
+        assert!(BackendUrl::parse("sqlite://host/app.db").is_err());
+        assert!(BackendUrl::parse("sqlite:").is_err());
     }
 
     #[test]

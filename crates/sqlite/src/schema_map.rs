@@ -231,6 +231,8 @@ pub struct Table {
     /// Indexes and UNIQUE constraints (not the primary key's).
     pub indexes: Vec<Index>,
     pub foreign_keys: Vec<ForeignKey>,
+    /// CHECK expressions carried over (column and table constraints).
+    pub checks: Vec<String>,
 }
 
 /// An index or a UNIQUE constraint.
@@ -261,6 +263,9 @@ pub struct ForeignKey {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchemaMap {
     pub tables: Vec<Table>,
+    /// Tables that are not converted, with the reason: virtual tables
+    /// (FTS, R*Tree) and their shadow tables.
+    pub skipped: Vec<(String, String)>,
 }
 
 impl SchemaMap {
@@ -268,15 +273,30 @@ impl SchemaMap {
     /// column's values, and decides types and codecs; `overrides` win.
     pub fn read(conn: &Connection, overrides: &[ColumnOverride]) -> Result<SchemaMap, SqliteError> {
         let mut names = Vec::new();
+        let mut skipped = Vec::new();
         {
             let mut stmt = conn.prepare(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+                "SELECT l.name, l.type, m.sql FROM pragma_table_list AS l \
+                 JOIN sqlite_master AS m ON m.name = l.name AND m.type = 'table' \
+                 WHERE l.schema = 'main' AND l.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY l.name",
             )?;
             let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
             })?;
             for row in rows {
-                names.push(row?);
+                let (name, kind, sql) = row?;
+                match kind.as_str() {
+                    "table" => names.push((name, sql)),
+                    "virtual" => skipped.push((
+                        name,
+                        "a virtual table (FTS, R*Tree, ...); PostgreSQL has its own full-text and spatial indexes".to_string(),
+                    )),
+                    _ => skipped.push((name, format!("a {kind} table of a virtual table"))),
+                }
             }
         }
         for o in overrides {
@@ -296,16 +316,46 @@ impl SchemaMap {
                 overrides,
             )?);
         }
-        Ok(SchemaMap { tables })
+        Ok(SchemaMap { tables, skipped })
     }
 
-    /// PostgreSQL DDL for every table: columns with their types, defaults
-    /// and identities, primary keys, and a comment per column saying what
-    /// the file holds.
+    /// PostgreSQL DDL for every table, as `cutover schema` prints it: the
+    /// tables, then what convert creates after the data.
     pub fn ddl(&self) -> String {
         let mut out = String::new();
+        for (name, why) in &self.skipped {
+            out.push_str(&format!("-- {} is not converted: {why}\n", quote(name)));
+        }
+        if !self.skipped.is_empty() {
+            out.push('\n');
+        }
+        for statement in self.table_ddl() {
+            out.push_str(&statement);
+            out.push_str(";\n\n");
+        }
+        for statement in self.post_data_ddl() {
+            out.push_str(&statement);
+            out.push_str(";\n");
+        }
         for t in &self.tables {
-            out.push_str(&format!("CREATE TABLE {} (\n", quote(&t.name)));
+            for i in t.indexes.iter().filter(|i| i.columns.iter().any(|(c, _)| c.is_none())) {
+                out.push_str(&format!(
+                    "-- index {} on {} uses an expression; create it by hand\n",
+                    quote(&i.name),
+                    quote(&t.name)
+                ));
+            }
+        }
+        out
+    }
+
+    /// One CREATE TABLE per table: columns with their types, defaults and
+    /// identities, the primary key, and a comment per column saying what
+    /// the file holds.
+    pub fn table_ddl(&self) -> Vec<String> {
+        let mut statements = Vec::new();
+        for t in &self.tables {
+            let mut out = format!("CREATE TABLE {} (\n", quote(&t.name));
             let mut lines = Vec::new();
             for c in &t.columns {
                 let mut line = format!("  {} {}", quote(&c.name), c.pg_type);
@@ -326,6 +376,9 @@ impl SchemaMap {
                     String::new(),
                 ));
             }
+            for check in &t.checks {
+                lines.push((format!("  CHECK ({check})"), String::new()));
+            }
             let last = lines.len().saturating_sub(1);
             for (i, (line, comment)) in lines.iter().enumerate() {
                 let comma = if i == last { "" } else { "," };
@@ -335,21 +388,27 @@ impl SchemaMap {
                     out.push_str(&format!("{line}{comma}  -- {comment}\n"));
                 }
             }
-            out.push_str(");\n");
+            out.push(')');
+            statements.push(out);
+        }
+        statements
+    }
+
+    /// What follows the data: identity restarts where SQLite would
+    /// continue, indexes and UNIQUE constraints, then foreign keys.
+    pub fn post_data_ddl(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &self.tables {
             if let (Some(id), Some(next)) = (&t.rowid_alias, t.next_id) {
-                out.push_str(&format!(
-                    "ALTER TABLE {} ALTER COLUMN {} RESTART WITH {next};\n",
+                out.push(format!(
+                    "ALTER TABLE {} ALTER COLUMN {} RESTART WITH {next}",
                     quote(&t.name),
                     quote(id)
                 ));
             }
-            out.push('\n');
         }
-        // Indexes and foreign keys after every table, as after the data.
         for t in &self.tables {
-            for i in &t.indexes {
-                out.push_str(&index_ddl(t, i));
-            }
+            out.extend(t.indexes.iter().filter_map(|i| index_ddl(t, i)));
         }
         for t in &self.tables {
             for (n, fk) in t.foreign_keys.iter().enumerate() {
@@ -360,8 +419,8 @@ impl SchemaMap {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                out.push_str(&format!(
-                    "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) ON UPDATE {} ON DELETE {};\n",
+                out.push(format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) ON UPDATE {} ON DELETE {}",
                     quote(&t.name),
                     quote(&format!("{}_fkey{}", t.name, n + 1)),
                     list(&fk.columns),
@@ -376,15 +435,11 @@ impl SchemaMap {
     }
 }
 
-/// CREATE INDEX (or a UNIQUE constraint) for PostgreSQL; an expression
-/// index is named in a comment instead, to be made by hand.
-fn index_ddl(t: &Table, i: &Index) -> String {
+/// CREATE INDEX (or a UNIQUE constraint) for PostgreSQL; None for an
+/// expression index, which `ddl` names in a comment to be made by hand.
+fn index_ddl(t: &Table, i: &Index) -> Option<String> {
     if i.columns.iter().any(|(c, _)| c.is_none()) {
-        return format!(
-            "-- index {} on {} uses an expression; create it by hand\n",
-            quote(&i.name),
-            quote(&t.name)
-        );
+        return None;
     }
     let columns: Vec<String> = i
         .columns
@@ -402,15 +457,15 @@ fn index_ddl(t: &Table, i: &Index) -> String {
         // SQLite names these sqlite_autoindex_*; PostgreSQL's own
         // convention is table_columns_key.
         let names: Vec<&str> = i.columns.iter().filter_map(|(c, _)| c.as_deref()).collect();
-        return format!(
-            "ALTER TABLE {} ADD CONSTRAINT {} UNIQUE ({});\n",
+        return Some(format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} UNIQUE ({})",
             quote(&t.name),
             quote(&format!("{}_{}_key", t.name, names.join("_"))),
             columns.join(", ")
-        );
+        ));
     }
-    format!(
-        "CREATE {}INDEX {} ON {} ({}){};\n",
+    Some(format!(
+        "CREATE {}INDEX {} ON {} ({}){}",
         if i.unique { "UNIQUE " } else { "" },
         quote(&i.name),
         quote(&t.name),
@@ -419,7 +474,7 @@ fn index_ddl(t: &Table, i: &Index) -> String {
             .as_deref()
             .map(|w| format!(" WHERE {w}"))
             .unwrap_or_default()
-    )
+    ))
 }
 
 fn comment(c: &Column) -> String {
@@ -494,9 +549,11 @@ fn read_table(
         }
     }
     let upper = sql.to_ascii_uppercase();
+    // The table options follow the last parenthesis: `WITHOUT ROWID, STRICT`.
     let without_rowid = upper
-        .replace(char::is_whitespace, "")
-        .ends_with("WITHOUTROWID");
+        .rsplit(')')
+        .next()
+        .is_some_and(|options| options.replace(char::is_whitespace, "").contains("WITHOUTROWID"));
     let mut keyed: Vec<&Info> = infos.iter().filter(|i| i.pk > 0).collect();
     keyed.sort_by_key(|i| i.pk);
     let primary_key: Vec<String> = keyed.iter().map(|i| i.name.clone()).collect();
@@ -569,6 +626,21 @@ fn read_table(
         None => None,
     };
     let bad_values = bad_values(conn, name, &primary_key, &columns)?;
+    let mut checks = Vec::new();
+    for check in check_expressions(sql) {
+        let lower = check.to_ascii_lowercase();
+        let boolean_range = columns.iter().any(|c| {
+            c.pg_type == "boolean" && lower.contains(&c.name.to_ascii_lowercase())
+        }) && (lower.replace(' ', "").contains("in(0,1)")
+            || lower.replace(' ', "").contains("in(1,0)"));
+        if lower.contains("typeof(") || lower.contains("json_valid(") || boolean_range {
+            if let Some(c) = columns.iter_mut().find(|c| lower.contains(&c.name.to_ascii_lowercase())) {
+                c.notes.push(format!("CHECK ({check}) is implied by the type"));
+            }
+        } else {
+            checks.push(check.replace('`', "\""));
+        }
+    }
     Ok(Table {
         name: name.to_string(),
         columns,
@@ -580,6 +652,7 @@ fn read_table(
         bad_values,
         indexes: indexes(conn, name)?,
         foreign_keys: foreign_keys(conn, name)?,
+        checks,
     })
 }
 
@@ -697,6 +770,103 @@ fn foreign_keys(conn: &Connection, table: &str) -> Result<Vec<ForeignKey>, Sqlit
     }
     by_id.sort_by_key(|(id, _)| *id);
     Ok(by_id.into_iter().map(|(_, fk)| fk).collect())
+}
+
+/// The expressions of the CHECK constraints in a CREATE TABLE statement,
+/// column and table ones alike, as written.
+fn check_expressions(sql: &str) -> Vec<String> {
+    let bytes = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut quote: Option<u8> = None;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if let Some(q) = quote {
+            if b == q {
+                quote = None;
+            }
+            i += 1;
+            continue;
+        }
+        if matches!(b, b'\'' | b'"' | b'`') {
+            quote = Some(b);
+            i += 1;
+            continue;
+        }
+        let word_start = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if word_start && sql.len() >= i + 5 && sql[i..i + 5].eq_ignore_ascii_case("check") {
+            let mut j = i + 5;
+            while j < bytes.len() && bytes[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            if j < bytes.len() && bytes[j] == b'(' {
+                if let Some(end) = closing_paren(sql, j) {
+                    out.push(sql[j + 1..end].trim().to_string());
+                    i = end + 1;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The index of the parenthesis closing the one at `open`, skipping quotes.
+fn closing_paren(sql: &str, open: usize) -> Option<usize> {
+    let mut depth = 0;
+    let mut quote: Option<u8> = None;
+    for (i, b) in sql.bytes().enumerate().skip(open) {
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None => match b {
+                b'\'' | b'"' | b'`' => quote = Some(b),
+                b'(' => depth += 1,
+                b')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(i);
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+    None
+}
+
+/// An override's type in the spelling the converter works with, or None
+/// for a type it does not convert to.
+fn normal_type(given: &str) -> Option<String> {
+    let t = given.trim().to_ascii_lowercase();
+    let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+    Some(
+        match t.as_str() {
+            "smallint" | "int2" => "smallint",
+            "integer" | "int" | "int4" => "integer",
+            "bigint" | "int8" => "bigint",
+            "boolean" | "bool" => "boolean",
+            "numeric" | "decimal" => "numeric",
+            "double precision" | "float8" | "float" => "double precision",
+            "text" => "text",
+            "date" => "date",
+            "timestamptz" | "timestamp with time zone" => "timestamptz",
+            "jsonb" => "jsonb",
+            "json" => "json",
+            "uuid" => "uuid",
+            "bytea" => "bytea",
+            other => {
+                let (name, rest) = other.split_once('(')?;
+                let n: u32 = rest.strip_suffix(')')?.trim().parse().ok()?;
+                return match name.trim() {
+                    "varchar" | "character varying" if n > 0 => Some(format!("varchar({n})")),
+                    _ => None,
+                };
+            }
+        }
+        .to_string(),
+    )
 }
 
 /// The type family of a declaration, by SQLite's affinity rules with the
@@ -821,6 +991,12 @@ fn decide(
     };
     let (pg_type, codec) = match given {
         Some(o) => {
+            let pg_type = normal_type(&o.pg_type).ok_or_else(|| {
+                SqliteError::Override(format!(
+                    "{}.{}: type {:?} is not one convert writes; use smallint, integer, bigint, boolean, numeric, double precision, text, varchar(n), date, timestamptz, jsonb, json, uuid or bytea",
+                    o.table, o.column, o.pg_type
+                ))
+            })?;
             let codec = match &o.storage {
                 Some(s) => Codec::parse(s).ok_or_else(|| {
                     SqliteError::Override(format!(
@@ -828,16 +1004,14 @@ fn decide(
                         o.table, o.column
                     ))
                 })?,
-                None if o.pg_type == "timestamptz" || o.pg_type == "timestamp" => {
-                    Codec::Time(time_codec(p, &mut notes))
-                }
-                None if o.pg_type == "boolean" => {
+                None if pg_type == "timestamptz" => Codec::Time(time_codec(p, &mut notes)),
+                None if pg_type == "boolean" => {
                     if p.text > 0 { Codec::BoolText } else { Codec::BoolInt }
                 }
                 None => codec,
             };
             notes.push("type set by schema.columns".to_string());
-            (o.pg_type.clone(), codec)
+            (pg_type, codec)
         }
         None => (pg_type, codec),
     };

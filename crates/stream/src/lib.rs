@@ -68,10 +68,16 @@ pub async fn control_client(
     url: &cutover_config::BackendUrl,
     application_name: &str,
 ) -> Result<tokio_postgres::Client, StreamError> {
+    let cutover_config::Target::Tcp { host, port } = &url.target else {
+        return Err(StreamError::Connect(format!(
+            "{} is a SQLite file, not a PostgreSQL server",
+            url.address()
+        )));
+    };
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&url.host)
-        .port(url.port)
+        .host(host)
+        .port(*port)
         .user(&url.user)
         .dbname(&url.database)
         .application_name(application_name)
