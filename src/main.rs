@@ -46,12 +46,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The schema on new: `schema copy` creates there the tables (with
-    /// their types, sequences, keys, indexes, foreign keys, owner and
-    /// grants) that old has and new lacks, as `mirror start` does.
+    /// The schema on new. `schema --config F` prints the PostgreSQL DDL
+    /// for old (for a SQLite file: each column with its declaration, the
+    /// storage found and the decisions the data could not settle).
+    /// `schema copy` creates on new the tables old has and new lacks, as
+    /// `mirror start` does (PostgreSQL old).
     Schema {
         #[command(subcommand)]
-        action: SchemaAction,
+        action: Option<SchemaAction>,
+        /// Configuration naming [old] (and, for PostgreSQL, [new]).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Convert the SQLite file [old] names into the empty PostgreSQL
+    /// database [new] names, offline: schema, rows in resumable chunks,
+    /// indexes and foreign keys, identity restarts, ANALYZE, then verify.
+    /// Exit 1 naming table, key and value on anything not converted exactly.
+    Convert {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Rows per chunk (one PostgreSQL transaction each).
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: u32,
     },
     /// Control mirroring to the new database.
     Mirror {
@@ -308,6 +324,137 @@ async fn schema_copy(path: PathBuf, print: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The schema map of the SQLite file `config`'s [old] names, with its
+/// `[[schema.columns]]` settings.
+fn sqlite_map(config: &Config) -> anyhow::Result<(PathBuf, cutover_sqlite::SchemaMap)> {
+    let path = config
+        .old
+        .url
+        .sqlite_path()
+        .context("old.url is not a SQLite file")?
+        .to_path_buf();
+    if !path.is_file() {
+        anyhow::bail!("old.url: the SQLite file {} does not exist", path.display());
+    }
+    let conn = rusqlite_open(&path)?;
+    let settings: Vec<cutover_sqlite::ColumnOverride> = config
+        .schema_columns
+        .iter()
+        .map(|c| cutover_sqlite::ColumnOverride {
+            table: c.table.clone(),
+            column: c.column.clone(),
+            pg_type: c.pg_type.clone(),
+            storage: c.storage.clone(),
+        })
+        .collect();
+    let map = cutover_sqlite::SchemaMap::read(&conn, &settings)?;
+    Ok((path, map))
+}
+
+fn rusqlite_open(path: &std::path::Path) -> anyhow::Result<cutover_sqlite::Connection> {
+    cutover_sqlite::open_read_only(path)
+        .with_context(|| format!("opening the SQLite file {}", path.display()))
+}
+
+async fn schema_print(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    if config.old.url.sqlite_path().is_none() {
+        return schema_copy(path, true).await;
+    }
+    let (_, map) = sqlite_map(&config)?;
+    print!("{}", map.ddl());
+    for t in &map.tables {
+        for (key, column, value) in &t.bad_values {
+            eprintln!(
+                "cutover: {}: key {key}, column {column}: {value:?} does not fit {}",
+                t.name,
+                t.columns
+                    .iter()
+                    .find(|c| &c.name == column)
+                    .map(|c| c.pg_type.as_str())
+                    .unwrap_or("its type")
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn convert(path: PathBuf, chunk_rows: u32) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let new = config
+        .new
+        .as_ref()
+        .context("the configuration has no [new] section; add [new] url = \"postgres://...\"")?;
+    let (file, map) = sqlite_map(&config)?;
+    let pg = cutover_stream::control_client(&new.url, "cutover-convert").await?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:24} [{bar:30}] {pos}/{len} rows {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let events = |e: cutover_sqlite::convert::Event| match e {
+        cutover_sqlite::convert::Event::TableStarted { table, done, total } => {
+            bar.reset();
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(table);
+        }
+        cutover_sqlite::convert::Event::Rows { rows } => bar.inc(rows),
+        cutover_sqlite::convert::Event::TableDone { table } => {
+            bar.suspend(|| eprintln!("cutover: copied {table} ({} rows)", bar.position()));
+        }
+        cutover_sqlite::convert::Event::Step(step) => {
+            bar.finish_and_clear();
+            eprintln!("cutover: {step}");
+        }
+    };
+    let checks = cutover_sqlite::convert::convert(
+        &file,
+        &map,
+        &pg,
+        &cutover_sqlite::convert::Options { chunk_rows },
+        &events,
+    )
+    .await;
+    bar.finish_and_clear();
+    let checks = checks?;
+    let mut clean = true;
+    for c in &checks {
+        if c.clean() {
+            println!(
+                "{}: {} rows, content hash {:016x} on both sides",
+                c.table, c.sqlite_rows, c.sqlite_hash
+            );
+        } else {
+            clean = false;
+            println!(
+                "{}: DIFFERS: {} rows in SQLite, {} in PostgreSQL",
+                c.table, c.sqlite_rows, c.postgres_rows
+            );
+            for d in &c.differences {
+                println!("  {d}");
+            }
+        }
+    }
+    for (name, why) in &map.skipped {
+        println!("{name}: not converted: {why}");
+    }
+    let rows: u64 = checks.iter().map(|c| c.sqlite_rows).sum();
+    eprintln!(
+        "cutover: converted {} tables, {rows} rows in {:.1}s",
+        checks.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !clean {
+        anyhow::bail!("verify found differences between the SQLite file and PostgreSQL");
+    }
+    Ok(())
+}
+
 async fn repair(check: CheckArgs) -> anyhow::Result<()> {
     let (old, new, options) = check.connect().await?;
     let report = cutover_stream::verify(&old, &new, &options).await?;
@@ -372,8 +519,22 @@ fn main() -> ExitCode {
         }
         Command::Status { target, json } => report(status(&target, json)),
         Command::Schema {
-            action: SchemaAction::Copy { config, print },
+            action: Some(SchemaAction::Copy { config, print }),
+            ..
         } => report(runtime(1).and_then(|rt| rt.block_on(schema_copy(config, print)))),
+        Command::Schema {
+            action: None,
+            config: Some(config),
+        } => report(runtime(1).and_then(|rt| rt.block_on(schema_print(config)))),
+        Command::Schema {
+            action: None,
+            config: None,
+        } => report(Err(anyhow::anyhow!(
+            "cutover schema needs --config FILE (print the DDL) or a subcommand (copy)"
+        ))),
+        Command::Convert { config, chunk_rows } => {
+            report(runtime(2).and_then(|rt| rt.block_on(convert(config, chunk_rows))))
+        }
         Command::Mirror {
             action: MirrorAction::Start { clear_new, target },
         } => report(mirror_start(&target, clear_new)),

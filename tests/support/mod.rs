@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod script;
+pub mod sqlite_app;
 
 use bytes::{BufMut, BytesMut};
 use cutover::Server;

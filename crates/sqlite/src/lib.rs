@@ -6,10 +6,22 @@
 //! that follows from it. The converter, the SQLite engine, the change
 //! stream and verify are meant to read values through this one map.
 
+pub mod canonical;
+pub mod convert;
 pub mod schema_map;
 pub mod value;
 
 pub use schema_map::{
     Codec, Column, ColumnOverride, Profile, SchemaMap, SqliteError, Table, TimeCodec,
 };
+pub use rusqlite;
+pub use rusqlite::Connection;
 pub use value::BadValue;
+
+/// Opens a SQLite file for reading only.
+pub fn open_read_only(path: &std::path::Path) -> Result<Connection, rusqlite::Error> {
+    Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}

@@ -376,9 +376,6 @@ impl SchemaMap {
                     String::new(),
                 ));
             }
-            for check in &t.checks {
-                lines.push((format!("  CHECK ({check})"), String::new()));
-            }
             let last = lines.len().saturating_sub(1);
             for (i, (line, comment)) in lines.iter().enumerate() {
                 let comma = if i == last { "" } else { "," };
@@ -395,7 +392,7 @@ impl SchemaMap {
     }
 
     /// What follows the data: identity restarts where SQLite would
-    /// continue, indexes and UNIQUE constraints, then foreign keys.
+    /// continue, indexes, UNIQUE and CHECK constraints, then foreign keys.
     pub fn post_data_ddl(&self) -> Vec<String> {
         let mut out = Vec::new();
         for t in &self.tables {
@@ -409,6 +406,13 @@ impl SchemaMap {
         }
         for t in &self.tables {
             out.extend(t.indexes.iter().filter_map(|i| index_ddl(t, i)));
+            for (n, check) in t.checks.iter().enumerate() {
+                out.push(format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} CHECK ({check})",
+                    quote(&t.name),
+                    quote(&format!("{}_check{}", t.name, n + 1))
+                ));
+            }
         }
         for t in &self.tables {
             for (n, fk) in t.foreign_keys.iter().enumerate() {
@@ -579,6 +583,29 @@ fn read_table(
         }
     }
 
+    // SQLite lets a primary key that is not a rowid alias hold NULLs
+    // (drizzle's `__drizzle_migrations` has `id SERIAL PRIMARY KEY`, all
+    // NULL). PostgreSQL cannot; such a table is copied without the key.
+    let mut primary_key = primary_key;
+    let mut key_notes = Vec::new();
+    if rowid_alias.is_none() && !without_rowid {
+        let nulls: Vec<&str> = infos
+            .iter()
+            .zip(&profiles)
+            .filter(|(i, p)| i.pk > 0 && p.null > 0)
+            .map(|(i, _)| i.name.as_str())
+            .collect();
+        if !nulls.is_empty() {
+            key_notes.push((
+                nulls[0].to_string(),
+                format!(
+                    "the primary key ({}) holds NULLs, which PostgreSQL does not allow: the table is copied without a primary key",
+                    primary_key.join(", ")
+                ),
+            ));
+            primary_key.clear();
+        }
+    }
     let mut columns = Vec::new();
     for (info, profile) in infos.iter().zip(profiles) {
         let given = overrides
@@ -601,6 +628,11 @@ fn read_table(
         )));
     }
 
+    for (column, note) in key_notes {
+        if let Some(c) = columns.iter_mut().find(|c| c.name == column) {
+            c.notes.push(note);
+        }
+    }
     let next_id = match &rowid_alias {
         Some(id) => {
             let max: Option<i64> = conn.query_row(
@@ -897,7 +929,7 @@ fn family(declared: &str) -> Family {
         Family::DateTime
     } else if d == "DATE" {
         Family::Date
-    } else if d.contains("INT") {
+    } else if d.contains("INT") || d.contains("SERIAL") {
         Family::Integer
     } else if d.contains("JSON") {
         Family::Json
@@ -1124,6 +1156,15 @@ fn translate_default(default: &str, pg_type: &str, codec: Codec) -> String {
             "1" | "true" | "t" | "yes" => "true".to_string(),
             _ => "false".to_string(),
         };
+    }
+    // drizzle-kit writes `DEFAULT false` for integer booleans; SQLite
+    // reads it as 0.
+    if matches!(pg_type, "bigint" | "integer" | "smallint") {
+        match lower.as_str() {
+            "true" => return "1".to_string(),
+            "false" => return "0".to_string(),
+            _ => {}
+        }
     }
     bare.to_string()
 }
