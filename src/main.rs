@@ -405,7 +405,8 @@ async fn convert(path: PathBuf, chunk_rows: u32) -> anyhow::Result<()> {
         }
         cutover_sqlite::convert::Event::Rows { rows } => bar.inc(rows),
         cutover_sqlite::convert::Event::TableDone { table } => {
-            bar.suspend(|| eprintln!("cutover: copied {table} ({} rows)", bar.position()));
+            let rows = bar.position();
+            bar.suspend(|| eprintln!("cutover: copied {table} ({rows} rows)"));
         }
         cutover_sqlite::convert::Event::Step(step) => {
             bar.finish_and_clear();

@@ -270,7 +270,18 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
             ))
             .unwrap();
-        let names = ["Zoë", "José", "李雷", "Ada", "O'Brien", "Ñandú", "tab\there", "line\nbreak", "back\\slash", "🎉 party"];
+        let names = [
+            "Zoë",
+            "José",
+            "李雷",
+            "Ada",
+            "O'Brien",
+            "Ñandú",
+            "tab\there",
+            "line\nbreak",
+            "back\\slash",
+            "🎉 party",
+        ];
         for i in 1..=users {
             let seconds = EPOCH + (i as i64) * 3_607;
             // Each style's real mix: Prisma wrote epoch ms with some
@@ -301,12 +312,19 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
                 1 => ((i % 500) as i64).into(),
                 _ => ((i as f64) * 0.01 + 0.1).into(),
             };
-            let birthday = (i % 5 != 0).then(|| format!("19{:02}-{:02}-{:02}", 50 + i % 50, 1 + i % 12, 1 + i % 28));
+            let birthday = (i % 5 != 0)
+                .then(|| format!("19{:02}-{:02}-{:02}", 50 + i % 50, 1 + i % 12, 1 + i % 28));
             let prefs = (i % 4 != 3).then(|| {
                 format!(r#"{{"theme": "{}", "n": {i}, "tags": ["a", "ü"], "nested": {{"x": null, "y": 1.5}}}}"#,
                     if i % 2 == 0 { "dark" } else { "light" })
             });
-            let nickname = (i % 6 != 0).then(|| if i % 7 == 0 { format!("nickname-longer-than-8-{i}") } else { format!("n{i}") });
+            let nickname = (i % 6 != 0).then(|| {
+                if i % 7 == 0 {
+                    format!("nickname-longer-than-8-{i}")
+                } else {
+                    format!("n{i}")
+                }
+            });
             insert
                 .execute(params![
                     format!("user{i}@example.com"),
@@ -351,7 +369,8 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
                 id as i64,
                 (1 + rng.below(users)) as i64,
                 format!("Post {id}: \"quoted\" & <html>"),
-                (id % 3 != 0).then(|| "Lorem ipsum dolor sit amet. ".repeat(1 + (id % 20) as usize)),
+                (id % 3 != 0)
+                    .then(|| "Lorem ipsum dolor sit amet. ".repeat(1 + (id % 20) as usize)),
                 (id % 4 != 0).then(|| [149.99f64, 0.1, 19.95, 1e-7, 1234567.89][(id % 5) as usize]),
                 published,
                 (id % 9 == 0).then(|| format_utc(seconds + 86_400, " ")),
@@ -371,7 +390,14 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
             let ms = (EPOCH + e as i64 * 37) * 1000 + (e as i64 % 1000);
             event
                 .execute(params![
-                    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", rng.next(), e % 65_536, e % 4096, rng.below(4096), rng.next()),
+                    format!(
+                        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+                        rng.next(),
+                        e % 65_536,
+                        e % 4096,
+                        rng.below(4096),
+                        rng.next()
+                    ),
                     ms,
                     format!(r#"{{"kind": "view", "path": "/p/{e}"}}"#),
                     (e % 7) as i64,
@@ -383,21 +409,33 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
             .unwrap();
         for l in 0..users / 2 {
             // Keyless, with exact duplicates.
-            log.execute(params![["info", "warn", "error"][(l % 3) as usize], format!("message {}", l / 2), format_utc(EPOCH + l as i64, " ")])
-                .unwrap();
+            log.execute(params![
+                ["info", "warn", "error"][(l % 3) as usize],
+                format!("message {}", l / 2),
+                format_utc(EPOCH + l as i64, " ")
+            ])
+            .unwrap();
         }
         for n in 0..500 {
-            tx.execute("INSERT INTO emptied (note) VALUES (?1)", params![format!("gone {n}")])
-                .unwrap();
+            tx.execute(
+                "INSERT INTO emptied (note) VALUES (?1)",
+                params![format!("gone {n}")],
+            )
+            .unwrap();
         }
         tx.execute("DELETE FROM emptied", []).unwrap();
         // The newest users deleted: SQLite continues past them.
-        tx.execute(&format!("DELETE FROM \"{u}\" WHERE id > ?1"), params![users as i64 - 3])
-            .unwrap();
+        tx.execute(
+            &format!("DELETE FROM \"{u}\" WHERE id > ?1"),
+            params![users as i64 - 3],
+        )
+        .unwrap();
         match style {
             Style::Hand => {
-                tx.execute_batch("INSERT INTO d1_migrations (name) VALUES ('0001_init.sql'), ('0002_posts.sql')")
-                    .unwrap();
+                tx.execute_batch(
+                    "INSERT INTO d1_migrations (name) VALUES ('0001_init.sql'), ('0002_posts.sql')",
+                )
+                .unwrap();
             }
             Style::Drizzle => {
                 tx.execute_batch("INSERT INTO __drizzle_migrations (hash, created_at) VALUES ('3f1c9a', 1709294400123), ('9be2d0', 1709380800456)")

@@ -531,7 +531,11 @@ impl Config {
         let mut schema_columns = Vec::new();
         for (i, c) in raw.schema.columns.into_iter().enumerate() {
             let key = format!("schema.columns[{i}]");
-            for (name, value) in [("table", &c.table), ("column", &c.column), ("type", &c.pg_type)] {
+            for (name, value) in [
+                ("table", &c.table),
+                ("column", &c.column),
+                ("type", &c.pg_type),
+            ] {
                 if value.trim().is_empty() {
                     return Err(ConfigError::invalid(
                         &format!("{key}.{name}"),
@@ -750,7 +754,10 @@ mod tests {
             "[old]\nurl = \"sqlite:a.db\"\n[[schema.columns]]\ntable = \"t\"\ncolumn = \"c\"\ntype = \"bigint\"\nstorage = \"epoch\"\n",
         )
         .unwrap_err();
-        assert!(err.to_string().contains("schema.columns[0].storage"), "{err}");
+        assert!(
+            err.to_string().contains("schema.columns[0].storage"),
+            "{err}"
+        );
         let err = Config::from_toml("[old]\nurl = \"sqlite:a.db\"\n[new]\nurl = \"sqlite:b.db\"\n")
             .unwrap_err();
         assert!(err.to_string().contains("new.url"), "{err}");

@@ -196,10 +196,16 @@ mod tests {
     #[test]
     fn parses_sqlite_files() {
         let u = BackendUrl::parse("sqlite:///srv/app/data/app.db").unwrap();
-        assert_eq!(u.sqlite_path(), Some(std::path::Path::new("/srv/app/data/app.db")));
+        assert_eq!(
+            u.sqlite_path(),
+            Some(std::path::Path::new("/srv/app/data/app.db"))
+        );
         assert_eq!(u.database, "app");
         let u = BackendUrl::parse("sqlite:data/my%20app.sqlite3").unwrap();
-        assert_eq!(u.sqlite_path(), Some(std::path::Path::new("data/my app.sqlite3")));
+        assert_eq!(
+            u.sqlite_path(),
+            Some(std::path::Path::new("data/my app.sqlite3"))
+        );
         assert_eq!(u.database, "my app");
         assert!(BackendUrl::parse("sqlite://host/app.db").is_err());
         assert!(BackendUrl::parse("sqlite:").is_err());

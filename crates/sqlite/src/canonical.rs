@@ -13,7 +13,9 @@ pub fn canonical(pg_type: &str, text: &str) -> Result<String, String> {
     let t = text.trim();
     let unreadable = || format!("{text:?} is not a {pg_type}");
     Ok(match pg_type {
-        "smallint" | "integer" | "bigint" => t.parse::<i64>().map_err(|_| unreadable())?.to_string(),
+        "smallint" | "integer" | "bigint" => {
+            t.parse::<i64>().map_err(|_| unreadable())?.to_string()
+        }
         "boolean" => match t.to_ascii_lowercase().as_str() {
             "t" | "true" | "yes" | "y" | "1" | "on" => "t".to_string(),
             "f" | "false" | "no" | "n" | "0" | "off" => "f".to_string(),
@@ -43,7 +45,10 @@ fn decimal(t: &str) -> Option<String> {
     };
     let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
     if (whole.is_empty() && fraction.is_empty())
-        || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit())
+        || !whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|b| b.is_ascii_digit())
     {
         return None;
     }
@@ -153,13 +158,20 @@ mod tests {
             "2024-03-01T07:30:00-0500",
             "2024-03-01 12:30:00.0000004",
         ] {
-            assert_eq!(canonical("timestamptz", spelling).unwrap(), utc, "{spelling}");
+            assert_eq!(
+                canonical("timestamptz", spelling).unwrap(),
+                utc,
+                "{spelling}"
+            );
         }
         assert_eq!(
             canonical("timestamptz", "1970-01-01 00:00:01.5+00").unwrap(),
             "1500000"
         );
-        assert_eq!(canonical("timestamptz", "1969-12-31").unwrap(), "-86400000000");
+        assert_eq!(
+            canonical("timestamptz", "1969-12-31").unwrap(),
+            "-86400000000"
+        );
         assert!(canonical("timestamptz", "yesterday").is_err());
         assert!(canonical("timestamptz", "2024-13-01").is_err());
     }
@@ -174,7 +186,10 @@ mod tests {
             canonical("numeric", "149.98999").unwrap()
         );
         assert_eq!(canonical("double precision", "0.1").unwrap(), "0.1");
-        assert_eq!(canonical("double precision", "1e21").unwrap(), canonical("double precision", "1000000000000000000000").unwrap());
+        assert_eq!(
+            canonical("double precision", "1e21").unwrap(),
+            canonical("double precision", "1000000000000000000000").unwrap()
+        );
         assert_eq!(
             canonical("jsonb", r#"{"b": [1, 2], "a": {"y": null}}"#).unwrap(),
             canonical("jsonb", r#"{"a":{"y":null},"b":[1,2]}"#).unwrap()

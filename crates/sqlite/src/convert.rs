@@ -21,7 +21,7 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::Connection;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
@@ -64,8 +64,12 @@ pub enum Event {
         total: u64,
     },
     /// `rows` more rows of the current table committed.
-    Rows { rows: u64 },
-    TableDone { table: String },
+    Rows {
+        rows: u64,
+    },
+    TableDone {
+        table: String,
+    },
     /// A step after the copy: "indexes and foreign keys", "ANALYZE", "verify".
     Step(String),
 }
@@ -125,7 +129,10 @@ pub async fn convert(
         return Err(ConvertError::BadValues(bad));
     }
     let locked: bool = pg
-        .query_one("SELECT pg_try_advisory_lock(hashtext('cutover.convert'))", &[])
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('cutover.convert'))",
+            &[],
+        )
         .await?
         .get(0);
     if !locked {
@@ -143,7 +150,9 @@ pub async fn convert(
         copy_table(path, table, pg, options, events).await?;
     }
     if !post_data_done {
-        events(Event::Step("indexes, constraints and foreign keys".to_string()));
+        events(Event::Step(
+            "indexes, constraints and foreign keys".to_string(),
+        ));
         pg.batch_execute("BEGIN").await?;
         let statements = map.post_data_ddl();
         for statement in statements {
@@ -169,7 +178,12 @@ pub async fn convert(
 
 /// Creates cutover's bookkeeping and the tables, or checks that an earlier
 /// run converted this same schema. Returns whether the post-data step ran.
-async fn prepare(pg: &Client, map: &SchemaMap, ddl: &str, path: &Path) -> Result<bool, ConvertError> {
+async fn prepare(
+    pg: &Client,
+    map: &SchemaMap,
+    ddl: &str,
+    path: &Path,
+) -> Result<bool, ConvertError> {
     pg.batch_execute(
         "CREATE SCHEMA IF NOT EXISTS cutover;
          CREATE TABLE IF NOT EXISTS cutover.convert (
@@ -181,7 +195,10 @@ async fn prepare(pg: &Client, map: &SchemaMap, ddl: &str, path: &Path) -> Result
     )
     .await?;
     if let Some(row) = pg
-        .query_opt("SELECT ddl, post_data_done, source FROM cutover.convert", &[])
+        .query_opt(
+            "SELECT ddl, post_data_done, source FROM cutover.convert",
+            &[],
+        )
         .await?
     {
         let (earlier, done, source): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
@@ -202,7 +219,10 @@ async fn prepare(pg: &Client, map: &SchemaMap, ddl: &str, path: &Path) -> Result
         )
         .await?;
     if !existing.is_empty() {
-        let list: Vec<String> = existing.iter().map(|r| quote(&r.get::<_, String>(0))).collect();
+        let list: Vec<String> = existing
+            .iter()
+            .map(|r| quote(&r.get::<_, String>(0)))
+            .collect();
         return Err(ConvertError::Refused(format!(
             "the new database is not empty: {} already exist; convert needs an empty database",
             list.join(", ")
@@ -253,15 +273,18 @@ async fn copy_table(
             &[&table.name],
         )
         .await?;
-    let (cursor, done_rows, done): (Option<String>, i64, bool) = (row.get(0), row.get(1), row.get(2));
+    let (cursor, done_rows, done): (Option<String>, i64, bool) =
+        (row.get(0), row.get(1), row.get(2));
     if done {
         return Ok(());
     }
     let total = {
         let conn = open(path)?;
-        conn.query_row(&format!("SELECT count(*) FROM {}", quote(&table.name)), [], |r| {
-            r.get::<_, i64>(0)
-        })?
+        conn.query_row(
+            &format!("SELECT count(*) FROM {}", quote(&table.name)),
+            [],
+            |r| r.get::<_, i64>(0),
+        )?
     };
     events(Event::TableStarted {
         table: table.name.clone(),
@@ -278,7 +301,11 @@ async fn copy_table(
         })
     };
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
-    let copy = format!("COPY {} ({}) FROM STDIN", quote(&table.name), columns.join(", "));
+    let copy = format!(
+        "COPY {} ({}) FROM STDIN",
+        quote(&table.name),
+        columns.join(", ")
+    );
     while let Some(chunk) = rx.recv().await {
         let chunk = chunk?;
         pg.batch_execute("BEGIN").await?;
@@ -411,7 +438,11 @@ fn read_chunks(
 }
 
 /// The row's key as `id=7` (or `rowid 7` for a table without one).
-fn describe_key(table: &Table, row: &rusqlite::Row<'_>, keys: usize) -> Result<String, ConvertError> {
+fn describe_key(
+    table: &Table,
+    row: &rusqlite::Row<'_>,
+    keys: usize,
+) -> Result<String, ConvertError> {
     if table.primary_key.is_empty() {
         return Ok(format!("rowid {}", text_of(row.get_ref(0)?)));
     }
@@ -450,7 +481,11 @@ fn encode_cursor(values: &[Value]) -> String {
 }
 
 fn decode_cursor(text: &str) -> Result<Vec<Value>, ConvertError> {
-    let broken = || ConvertError::Refused(format!("cutover.convert_progress holds a cursor cutover did not write: {text}"));
+    let broken = || {
+        ConvertError::Refused(format!(
+            "cutover.convert_progress holds a cursor cutover did not write: {text}"
+        ))
+    };
     let list: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|_| broken())?;
     list.into_iter()
         .map(|v| {
@@ -534,7 +569,10 @@ fn canonical_row(
     for (c, v) in table.columns.iter().zip(values) {
         row.push(match v {
             None => None,
-            Some(text) => Some(canonical(&c.pg_type, &text).map_err(|e| format!("column {}: {e}", quote(&c.name)))?),
+            Some(text) => Some(
+                canonical(&c.pg_type, &text)
+                    .map_err(|e| format!("column {}: {e}", quote(&c.name)))?,
+            ),
         });
     }
     let key = key_at.iter().map(|&i| row[i].clone()).collect();
@@ -544,7 +582,11 @@ fn canonical_row(
 /// Row counts and order-free content hashes of every table on both sides,
 /// over canonical values; a table whose figures differ is compared key by
 /// key to name the differing rows.
-pub async fn verify(path: &Path, map: &SchemaMap, pg: &Client) -> Result<Vec<TableCheck>, ConvertError> {
+pub async fn verify(
+    path: &Path,
+    map: &SchemaMap,
+    pg: &Client,
+) -> Result<Vec<TableCheck>, ConvertError> {
     let mut checks = Vec::new();
     for table in &map.tables {
         let key_at: Vec<usize> = table
@@ -579,7 +621,9 @@ pub async fn verify(path: &Path, map: &SchemaMap, pg: &Client) -> Result<Vec<Tab
         if !check.clean() && !key_at.is_empty() {
             check.differences = drill_down(path, table, &key_at, pg).await?;
             if check.differences.is_empty() {
-                check.differences.push("the content hashes differ".to_string());
+                check
+                    .differences
+                    .push("the content hashes differ".to_string());
             }
         } else if !check.clean() && check.differences.is_empty() {
             check.differences.push(format!(
@@ -595,7 +639,7 @@ pub async fn verify(path: &Path, map: &SchemaMap, pg: &Client) -> Result<Vec<Tab
 /// Count and hash of the file's rows; with `rows`, each canonical row is
 /// handed over too. Values that do not convert are differences.
 fn sqlite_side(
-    path: &PathBuf,
+    path: &Path,
     table: &Table,
     key_at: &[usize],
     mut rows: Option<&mut dyn FnMut(CanonicalRow)>,
@@ -657,7 +701,8 @@ async fn postgres_side(
         let mut start = 0;
         while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
             let line = &pending[start..start + end];
-            let values: Vec<Option<String>> = line.split(|b| *b == b'\t').map(unescape_copy).collect();
+            let values: Vec<Option<String>> =
+                line.split(|b| *b == b'\t').map(unescape_copy).collect();
             each(canonical_row(table, key_at, values));
             start += end + 1;
         }
@@ -737,7 +782,13 @@ mod tests {
 
     #[test]
     fn copy_text_escapes_round_trip() {
-        for text in ["plain", "tab\there", "line\nbreak\r\n", "back\\slash \\N", "ünïcødé 🎉"] {
+        for text in [
+            "plain",
+            "tab\there",
+            "line\nbreak\r\n",
+            "back\\slash \\N",
+            "ünïcødé 🎉",
+        ] {
             let mut out = Vec::new();
             escape_copy(text, &mut out);
             assert!(!out.contains(&b'\n') && !out.contains(&b'\t'));

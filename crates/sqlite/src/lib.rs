@@ -11,11 +11,11 @@ pub mod convert;
 pub mod schema_map;
 pub mod value;
 
+pub use rusqlite;
+pub use rusqlite::Connection;
 pub use schema_map::{
     Codec, Column, ColumnOverride, Profile, SchemaMap, SqliteError, Table, TimeCodec,
 };
-pub use rusqlite;
-pub use rusqlite::Connection;
 pub use value::BadValue;
 
 /// Opens a SQLite file for reading only.

@@ -338,7 +338,11 @@ impl SchemaMap {
             out.push_str(";\n");
         }
         for t in &self.tables {
-            for i in t.indexes.iter().filter(|i| i.columns.iter().any(|(c, _)| c.is_none())) {
+            for i in t
+                .indexes
+                .iter()
+                .filter(|i| i.columns.iter().any(|(c, _)| c.is_none()))
+            {
                 out.push_str(&format!(
                     "-- index {} on {} uses an expression; create it by hand\n",
                     quote(&i.name),
@@ -554,10 +558,11 @@ fn read_table(
     }
     let upper = sql.to_ascii_uppercase();
     // The table options follow the last parenthesis: `WITHOUT ROWID, STRICT`.
-    let without_rowid = upper
-        .rsplit(')')
-        .next()
-        .is_some_and(|options| options.replace(char::is_whitespace, "").contains("WITHOUTROWID"));
+    let without_rowid = upper.rsplit(')').next().is_some_and(|options| {
+        options
+            .replace(char::is_whitespace, "")
+            .contains("WITHOUTROWID")
+    });
     let mut keyed: Vec<&Info> = infos.iter().filter(|i| i.pk > 0).collect();
     keyed.sort_by_key(|i| i.pk);
     let primary_key: Vec<String> = keyed.iter().map(|i| i.name.clone()).collect();
@@ -661,16 +666,21 @@ fn read_table(
     let mut checks = Vec::new();
     for check in check_expressions(sql) {
         let lower = check.to_ascii_lowercase();
-        let boolean_range = columns.iter().any(|c| {
-            c.pg_type == "boolean" && lower.contains(&c.name.to_ascii_lowercase())
-        }) && (lower.replace(' ', "").contains("in(0,1)")
-            || lower.replace(' ', "").contains("in(1,0)"));
+        let boolean_range = columns
+            .iter()
+            .any(|c| c.pg_type == "boolean" && lower.contains(&c.name.to_ascii_lowercase()))
+            && (lower.replace(' ', "").contains("in(0,1)")
+                || lower.replace(' ', "").contains("in(1,0)"));
         if lower.contains("typeof(") || lower.contains("json_valid(") || boolean_range {
-            if let Some(c) = columns.iter_mut().find(|c| lower.contains(&c.name.to_ascii_lowercase())) {
-                c.notes.push(format!("CHECK ({check}) is implied by the type"));
+            if let Some(c) = columns
+                .iter_mut()
+                .find(|c| lower.contains(&c.name.to_ascii_lowercase()))
+            {
+                c.notes
+                    .push(format!("CHECK ({check}) is implied by the type"));
             }
         } else {
-            checks.push(check.replace('`', "\""));
+            checks.push(pg_expression(&check));
         }
     }
     Ok(Table {
@@ -738,7 +748,7 @@ fn indexes(conn: &Connection, table: &str) -> Result<Vec<Index>, SqliteError> {
             let upper = sql.to_ascii_uppercase();
             upper
                 .rfind(" WHERE ")
-                .map(|at| sql[at + 7..].trim().to_string())
+                .map(|at| pg_expression(sql[at + 7..].trim()))
         });
         out.push(Index {
             name,
@@ -840,6 +850,33 @@ fn check_expressions(sql: &str) -> Vec<String> {
             }
         }
         i += 1;
+    }
+    out
+}
+
+/// A SQLite expression with its identifiers quoted PostgreSQL's way:
+/// `` `name` `` and `[name]` become `"name"`; string literals are kept.
+fn pg_expression(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == c {
+                        break;
+                    }
+                }
+            }
+            '`' | '[' => {
+                let close = if c == '`' { '`' } else { ']' };
+                let name: String = chars.by_ref().take_while(|d| *d != close).collect();
+                out.push_str(&quote(&name));
+            }
+            _ => out.push(c),
+        }
     }
     out
 }
@@ -1132,7 +1169,15 @@ fn unwrap_parens(expression: &str) -> &str {
 fn translate_default(default: &str, pg_type: &str, codec: Codec) -> String {
     let bare = unwrap_parens(default);
     let lower = bare.to_ascii_lowercase().replace(' ', "");
+    // A text column keeps the text SQLite's clock functions write.
+    let text = pg_type == "text" || pg_type.starts_with("varchar");
     match lower.as_str() {
+        "current_timestamp" | "datetime('now')" | "datetime(\"now\")" if text => {
+            return "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')".to_string()
+        }
+        "current_date" | "date('now')" if text => {
+            return "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD')".to_string()
+        }
         "current_timestamp" | "datetime('now')" | "datetime(\"now\")" => {
             return match codec {
                 Codec::Time(TimeCodec::UnixSeconds) if pg_type != "timestamptz" => {
