@@ -89,6 +89,20 @@ fn run_cutover(
     )
 }
 
+/// Rows in every user table of `db`, counted.
+fn loaded_rows(cluster: &Cluster, db: &str) -> u64 {
+    cluster
+        .psql(
+            db,
+            "SELECT coalesce(sum((xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', schemaname, tablename), false, true, '')))[1]::text::bigint), 0) \
+             FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'cutover')",
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
 fn run_pgloader(cluster: &Cluster, file: &Path, db: &str) -> Option<(f64, bool, String)> {
     Command::new("pgloader").arg("--version").output().ok()?;
     cluster
@@ -219,6 +233,7 @@ async fn main() {
         chunk_rows,
     );
     assert!(ok, "cutover convert failed: {log}");
+    println!("{log}");
     let ours = rows as f64 / secs;
     println!(
         "cutover convert: {secs:.2}s, {ours:.0} rows/s, {:.1} MB/s (copy, indexes, ANALYZE and verify included)",
@@ -233,11 +248,14 @@ async fn main() {
                 mb / secs,
                 if ok { "" } else { " (exited non-zero)" }
             );
-            if !ok {
-                println!(
-                    "{}",
-                    log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
-                );
+            let loaded = loaded_rows(&cluster, "pgloader_big");
+            println!(
+                "pgloader loaded {loaded} of the {rows} rows ({:.0} loaded rows/s){}; its first errors:",
+                loaded as f64 / secs,
+                if ok { "" } else { ", exited non-zero" }
+            );
+            for line in log.lines().filter(|l| l.contains("ERROR")).take(4) {
+                println!("  {}", line.chars().take(160).collect::<String>());
             }
             println!("ratio: cutover {:.2}x pgloader's rows/s", ours / theirs);
         }
@@ -259,6 +277,11 @@ async fn main() {
         assert!(ok, "cutover convert failed on {style:?}: {log}");
         let theirs_db = format!("pgloader_{}", style.name());
         let pgloader = run_pgloader(&cluster, &file, &theirs_db);
+        if let Some((_, _, log)) = &pgloader {
+            if let Some(line) = log.lines().find(|l| l.contains("ERROR") || l.contains("FATAL")) {
+                println!("{:<8} pgloader's first error: {}", style.name(), line.chars().take(200).collect::<String>());
+            }
+        }
         let config = cutover_config::Config::from_toml(&format!(
             "[old]\nurl = \"sqlite://{}\"\n{}",
             file.display(),

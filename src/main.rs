@@ -385,7 +385,13 @@ async fn convert(path: PathBuf, chunk_rows: u32) -> anyhow::Result<()> {
         .new
         .as_ref()
         .context("the configuration has no [new] section; add [new] url = \"postgres://...\"")?;
+    let started = std::time::Instant::now();
     let (file, map) = sqlite_map(&config)?;
+    eprintln!(
+        "cutover: read the schema map of {} tables at {:.1}s",
+        map.tables.len(),
+        started.elapsed().as_secs_f64()
+    );
     let pg = cutover_stream::control_client(&new.url, "cutover-convert").await?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -395,7 +401,6 @@ async fn convert(path: PathBuf, chunk_rows: u32) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let started = std::time::Instant::now();
     let events = |e: cutover_sqlite::convert::Event| match e {
         cutover_sqlite::convert::Event::TableStarted { table, done, total } => {
             bar.reset();
@@ -405,12 +410,12 @@ async fn convert(path: PathBuf, chunk_rows: u32) -> anyhow::Result<()> {
         }
         cutover_sqlite::convert::Event::Rows { rows } => bar.inc(rows),
         cutover_sqlite::convert::Event::TableDone { table } => {
-            let rows = bar.position();
-            bar.suspend(|| eprintln!("cutover: copied {table} ({rows} rows)"));
+            let (rows, at) = (bar.position(), started.elapsed().as_secs_f64());
+            bar.suspend(|| eprintln!("cutover: copied {table} ({rows} rows) at {at:.1}s"));
         }
         cutover_sqlite::convert::Event::Step(step) => {
             bar.finish_and_clear();
-            eprintln!("cutover: {step}");
+            eprintln!("cutover: {step} at {:.1}s", started.elapsed().as_secs_f64());
         }
     };
     let checks = cutover_sqlite::convert::convert(
