@@ -278,8 +278,15 @@ async fn main() {
         let theirs_db = format!("pgloader_{}", style.name());
         let pgloader = run_pgloader(&cluster, &file, &theirs_db);
         if let Some((_, _, log)) = &pgloader {
-            if let Some(line) = log.lines().find(|l| l.contains("ERROR") || l.contains("FATAL")) {
-                println!("{:<8} pgloader's first error: {}", style.name(), line.chars().take(200).collect::<String>());
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("ERROR") || l.contains("FATAL"))
+            {
+                println!(
+                    "{:<8} pgloader's first error: {}",
+                    style.name(),
+                    line.chars().take(200).collect::<String>()
+                );
             }
         }
         let config = cutover_config::Config::from_toml(&format!(

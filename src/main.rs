@@ -68,6 +68,9 @@ enum Command {
         /// Rows per chunk (one PostgreSQL transaction each).
         #[arg(long, default_value_t = 10_000)]
         chunk_rows: u32,
+        /// Tables copied at the same time, each on its own connection.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
     },
     /// Control mirroring to the new database.
     Mirror {
@@ -379,7 +382,7 @@ async fn schema_print(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn convert(path: PathBuf, chunk_rows: u32) -> anyhow::Result<()> {
+async fn convert(path: PathBuf, chunk_rows: u32, jobs: usize) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let new = config
         .new
@@ -392,36 +395,41 @@ async fn convert(path: PathBuf, chunk_rows: u32) -> anyhow::Result<()> {
         map.tables.len(),
         started.elapsed().as_secs_f64()
     );
-    let pg = cutover_stream::control_client(&new.url, "cutover-convert").await?;
+    let mut pgs = Vec::new();
+    for _ in 0..jobs.max(1) {
+        pgs.push(cutover_stream::control_client(&new.url, "cutover-convert").await?);
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{msg:24} [{bar:30}] {pos}/{len} rows {per_sec} eta {eta}",
+            "{msg:12} [{bar:30}] {pos}/{len} rows {per_sec} eta {eta}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    let at = || started.elapsed().as_secs_f64();
     let events = |e: cutover_sqlite::convert::Event| match e {
-        cutover_sqlite::convert::Event::TableStarted { table, done, total } => {
-            bar.reset();
+        cutover_sqlite::convert::Event::Started { total, done } => {
             bar.set_length(total);
             bar.set_position(done);
-            bar.set_message(table);
+            bar.set_message("copying");
+            if done > 0 {
+                bar.suspend(|| eprintln!("cutover: resuming with {done} of {total} rows copied"));
+            }
         }
         cutover_sqlite::convert::Event::Rows { rows } => bar.inc(rows),
-        cutover_sqlite::convert::Event::TableDone { table } => {
-            let (rows, at) = (bar.position(), started.elapsed().as_secs_f64());
-            bar.suspend(|| eprintln!("cutover: copied {table} ({rows} rows) at {at:.1}s"));
+        cutover_sqlite::convert::Event::TableDone { table, rows } => {
+            bar.suspend(|| eprintln!("cutover: copied {table} ({rows} rows) at {:.1}s", at()));
         }
         cutover_sqlite::convert::Event::Step(step) => {
             bar.finish_and_clear();
-            eprintln!("cutover: {step} at {:.1}s", started.elapsed().as_secs_f64());
+            eprintln!("cutover: {step} at {:.1}s", at());
         }
     };
     let checks = cutover_sqlite::convert::convert(
         &file,
         &map,
-        &pg,
+        &pgs,
         &cutover_sqlite::convert::Options { chunk_rows },
         &events,
     )
@@ -538,9 +546,11 @@ fn main() -> ExitCode {
         } => report(Err(anyhow::anyhow!(
             "cutover schema needs --config FILE (print the DDL) or a subcommand (copy)"
         ))),
-        Command::Convert { config, chunk_rows } => {
-            report(runtime(2).and_then(|rt| rt.block_on(convert(config, chunk_rows))))
-        }
+        Command::Convert {
+            config,
+            chunk_rows,
+            jobs,
+        } => report(runtime(2).and_then(|rt| rt.block_on(convert(config, chunk_rows, jobs)))),
         Command::Mirror {
             action: MirrorAction::Start { clear_new, target },
         } => report(mirror_start(&target, clear_new)),

@@ -57,20 +57,13 @@ pub fn postgres_message(e: &tokio_postgres::Error) -> String {
 /// What convert tells its caller as it goes (the CLI draws a bar).
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A table's copy starts (or resumes) with `done` of `total` rows in.
-    TableStarted {
-        table: String,
-        done: u64,
-        total: u64,
-    },
-    /// `rows` more rows of the current table committed.
-    Rows {
-        rows: u64,
-    },
-    TableDone {
-        table: String,
-    },
-    /// A step after the copy: "indexes and foreign keys", "ANALYZE", "verify".
+    /// The copy starts (or resumes) with `done` of `total` rows in.
+    Started { total: u64, done: u64 },
+    /// `rows` more rows committed.
+    Rows { rows: u64 },
+    /// A table is copied whole.
+    TableDone { table: String, rows: u64 },
+    /// A step after the copy.
     Step(String),
 }
 
@@ -108,10 +101,13 @@ pub const MAX_REPORTED: usize = 20;
 pub async fn convert(
     path: &Path,
     map: &SchemaMap,
-    pg: &Client,
+    pgs: &[Client],
     options: &Options,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<Vec<TableCheck>, ConvertError> {
+    let pg = pgs.first().ok_or_else(|| {
+        ConvertError::Refused("convert needs a connection to PostgreSQL".to_string())
+    })?;
     let bad: Vec<String> = map
         .tables
         .iter()
@@ -146,16 +142,41 @@ pub async fn convert(
         map.post_data_ddl().join(";\n")
     );
     let post_data_done = prepare(pg, map, &ddl, path).await?;
-    for table in &map.tables {
-        copy_table(path, table, pg, options, events).await?;
+    // A chunk's rows and its progress commit together, so a crash of
+    // PostgreSQL that loses the last commits loses both and the next run
+    // copies those chunks again: waiting for each flush buys nothing.
+    for c in pgs {
+        c.batch_execute("SET synchronous_commit = off").await?;
     }
+    let done: i64 = pg
+        .query_one(
+            "SELECT coalesce(sum(rows), 0)::bigint FROM cutover.convert_progress",
+            &[],
+        )
+        .await?
+        .get(0);
+    events(Event::Started {
+        total: map.tables.iter().map(Table::rows).sum(),
+        done: done as u64,
+    });
+    // The largest tables first, each taken by the next free connection.
+    let mut order: Vec<&Table> = map.tables.iter().collect();
+    order.sort_by_key(|t| std::cmp::Reverse(t.rows()));
+    let queue = std::sync::Mutex::new(order.into_iter());
+    let next = || queue.lock().ok().and_then(|mut q| q.next());
+    let workers = pgs.iter().map(|c| async {
+        while let Some(table) = next() {
+            copy_table(path, table, c, options, events).await?;
+        }
+        Ok::<(), ConvertError>(())
+    });
+    futures_util::future::try_join_all(workers).await?;
     if !post_data_done {
         events(Event::Step(
-            "indexes, constraints and foreign keys".to_string(),
+            "primary keys, indexes, constraints and foreign keys".to_string(),
         ));
         pg.batch_execute("BEGIN").await?;
-        let statements = map.post_data_ddl();
-        for statement in statements {
+        for statement in map.post_data_ddl() {
             if let Err(e) = pg.batch_execute(&statement).await {
                 let _ = pg.batch_execute("ROLLBACK").await;
                 return Err(ConvertError::Postgres(format!(
@@ -167,13 +188,17 @@ pub async fn convert(
         pg.batch_execute("UPDATE cutover.convert SET post_data_done = true; COMMIT")
             .await?;
     }
-    events(Event::Step("ANALYZE".to_string()));
-    for t in &map.tables {
-        pg.batch_execute(&format!("ANALYZE {}", quote(&t.name)))
-            .await?;
-    }
-    events(Event::Step("verify".to_string()));
-    verify(path, map, pg).await
+    events(Event::Step("ANALYZE and verify".to_string()));
+    let analyze = async {
+        let on = pgs.get(1).unwrap_or(pg);
+        for t in &map.tables {
+            on.batch_execute(&format!("ANALYZE {}", quote(&t.name)))
+                .await?;
+        }
+        Ok::<(), ConvertError>(())
+    };
+    let (_, checks) = tokio::try_join!(analyze, verify(path, map, pg))?;
+    Ok(checks)
 }
 
 /// Creates cutover's bookkeeping and the tables, or checks that an earlier
@@ -273,24 +298,11 @@ async fn copy_table(
             &[&table.name],
         )
         .await?;
-    let (cursor, done_rows, done): (Option<String>, i64, bool) =
+    let (cursor, mut copied, done): (Option<String>, i64, bool) =
         (row.get(0), row.get(1), row.get(2));
     if done {
         return Ok(());
     }
-    let total = {
-        let conn = open(path)?;
-        conn.query_row(
-            &format!("SELECT count(*) FROM {}", quote(&table.name)),
-            [],
-            |r| r.get::<_, i64>(0),
-        )?
-    };
-    events(Event::TableStarted {
-        table: table.name.clone(),
-        done: done_rows as u64,
-        total: total as u64,
-    });
     let (tx, mut rx) = mpsc::channel::<Result<Chunk, ConvertError>>(2);
     let reader = {
         let (path, table, rows) = (path.to_path_buf(), table.clone(), options.chunk_rows);
@@ -330,6 +342,7 @@ async fn copy_table(
                 postgres_message(&e)
             )));
         }
+        copied += chunk.rows as i64;
         events(Event::Rows { rows: chunk.rows });
     }
     reader
@@ -342,6 +355,7 @@ async fn copy_table(
     .await?;
     events(Event::TableDone {
         table: table.name.clone(),
+        rows: copied as u64,
     });
     Ok(())
 }
@@ -560,23 +574,25 @@ fn row_hash(row: &[Option<String>]) -> u64 {
     h.finish()
 }
 
+/// The canonical row of `values`, and what could not be read: a value
+/// that is not its column's type stays in the row, marked, so it differs.
 fn canonical_row(
     table: &Table,
     key_at: &[usize],
     values: Vec<Option<String>>,
-) -> Result<CanonicalRow, String> {
+) -> (CanonicalRow, Option<String>) {
     let mut row = Vec::with_capacity(values.len());
+    let mut problem = None;
     for (c, v) in table.columns.iter().zip(values) {
-        row.push(match v {
-            None => None,
-            Some(text) => Some(
-                canonical(&c.pg_type, &text)
-                    .map_err(|e| format!("column {}: {e}", quote(&c.name)))?,
-            ),
-        });
+        row.push(v.map(|text| {
+            canonical(&c.pg_type, &text).unwrap_or_else(|e| {
+                problem.get_or_insert_with(|| format!("column {}: {e}", quote(&c.name)));
+                format!("\u{1}{text}")
+            })
+        }));
     }
     let key = key_at.iter().map(|&i| row[i].clone()).collect();
-    Ok((key, row))
+    ((key, row), problem)
 }
 
 /// Row counts and order-free content hashes of every table on both sides,
@@ -594,22 +610,25 @@ pub async fn verify(
             .iter()
             .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
             .collect();
-        let (sqlite_rows, sqlite_hash, mut differences) = {
+        // Both sides at once: the file on a blocking thread, PostgreSQL here.
+        let sqlite = {
             let (path, table, key_at) = (path.to_path_buf(), table.clone(), key_at.clone());
             tokio::task::spawn_blocking(move || sqlite_side(&path, &table, &key_at, None))
-                .await
-                .map_err(|e| ConvertError::Refused(format!("verify stopped: {e}")))??
         };
-        let mut postgres_rows = 0u64;
-        let mut postgres_hash = 0u64;
-        postgres_side(pg, table, &key_at, |row| {
+        let (mut postgres_rows, mut postgres_hash) = (0u64, 0u64);
+        let mut unreadable = Vec::new();
+        let postgres = postgres_side(pg, table, &key_at, |(_, row), problem| {
             postgres_rows += 1;
-            match row {
-                Ok((_, row)) => postgres_hash = postgres_hash.wrapping_add(row_hash(&row)),
-                Err(e) => differences.push(format!("PostgreSQL: {e}")),
+            postgres_hash = postgres_hash.wrapping_add(row_hash(&row));
+            if let Some(p) = problem.filter(|_| unreadable.len() < MAX_REPORTED) {
+                unreadable.push(format!("PostgreSQL: {p}"));
             }
-        })
-        .await?;
+        });
+        let (sqlite, postgres) = tokio::join!(sqlite, postgres);
+        postgres?;
+        let (sqlite_rows, sqlite_hash, mut differences) =
+            sqlite.map_err(|e| ConvertError::Refused(format!("verify stopped: {e}")))??;
+        differences.extend(unreadable);
         let mut check = TableCheck {
             table: table.name.clone(),
             sqlite_rows,
@@ -660,22 +679,22 @@ fn sqlite_side(
             match c.to_pg_text(row.get_ref(i)?) {
                 Ok(v) => values.push(v),
                 Err(bad) => {
-                    problems.push(format!("SQLite: {bad}"));
+                    if problems.len() < MAX_REPORTED {
+                        problems.push(format!("SQLite: {bad}"));
+                    }
                     values.push(None);
                 }
             }
         }
-        match canonical_row(table, key_at, values) {
-            Ok(r) => {
-                hash = hash.wrapping_add(row_hash(&r.1));
-                if let Some(f) = rows.as_mut() {
-                    f(r);
-                }
-            }
-            Err(e) => problems.push(format!("SQLite: {e}")),
+        let (r, problem) = canonical_row(table, key_at, values);
+        if let Some(p) = problem.filter(|_| problems.len() < MAX_REPORTED) {
+            problems.push(format!("SQLite: {p}"));
+        }
+        hash = hash.wrapping_add(row_hash(&r.1));
+        if let Some(f) = rows.as_mut() {
+            f(r);
         }
     }
-    problems.truncate(MAX_REPORTED);
     Ok((count, hash, problems))
 }
 
@@ -684,7 +703,7 @@ async fn postgres_side(
     pg: &Client,
     table: &Table,
     key_at: &[usize],
-    mut each: impl FnMut(Result<CanonicalRow, String>),
+    mut each: impl FnMut(CanonicalRow, Option<String>),
 ) -> Result<(), ConvertError> {
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let stream = pg
@@ -703,7 +722,8 @@ async fn postgres_side(
             let line = &pending[start..start + end];
             let values: Vec<Option<String>> =
                 line.split(|b| *b == b'\t').map(unescape_copy).collect();
-            each(canonical_row(table, key_at, values));
+            let (row, problem) = canonical_row(table, key_at, values);
+            each(row, problem);
             start += end + 1;
         }
         pending.drain(..start);
@@ -720,10 +740,8 @@ async fn drill_down(
     pg: &Client,
 ) -> Result<Vec<String>, ConvertError> {
     let mut theirs: HashMap<Vec<Option<String>>, Vec<Option<String>>> = HashMap::new();
-    postgres_side(pg, table, key_at, |row| {
-        if let Ok((key, row)) = row {
-            theirs.insert(key, row);
-        }
+    postgres_side(pg, table, key_at, |(key, row), _| {
+        theirs.insert(key, row);
     })
     .await?;
     let (path, table) = (path.to_path_buf(), table.clone());

@@ -235,6 +235,16 @@ pub struct Table {
     pub checks: Vec<String>,
 }
 
+impl Table {
+    /// The table's rows, as the profile counted them.
+    pub fn rows(&self) -> u64 {
+        self.columns
+            .first()
+            .map(|c| c.profile.null + c.profile.non_null())
+            .unwrap_or(0)
+    }
+}
+
 /// An index or a UNIQUE constraint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Index {
@@ -354,8 +364,8 @@ impl SchemaMap {
     }
 
     /// One CREATE TABLE per table: columns with their types, defaults and
-    /// identities, the primary key, and a comment per column saying what
-    /// the file holds.
+    /// identities, and a comment per column saying what the file holds.
+    /// Keys come after the data ([`SchemaMap::post_data_ddl`]).
     pub fn table_ddl(&self) -> Vec<String> {
         let mut statements = Vec::new();
         for t in &self.tables {
@@ -373,13 +383,6 @@ impl SchemaMap {
                 }
                 lines.push((line, comment(c)));
             }
-            if !t.primary_key.is_empty() {
-                let keys: Vec<String> = t.primary_key.iter().map(|k| quote(k)).collect();
-                lines.push((
-                    format!("  PRIMARY KEY ({})", keys.join(", ")),
-                    String::new(),
-                ));
-            }
             let last = lines.len().saturating_sub(1);
             for (i, (line, comment)) in lines.iter().enumerate() {
                 let comma = if i == last { "" } else { "," };
@@ -395,10 +398,20 @@ impl SchemaMap {
         statements
     }
 
-    /// What follows the data: identity restarts where SQLite would
+    /// What follows the data (built once over all rows, as pgloader and
+    /// pg_restore do): primary keys, identity restarts where SQLite would
     /// continue, indexes, UNIQUE and CHECK constraints, then foreign keys.
     pub fn post_data_ddl(&self) -> Vec<String> {
         let mut out = Vec::new();
+        for t in self.tables.iter().filter(|t| !t.primary_key.is_empty()) {
+            let keys: Vec<String> = t.primary_key.iter().map(|k| quote(k)).collect();
+            out.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})",
+                quote(&t.name),
+                quote(&format!("{}_pkey", t.name)),
+                keys.join(", ")
+            ));
+        }
         for t in &self.tables {
             if let (Some(id), Some(next)) = (&t.rowid_alias, t.next_id) {
                 out.push(format!(
@@ -1325,7 +1338,10 @@ mod tests {
             ddl.contains("ALTER TABLE \"users\" ALTER COLUMN \"id\" RESTART WITH 6;"),
             "{ddl}"
         );
-        assert!(ddl.contains("PRIMARY KEY (\"a\", \"b\")"), "{ddl}");
+        assert!(
+            ddl.contains("ADD CONSTRAINT \"pairs_pkey\" PRIMARY KEY (\"a\", \"b\")"),
+            "{ddl}"
+        );
     }
 
     #[test]
