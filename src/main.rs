@@ -435,7 +435,7 @@ async fn convert(path: PathBuf, chunk_rows: u32, jobs: usize) -> anyhow::Result<
     )
     .await;
     bar.finish_and_clear();
-    let checks = checks?;
+    let cutover_sqlite::convert::Converted { checks, warnings } = checks?;
     let mut clean = true;
     for c in &checks {
         if c.clean() {
@@ -456,6 +456,9 @@ async fn convert(path: PathBuf, chunk_rows: u32, jobs: usize) -> anyhow::Result<
     }
     for (name, why) in &map.skipped {
         println!("{name}: not converted: {why}");
+    }
+    for w in &warnings {
+        eprintln!("cutover: warning: {w}");
     }
     let rows: u64 = checks.iter().map(|c| c.sqlite_rows).sum();
     eprintln!(

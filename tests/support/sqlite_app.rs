@@ -5,7 +5,8 @@
 //! CURRENT_TIMESTAMP text). Each holds the same app: users, posts, tags, a
 //! WITHOUT ROWID join table, analytics events, a keyless audit log, an
 //! emptied AUTOINCREMENT table, the ORM's migration ledger, and every trap
-//! of the conversion rules. Used by the convert tests and benchmark.
+//! of the conversion rules (the hand-written app also never turned foreign
+//! keys on, and left orphaned posts behind). Used by the convert tests and benchmark.
 
 #![allow(dead_code)]
 
@@ -449,6 +450,14 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
         }
     }
     tx.commit().unwrap();
+    if style == Style::Hand {
+        // An app that never turned foreign keys on: user 10's posts and
+        // their tags stay behind, orphaned.
+        conn.execute_batch(
+            "PRAGMA foreign_keys = OFF; DELETE FROM users WHERE id = 10; PRAGMA foreign_keys = ON;",
+        )
+        .unwrap();
+    }
     conn
 }
 

@@ -96,15 +96,24 @@ impl TableCheck {
 /// Differences listed per table before the rest is only counted.
 pub const MAX_REPORTED: usize = 20;
 
-/// Converts the file at `path`, described by `map`, into `pg` (a control
-/// session with canonical settings), and verifies the result.
+/// What a convert did: each table's verify, and what was converted with a
+/// caveat (a foreign key its rows break).
+#[derive(Debug, Clone)]
+pub struct Converted {
+    pub checks: Vec<TableCheck>,
+    pub warnings: Vec<String>,
+}
+
+/// Converts the file at `path`, described by `map`, into PostgreSQL over
+/// `pgs` (control sessions with canonical settings; tables are copied on
+/// all of them at once), and verifies the result.
 pub async fn convert(
     path: &Path,
     map: &SchemaMap,
     pgs: &[Client],
     options: &Options,
     events: &(dyn Fn(Event) + Sync),
-) -> Result<Vec<TableCheck>, ConvertError> {
+) -> Result<Converted, ConvertError> {
     let pg = pgs.first().ok_or_else(|| {
         ConvertError::Refused("convert needs a connection to PostgreSQL".to_string())
     })?;
@@ -142,6 +151,7 @@ pub async fn convert(
         map.post_data_ddl().join(";\n")
     );
     let post_data_done = prepare(pg, map, &ddl, path).await?;
+    let mut warnings = Vec::new();
     // A chunk's rows and its progress commit together, so a crash of
     // PostgreSQL that loses the last commits loses both and the next run
     // copies those chunks again: waiting for each flush buys nothing.
@@ -175,14 +185,13 @@ pub async fn convert(
         events(Event::Step(
             "primary keys, indexes, constraints and foreign keys".to_string(),
         ));
-        pg.batch_execute("BEGIN").await?;
-        for statement in map.post_data_ddl() {
-            if let Err(e) = pg.batch_execute(&statement).await {
+        pg.batch_execute("SET maintenance_work_mem = '256MB'; BEGIN")
+            .await?;
+        match post_data(pg, map).await {
+            Ok(found) => warnings = found,
+            Err(e) => {
                 let _ = pg.batch_execute("ROLLBACK").await;
-                return Err(ConvertError::Postgres(format!(
-                    "{statement}: {}",
-                    postgres_message(&e)
-                )));
+                return Err(e);
             }
         }
         pg.batch_execute("UPDATE cutover.convert SET post_data_done = true; COMMIT")
@@ -198,7 +207,46 @@ pub async fn convert(
         Ok::<(), ConvertError>(())
     };
     let (_, checks) = tokio::try_join!(analyze, verify(path, map, pg))?;
-    Ok(checks)
+    Ok(Converted { checks, warnings })
+}
+
+/// Keys, indexes and constraints, then the foreign keys, in the open
+/// transaction. A foreign key that rows of the file break is made NOT
+/// VALID (enforced for new rows, the old ones kept as they are) and named
+/// in a warning with the count, rather than failing the convert or
+/// dropping rows.
+async fn post_data(pg: &Client, map: &SchemaMap) -> Result<Vec<String>, ConvertError> {
+    let failed = |statement: &str, e: tokio_postgres::Error| {
+        ConvertError::Postgres(format!("{statement}: {}", postgres_message(&e)))
+    };
+    for statement in map.keys_and_indexes() {
+        pg.batch_execute(&statement)
+            .await
+            .map_err(|e| failed(&statement, e))?;
+    }
+    let mut warnings = Vec::new();
+    for fk in map.foreign_keys() {
+        pg.batch_execute("SAVEPOINT foreign_key").await?;
+        match pg.batch_execute(&fk.ddl).await {
+            Ok(()) => pg.batch_execute("RELEASE SAVEPOINT foreign_key").await?,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
+                pg.batch_execute("ROLLBACK TO SAVEPOINT foreign_key")
+                    .await?;
+                let not_valid = format!("{} NOT VALID", fk.ddl);
+                pg.batch_execute(&not_valid)
+                    .await
+                    .map_err(|e| failed(&not_valid, e))?;
+                let orphans: i64 = pg.query_one(&fk.orphans, &[]).await?.get(0);
+                warnings.push(format!(
+                    "{}: {orphans} rows reference rows that do not exist (SQLite did not check); \
+                     it is created NOT VALID, enforced for new rows; fix those rows, then VALIDATE CONSTRAINT",
+                    fk.describe
+                ));
+            }
+            Err(e) => return Err(failed(&fk.ddl, e)),
+        }
+    }
+    Ok(warnings)
 }
 
 /// Creates cutover's bookkeeping and the tables, or checks that an earlier

@@ -402,6 +402,13 @@ impl SchemaMap {
     /// pg_restore do): primary keys, identity restarts where SQLite would
     /// continue, indexes, UNIQUE and CHECK constraints, then foreign keys.
     pub fn post_data_ddl(&self) -> Vec<String> {
+        let mut out = self.keys_and_indexes();
+        out.extend(self.foreign_keys().into_iter().map(|fk| fk.ddl));
+        out
+    }
+
+    /// The post-data DDL before the foreign keys.
+    pub fn keys_and_indexes(&self) -> Vec<String> {
         let mut out = Vec::new();
         for t in self.tables.iter().filter(|t| !t.primary_key.is_empty()) {
             let keys: Vec<String> = t.primary_key.iter().map(|k| quote(k)).collect();
@@ -431,6 +438,14 @@ impl SchemaMap {
                 ));
             }
         }
+        out
+    }
+
+    /// Every foreign key, as PostgreSQL DDL with the query that counts the
+    /// rows it would refuse (SQLite does not check foreign keys unless an
+    /// app turned them on, so files hold rows whose parent is gone).
+    pub fn foreign_keys(&self) -> Vec<ForeignKeyDdl> {
+        let mut out = Vec::new();
         for t in &self.tables {
             for (n, fk) in t.foreign_keys.iter().enumerate() {
                 let list = |names: &[String]| {
@@ -440,20 +455,56 @@ impl SchemaMap {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                out.push(format!(
-                    "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) ON UPDATE {} ON DELETE {}",
-                    quote(&t.name),
-                    quote(&format!("{}_fkey{}", t.name, n + 1)),
-                    list(&fk.columns),
-                    quote(&fk.references),
-                    list(&fk.referenced),
-                    fk.on_update,
-                    fk.on_delete
-                ));
+                let name = quote(&format!("{}_fkey{}", t.name, n + 1));
+                let matches: Vec<String> = fk
+                    .columns
+                    .iter()
+                    .zip(&fk.referenced)
+                    .map(|(c, r)| format!("p.{} = c.{}", quote(r), quote(c)))
+                    .collect();
+                let present: Vec<String> = fk
+                    .columns
+                    .iter()
+                    .map(|c| format!("c.{} IS NOT NULL", quote(c)))
+                    .collect();
+                out.push(ForeignKeyDdl {
+                    ddl: format!(
+                        "ALTER TABLE {} ADD CONSTRAINT {name} FOREIGN KEY ({}) REFERENCES {} ({}) ON UPDATE {} ON DELETE {}",
+                        quote(&t.name),
+                        list(&fk.columns),
+                        quote(&fk.references),
+                        list(&fk.referenced),
+                        fk.on_update,
+                        fk.on_delete
+                    ),
+                    describe: format!(
+                        "foreign key {name} ({}.{} -> {}.{})",
+                        quote(&t.name),
+                        list(&fk.columns),
+                        quote(&fk.references),
+                        list(&fk.referenced)
+                    ),
+                    orphans: format!(
+                        "SELECT count(*) FROM {} c WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})",
+                        quote(&t.name),
+                        present.join(" AND "),
+                        quote(&fk.references),
+                        matches.join(" AND ")
+                    ),
+                });
             }
         }
         out
     }
+}
+
+/// A foreign key's DDL, its description, and the query counting the rows
+/// that break it.
+#[derive(Debug, Clone)]
+pub struct ForeignKeyDdl {
+    pub ddl: String,
+    pub describe: String,
+    pub orphans: String,
 }
 
 /// CREATE INDEX (or a UNIQUE constraint) for PostgreSQL; None for an
@@ -1227,52 +1278,59 @@ fn translate_default(default: &str, pg_type: &str, codec: Codec) -> String {
     bare.to_string()
 }
 
-/// Values a column's type cannot hold: text that is no number in an
-/// integer or numeric column, anything but a boolean spelling in a boolean
-/// column, text that is no date-time in a timestamp column.
+/// Values that do not fit their column's type, found by converting every
+/// value as convert will (one scan of the table): text that is no number in
+/// an integer column, anything but a boolean spelling in a boolean column,
+/// text that is no date-time in a timestamp column, invalid UTF-8 or NUL in
+/// text, JSON that does not parse. At most 100 per table.
 fn bad_values(
     conn: &Connection,
     table: &str,
     key: &[String],
     columns: &[Column],
 ) -> Result<Vec<(String, String, String)>, SqliteError> {
-    let key_expr = if key.is_empty() {
-        "rowid".to_string()
-    } else {
-        key.iter()
-            .map(|k| quote(k))
-            .collect::<Vec<_>>()
-            .join(" || ',' || ")
-    };
-    let mut bad = Vec::new();
-    for c in columns {
-        let col = quote(&c.name);
-        let condition = match c.pg_type.as_str() {
-            "bigint" | "integer" | "smallint" => format!("typeof({col}) NOT IN ('integer', 'null')"),
-            "numeric" | "double precision" => {
-                format!("typeof({col}) NOT IN ('integer', 'real', 'null')")
-            }
-            "boolean" => format!(
-                "{col} IS NOT NULL AND lower(trim({col})) NOT IN ('0', '1', 'true', 'false', 't', 'f', 'yes', 'no')"
-            ),
-            "timestamptz" => format!(
-                "typeof({col}) = 'text' AND {col} NOT GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'"
-            ),
-            _ => continue,
-        };
-        let mut stmt = conn.prepare(&format!(
-            "SELECT CAST({key_expr} AS TEXT), CAST({col} AS TEXT) FROM {} WHERE {condition} LIMIT 100",
+    let key_at: Vec<usize> = key
+        .iter()
+        .filter_map(|k| columns.iter().position(|c| &c.name == k))
+        .collect();
+    let list: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT rowid, {} FROM {}",
+            list.join(", "),
             quote(table)
-        ))?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?,
-                r.get::<_, Option<String>>(1)?,
+        ))
+        .or_else(|_| {
+            conn.prepare(&format!(
+                "SELECT NULL, {} FROM {}",
+                list.join(", "),
+                quote(table)
             ))
         })?;
-        for row in rows {
-            let (k, v) = row?;
-            bad.push((k.unwrap_or_default(), c.name.clone(), v.unwrap_or_default()));
+    let mut rows = stmt.query([])?;
+    let mut bad = Vec::new();
+    while let Some(row) = rows.next()? {
+        for (i, c) in columns.iter().enumerate() {
+            let value = row.get_ref(i + 1)?;
+            if c.to_pg_text(value).is_ok() {
+                continue;
+            }
+            let key = if key_at.is_empty() {
+                format!(
+                    "rowid {}",
+                    row.get::<_, Option<i64>>(0)?.unwrap_or_default()
+                )
+            } else {
+                let mut parts = Vec::new();
+                for &k in &key_at {
+                    parts.push(crate::value::raw(row.get_ref(k + 1)?));
+                }
+                parts.join(",")
+            };
+            bad.push((key, c.name.clone(), crate::value::raw(value)));
+            if bad.len() >= 100 {
+                return Ok(bad);
+            }
         }
     }
     Ok(bad)

@@ -32,6 +32,14 @@ impl Column {
         };
         let text = match (self.pg_type.as_str(), value) {
             ("bigint" | "integer" | "smallint", ValueRef::Integer(i)) => i.to_string(),
+            ("bigint" | "integer" | "smallint", ValueRef::Text(t)) => {
+                let t = utf8(t).ok_or_else(bad)?.trim();
+                t.parse::<i64>().map_err(|_| bad())?.to_string()
+            }
+            ("double precision", ValueRef::Text(t)) => {
+                let t = utf8(t).ok_or_else(bad)?.trim();
+                float(t.parse::<f64>().map_err(|_| bad())?)
+            }
             ("double precision", ValueRef::Integer(i)) => i.to_string(),
             ("double precision", ValueRef::Real(f)) => float(f),
             ("numeric", ValueRef::Integer(i)) => i.to_string(),
@@ -59,22 +67,45 @@ impl Column {
                 serde_json::from_str::<serde_json::Value>(t).map_err(|_| bad())?;
                 t.to_string()
             }
-            ("uuid", ValueRef::Text(t)) => utf8(t).ok_or_else(bad)?.to_ascii_lowercase(),
+            ("uuid", ValueRef::Text(t)) => {
+                let t = utf8(t).ok_or_else(bad)?.trim();
+                let hex = t.bytes().filter(|b| *b != b'-').collect::<Vec<_>>();
+                if hex.len() != 32 || !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return Err(bad());
+                }
+                t.to_ascii_lowercase()
+            }
             ("uuid", ValueRef::Blob(b)) if b.len() == 16 => uuid(b),
             ("bytea", ValueRef::Blob(b)) => hex(b),
             ("bytea", ValueRef::Text(t)) => hex(t),
-            (_, ValueRef::Text(t)) => utf8(t).ok_or_else(bad)?.to_string(),
+            // PostgreSQL text cannot hold NUL.
+            (ty, ValueRef::Text(t)) if is_text(ty) && !t.contains(&0) => {
+                utf8(t).ok_or_else(bad)?.to_string()
+            }
             // A BLOB in a text column is text when it is valid UTF-8.
-            (_, ValueRef::Blob(b)) if !self.pg_type.starts_with("bytea") => {
+            (ty, ValueRef::Blob(b)) if is_text(ty) && !b.contains(&0) => {
                 utf8(b).ok_or_else(bad)?.to_string()
             }
-            (ty, ValueRef::Integer(i)) if ty == "text" || ty.starts_with("varchar") => {
-                i.to_string()
-            }
-            (ty, ValueRef::Real(f)) if ty == "text" || ty.starts_with("varchar") => float(f),
+            (ty, ValueRef::Integer(i)) if is_text(ty) => i.to_string(),
+            (ty, ValueRef::Real(f)) if is_text(ty) => float(f),
             _ => return Err(bad()),
         };
         Ok(Some(text))
+    }
+}
+
+fn is_text(pg_type: &str) -> bool {
+    pg_type == "text" || pg_type.starts_with("varchar")
+}
+
+/// A stored value as it reads, for reports: the text itself, not quoted.
+pub fn raw(value: ValueRef<'_>) -> String {
+    match value {
+        ValueRef::Null => "NULL".to_string(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Blob(b) => format!("blob of {} bytes", b.len()),
     }
 }
 
@@ -274,6 +305,38 @@ mod tests {
                 Err("at: text \"yesterday\" does not fit timestamptz".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn text_where_a_number_or_uuid_belongs_and_nul_in_text_are_refused() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE w (n INTEGER, f REAL, u UUID, t TEXT);
+             INSERT INTO w VALUES (' 42 ', '1.5e3', 'not-a-uuid', 'nul' || char(0) || 'inside'),
+                                  ('abc', 'x', NULL, 'ok');",
+        )
+        .unwrap();
+        assert_eq!(
+            converted(&conn, "w", "n"),
+            vec![
+                ok("42"),
+                Err("n: text \"abc\" does not fit bigint".to_string())
+            ]
+        );
+        assert_eq!(
+            converted(&conn, "w", "f"),
+            vec![
+                ok("1500"),
+                Err("f: text \"x\" does not fit double precision".to_string())
+            ]
+        );
+        // Not every value is a UUID, so the column is text and keeps them.
+        assert_eq!(converted(&conn, "w", "u")[0], ok("not-a-uuid"));
+        assert!(
+            converted(&conn, "w", "t")[0].is_err(),
+            "PostgreSQL text cannot hold NUL"
+        );
+        assert_eq!(converted(&conn, "w", "t")[1], ok("ok"));
     }
 
     #[test]
