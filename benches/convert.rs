@@ -157,7 +157,7 @@ async fn judge(
         skipped: Vec::new(),
     };
     let mut wrong = Vec::new();
-    match cutover_sqlite::convert::verify(file, &one, &pg).await {
+    match cutover_sqlite::convert::verify(file, &one, std::slice::from_ref(&pg)).await {
         Ok(checks) if checks[0].clean() => {}
         Ok(checks) => {
             let c = &checks[0];

@@ -339,7 +339,7 @@ fn sqlite_map(config: &Config) -> anyhow::Result<(PathBuf, cutover_sqlite::Schem
     if !path.is_file() {
         anyhow::bail!("old.url: the SQLite file {} does not exist", path.display());
     }
-    let conn = rusqlite_open(&path)?;
+    rusqlite_open(&path)?;
     let settings: Vec<cutover_sqlite::ColumnOverride> = config
         .schema_columns
         .iter()
@@ -350,7 +350,7 @@ fn sqlite_map(config: &Config) -> anyhow::Result<(PathBuf, cutover_sqlite::Schem
             storage: c.storage.clone(),
         })
         .collect();
-    let map = cutover_sqlite::SchemaMap::read(&conn, &settings)?;
+    let map = cutover_sqlite::SchemaMap::read_file(&path, &settings, 2)?;
     Ok((path, map))
 }
 

@@ -191,7 +191,7 @@ async fn three_ddl_styles_convert_every_value_exactly() {
 
         // Every value of every table, through the schema map, both sides.
         let map = schema_map(&file, style, &cluster, &dir);
-        let checks = cutover_sqlite::convert::verify(&file, &map, &control(&cluster, db).await)
+        let checks = cutover_sqlite::convert::verify(&file, &map, &[control(&cluster, db).await])
             .await
             .unwrap();
         assert_eq!(checks.len(), map.tables.len());
@@ -495,7 +495,7 @@ async fn a_killed_convert_resumes_without_losing_or_doubling_rows() {
     let out = cutover(&["convert"], &config);
     assert!(out.status.success(), "after {partial}: {}", text(&out));
     let map = schema_map(&file, Style::Hand, &cluster, &dir);
-    let checks = cutover_sqlite::convert::verify(&file, &map, &control(&cluster, "resume").await)
+    let checks = cutover_sqlite::convert::verify(&file, &map, &[control(&cluster, "resume").await])
         .await
         .unwrap();
     for c in &checks {

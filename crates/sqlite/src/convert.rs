@@ -169,18 +169,10 @@ pub async fn convert(
         total: map.tables.iter().map(Table::rows).sum(),
         done: done as u64,
     });
-    // The largest tables first, each taken by the next free connection.
-    let mut order: Vec<&Table> = map.tables.iter().collect();
-    order.sort_by_key(|t| std::cmp::Reverse(t.rows()));
-    let queue = std::sync::Mutex::new(order.into_iter());
-    let next = || queue.lock().ok().and_then(|mut q| q.next());
-    let workers = pgs.iter().map(|c| async {
-        while let Some(table) = next() {
-            copy_table(path, table, c, options, events).await?;
-        }
-        Ok::<(), ConvertError>(())
-    });
-    futures_util::future::try_join_all(workers).await?;
+    each_table(pgs, map, |pg, table| {
+        copy_table(path, table, pg, options, events)
+    })
+    .await?;
     if !post_data_done {
         events(Event::Step(
             "primary keys, indexes, constraints and foreign keys".to_string(),
@@ -197,17 +189,50 @@ pub async fn convert(
         pg.batch_execute("UPDATE cutover.convert SET post_data_done = true; COMMIT")
             .await?;
     }
-    events(Event::Step("ANALYZE and verify".to_string()));
-    let analyze = async {
-        let on = pgs.get(1).unwrap_or(pg);
-        for t in &map.tables {
-            on.batch_execute(&format!("ANALYZE {}", quote(&t.name)))
-                .await?;
-        }
-        Ok::<(), ConvertError>(())
-    };
-    let (_, checks) = tokio::try_join!(analyze, verify(path, map, pg))?;
+    events(Event::Step("ANALYZE".to_string()));
+    each_table(pgs, map, |pg, t| async move {
+        Ok(pg
+            .batch_execute(&format!("ANALYZE {}", quote(&t.name)))
+            .await?)
+    })
+    .await?;
+    events(Event::Step("verify".to_string()));
+    let checks = verify(path, map, pgs).await?;
     Ok(Converted { checks, warnings })
+}
+
+/// Runs `work` for every table, the largest first, each taken by the next
+/// free connection of `pgs`; the results in the map's table order.
+async fn each_table<'a, T, F, Fut>(
+    pgs: &'a [Client],
+    map: &'a SchemaMap,
+    work: F,
+) -> Result<Vec<T>, ConvertError>
+where
+    F: Fn(&'a Client, &'a Table) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ConvertError>>,
+{
+    let mut order: Vec<(usize, &Table)> = map.tables.iter().enumerate().collect();
+    order.sort_by_key(|(_, t)| std::cmp::Reverse(t.rows()));
+    let queue = std::sync::Mutex::new(order.into_iter());
+    let next = || queue.lock().ok().and_then(|mut q| q.next());
+    let workers = pgs.iter().map(|pg| {
+        let (next, work) = (&next, &work);
+        async move {
+            let mut done = Vec::new();
+            while let Some((i, table)) = next() {
+                done.push((i, work(pg, table).await?));
+            }
+            Ok::<_, ConvertError>(done)
+        }
+    });
+    let mut all: Vec<(usize, T)> = futures_util::future::try_join_all(workers)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, t)| t).collect())
 }
 
 /// Keys, indexes and constraints, then the foreign keys, in the open
@@ -649,58 +674,58 @@ fn canonical_row(
 pub async fn verify(
     path: &Path,
     map: &SchemaMap,
-    pg: &Client,
+    pgs: &[Client],
 ) -> Result<Vec<TableCheck>, ConvertError> {
-    let mut checks = Vec::new();
-    for table in &map.tables {
-        let key_at: Vec<usize> = table
-            .primary_key
-            .iter()
-            .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
-            .collect();
-        // Both sides at once: the file on a blocking thread, PostgreSQL here.
-        let sqlite = {
-            let (path, table, key_at) = (path.to_path_buf(), table.clone(), key_at.clone());
-            tokio::task::spawn_blocking(move || sqlite_side(&path, &table, &key_at, None))
-        };
-        let (mut postgres_rows, mut postgres_hash) = (0u64, 0u64);
-        let mut unreadable = Vec::new();
-        let postgres = postgres_side(pg, table, &key_at, |(_, row), problem| {
-            postgres_rows += 1;
-            postgres_hash = postgres_hash.wrapping_add(row_hash(&row));
-            if let Some(p) = problem.filter(|_| unreadable.len() < MAX_REPORTED) {
-                unreadable.push(format!("PostgreSQL: {p}"));
-            }
-        });
-        let (sqlite, postgres) = tokio::join!(sqlite, postgres);
-        postgres?;
-        let (sqlite_rows, sqlite_hash, mut differences) =
-            sqlite.map_err(|e| ConvertError::Refused(format!("verify stopped: {e}")))??;
-        differences.extend(unreadable);
-        let mut check = TableCheck {
-            table: table.name.clone(),
-            sqlite_rows,
-            postgres_rows,
-            sqlite_hash,
-            postgres_hash,
-            differences,
-        };
-        if !check.clean() && !key_at.is_empty() {
-            check.differences = drill_down(path, table, &key_at, pg).await?;
-            if check.differences.is_empty() {
-                check
-                    .differences
-                    .push("the content hashes differ".to_string());
-            }
-        } else if !check.clean() && check.differences.is_empty() {
-            check.differences.push(format!(
-                "the table has no key; {} rows in SQLite and {} in PostgreSQL, content hashes {:016x} and {:016x}",
-                check.sqlite_rows, check.postgres_rows, check.sqlite_hash, check.postgres_hash
-            ));
+    each_table(pgs, map, |pg, table| verify_table(path, table, pg)).await
+}
+
+async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCheck, ConvertError> {
+    let key_at: Vec<usize> = table
+        .primary_key
+        .iter()
+        .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
+        .collect();
+    // Both sides at once: the file on a blocking thread, PostgreSQL here.
+    let sqlite = {
+        let (path, table, key_at) = (path.to_path_buf(), table.clone(), key_at.clone());
+        tokio::task::spawn_blocking(move || sqlite_side(&path, &table, &key_at, None))
+    };
+    let (mut postgres_rows, mut postgres_hash) = (0u64, 0u64);
+    let mut unreadable = Vec::new();
+    let postgres = postgres_side(pg, table, &key_at, |(_, row), problem| {
+        postgres_rows += 1;
+        postgres_hash = postgres_hash.wrapping_add(row_hash(&row));
+        if let Some(p) = problem.filter(|_| unreadable.len() < MAX_REPORTED) {
+            unreadable.push(format!("PostgreSQL: {p}"));
         }
-        checks.push(check);
+    });
+    let (sqlite, postgres) = tokio::join!(sqlite, postgres);
+    postgres?;
+    let (sqlite_rows, sqlite_hash, mut differences) =
+        sqlite.map_err(|e| ConvertError::Refused(format!("verify stopped: {e}")))??;
+    differences.extend(unreadable);
+    let mut check = TableCheck {
+        table: table.name.clone(),
+        sqlite_rows,
+        postgres_rows,
+        sqlite_hash,
+        postgres_hash,
+        differences,
+    };
+    if !check.clean() && !key_at.is_empty() {
+        check.differences = drill_down(path, table, &key_at, pg).await?;
+        if check.differences.is_empty() {
+            check
+                .differences
+                .push("the content hashes differ".to_string());
+        }
+    } else if !check.clean() && check.differences.is_empty() {
+        check.differences.push(format!(
+            "the table has no key; {} rows in SQLite and {} in PostgreSQL, content hashes {:016x} and {:016x}",
+            check.sqlite_rows, check.postgres_rows, check.sqlite_hash, check.postgres_hash
+        ));
     }
-    Ok(checks)
+    Ok(check)
 }
 
 /// Count and hash of the file's rows; with `rows`, each canonical row is

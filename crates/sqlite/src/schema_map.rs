@@ -282,51 +282,55 @@ impl SchemaMap {
     /// Reads every user table of `conn` (not `sqlite_*`), profiles every
     /// column's values, and decides types and codecs; `overrides` win.
     pub fn read(conn: &Connection, overrides: &[ColumnOverride]) -> Result<SchemaMap, SqliteError> {
-        let mut names = Vec::new();
-        let mut skipped = Vec::new();
-        {
-            let mut stmt = conn.prepare(
-                "SELECT l.name, l.type, m.sql FROM pragma_table_list AS l \
-                 JOIN sqlite_master AS m ON m.name = l.name AND m.type = 'table' \
-                 WHERE l.schema = 'main' AND l.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY l.name",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                ))
-            })?;
-            for row in rows {
-                let (name, kind, sql) = row?;
-                match kind.as_str() {
-                    "table" => names.push((name, sql)),
-                    "virtual" => skipped.push((
-                        name,
-                        "a virtual table (FTS, R*Tree, ...); PostgreSQL has its own full-text and spatial indexes".to_string(),
-                    )),
-                    _ => skipped.push((name, format!("a {kind} table of a virtual table"))),
-                }
-            }
-        }
-        for o in overrides {
-            if !names.iter().any(|(n, _)| *n == o.table) {
-                return Err(SqliteError::Override(format!(
-                    "table {:?} is not in the SQLite file",
-                    o.table
-                )));
-            }
-        }
+        let (names, skipped) = list_tables(conn, overrides)?;
         let mut tables = Vec::new();
         for (name, sql) in names {
-            tables.push(read_table(
-                conn,
-                &name,
-                sql.as_deref().unwrap_or(""),
-                overrides,
-            )?);
+            tables.push(read_table(conn, &name, &sql, overrides)?);
         }
         Ok(SchemaMap { tables, skipped })
+    }
+
+    /// As [`SchemaMap::read`] for the file at `path`, with the tables
+    /// profiled on up to `threads` read-only connections at once.
+    pub fn read_file(
+        path: &std::path::Path,
+        overrides: &[ColumnOverride],
+        threads: usize,
+    ) -> Result<SchemaMap, SqliteError> {
+        let (names, skipped) = list_tables(&crate::open_read_only(path)?, overrides)?;
+        let threads = threads.clamp(1, names.len().max(1));
+        let read = |share: usize| -> Result<Vec<(usize, Table)>, SqliteError> {
+            let conn = crate::open_read_only(path)?;
+            names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % threads == share)
+                .map(|(i, (name, sql))| Ok((i, read_table(&conn, name, sql, overrides)?)))
+                .collect()
+        };
+        let mut tables: Vec<(usize, Table)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|share| scope.spawn(move || read(share)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SqliteError::Override(
+                            "a profiling thread stopped".to_string(),
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?
+        .into_iter()
+        .flatten()
+        .collect();
+        tables.sort_by_key(|(i, _)| *i);
+        Ok(SchemaMap {
+            tables: tables.into_iter().map(|(_, t)| t).collect(),
+            skipped,
+        })
     }
 
     /// PostgreSQL DDL for every table, as `cutover schema` prints it: the
@@ -588,6 +592,52 @@ fn comment(c: &Column) -> String {
 /// come through as they are).
 pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A table's name and its CREATE statement, or why it is skipped.
+type NameAnd = (String, String);
+
+/// The user tables of the file with their CREATE statements (not
+/// `sqlite_*`), and those not converted with the reason: virtual tables and
+/// their shadow tables. Every override must name one of the tables.
+fn list_tables(
+    conn: &Connection,
+    overrides: &[ColumnOverride],
+) -> Result<(Vec<NameAnd>, Vec<NameAnd>), SqliteError> {
+    let mut names = Vec::new();
+    let mut skipped = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT l.name, l.type, m.sql FROM pragma_table_list AS l \
+         JOIN sqlite_master AS m ON m.name = l.name AND m.type = 'table' \
+         WHERE l.schema = 'main' AND l.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY l.name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (name, kind, sql) = row?;
+        match kind.as_str() {
+            "table" => names.push((name, sql.unwrap_or_default())),
+            "virtual" => skipped.push((
+                name,
+                "a virtual table (FTS, R*Tree, ...); PostgreSQL has its own full-text and spatial indexes".to_string(),
+            )),
+            _ => skipped.push((name, format!("a {kind} table of a virtual table"))),
+        }
+    }
+    for o in overrides {
+        if !names.iter().any(|(n, _)| *n == o.table) {
+            return Err(SqliteError::Override(format!(
+                "table {:?} is not in the SQLite file",
+                o.table
+            )));
+        }
+    }
+    Ok((names, skipped))
 }
 
 struct Info {
