@@ -82,8 +82,11 @@ impl Profile {
                 self.text += 1;
                 let text = String::from_utf8_lossy(bytes);
                 self.max_chars = self.max_chars.max(text.chars().count() as u64);
-                let lower = text.trim().to_ascii_lowercase();
-                if ["true", "false", "t", "f", "yes", "no", "1", "0"].contains(&lower.as_str()) {
+                let trimmed = text.trim();
+                if ["true", "false", "t", "f", "yes", "no", "1", "0"]
+                    .iter()
+                    .any(|b| b.eq_ignore_ascii_case(trimmed))
+                {
                     self.bool_text += 1;
                 }
                 if is_date(&text) {
@@ -91,7 +94,7 @@ impl Profile {
                 } else if is_datetime(&text) {
                     self.datetime_text += 1;
                 }
-                if (lower.starts_with('{') || lower.starts_with('['))
+                if (trimmed.starts_with('{') || trimmed.starts_with('['))
                     && serde_json::from_str::<serde_json::Value>(&text).is_ok()
                 {
                     self.json_text += 1;
@@ -299,18 +302,25 @@ impl SchemaMap {
     ) -> Result<SchemaMap, SqliteError> {
         let (names, skipped) = list_tables(&crate::open_read_only(path)?, overrides)?;
         let threads = threads.clamp(1, names.len().max(1));
-        let read = |share: usize| -> Result<Vec<(usize, Table)>, SqliteError> {
+        // Each thread takes the next table not yet taken.
+        let taken = std::sync::atomic::AtomicUsize::new(0);
+        let read = |_: usize| -> Result<Vec<(usize, Table)>, SqliteError> {
             let conn = crate::open_read_only(path)?;
-            names
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| i % threads == share)
-                .map(|(i, (name, sql))| Ok((i, read_table(&conn, name, sql, overrides)?)))
-                .collect()
+            let mut done = Vec::new();
+            loop {
+                let i = taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((name, sql)) = names.get(i) else {
+                    return Ok(done);
+                };
+                done.push((i, read_table(&conn, name, sql, overrides)?));
+            }
         };
         let mut tables: Vec<(usize, Table)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
-                .map(|share| scope.spawn(move || read(share)))
+                .map(|n| {
+                    let read = &read;
+                    scope.spawn(move || read(n))
+                })
                 .collect();
             handles
                 .into_iter()
@@ -1362,7 +1372,7 @@ fn bad_values(
     while let Some(row) = rows.next()? {
         for (i, c) in columns.iter().enumerate() {
             let value = row.get_ref(i + 1)?;
-            if c.to_pg_text(value).is_ok() {
+            if c.fits(value) {
                 continue;
             }
             let key = if key_at.is_empty() {

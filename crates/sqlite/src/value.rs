@@ -20,6 +20,21 @@ pub struct BadValue {
 }
 
 impl Column {
+    /// Whether `value` converts, without building its text where the
+    /// answer is plain (integers in integer columns, text in text columns).
+    pub fn fits(&self, value: ValueRef<'_>) -> bool {
+        match (self.pg_type.as_str(), value) {
+            (_, ValueRef::Null) => true,
+            (
+                "bigint" | "integer" | "smallint" | "numeric" | "double precision",
+                ValueRef::Integer(_),
+            ) => true,
+            ("bytea", ValueRef::Blob(_)) => true,
+            (ty, ValueRef::Text(t)) if is_text(ty) => !t.contains(&0) && utf8(t).is_some(),
+            _ => self.to_pg_text(value).is_ok(),
+        }
+    }
+
     /// `value` as PostgreSQL input text for this column (None for NULL).
     pub fn to_pg_text(&self, value: ValueRef<'_>) -> Result<Option<String>, BadValue> {
         if let ValueRef::Null = value {
