@@ -513,6 +513,51 @@ async fn a_killed_convert_resumes_without_losing_or_doubling_rows() {
         one(&cluster, "resume", "SELECT count(*) FROM \"AuditLog\""),
         "2000"
     );
+
+    // Verify sees a changed value, a lost row, an extra row, and a changed
+    // row of a table without a key, and names what it can.
+    cluster
+        .psql(
+            "resume",
+            "UPDATE users SET balance = 149.98 WHERE id = 3; \
+             DELETE FROM post_tags WHERE post_id = 5; \
+             INSERT INTO tags (id, name) VALUES (9999, 'extra'); \
+             UPDATE \"AuditLog\" SET message = 'changed' WHERE ctid = (SELECT min(ctid) FROM \"AuditLog\")",
+        )
+        .unwrap();
+    let checks = cutover_sqlite::convert::verify(&file, &map, &[control(&cluster, "resume").await])
+        .await
+        .unwrap();
+    let found = |table: &str| {
+        let c = checks.iter().find(|c| c.table == table).unwrap();
+        assert!(!c.clean(), "{table}");
+        c.differences.join("\n")
+    };
+    assert!(
+        found("users").contains(
+            "key (3), column \"balance\": SQLite Some(\"149.99\"), PostgreSQL Some(\"149.98\")"
+        ),
+        "{}",
+        found("users")
+    );
+    assert!(
+        found("post_tags").contains("key (5, "),
+        "{}",
+        found("post_tags")
+    );
+    assert!(
+        found("post_tags").contains("only in SQLite"),
+        "{}",
+        found("post_tags")
+    );
+    assert!(
+        found("tags").contains("key (9999): only in PostgreSQL"),
+        "{}",
+        found("tags")
+    );
+    assert!(found("AuditLog")
+        .contains("the table has no key; 2000 rows in SQLite and 2000 in PostgreSQL"));
+    assert_eq!(checks.iter().filter(|c| !c.clean()).count(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

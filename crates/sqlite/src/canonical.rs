@@ -7,31 +7,59 @@
 //! (`DateStyle=ISO`, `TimeZone=UTC`, `extra_float_digits=3`,
 //! `bytea_output=hex`).
 
+use std::borrow::Cow;
+
 /// `text` (PostgreSQL input or output text of a `pg_type` value) in its
 /// canonical spelling; an error says what could not be read.
-pub fn canonical(pg_type: &str, text: &str) -> Result<String, String> {
+pub fn canonical<'a>(pg_type: &str, text: &'a str) -> Result<Cow<'a, str>, String> {
     let t = text.trim();
     let unreadable = || format!("{text:?} is not a {pg_type}");
     Ok(match pg_type {
         "smallint" | "integer" | "bigint" => {
-            t.parse::<i64>().map_err(|_| unreadable())?.to_string()
+            let n = t.parse::<i64>().map_err(|_| unreadable())?;
+            // Already canonical (the common case) is borrowed.
+            let plain = t.len() == text.len()
+                && !t.starts_with('+')
+                && !(t.len() > 1 && (t.starts_with('0') || t.starts_with("-0")));
+            if plain {
+                Cow::Borrowed(t)
+            } else {
+                Cow::Owned(n.to_string())
+            }
         }
-        "boolean" => match t.to_ascii_lowercase().as_str() {
-            "t" | "true" | "yes" | "y" | "1" | "on" => "t".to_string(),
-            "f" | "false" | "no" | "n" | "0" | "off" => "f".to_string(),
+        "boolean" => Cow::Borrowed(match t {
+            "t" => "t",
+            "f" => "f",
+            _ if ["true", "yes", "y", "1", "on"]
+                .iter()
+                .any(|b| b.eq_ignore_ascii_case(t)) =>
+            {
+                "t"
+            }
+            _ if ["false", "no", "n", "0", "off"]
+                .iter()
+                .any(|b| b.eq_ignore_ascii_case(t)) =>
+            {
+                "f"
+            }
             _ => return Err(unreadable()),
-        },
-        "numeric" => decimal(t).ok_or_else(unreadable)?,
+        }),
+        "numeric" => Cow::Owned(decimal(t).ok_or_else(unreadable)?),
         "double precision" => {
             let f: f64 = t.parse().map_err(|_| unreadable())?;
-            format!("{f:?}")
+            Cow::Owned(format!("{f:?}"))
         }
-        "timestamptz" => timestamp_micros(t).ok_or_else(unreadable)?.to_string(),
-        "jsonb" => serde_json::from_str::<serde_json::Value>(t)
-            .map_err(|_| unreadable())?
-            .to_string(),
-        "uuid" | "bytea" => t.to_ascii_lowercase(),
-        _ => text.to_string(),
+        "timestamptz" => Cow::Owned(timestamp_micros(t).ok_or_else(unreadable)?.to_string()),
+        "jsonb" => Cow::Owned(
+            serde_json::from_str::<serde_json::Value>(t)
+                .map_err(|_| unreadable())?
+                .to_string(),
+        ),
+        "uuid" | "bytea" if t.bytes().any(|b| b.is_ascii_uppercase()) || t.len() != text.len() => {
+            Cow::Owned(t.to_ascii_lowercase())
+        }
+        "uuid" | "bytea" => Cow::Borrowed(t),
+        _ => Cow::Borrowed(text),
     })
 }
 

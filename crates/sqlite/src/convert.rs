@@ -15,10 +15,11 @@
 //! again, so a write that slipped in shows up as a difference.
 
 use crate::canonical::canonical;
-use crate::schema_map::{quote, SchemaMap, Table};
+use crate::schema_map::{quote, Column, SchemaMap, Table};
 use futures_util::{SinkExt, StreamExt};
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::Connection;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
@@ -611,10 +612,14 @@ fn escape_copy(text: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// One field of a COPY text row, unescaped (None for `\N`).
-fn unescape_copy(field: &[u8]) -> Option<String> {
+/// One field of a COPY text row, unescaped (None for `\N`); borrowed
+/// when it holds no escape.
+fn unescape_copy(field: &[u8]) -> Option<Cow<'_, str>> {
     if field == b"\\N" {
         return None;
+    }
+    if !field.contains(&b'\\') {
+        return Some(String::from_utf8_lossy(field));
     }
     let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
@@ -635,37 +640,60 @@ fn unescape_copy(field: &[u8]) -> Option<String> {
         }
         i += 1;
     }
-    Some(String::from_utf8_lossy(&out).into_owned())
+    Some(Cow::Owned(String::from_utf8_lossy(&out).into_owned()))
 }
 
 /// A row in canonical values: the key's and every column's.
 type CanonicalRow = (Vec<Option<String>>, Vec<Option<String>>);
 
-fn row_hash(row: &[Option<String>]) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    row.hash(&mut h);
-    h.finish()
+/// The canonical form of a value, or the value marked so it differs from
+/// every canonical one, with why it could not be read.
+fn canonical_or_marked<'a>(
+    column: &Column,
+    text: &'a str,
+    problem: &mut Option<String>,
+) -> Cow<'a, str> {
+    canonical(&column.pg_type, text).unwrap_or_else(|e| {
+        problem.get_or_insert_with(|| format!("column {}: {e}", quote(&column.name)));
+        Cow::Owned(format!("\u{1}{text}"))
+    })
 }
 
-/// The canonical row of `values`, and what could not be read: a value
-/// that is not its column's type stays in the row, marked, so it differs.
-fn canonical_row(
-    table: &Table,
-    key_at: &[usize],
-    values: Vec<Option<String>>,
-) -> (CanonicalRow, Option<String>) {
-    let mut row = Vec::with_capacity(values.len());
+/// The hash of a row's canonical values (the same for a row whichever
+/// side it was read from), and what could not be read.
+fn digest<S: AsRef<str>>(table: &Table, values: &[Option<S>]) -> (u64, Option<String>) {
+    let mut h = std::hash::DefaultHasher::new();
     let mut problem = None;
     for (c, v) in table.columns.iter().zip(values) {
-        row.push(v.map(|text| {
-            canonical(&c.pg_type, &text).unwrap_or_else(|e| {
-                problem.get_or_insert_with(|| format!("column {}: {e}", quote(&c.name)));
-                format!("\u{1}{text}")
-            })
-        }));
+        match v {
+            None => h.write_u8(0),
+            Some(text) => {
+                h.write_u8(1);
+                canonical_or_marked(c, text.as_ref(), &mut problem).hash(&mut h);
+            }
+        }
     }
+    (h.finish(), problem)
+}
+
+/// The canonical row of `values` with its key, for the key-by-key compare.
+fn canonical_row<S: AsRef<str>>(
+    table: &Table,
+    key_at: &[usize],
+    values: &[Option<S>],
+) -> CanonicalRow {
+    let mut problem = None;
+    let row: Vec<Option<String>> = table
+        .columns
+        .iter()
+        .zip(values)
+        .map(|(c, v)| {
+            v.as_ref()
+                .map(|text| canonical_or_marked(c, text.as_ref(), &mut problem).into_owned())
+        })
+        .collect();
     let key = key_at.iter().map(|&i| row[i].clone()).collect();
-    ((key, row), problem)
+    (key, row)
 }
 
 /// Row counts and order-free content hashes of every table on both sides,
@@ -679,6 +707,24 @@ pub async fn verify(
     each_table(pgs, map, |pg, table| verify_table(path, table, pg)).await
 }
 
+/// Count, hash and problems of one side.
+#[derive(Default)]
+struct Side {
+    rows: u64,
+    hash: u64,
+    problems: Vec<String>,
+}
+
+impl Side {
+    fn add(&mut self, (hash, problem): (u64, Option<String>), side: &str) {
+        self.rows += 1;
+        self.hash = self.hash.wrapping_add(hash);
+        if let Some(p) = problem.filter(|_| self.problems.len() < MAX_REPORTED) {
+            self.problems.push(format!("{side}: {p}"));
+        }
+    }
+}
+
 async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCheck, ConvertError> {
     let key_at: Vec<usize> = table
         .primary_key
@@ -687,30 +733,32 @@ async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCh
         .collect();
     // Both sides at once: the file on a blocking thread, PostgreSQL here.
     let sqlite = {
-        let (path, table, key_at) = (path.to_path_buf(), table.clone(), key_at.clone());
-        tokio::task::spawn_blocking(move || sqlite_side(&path, &table, &key_at, None))
+        let (path, table) = (path.to_path_buf(), table.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut side = Side::default();
+            let bad = sqlite_side(&path, &table, &mut |values| {
+                side.add(digest(&table, values), "SQLite")
+            })?;
+            side.problems.extend(bad);
+            Ok::<_, ConvertError>(side)
+        })
     };
-    let (mut postgres_rows, mut postgres_hash) = (0u64, 0u64);
-    let mut unreadable = Vec::new();
-    let postgres = postgres_side(pg, table, &key_at, |(_, row), problem| {
-        postgres_rows += 1;
-        postgres_hash = postgres_hash.wrapping_add(row_hash(&row));
-        if let Some(p) = problem.filter(|_| unreadable.len() < MAX_REPORTED) {
-            unreadable.push(format!("PostgreSQL: {p}"));
-        }
+    let mut theirs = Side::default();
+    let postgres = postgres_side(pg, table, |values| {
+        theirs.add(digest(table, values), "PostgreSQL")
     });
-    let (sqlite, postgres) = tokio::join!(sqlite, postgres);
+    let (ours, postgres) = tokio::join!(sqlite, postgres);
     postgres?;
-    let (sqlite_rows, sqlite_hash, mut differences) =
-        sqlite.map_err(|e| ConvertError::Refused(format!("verify stopped: {e}")))??;
-    differences.extend(unreadable);
+    let mut ours = ours.map_err(|e| ConvertError::Refused(format!("verify stopped: {e}")))??;
+    ours.problems.truncate(MAX_REPORTED);
+    ours.problems.extend(theirs.problems);
     let mut check = TableCheck {
         table: table.name.clone(),
-        sqlite_rows,
-        postgres_rows,
-        sqlite_hash,
-        postgres_hash,
-        differences,
+        sqlite_rows: ours.rows,
+        postgres_rows: theirs.rows,
+        sqlite_hash: ours.hash,
+        postgres_hash: theirs.hash,
+        differences: ours.problems,
     };
     if !check.clean() && !key_at.is_empty() {
         check.differences = drill_down(path, table, &key_at, pg).await?;
@@ -728,14 +776,14 @@ async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCh
     Ok(check)
 }
 
-/// Count and hash of the file's rows; with `rows`, each canonical row is
-/// handed over too. Values that do not convert are differences.
+/// Hands every row of the file to `each` as PostgreSQL input text through
+/// the schema map; a value that does not convert is handed over as NULL
+/// and named in the returned problems.
 fn sqlite_side(
     path: &Path,
     table: &Table,
-    key_at: &[usize],
-    mut rows: Option<&mut dyn FnMut(CanonicalRow)>,
-) -> Result<(u64, u64, Vec<String>), ConvertError> {
+    each: &mut dyn FnMut(&[Option<String>]),
+) -> Result<Vec<String>, ConvertError> {
     let conn = open(path)?;
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let mut stmt = conn.prepare(&format!(
@@ -744,10 +792,10 @@ fn sqlite_side(
         quote(&table.name)
     ))?;
     let mut cursor = stmt.query([])?;
-    let (mut count, mut hash, mut problems) = (0u64, 0u64, Vec::new());
+    let mut problems = Vec::new();
+    let mut values = Vec::with_capacity(table.columns.len());
     while let Some(row) = cursor.next()? {
-        count += 1;
-        let mut values = Vec::with_capacity(table.columns.len());
+        values.clear();
         for (i, c) in table.columns.iter().enumerate() {
             match c.to_pg_text(row.get_ref(i)?) {
                 Ok(v) => values.push(v),
@@ -759,24 +807,16 @@ fn sqlite_side(
                 }
             }
         }
-        let (r, problem) = canonical_row(table, key_at, values);
-        if let Some(p) = problem.filter(|_| problems.len() < MAX_REPORTED) {
-            problems.push(format!("SQLite: {p}"));
-        }
-        hash = hash.wrapping_add(row_hash(&r.1));
-        if let Some(f) = rows.as_mut() {
-            f(r);
-        }
+        each(&values);
     }
-    Ok((count, hash, problems))
+    Ok(problems)
 }
 
-/// Streams the table's rows from PostgreSQL as canonical rows.
+/// Streams the table's rows from PostgreSQL as text values.
 async fn postgres_side(
     pg: &Client,
     table: &Table,
-    key_at: &[usize],
-    mut each: impl FnMut(CanonicalRow, Option<String>),
+    mut each: impl FnMut(&[Option<Cow<'_, str>>]),
 ) -> Result<(), ConvertError> {
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let stream = pg
@@ -793,10 +833,9 @@ async fn postgres_side(
         let mut start = 0;
         while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
             let line = &pending[start..start + end];
-            let values: Vec<Option<String>> =
+            let values: Vec<Option<Cow<'_, str>>> =
                 line.split(|b| *b == b'\t').map(unescape_copy).collect();
-            let (row, problem) = canonical_row(table, key_at, values);
-            each(row, problem);
+            each(&values);
             start += end + 1;
         }
         pending.drain(..start);
@@ -813,7 +852,8 @@ async fn drill_down(
     pg: &Client,
 ) -> Result<Vec<String>, ConvertError> {
     let mut theirs: HashMap<Vec<Option<String>>, Vec<Option<String>>> = HashMap::new();
-    postgres_side(pg, table, key_at, |(key, row), _| {
+    postgres_side(pg, table, |values| {
+        let (key, row) = canonical_row(table, key_at, values);
         theirs.insert(key, row);
     })
     .await?;
@@ -835,23 +875,25 @@ async fn drill_down(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut visit = |(key, row): CanonicalRow| match theirs.remove(&key) {
-            None => note(format!("key ({}): only in SQLite", show(&key))),
-            Some(other) => {
-                for (c, (a, b)) in table.columns.iter().zip(row.iter().zip(other.iter())) {
-                    if a != b {
-                        note(format!(
-                            "key ({}), column {}: SQLite {:?}, PostgreSQL {:?}",
-                            show(&key),
-                            quote(&c.name),
-                            a,
-                            b
-                        ));
+        let problems = sqlite_side(&path, &table, &mut |values| {
+            let (key, row) = canonical_row(&table, &key_at, values);
+            match theirs.remove(&key) {
+                None => note(format!("key ({}): only in SQLite", show(&key))),
+                Some(other) => {
+                    for (c, (a, b)) in table.columns.iter().zip(row.iter().zip(other.iter())) {
+                        if a != b {
+                            note(format!(
+                                "key ({}), column {}: SQLite {:?}, PostgreSQL {:?}",
+                                show(&key),
+                                quote(&c.name),
+                                a,
+                                b
+                            ));
+                        }
                     }
                 }
             }
-        };
-        let (_, _, problems) = sqlite_side(&path, &table, &key_at, Some(&mut visit))?;
+        })?;
         for p in problems {
             note(p);
         }
