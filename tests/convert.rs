@@ -127,7 +127,7 @@ fn sqlite_next_id(conn: &Connection, table: &str, insert: &str) -> i64 {
 async fn three_ddl_styles_convert_every_value_exactly() {
     let cluster = start_cluster();
     let dir = scratch("styles");
-    for style in [Style::Hand, Style::Drizzle, Style::Prisma] {
+    for style in [Style::Hand, Style::Drizzle, Style::Prisma, Style::Plain] {
         let db = style.name();
         cluster
             .psql("postgres", &format!("CREATE DATABASE {db}"))
@@ -280,6 +280,14 @@ async fn three_ddl_styles_convert_every_value_exactly() {
         );
         let at = |i: i64| format_utc(EPOCH + i * 3_607, " ");
         match style {
+            Style::Plain => {
+                assert_eq!(
+                    utc(&cluster, db, users, "created_at", 5),
+                    format!("{}.000000", at(5)),
+                    "SQLite text is UTC"
+                );
+                assert_eq!(column_type(users, "active"), "boolean");
+            }
             Style::Hand => {
                 assert_eq!(
                     utc(&cluster, db, users, "created_at", 4),
@@ -343,7 +351,7 @@ async fn three_ddl_styles_convert_every_value_exactly() {
             }
         }
         let ledger = match style {
-            Style::Hand => "d1_migrations",
+            Style::Hand | Style::Plain => "d1_migrations",
             Style::Drizzle => "__drizzle_migrations",
             Style::Prisma => "_prisma_migrations",
         };

@@ -18,6 +18,10 @@ pub enum Style {
     Hand,
     Drizzle,
     Prisma,
+    /// The hand-written schema with each column stored one way (text
+    /// times, 0/1 booleans) and no orphans: a file pgloader loads whole,
+    /// for comparing speed on the same work.
+    Plain,
 }
 
 impl Style {
@@ -26,6 +30,7 @@ impl Style {
             Style::Hand => "hand",
             Style::Drizzle => "drizzle",
             Style::Prisma => "prisma",
+            Style::Plain => "plain",
         }
     }
 
@@ -76,7 +81,7 @@ column = "views"
 type = "integer"
 "#
             }
-            Style::Hand => {
+            Style::Hand | Style::Plain => {
                 r#"
 [[schema.columns]]
 table = "events"
@@ -90,7 +95,7 @@ type = "timestamptz"
 
 fn schema(style: Style) -> &'static str {
     match style {
-        Style::Hand => {
+        Style::Hand | Style::Plain => {
             r#"
 CREATE TABLE users (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -289,6 +294,7 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
             // CURRENT_TIMESTAMP text; drizzle epoch seconds; hand-written
             // apps ISO text with and without Z, and SQLite's own format.
             let created: cutover_sqlite::rusqlite::types::Value = match (style, i % 4) {
+                (Style::Plain, _) => format_utc(seconds, " ").into(),
                 (Style::Prisma, 0) => format_utc(seconds, " ").into(),
                 (Style::Prisma, _) => (seconds * 1000 + (i as i64 % 1000)).into(),
                 (Style::Drizzle, _) => seconds.into(),
@@ -298,6 +304,7 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
                 (Style::Hand, _) => format_utc(seconds, " ").into(),
             };
             let active: cutover_sqlite::rusqlite::types::Value = match (style, i % 3) {
+                (Style::Plain, n) => ((n % 2) as i64).into(),
                 (Style::Hand, 0) => "true".to_string().into(),
                 (Style::Hand, 1) => "false".to_string().into(),
                 (_, 2) => cutover_sqlite::rusqlite::types::Value::Null,
@@ -363,6 +370,7 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
             let published: Option<cutover_sqlite::rusqlite::types::Value> = match (style, id % 5) {
                 (_, 0) => None,
                 (Style::Prisma, _) => Some((seconds * 1000).into()),
+                (Style::Plain, _) => Some(format_utc(seconds, " ").into()),
                 (Style::Drizzle, _) => Some(format!("{}.000Z", format_utc(seconds, "T")).into()),
                 (Style::Hand, _) => Some(seconds.into()),
             };
@@ -432,7 +440,7 @@ pub fn build(path: &Path, style: Style, users: u64) -> Connection {
         )
         .unwrap();
         match style {
-            Style::Hand => {
+            Style::Hand | Style::Plain => {
                 tx.execute_batch(
                     "INSERT INTO d1_migrations (name) VALUES ('0001_init.sql'), ('0002_posts.sql')",
                 )
