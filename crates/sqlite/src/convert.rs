@@ -178,16 +178,12 @@ pub async fn convert(
         events(Event::Step(
             "primary keys, indexes, constraints and foreign keys".to_string(),
         ));
-        pg.batch_execute("SET maintenance_work_mem = '256MB'; BEGIN")
-            .await?;
-        match post_data(pg, map).await {
-            Ok(found) => warnings = found,
-            Err(e) => {
-                let _ = pg.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
+        for c in pgs {
+            c.batch_execute("SET maintenance_work_mem = '256MB'")
+                .await?;
         }
-        pg.batch_execute("UPDATE cutover.convert SET post_data_done = true; COMMIT")
+        warnings = post_data(pgs, map).await?;
+        pg.batch_execute("UPDATE cutover.convert SET post_data_done = true")
             .await?;
     }
     events(Event::Step("ANALYZE".to_string()));
@@ -236,43 +232,90 @@ where
     Ok(all.into_iter().map(|(_, t)| t).collect())
 }
 
-/// Keys, indexes and constraints, then the foreign keys, in the open
-/// transaction. A foreign key that rows of the file break is made NOT
-/// VALID (enforced for new rows, the old ones kept as they are) and named
-/// in a warning with the count, rather than failing the convert or
-/// dropping rows.
-async fn post_data(pg: &Client, map: &SchemaMap) -> Result<Vec<String>, ConvertError> {
-    let failed = |statement: &str, e: tokio_postgres::Error| {
-        ConvertError::Postgres(format!("{statement}: {}", postgres_message(&e)))
-    };
-    for statement in map.keys_and_indexes() {
-        pg.batch_execute(&statement)
-            .await
-            .map_err(|e| failed(&statement, e))?;
-    }
-    let mut warnings = Vec::new();
-    for fk in map.foreign_keys() {
-        pg.batch_execute("SAVEPOINT foreign_key").await?;
-        match pg.batch_execute(&fk.ddl).await {
-            Ok(()) => pg.batch_execute("RELEASE SAVEPOINT foreign_key").await?,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
-                pg.batch_execute("ROLLBACK TO SAVEPOINT foreign_key")
-                    .await?;
-                let not_valid = format!("{} NOT VALID", fk.ddl);
-                pg.batch_execute(&not_valid)
-                    .await
-                    .map_err(|e| failed(&not_valid, e))?;
+/// Keys, indexes and constraints, then the foreign keys, tables spread
+/// over the connections. Each statement commits with its record in
+/// `cutover.convert_post_data`, so a resumed run skips what is done. A
+/// foreign key that rows of the file break is made NOT VALID (enforced for
+/// new rows, the old ones kept as they are) and named in a warning with the
+/// count, rather than failing the convert or dropping rows.
+async fn post_data(pgs: &[Client], map: &SchemaMap) -> Result<Vec<String>, ConvertError> {
+    let done: std::collections::HashSet<String> = pgs[0]
+        .query("SELECT statement FROM cutover.convert_post_data", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let done = &done;
+    each_table(pgs, map, |pg, table| async move {
+        for statement in table.keys_and_indexes() {
+            if !done.contains(&statement) {
+                recorded(pg, &statement, &statement).await?;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let foreign_keys = map.foreign_keys();
+    let foreign_keys = &foreign_keys;
+    let warnings = each_table(pgs, map, |pg, table| async move {
+        let mut warnings = Vec::new();
+        for fk in foreign_keys.iter().filter(|fk| fk.table == table.name) {
+            if done.contains(&fk.ddl) {
+                continue;
+            }
+            pg.batch_execute("BEGIN").await?;
+            if let Err(e) = pg.batch_execute(&fk.ddl).await {
+                let _ = pg.batch_execute("ROLLBACK").await;
+                if e.code() != Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) {
+                    return Err(failed(&fk.ddl, &e));
+                }
                 let orphans: i64 = pg.query_one(&fk.orphans, &[]).await?.get(0);
+                recorded(pg, &format!("{} NOT VALID", fk.ddl), &fk.ddl).await?;
                 warnings.push(format!(
                     "{}: {orphans} rows reference rows that do not exist (SQLite did not check); \
                      it is created NOT VALID, enforced for new rows; fix those rows, then VALIDATE CONSTRAINT",
                     fk.describe
                 ));
+                continue;
             }
-            Err(e) => return Err(failed(&fk.ddl, e)),
+            record(pg, &fk.ddl).await?;
         }
+        Ok(warnings)
+    })
+    .await?;
+    Ok(warnings.into_iter().flatten().collect())
+}
+
+fn failed(statement: &str, e: &tokio_postgres::Error) -> ConvertError {
+    ConvertError::Postgres(format!("{statement}: {}", postgres_message(e)))
+}
+
+/// Runs `statement` in a transaction that also records `done_as` as done.
+async fn recorded(pg: &Client, statement: &str, done_as: &str) -> Result<(), ConvertError> {
+    pg.batch_execute("BEGIN").await?;
+    if let Err(e) = pg.batch_execute(statement).await {
+        let _ = pg.batch_execute("ROLLBACK").await;
+        return Err(failed(statement, &e));
     }
-    Ok(warnings)
+    record(pg, done_as).await
+}
+
+/// Records `statement` as done and commits the open transaction.
+async fn record(pg: &Client, statement: &str) -> Result<(), ConvertError> {
+    let written = async {
+        pg.execute(
+            "INSERT INTO cutover.convert_post_data (statement) VALUES ($1)",
+            &[&statement],
+        )
+        .await?;
+        pg.batch_execute("COMMIT").await
+    }
+    .await;
+    if let Err(e) = written {
+        let _ = pg.batch_execute("ROLLBACK").await;
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 /// Creates cutover's bookkeeping and the tables, or checks that an earlier
@@ -288,6 +331,7 @@ async fn prepare(
          CREATE TABLE IF NOT EXISTS cutover.convert (
              one boolean PRIMARY KEY DEFAULT true CHECK (one),
              source text NOT NULL, ddl text NOT NULL, post_data_done boolean NOT NULL DEFAULT false);
+         CREATE TABLE IF NOT EXISTS cutover.convert_post_data (statement text NOT NULL);
          CREATE TABLE IF NOT EXISTS cutover.convert_progress (
              table_name text PRIMARY KEY, cursor text, rows bigint NOT NULL DEFAULT 0,
              done boolean NOT NULL DEFAULT false)",

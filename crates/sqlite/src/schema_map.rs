@@ -239,6 +239,38 @@ pub struct Table {
 }
 
 impl Table {
+    /// This table's DDL after the data, before foreign keys: its primary
+    /// key, the identity restart where SQLite would continue, its indexes,
+    /// UNIQUE and CHECK constraints.
+    pub fn keys_and_indexes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.primary_key.is_empty() {
+            let keys: Vec<String> = self.primary_key.iter().map(|k| quote(k)).collect();
+            out.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})",
+                quote(&self.name),
+                quote(&format!("{}_pkey", self.name)),
+                keys.join(", ")
+            ));
+        }
+        if let (Some(id), Some(next)) = (&self.rowid_alias, self.next_id) {
+            out.push(format!(
+                "ALTER TABLE {} ALTER COLUMN {} RESTART WITH {next}",
+                quote(&self.name),
+                quote(id)
+            ));
+        }
+        out.extend(self.indexes.iter().filter_map(|i| index_ddl(self, i)));
+        for (n, check) in self.checks.iter().enumerate() {
+            out.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} CHECK ({check})",
+                quote(&self.name),
+                quote(&format!("{}_check{}", self.name, n + 1))
+            ));
+        }
+        out
+    }
+
     /// The table's rows, as the profile counted them.
     pub fn rows(&self) -> u64 {
         self.columns
@@ -423,36 +455,10 @@ impl SchemaMap {
 
     /// The post-data DDL before the foreign keys.
     pub fn keys_and_indexes(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for t in self.tables.iter().filter(|t| !t.primary_key.is_empty()) {
-            let keys: Vec<String> = t.primary_key.iter().map(|k| quote(k)).collect();
-            out.push(format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})",
-                quote(&t.name),
-                quote(&format!("{}_pkey", t.name)),
-                keys.join(", ")
-            ));
-        }
-        for t in &self.tables {
-            if let (Some(id), Some(next)) = (&t.rowid_alias, t.next_id) {
-                out.push(format!(
-                    "ALTER TABLE {} ALTER COLUMN {} RESTART WITH {next}",
-                    quote(&t.name),
-                    quote(id)
-                ));
-            }
-        }
-        for t in &self.tables {
-            out.extend(t.indexes.iter().filter_map(|i| index_ddl(t, i)));
-            for (n, check) in t.checks.iter().enumerate() {
-                out.push(format!(
-                    "ALTER TABLE {} ADD CONSTRAINT {} CHECK ({check})",
-                    quote(&t.name),
-                    quote(&format!("{}_check{}", t.name, n + 1))
-                ));
-            }
-        }
-        out
+        self.tables
+            .iter()
+            .flat_map(Table::keys_and_indexes)
+            .collect()
     }
 
     /// Every foreign key, as PostgreSQL DDL with the query that counts the
@@ -482,6 +488,7 @@ impl SchemaMap {
                     .map(|c| format!("c.{} IS NOT NULL", quote(c)))
                     .collect();
                 out.push(ForeignKeyDdl {
+                    table: t.name.clone(),
                     ddl: format!(
                         "ALTER TABLE {} ADD CONSTRAINT {name} FOREIGN KEY ({}) REFERENCES {} ({}) ON UPDATE {} ON DELETE {}",
                         quote(&t.name),
@@ -516,6 +523,8 @@ impl SchemaMap {
 /// that break it.
 #[derive(Debug, Clone)]
 pub struct ForeignKeyDdl {
+    /// The referencing table.
+    pub table: String,
     pub ddl: String,
     pub describe: String,
     pub orphans: String,
