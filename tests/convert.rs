@@ -633,3 +633,23 @@ async fn bad_values_are_named_and_nothing_is_converted() {
         text(&out)
     );
 }
+
+#[test]
+fn serve_refuses_a_sqlite_file_by_name() {
+    let dir = scratch("serve");
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        "[old]\nurl = \"sqlite:///srv/app.db\"\n[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = cutover(&["serve"], &config);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "old.url is the SQLite file /srv/app.db: `cutover serve` cannot serve a SQLite file yet"
+        ),
+        "{}",
+        text(&out)
+    );
+}
