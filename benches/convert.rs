@@ -318,18 +318,11 @@ async fn main() {
             style.column_settings()
         ))
         .unwrap();
-        let settings: Vec<cutover_sqlite::ColumnOverride> = config
-            .schema_columns
-            .iter()
-            .map(|c| cutover_sqlite::ColumnOverride {
-                table: c.table.clone(),
-                column: c.column.clone(),
-                pg_type: c.pg_type.clone(),
-                storage: c.storage.clone(),
-            })
-            .collect();
-        let map =
-            SchemaMap::read(&cutover_sqlite::open_read_only(&file).unwrap(), &settings).unwrap();
+        let map = SchemaMap::read(
+            &cutover_sqlite::open_read_only(&file).unwrap(),
+            &config.schema_columns,
+        )
+        .unwrap();
         let (mut our_wrong, mut their_wrong) = (0, 0);
         for t in &map.tables {
             let ours = judge(&cluster, &ours_db, &file, t).await;

@@ -340,17 +340,7 @@ fn sqlite_map(config: &Config) -> anyhow::Result<(PathBuf, cutover_sqlite::Schem
         anyhow::bail!("old.url: the SQLite file {} does not exist", path.display());
     }
     rusqlite_open(&path)?;
-    let settings: Vec<cutover_sqlite::ColumnOverride> = config
-        .schema_columns
-        .iter()
-        .map(|c| cutover_sqlite::ColumnOverride {
-            table: c.table.clone(),
-            column: c.column.clone(),
-            pg_type: c.pg_type.clone(),
-            storage: c.storage.clone(),
-        })
-        .collect();
-    let map = cutover_sqlite::SchemaMap::read_file(&path, &settings, 2)?;
+    let map = cutover_sqlite::SchemaMap::read_file(&path, &config.schema_columns, 2)?;
     Ok((path, map))
 }
 

@@ -79,18 +79,11 @@ fn schema_map(
         style.column_settings(),
     ))
     .unwrap();
-    let settings: Vec<cutover_sqlite::ColumnOverride> = config
-        .schema_columns
-        .iter()
-        .map(|c| cutover_sqlite::ColumnOverride {
-            table: c.table.clone(),
-            column: c.column.clone(),
-            pg_type: c.pg_type.clone(),
-            storage: c.storage.clone(),
-        })
-        .collect();
-    cutover_sqlite::SchemaMap::read(&cutover_sqlite::open_read_only(file).unwrap(), &settings)
-        .unwrap()
+    cutover_sqlite::SchemaMap::read(
+        &cutover_sqlite::open_read_only(file).unwrap(),
+        &config.schema_columns,
+    )
+    .unwrap()
 }
 
 async fn control(cluster: &Cluster, db: &str) -> tokio_postgres::Client {

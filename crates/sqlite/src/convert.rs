@@ -17,7 +17,7 @@
 use crate::canonical::canonical;
 use crate::schema_map::{quote, Column, SchemaMap, Table};
 use futures_util::{SinkExt, StreamExt};
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::Value;
 use rusqlite::Connection;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -576,24 +576,18 @@ fn describe_key(
     keys: usize,
 ) -> Result<String, ConvertError> {
     if table.primary_key.is_empty() {
-        return Ok(format!("rowid {}", text_of(row.get_ref(0)?)));
+        return Ok(format!("rowid {}", crate::value::raw(row.get_ref(0)?)));
     }
     let mut parts = Vec::new();
     for k in &table.primary_key {
         let at = table.columns.iter().position(|c| &c.name == k).unwrap_or(0);
-        parts.push(format!("{}={}", k, text_of(row.get_ref(keys + at)?)));
+        parts.push(format!(
+            "{}={}",
+            k,
+            crate::value::raw(row.get_ref(keys + at)?)
+        ));
     }
     Ok(parts.join(", "))
-}
-
-fn text_of(value: ValueRef<'_>) -> String {
-    match value {
-        ValueRef::Null => "NULL".to_string(),
-        ValueRef::Integer(i) => i.to_string(),
-        ValueRef::Real(f) => f.to_string(),
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-        ValueRef::Blob(b) => format!("blob of {} bytes", b.len()),
-    }
 }
 
 /// The key values of a chunk's last row, kept as JSON with their storage

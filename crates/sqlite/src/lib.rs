@@ -11,11 +11,10 @@ pub mod convert;
 pub mod schema_map;
 pub mod value;
 
+pub use cutover_config::ColumnSetting;
 pub use rusqlite;
 pub use rusqlite::Connection;
-pub use schema_map::{
-    Codec, Column, ColumnOverride, Profile, SchemaMap, SqliteError, Table, TimeCodec,
-};
+pub use schema_map::{Codec, Column, Profile, SchemaMap, SqliteError, Table, TimeCodec};
 pub use value::BadValue;
 
 /// Opens a SQLite file for reading only.

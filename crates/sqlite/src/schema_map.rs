@@ -10,6 +10,7 @@
 //! settles what neither can. Values that fit no codec of the chosen type
 //! are listed with their key, never altered.
 
+use cutover_config::ColumnSetting;
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
@@ -19,18 +20,6 @@ pub enum SqliteError {
     Sqlite(#[from] rusqlite::Error),
     #[error("schema.columns: {0}")]
     Override(String),
-}
-
-/// What an operator says of a column the data cannot settle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnOverride {
-    pub table: String,
-    pub column: String,
-    /// The PostgreSQL type on new.
-    pub pg_type: String,
-    /// `unix_s`, `unix_ms`, `iso_text`, `bool_int`, `json_text`, ...;
-    /// None: detected.
-    pub storage: Option<String>,
 }
 
 /// How many values of each SQLite storage class a column holds, and what
@@ -316,7 +305,7 @@ pub struct SchemaMap {
 impl SchemaMap {
     /// Reads every user table of `conn` (not `sqlite_*`), profiles every
     /// column's values, and decides types and codecs; `overrides` win.
-    pub fn read(conn: &Connection, overrides: &[ColumnOverride]) -> Result<SchemaMap, SqliteError> {
+    pub fn read(conn: &Connection, overrides: &[ColumnSetting]) -> Result<SchemaMap, SqliteError> {
         let (names, skipped) = list_tables(conn, overrides)?;
         let mut tables = Vec::new();
         for (name, sql) in names {
@@ -329,7 +318,7 @@ impl SchemaMap {
     /// profiled on up to `threads` read-only connections at once.
     pub fn read_file(
         path: &std::path::Path,
-        overrides: &[ColumnOverride],
+        overrides: &[ColumnSetting],
         threads: usize,
     ) -> Result<SchemaMap, SqliteError> {
         let (names, skipped) = list_tables(&crate::open_read_only(path)?, overrides)?;
@@ -621,7 +610,7 @@ type NameAnd = (String, String);
 /// their shadow tables. Every override must name one of the tables.
 fn list_tables(
     conn: &Connection,
-    overrides: &[ColumnOverride],
+    overrides: &[ColumnSetting],
 ) -> Result<(Vec<NameAnd>, Vec<NameAnd>), SqliteError> {
     let mut names = Vec::new();
     let mut skipped = Vec::new();
@@ -671,7 +660,7 @@ fn read_table(
     conn: &Connection,
     name: &str,
     sql: &str,
-    overrides: &[ColumnOverride],
+    overrides: &[ColumnSetting],
 ) -> Result<Table, SqliteError> {
     let mut infos = Vec::new();
     {
@@ -1119,7 +1108,7 @@ fn family(declared: &str) -> Family {
 fn decide(
     info: &Info,
     profile: Profile,
-    given: Option<&ColumnOverride>,
+    given: Option<&ColumnSetting>,
     rowid_alias: bool,
 ) -> Result<Column, SqliteError> {
     let mut notes = Vec::new();
@@ -1686,7 +1675,7 @@ mod tests {
             "CREATE TABLE analytics (id INTEGER PRIMARY KEY, \"timestamp\" INTEGER, flag INTEGER);
              INSERT INTO analytics VALUES (1, 1700000000000, 1), (2, 1700000001000, 0);",
         );
-        let given = |column: &str, ty: &str, storage: Option<&str>| ColumnOverride {
+        let given = |column: &str, ty: &str, storage: Option<&str>| ColumnSetting {
             table: "analytics".to_string(),
             column: column.to_string(),
             pg_type: ty.to_string(),
