@@ -39,7 +39,7 @@ fn bad_configuration_exits_2_naming_the_key_and_reason() {
     let cases = [
         (
             format!("{old}pool_sise = 3\n"),
-            "unknown field `pool_sise`, expected `url` or `pool_size` for key `old`",
+            "unknown field `pool_sise`, expected one of `url`, `pool_size`, `database` for key `old`",
         ),
         (
             format!("[proxy]\nlisten = \"nowhere\"\n{old}"),
