@@ -10,6 +10,7 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     pub client_connections: IntGauge,
     pub client_connections_total: IntCounter,
     pub queries: IntCounterVec,
@@ -80,7 +81,7 @@ fn opts(name: &str, help: &str) -> Opts {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let m = Metrics {
+        let mut m = Metrics {
             client_connections: IntGauge::with_opts(opts(
                 "client_connections",
                 "Client connections open now.",
@@ -270,6 +271,7 @@ impl Metrics {
                 .expect("valid metric"),
             },
             registry,
+            names: Vec::new(),
         };
         for c in [
             Box::new(m.client_connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -307,9 +309,17 @@ impl Metrics {
             Box::new(m.traffic.pause_seconds.clone()),
             Box::new(m.traffic.transitions.clone()),
         ] {
+            m.names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             m.registry.register(c).expect("metric names are unique");
         }
         m
+    }
+
+    /// The name of every metric family cutover exports (as `/metrics`
+    /// shows them once they have a value), for checking dashboards and
+    /// alert rules against.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn backend(&self, backend: &str) -> BackendMetrics {
