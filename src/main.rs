@@ -596,11 +596,62 @@ fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
-        } => report(
-            runtime(cutover_config::default_worker_threads())
-                .and_then(|rt| rt.block_on(demo(listen, admin_listen))),
-        ),
+        } => match ensure_postgres() {
+            Err(code) => code,
+            Ok(()) => report(
+                runtime(cutover_config::default_worker_threads())
+                    .and_then(|rt| rt.block_on(demo(listen, admin_listen))),
+            ),
+        },
     }
+}
+
+/// PostgreSQL's server binaries for `demo`: found; or, missing, installed
+/// with apt-get when running as root where apt-get exists (as `.ci/run`
+/// does); or else the one command that installs them is printed and the
+/// exit status is 2.
+fn ensure_postgres() -> Result<(), ExitCode> {
+    let missing = match cutover_pgcluster::find_bindir() {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let apt = std::path::Path::new("/usr/bin/apt-get").is_file();
+    let chosen = std::env::var_os("CUTOVER_PG_BINDIR").is_some();
+    if apt && !chosen && cutover_pgcluster::running_as_root() {
+        eprintln!("cutover demo: PostgreSQL's server binaries are missing; installing them: apt-get install -y postgresql");
+        let apt_get = |args: &[&str]| {
+            std::process::Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if apt_get(&["update", "-qq"])
+            && apt_get(&["install", "-y", "-qq", "postgresql"])
+            && cutover_pgcluster::find_bindir().is_ok()
+        {
+            return Ok(());
+        }
+        eprintln!("cutover demo: apt-get could not install postgresql; install it, then run the demo again");
+        return Err(ExitCode::from(2));
+    }
+    if chosen {
+        eprintln!("cutover demo: {missing}");
+        return Err(ExitCode::from(2));
+    }
+    let command = if apt {
+        "sudo apt-get install -y postgresql"
+    } else if std::path::Path::new("/opt/homebrew/bin/brew").is_file()
+        || std::path::Path::new("/usr/local/bin/brew").is_file()
+    {
+        "brew install postgresql"
+    } else {
+        "your system's PostgreSQL server package (it holds initdb and pg_ctl)"
+    };
+    eprintln!(
+        "cutover demo: PostgreSQL's server binaries (initdb, pg_ctl) are not installed; install them with:\n  {command}\nthen run the demo again"
+    );
+    Err(ExitCode::from(2))
 }
 
 /// The work-stealing runtime with `threads` workers. Measured on 2 cores

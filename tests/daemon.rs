@@ -351,3 +351,23 @@ fn demo_starts_two_databases_and_serves_them() {
         .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn demo_without_postgresql_binaries_exits_2_naming_the_fix() {
+    let empty = std::env::temp_dir().join(format!("cutover-no-pg-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(BIN)
+        .arg("demo")
+        .env("CUTOVER_PG_BINDIR", &empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cutover demo: CUTOVER_PG_BINDIR={} holds no initdb and pg_ctl",
+            empty.display()
+        )),
+        "{stderr}"
+    );
+}

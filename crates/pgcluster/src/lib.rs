@@ -18,6 +18,8 @@ pub const SUPERUSER_PASSWORD: &str = "postgres-pw";
 pub enum ClusterError {
     #[error("PostgreSQL server binaries (initdb, pg_ctl) not found in `pg_config --bindir`, /usr/lib/postgresql/*/bin or PATH; install them, e.g. `sudo apt-get install -y postgresql` on Debian/Ubuntu or `brew install postgresql` on macOS")]
     NoBinaries,
+    #[error("CUTOVER_PG_BINDIR={0} holds no initdb and pg_ctl")]
+    NotInBindir(String),
     #[error("running as root, and PostgreSQL refuses to: create an unprivileged account (`useradd -r postgres`) or name one in CUTOVER_PG_OS_USER")]
     NoUnprivilegedUser,
     #[error("{what} failed: {detail}")]
@@ -76,6 +78,15 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// The directory holding `initdb`, `pg_ctl`, `psql` and `pgbench`.
 pub fn find_bindir() -> Result<PathBuf, ClusterError> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    // An explicit directory is the only one looked at.
+    if let Some(dir) = std::env::var_os("CUTOVER_PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        return if has_tools(&dir) {
+            Ok(dir)
+        } else {
+            Err(ClusterError::NotInBindir(dir.display().to_string()))
+        };
+    }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if out.status.success() && has_tools(&dir) {
@@ -103,7 +114,8 @@ pub fn find_bindir() -> Result<PathBuf, ClusterError> {
         .ok_or(ClusterError::NoBinaries)
 }
 
-fn running_as_root() -> bool {
+/// Whether this process runs as root.
+pub fn running_as_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
