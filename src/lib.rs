@@ -5,8 +5,9 @@
 
 pub mod cli_http;
 mod migration;
+mod ramp;
 
-use cutover_admin::{AdminSource, ApiError, BoxFuture, Transition, VerifyRequest};
+use cutover_admin::{AdminSource, ApiError, BoxFuture, RampRequest, Transition, VerifyRequest};
 use cutover_config::{BackendConfig, Config};
 use cutover_control::{Backend, BackendStatus, ControlState, Health, Metrics, PoolStatus, Status};
 use cutover_proxy::traffic::{Plane, Traffic};
@@ -57,6 +58,11 @@ struct Daemon {
     transitions: tokio::sync::Mutex<()>,
     traffic: Arc<Traffic>,
     last_pause: Mutex<Option<serde_json::Value>>,
+    /// The current or last guarded ramp, and the running one's switch.
+    ramp: Mutex<Option<ramp::Ramp>>,
+    ramp_task: Mutex<Option<ramp::RampTask>>,
+    /// This daemon, for the tasks it starts from the admin API.
+    me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
 }
 
 /// Name of the replication slot and publication cutover owns on the old database.
@@ -156,6 +162,7 @@ impl AdminSource for Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            ramp: self.ramp_status(),
         }
     }
 
@@ -182,7 +189,25 @@ impl AdminSource for Daemon {
         &self,
         transition: Transition,
     ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
-        Box::pin(self.run_transition(transition))
+        Box::pin(async move {
+            if self.ramp_running() {
+                return Err(ApiError::conflict(
+                    "a guarded ramp is running and owns the dial; `cutover ramp --abort` stops it",
+                ));
+            }
+            self.run_transition(transition).await
+        })
+    }
+
+    fn start_ramp(&self, request: RampRequest) -> Result<serde_json::Value, ApiError> {
+        match self.me.get().and_then(std::sync::Weak::upgrade) {
+            Some(me) => me.start_ramp(&request),
+            None => Err(ApiError::unavailable("cutover is shutting down")),
+        }
+    }
+
+    fn abort_ramp(&self) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
+        Box::pin(Daemon::abort_ramp(self))
     }
 
     fn start_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
@@ -327,7 +352,11 @@ impl Server {
             transitions: tokio::sync::Mutex::new(()),
             traffic,
             last_pause: Mutex::new(None),
+            ramp: Mutex::new(None),
+            ramp_task: Mutex::new(None),
+            me: std::sync::OnceLock::new(),
         });
+        let _ = daemon.me.set(Arc::downgrade(&daemon));
         match saved {
             Some(state) => {
                 tracing::info!(
@@ -348,6 +377,16 @@ impl Server {
                 if let Some(settings) = daemon.mirror_settings() {
                     tokio::spawn(resume_mirror(daemon.clone(), settings));
                 }
+            }
+        }
+        if let Some(saved) =
+            ramp::load(ramp::ramp_file(daemon.config.cutover.state_file.as_ref()).as_ref())
+        {
+            let running = saved.state == ramp::RampState::Running;
+            *daemon.ramp.lock().unwrap_or_else(|p| p.into_inner()) = Some(saved);
+            if running {
+                tracing::info!("resuming the guarded ramp");
+                daemon.spawn_ramp();
             }
         }
         let (stop, stopped) = watch::channel(false);

@@ -110,6 +110,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Walk the read dial through stages, each held and watched: a stage
+    /// whose reads on new fail above --max-error-rate (errors old would not
+    /// raise) or run slower than --max-p99-ratio times old's sets the dial
+    /// to 0 and stops, saying why. Runs in the daemon; `status` shows it.
+    Ramp {
+        /// Stages in percent, increasing: 10,25,50,75,100.
+        #[arg(value_delimiter = ',', required_unless_present = "abort")]
+        stages: Vec<u8>,
+        /// How long each stage is held: 90s, 5m, 1h.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        hold: std::time::Duration,
+        /// Failed reads on new allowed, in percent of those sent there: 1%.
+        #[arg(long, default_value = "1%", value_parser = parse_percent)]
+        max_error_rate: f64,
+        /// p99 of reads on new over p99 of reads on old that ends the ramp.
+        #[arg(long)]
+        max_p99_ratio: Option<f64>,
+        /// Start although the last ramp rolled back.
+        #[arg(long)]
+        acknowledge: bool,
+        /// Stop the running ramp where it is.
+        #[arg(long, conflicts_with_all = ["stages", "acknowledge"])]
+        abort: bool,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make new the primary (write pause bounded by cutover.max_pause).
     Promote {
         /// Promote even if the stream lags or the last verify was not clean.
@@ -558,6 +587,27 @@ fn main() -> ExitCode {
             &format!(r#"{{"percent": {percent}}}"#),
             json,
         )),
+        Command::Ramp {
+            stages,
+            hold,
+            max_error_rate,
+            max_p99_ratio,
+            acknowledge,
+            abort,
+            target,
+            json,
+        } => report(ramp(
+            &target,
+            abort,
+            &serde_json::json!({
+                "stages": stages,
+                "hold_seconds": hold.as_secs_f64(),
+                "max_error_rate_percent": max_error_rate,
+                "max_p99_ratio": max_p99_ratio,
+                "acknowledge": acknowledge,
+            }),
+            json,
+        )),
         Command::Promote {
             force,
             target,
@@ -740,6 +790,82 @@ fn call(
     Ok(doc.unwrap_or_default())
 }
 
+fn ramp(
+    target: &AdminTarget,
+    abort: bool,
+    request: &serde_json::Value,
+    json: bool,
+) -> anyhow::Result<()> {
+    let doc = if abort {
+        call(target, "POST", "/v1/ramp/abort", "")?
+    } else {
+        call(target, "POST", "/v1/ramp", &request.to_string())?
+    };
+    if json {
+        println!("{doc}");
+    } else {
+        println!("{}", ramp_line(&doc));
+    }
+    Ok(())
+}
+
+/// `90s`, `5m`, `1h`, or seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 5m or 1h"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{text:?}: use s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+/// `1%` or `1` (percent).
+fn parse_percent(text: &str) -> Result<f64, String> {
+    text.trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{text:?} is not a percentage like 1%"))
+}
+
+/// The ramp as one line: where it is and what it saw, or how it ended.
+fn ramp_line(r: &serde_json::Value) -> String {
+    let stage = r["stage"].as_u64().unwrap_or(0) + 1;
+    let stages = r["stages"].as_array().map(Vec::len).unwrap_or(0);
+    let percent = r["percent"].as_u64().unwrap_or(0);
+    let figures = match r["figures"].as_object() {
+        Some(f) => format!(
+            "; new: {} reads, {} errors",
+            f["reads"].as_u64().unwrap_or(0),
+            f["errors"].as_u64().unwrap_or(0)
+        ),
+        None => String::new(),
+    };
+    match r["state"].as_str() {
+        Some("running") => {
+            let left = r["remaining_seconds"].as_u64().unwrap_or(0);
+            format!(
+                "ramp: stage {stage} of {stages} ({percent}%), {}m{:02}s left{figures}",
+                left / 60,
+                left % 60
+            )
+        }
+        Some("completed") => format!("ramp: completed, reads {percent}% on new{figures}"),
+        Some(state) => format!(
+            "ramp: {}: {}",
+            state.replace('_', " "),
+            r["reason"].as_str().unwrap_or("")
+        ),
+        None => "ramp: -".to_string(),
+    }
+}
+
 /// A control-state change: prints the resulting state.
 fn control(
     target: &AdminTarget,
@@ -798,6 +924,10 @@ fn render_status(s: &Status) -> String {
     );
     if s.write_paused {
         out.push_str("writes:  PAUSED (a promote or rollback is swapping the primary)\n");
+    }
+    if let Some(r) = &s.ramp {
+        out.push_str(&ramp_line(r));
+        out.push('\n');
     }
     out.push('\n');
     out.push_str("BACKEND  ROLE       ADDRESS                DATABASE   HEALTH   POOL (in use/idle/waiting of size)\n");

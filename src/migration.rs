@@ -411,7 +411,7 @@ impl Daemon {
     /// The dial may send reads to the secondary, and new may be promoted,
     /// only once every table is copied and the stream runs: before that
     /// the secondary is missing rows.
-    fn secondary_ready(&self) -> Result<(), ApiError> {
+    pub(crate) fn secondary_ready(&self) -> Result<(), ApiError> {
         let status = self.stream_status();
         let Some(status) = status else {
             return Err(ApiError::conflict(

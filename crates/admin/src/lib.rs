@@ -32,6 +32,27 @@ pub trait AdminSource: Send + Sync + 'static {
         &self,
         transition: Transition,
     ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>>;
+    /// Starts the guarded ramp.
+    fn start_ramp(&self, request: RampRequest) -> Result<serde_json::Value, ApiError>;
+    /// Stops the running ramp where it is.
+    fn abort_ramp(&self) -> BoxFuture<'_, Result<serde_json::Value, ApiError>>;
+}
+
+/// The guarded ramp (`POST /v1/ramp`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RampRequest {
+    /// The dial's stages in percent, increasing: `[10, 25, 50, 75, 100]`.
+    pub stages: Vec<u8>,
+    /// How long each stage is held and watched.
+    pub hold_seconds: f64,
+    /// Reads on new that may fail, in percent of those sent there.
+    pub max_error_rate_percent: f64,
+    /// p99 of reads on new over p99 of reads on old that ends the ramp.
+    pub max_p99_ratio: Option<f64>,
+    /// Start although the last ramp rolled back.
+    #[serde(default)]
+    pub acknowledge: bool,
 }
 
 /// What a verify run covers (`POST /v1/verify`, all fields optional).
@@ -149,6 +170,8 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/v1/promote", post(promote))
         .route("/v1/rollback", post(rollback))
         .route("/v1/finalize", post(finalize))
+        .route("/v1/ramp", post(ramp_start))
+        .route("/v1/ramp/abort", post(ramp_abort))
         .fallback(not_found)
         .with_state(source)
 }
@@ -239,6 +262,34 @@ async fn verify_start(
     }
 }
 
+async fn ramp_start(
+    State(source): State<Arc<dyn AdminSource>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(e) = authorize(source.as_ref(), &headers) {
+        return e.into_response();
+    }
+    let request = json_body(&body).and_then(|map| {
+        serde_json::from_value::<RampRequest>(serde_json::Value::Object(map))
+            .map_err(|e| ApiError::bad_request(format!("ramp request: {e}")))
+    });
+    match request.and_then(|r| source.start_ramp(r)) {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn ramp_abort(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(source.as_ref(), &headers) {
+        return e.into_response();
+    }
+    match source.abort_ramp().await {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn run_transition(
     source: Arc<dyn AdminSource>,
     headers: &HeaderMap,
@@ -321,7 +372,7 @@ async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         Json(json!({
             "error": "not found",
-            "reason": "no such endpoint; try /healthz, /readyz, /metrics, /v1/status, PUT /v1/reads, POST /v1/mirror/start, /v1/verify, /v1/promote, /v1/rollback or /v1/finalize"
+            "reason": "no such endpoint; try /healthz, /readyz, /metrics, /v1/status, PUT /v1/reads, POST /v1/mirror/start, /v1/verify, /v1/ramp, /v1/ramp/abort, /v1/promote, /v1/rollback or /v1/finalize"
         })),
     )
         .into_response()

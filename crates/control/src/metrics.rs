@@ -37,6 +37,17 @@ pub struct TrafficMetrics {
     pub read_percent: IntGauge,
     pub reads: IntCounterVec,
     pub read_fallbacks: IntCounterVec,
+    /// Reads' time to ReadyForQuery, by the backend that served them.
+    pub read_duration: HistogramVec,
+    /// Errors reads on the secondary passed to the client: `client` when
+    /// the primary would have raised them too (syntax, data), `secondary`
+    /// otherwise.
+    pub secondary_read_errors: IntCounterVec,
+    /// The guarded ramp: its stage's percentage (0 when none runs).
+    pub ramp_percent: IntGauge,
+    /// 1 while a ramp runs.
+    pub ramp_running: IntGauge,
+    pub ramp_rollbacks: IntCounter,
     pub commit_wait_seconds: Histogram,
     pub commit_wait_timeouts: IntCounter,
     pub secondary_lagging: IntGauge,
@@ -70,6 +81,8 @@ pub struct BackendMetrics {
     pub extended_queries: IntCounter,
     pub function_calls: IntCounter,
     pub duration: Histogram,
+    /// The same time for units the router classified as reads.
+    pub read_duration: Histogram,
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
 }
@@ -236,6 +249,36 @@ impl Metrics {
                     &["reason"],
                 )
                 .expect("valid metric"),
+                read_duration: HistogramVec::new(
+                    HistogramOpts::new(
+                        "read_duration_seconds",
+                        "Time from a read's request to its ReadyForQuery, by the backend that served it.",
+                    )
+                    .namespace("cutover")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                    &["backend"],
+                )
+                .expect("valid metric"),
+                secondary_read_errors: IntCounterVec::new(
+                    opts("secondary_read_errors_total", "Errors of reads on the secondary passed to the client, by cause: client (the primary would raise it too) or secondary."),
+                    &["cause"],
+                )
+                .expect("valid metric"),
+                ramp_percent: IntGauge::with_opts(opts(
+                    "ramp_percent",
+                    "The guarded ramp's current stage (percentage of reads to new); 0 when no ramp runs.",
+                ))
+                .expect("valid metric"),
+                ramp_running: IntGauge::with_opts(opts(
+                    "ramp_running",
+                    "1 while a guarded ramp runs.",
+                ))
+                .expect("valid metric"),
+                ramp_rollbacks: IntCounter::with_opts(opts(
+                    "ramp_rollbacks_total",
+                    "Guarded ramps that breached a limit and set the dial to 0.",
+                ))
+                .expect("valid metric"),
                 commit_wait_seconds: Histogram::with_opts(
                     HistogramOpts::new(
                         "commit_wait_seconds",
@@ -303,6 +346,11 @@ impl Metrics {
             Box::new(m.traffic.read_percent.clone()),
             Box::new(m.traffic.reads.clone()),
             Box::new(m.traffic.read_fallbacks.clone()),
+            Box::new(m.traffic.read_duration.clone()),
+            Box::new(m.traffic.secondary_read_errors.clone()),
+            Box::new(m.traffic.ramp_percent.clone()),
+            Box::new(m.traffic.ramp_running.clone()),
+            Box::new(m.traffic.ramp_rollbacks.clone()),
             Box::new(m.traffic.commit_wait_seconds.clone()),
             Box::new(m.traffic.commit_wait_timeouts.clone()),
             Box::new(m.traffic.secondary_lagging.clone()),
@@ -328,6 +376,7 @@ impl Metrics {
             extended_queries: self.queries.with_label_values(&[backend, "extended"]),
             function_calls: self.queries.with_label_values(&[backend, "function_call"]),
             duration: self.query_duration.with_label_values(&[backend]),
+            read_duration: self.traffic.read_duration.with_label_values(&[backend]),
             bytes_in: self.client_bytes_received.clone(),
             bytes_out: self.client_bytes_sent.clone(),
         }

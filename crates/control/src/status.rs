@@ -32,6 +32,9 @@ pub struct Status {
     /// The current or last verify run started from the daemon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<serde_json::Value>,
+    /// The current or last guarded ramp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -127,14 +127,16 @@ impl Shared {
         }
     }
 
-    fn ready(&self, status: TransactionStatus, metrics: &BackendMetrics) {
+    fn ready(&self, status: TransactionStatus, read: bool, metrics: &BackendMetrics) {
         self.status.store(status.byte(), Ordering::Relaxed);
         let now = self.now();
         let sent = self.oldest_sent.swap(now, Ordering::Relaxed);
         self.outstanding.fetch_sub(1, Ordering::SeqCst);
-        metrics
-            .duration
-            .observe(now.saturating_sub(sent) as f64 / 1e9);
+        let seconds = now.saturating_sub(sent) as f64 / 1e9;
+        metrics.duration.observe(seconds);
+        if read {
+            metrics.read_duration.observe(seconds);
+        }
     }
 }
 
@@ -453,7 +455,8 @@ where
                     let Some(status) = ready_for_query::decode(body) else {
                         return BackendError::Malformed("bad ReadyForQuery".to_string());
                     };
-                    txn_wrote |= shared.pop_wrote();
+                    let wrote = shared.pop_wrote();
+                    txn_wrote |= wrote;
                     if status == TransactionStatus::Idle && std::mem::take(&mut txn_wrote) {
                         let plane = traffic.plane();
                         if plane.classifies() {
@@ -482,7 +485,7 @@ where
                             }
                         }
                     }
-                    unsent.push(status);
+                    unsent.push((status, !wrote));
                 }
                 b'S' => {
                     if let Some((name, value)) = parameter_status::decode(body) {
@@ -516,11 +519,11 @@ async fn flush_and_deliver<W: AsyncWrite + Unpin>(
     metrics: &BackendMetrics,
     shared: &Shared,
     traffic: &Traffic,
-    unsent: &mut Vec<TransactionStatus>,
+    unsent: &mut Vec<(TransactionStatus, bool)>,
 ) -> Result<(), BackendError> {
     flush_to_client(client, cur, pos, metrics).await?;
-    for status in unsent.drain(..) {
-        shared.ready(status, metrics);
+    for (status, read) in unsent.drain(..) {
+        shared.ready(status, read, metrics);
         if status == TransactionStatus::Idle && shared.outstanding.load(Ordering::SeqCst) <= 0 {
             shared.release(traffic);
             shared.idle.notify_waiters();

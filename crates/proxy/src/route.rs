@@ -449,9 +449,11 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             session.drop_secondary(OnReturn::Close);
             return Ok(Err(Fallback("connection")));
         }
+        let started = std::time::Instant::now();
         let mut replies = BytesMut::new();
         let mut passed_on = false;
         let mut fallback = None;
+        let mut error_cause = None;
         let mut ready = 0;
         let mut status = TransactionStatus::Idle;
         let buf = &mut session.secondary_buf;
@@ -476,10 +478,15 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                     status = ready_for_query::decode(&msg[5..]).unwrap_or(TransactionStatus::Idle);
                 }
                 tag => {
-                    if tag == b'E' && !passed_on && may_fall_back {
+                    if tag == b'E' {
                         let code = ErrorResponse::decode(&msg[5..]).unwrap_or_default().code;
-                        if let Some(reason) = fallback_reason(&code) {
-                            fallback.get_or_insert(reason);
+                        match fallback_reason(&code) {
+                            Some(reason) if !passed_on && may_fall_back => {
+                                fallback.get_or_insert(reason);
+                            }
+                            _ => {
+                                error_cause.get_or_insert(error_cause_of(&code));
+                            }
                         }
                     }
                     if tag == b'Z' {
@@ -510,6 +517,13 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
         // Counted before the client can see the answer, so a scrape after
         // the reply always includes it.
         self.count_read(backend);
+        let m = &self.traffic.metrics;
+        m.read_duration
+            .with_label_values(&[backend.name()])
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(cause) = error_cause {
+            m.secondary_read_errors.with_label_values(&[cause]).inc();
+        }
         write_client(self.client, &replies).await?;
         if status == TransactionStatus::Idle && shared.outstanding.load(Ordering::SeqCst) <= 0 {
             shared.release(self.traffic);
@@ -736,6 +750,25 @@ fn fallback_reason(code: &str) -> Option<&'static str> {
         "25006" => Some("read_only"),
         "42P01" | "42883" | "42704" | "3F000" | "26000" | "42P02" => Some("undefined_object"),
         _ => None,
+    }
+}
+
+/// Whose an error a read met on the secondary is: `client` when the
+/// primary, holding the same rows, would have raised it too (the
+/// statement's syntax or types, its arithmetic on the data, a cancel, a
+/// serialization failure), `secondary` otherwise (permissions, resources,
+/// anything else the secondary's own state caused).
+fn error_cause_of(code: &str) -> &'static str {
+    let client = code.starts_with("22")
+        || code.starts_with("40")
+        || matches!(
+            code,
+            "42601" | "42803" | "42804" | "42P18" | "42725" | "42P08" | "57014" | "25P02" | "25001"
+        );
+    if client {
+        "client"
+    } else {
+        "secondary"
     }
 }
 
