@@ -311,6 +311,7 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    daemon: Arc<Daemon>,
 }
 
 impl Server {
@@ -433,7 +434,63 @@ impl Server {
             admin_addr,
             stop,
             tasks,
+            daemon,
         })
+    }
+
+    /// Counts a reload whose file did not load.
+    pub fn reload_failed(&self) {
+        self.daemon
+            .metrics
+            .config_reloads
+            .with_label_values(&["failed"])
+            .inc();
+    }
+
+    /// Applies a reloaded configuration (SIGHUP): users and the
+    /// authentication method, pool sizes and the read dial's strategy take
+    /// effect (for logins and sessions from now on; see `Proxy::reload`).
+    /// Returns the settings that differ but need a restart, which are left
+    /// as they run.
+    pub fn reload(&self, config: &Config) -> Vec<&'static str> {
+        let running = &self.daemon.config;
+        let mut restart = Vec::new();
+        let differs = |a: String, b: String| a != b;
+        if differs(
+            format!("{:?}", running.proxy),
+            format!("{:?}", config.proxy),
+        ) {
+            restart.push("proxy");
+        }
+        if differs(
+            format!("{:?}", running.admin.listen),
+            format!("{:?}", config.admin.listen),
+        ) || running.admin.token != config.admin.token
+        {
+            restart.push("admin");
+        }
+        if running.old.url != config.old.url {
+            restart.push("old.url");
+        }
+        if running.new.as_ref().map(|n| &n.url) != config.new.as_ref().map(|n| &n.url) {
+            restart.push("new");
+        }
+        if running.mirror != config.mirror {
+            restart.push("mirror");
+        }
+        if running.cutover != config.cutover {
+            restart.push("cutover");
+        }
+        if running.schema_columns != config.schema_columns {
+            restart.push("schema.columns");
+        }
+        self.daemon.proxy.reload(config);
+        self.daemon
+            .metrics
+            .config_reloads
+            .with_label_values(&[if restart.is_empty() { "ok" } else { "partial" }])
+            .inc();
+        restart
     }
 
     /// Stops accepting, lets sessions finish (up to `proxy.shutdown_timeout`),

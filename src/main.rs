@@ -541,17 +541,24 @@ impl AdminTarget {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = init_logging(cli.log_format);
     match cli.command {
-        Command::Serve { config } => {
-            let config = match Config::load(&config) {
+        Command::Serve { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("cutover: {e}");
                     return ExitCode::from(2);
                 }
             };
-            report(runtime(config.proxy.worker_threads).and_then(|rt| rt.block_on(serve(config))))
+            if let Err(e) = set_log_level(&log, &config.log_level) {
+                eprintln!("cutover: {e}");
+                return ExitCode::from(2);
+            }
+            report(
+                runtime(config.proxy.worker_threads)
+                    .and_then(|rt| rt.block_on(serve(path, config, log))),
+            )
         }
         Command::Status { target, json } => report(status(&target, json)),
         Command::Schema {
@@ -725,24 +732,82 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// The log filter, changeable at run time (SIGHUP applies `log.level`).
+type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(format: LogFormat) -> LogFilter {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
     }
+    handle
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Applies `log.level` unless RUST_LOG decides.
+fn set_log_level(filter: &LogFilter, level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(());
+    }
+    let parsed = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("config key `log.level`: {level:?} is not a log filter: {e}"))?;
+    filter.reload(parsed).map_err(|e| e.to_string())
+}
+
+async fn serve(path: PathBuf, config: Config, log: LogFilter) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let server = Server::start(config).await?;
-    wait_for_signal().await?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            stopped = &mut stop => {
+                stopped?;
+                break;
+            }
+            _ = hangup.recv() => reload(&server, &path, &log),
+        }
+    }
     tracing::info!("signal received; shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP: reads the configuration again and applies what can change
+/// without a restart, as PgBouncer's RELOAD does; a file that does not load
+/// changes nothing.
+fn reload(server: &Server, path: &std::path::Path, log: &LogFilter) {
+    let config = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+        set_log_level(log, &c.log_level)?;
+        Ok(c)
+    });
+    match config {
+        Err(e) => {
+            server.reload_failed();
+            tracing::error!(error = %e, "configuration reload refused; nothing changed");
+        }
+        Ok(config) => {
+            let restart = server.reload(&config);
+            if restart.is_empty() {
+                tracing::info!(
+                    "configuration reloaded: users, pool sizes, routing strategy and log level"
+                );
+            } else {
+                tracing::warn!(
+                    needs_restart = ?restart,
+                    "configuration reloaded: users, pool sizes, routing strategy and log level; the sections named differ but need a restart and run as before"
+                );
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -371,3 +371,105 @@ fn demo_without_postgresql_binaries_exits_2_naming_the_fix() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_users_pools_strategy_and_log_level_and_refuses_the_rest() {
+    let cluster = cluster(HostAuth::ScramSha256);
+    cluster
+        .psql(
+            "postgres",
+            "CREATE ROLE late LOGIN PASSWORD 'late-secret'; GRANT ALL ON DATABASE app TO late",
+        )
+        .unwrap();
+    let (proxy_port, admin_port) = (free_port().unwrap(), free_port().unwrap());
+    let base = on_ports(
+        &config_text(&cluster, "scram-sha-256", "", "pool_size = 4"),
+        proxy_port,
+        admin_port,
+    );
+    let path = write_config("reload.toml", &base);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    let daemon = support::spawn_daemon(&path, admin);
+    let metrics = || {
+        cutover::cli_http::request(&format!("http://{admin}"), "GET", "/metrics", None, None)
+            .unwrap()
+            .body
+    };
+    let hangup = |daemon: &support::Daemon| {
+        let ok = Command::new("kill")
+            .args(["-HUP", &daemon.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    let reloads = |outcome: &str| {
+        metric(
+            &metrics(),
+            &format!("cutover_config_reloads_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    let wait_for = |outcome: &str, n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads(outcome) != Some(n) {
+            assert!(
+                Instant::now() < deadline,
+                "no {outcome} reload: {}",
+                metrics()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert!(connect_as(proxy, APP_USER, APP_PASSWORD).await.is_ok());
+    assert!(
+        connect_as(proxy, "late", "late-secret").await.is_err(),
+        "not a user yet"
+    );
+
+    // The users change (app goes, late comes), the pool shrinks, the dial
+    // draws per session, the log level changes, and a listener setting that
+    // needs a restart is refused.
+    let changed =
+        base.replace(
+            &format!("{{ name = \"{APP_USER}\", password = \"{APP_PASSWORD}\" }}"),
+            "{ name = \"late\", password = \"late-secret\" }",
+        )
+        .replace("pool_size = 4", "pool_size = 2")
+        .replace(
+            "shutdown_timeout_ms = 1000",
+            "shutdown_timeout_ms = 1000\nmax_client_connections = 50",
+        ) + "\n[routing]\nstrategy = \"session\"\n\n[log]\nlevel = \"debug\"\n";
+    std::fs::write(&path, &changed).unwrap();
+    hangup(&daemon);
+    wait_for("partial", 1.0);
+    let late = connect_as(proxy, "late", "late-secret")
+        .await
+        .expect("late logs in after the reload");
+    assert_eq!(
+        late.query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "late"
+    );
+    let Err(refused) = connect_as(proxy, APP_USER, APP_PASSWORD).await else {
+        panic!("app is gone after the reload, yet logged in");
+    };
+    assert_eq!(sqlstate(&refused), "28P01", "{refused}");
+    let status: serde_json::Value = serde_json::from_str(
+        &cutover::cli_http::request(&format!("http://{admin}"), "GET", "/v1/status", None, None)
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(status["backends"][0]["pool"]["size"], 2, "{status}");
+
+    // A file that does not load changes nothing.
+    std::fs::write(&path, "this is not toml").unwrap();
+    hangup(&daemon);
+    wait_for("failed", 1.0);
+    assert!(connect_as(proxy, "late", "late-secret").await.is_ok());
+    assert_eq!(reloads("partial"), Some(1.0));
+    drop(daemon);
+}

@@ -212,6 +212,15 @@ impl Pool {
             tracing::warn!(backend = %inner.settings.backend, "could not ask the server for max_connections; the pool keeps its provisional size");
             return;
         };
+        self.resize(limit);
+        tracing::info!(backend = %inner.settings.backend, size = inner.size.load(Ordering::SeqCst), "pool size taken from the server's max_connections");
+    }
+
+    /// Makes `limit` the cap. Growing takes effect at once; shrinking takes
+    /// the sessions free now, and the cap stays above `limit` by the
+    /// sessions in use beyond it.
+    fn resize(&self, limit: u32) {
+        let inner = &self.inner;
         let before = inner.size.load(Ordering::SeqCst);
         if limit > before {
             inner.permits.add_permits((limit - before) as usize);
@@ -220,7 +229,18 @@ impl Pool {
             let forgotten = inner.permits.forget_permits((before - limit) as usize) as u32;
             inner.size.store(before - forgotten, Ordering::SeqCst);
         }
-        tracing::info!(backend = %inner.settings.backend, size = inner.size.load(Ordering::SeqCst), "pool size taken from the server's max_connections");
+    }
+
+    /// A new size setting (a configuration reload): a fixed size applies
+    /// now; "from the server" is asked again at the next login.
+    pub fn set_size(&self, size: PoolSize) {
+        match size {
+            PoolSize::Fixed(n) => {
+                self.resize(n);
+                self.inner.size_known.store(true, Ordering::SeqCst);
+            }
+            PoolSize::FromServer { .. } => self.inner.size_known.store(false, Ordering::SeqCst),
+        }
     }
 
     fn stop_waiting(&self, waiting: &mut bool) {

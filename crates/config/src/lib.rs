@@ -53,6 +53,14 @@ struct RawConfig {
     cutover: RawCutover,
     #[serde(default)]
     schema: RawSchema,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -326,6 +334,9 @@ pub struct Config {
     pub cutover: CutoverConfig,
     /// `[[schema.columns]]`: type and storage settings for SQLite columns.
     pub schema_columns: Vec<ColumnSetting>,
+    /// `[log] level`: tracing's filter syntax (`info`, `cutover=debug,warn`);
+    /// RUST_LOG, when set, wins.
+    pub log_level: String,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
@@ -625,6 +636,13 @@ impl Config {
                 state_file: raw.cutover.state_file,
             },
             schema_columns,
+            log_level: match raw.log.level {
+                Some(level) if level.trim().is_empty() => {
+                    return Err(ConfigError::invalid("log.level", "must not be empty"))
+                }
+                Some(level) => level,
+                None => "info".to_string(),
+            },
         })
     }
 }

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub cancel_requests: IntCounterVec,
+    /// Configuration reloads (SIGHUP) by outcome: ok, partial (some
+    /// settings need a restart), failed (the file did not load).
+    pub config_reloads: IntCounterVec,
     pub stream: StreamMetrics,
     pub traffic: TrafficMetrics,
 }
@@ -161,6 +164,11 @@ impl Metrics {
             cancel_requests: IntCounterVec::new(
                 opts("cancel_requests_total", "Cancel requests, by outcome (forwarded, unknown_key, failed)."),
                 &["result"],
+            )
+            .expect("valid metric"),
+            config_reloads: IntCounterVec::new(
+                opts("config_reloads_total", "Configuration reloads (SIGHUP), by outcome: ok, partial (some settings need a restart), failed."),
+                &["outcome"],
             )
             .expect("valid metric"),
             stream: StreamMetrics {
@@ -329,6 +337,7 @@ impl Metrics {
             Box::new(m.protocol_errors.clone()),
             Box::new(m.auth_failures.clone()),
             Box::new(m.cancel_requests.clone()),
+            Box::new(m.config_reloads.clone()),
             Box::new(m.stream.lag_bytes.clone()),
             Box::new(m.stream.lag_seconds.clone()),
             Box::new(m.stream.applied_transactions.clone()),

@@ -42,7 +42,9 @@ pub enum ProxyError {
 /// Everything sessions share.
 pub(crate) struct Shared {
     pub config: Config,
-    pub authenticator: Authenticator,
+    /// What a configuration reload changes: who may log in and how reads
+    /// are drawn. Sessions take them when they start.
+    reloadable: std::sync::RwLock<Reloadable>,
     pub tls: Option<TlsAcceptor>,
     pub pools: Pools,
     pub traffic: Arc<Traffic>,
@@ -50,6 +52,42 @@ pub(crate) struct Shared {
     pub cancels: CancelRegistry,
     pub next_session: AtomicU64,
     pub clients: AtomicI64,
+}
+
+struct Reloadable {
+    authenticator: Arc<Authenticator>,
+    /// The users, whose passwords log sessions in to the backends.
+    auth: cutover_config::AuthConfig,
+    strategy: cutover_config::RoutingStrategy,
+    /// `pool_size` of old and new as last applied.
+    pool_sizes: (Option<u32>, Option<u32>),
+}
+
+impl Shared {
+    pub fn authenticator(&self) -> Arc<Authenticator> {
+        self.reloadable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .authenticator
+            .clone()
+    }
+
+    /// The password `user` logs in to the backends with.
+    pub fn password(&self, user: &str) -> Option<String> {
+        self.reloadable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .auth
+            .user(user)
+            .and_then(|u| u.password.clone())
+    }
+
+    pub fn strategy(&self) -> cutover_config::RoutingStrategy {
+        self.reloadable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .strategy
+    }
 }
 
 /// One pool per configured backend. Read-only secondary sessions share
@@ -126,7 +164,15 @@ impl Proxy {
         };
         Ok(Proxy {
             shared: Arc::new(Shared {
-                authenticator: Authenticator::new(&config.auth),
+                reloadable: std::sync::RwLock::new(Reloadable {
+                    authenticator: Arc::new(Authenticator::new(&config.auth)),
+                    auth: config.auth.clone(),
+                    strategy: config.routing.strategy,
+                    pool_sizes: (
+                        config.old.pool_size,
+                        config.new.as_ref().and_then(|n| n.pool_size),
+                    ),
+                }),
                 tls,
                 pools,
                 traffic,
@@ -137,6 +183,48 @@ impl Proxy {
                 config,
             }),
         })
+    }
+
+    /// Applies what a configuration reload may change without a restart:
+    /// the users and the authentication method (for logins from now on),
+    /// the read dial's strategy (for sessions from now on) and the pool
+    /// sizes.
+    pub fn reload(&self, config: &Config) {
+        let pool_sizes = (
+            config.old.pool_size,
+            config.new.as_ref().and_then(|n| n.pool_size),
+        );
+        let before = std::mem::replace(
+            &mut *self
+                .shared
+                .reloadable
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+            Reloadable {
+                authenticator: Arc::new(Authenticator::new(&config.auth)),
+                auth: config.auth.clone(),
+                strategy: config.routing.strategy,
+                pool_sizes,
+            },
+        );
+        let size = |n: Option<u32>| match n {
+            Some(n) => PoolSize::Fixed(n),
+            None => PoolSize::FromServer {
+                until_known: PROVISIONAL_POOL_SIZE,
+            },
+        };
+        if before.pool_sizes.0 != pool_sizes.0 {
+            self.shared.pools.old.set_size(size(pool_sizes.0));
+        }
+        if let Some(pool) = self
+            .shared
+            .pools
+            .new
+            .as_ref()
+            .filter(|_| before.pool_sizes.1 != pool_sizes.1)
+        {
+            pool.set_size(size(pool_sizes.1));
+        }
     }
 
     /// The backend pools.

@@ -32,9 +32,10 @@ pub(crate) async fn run(
     let _ = tcp.set_nodelay(true);
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let other_database = |name: &str| shared.config.proxy.passes_through(name);
+    let authenticator = shared.authenticator();
     let settings = HandshakeSettings {
         tls: shared.tls.as_ref(),
-        authenticator: &shared.authenticator,
+        authenticator: &authenticator,
         database: &shared.config.old.url.database,
         other_database: &other_database,
     };
@@ -132,11 +133,7 @@ async fn serve(
         return;
     }
 
-    let password = shared
-        .config
-        .auth
-        .user(&user)
-        .and_then(|u| u.password.clone());
+    let password = shared.password(&user);
     let key = PoolKey { user, params };
     let primary = shared.traffic.plane().state.primary;
     // Another database on the same server: forwarded as it is, never
@@ -351,7 +348,7 @@ where
         session: &mut *session.routing,
         traffic: &shared.traffic,
         pools: &shared.pools,
-        strategy: shared.config.routing.strategy,
+        strategy: shared.strategy(),
         client: client_w,
         max_message: shared.config.proxy.max_message_bytes,
     };
