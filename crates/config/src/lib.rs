@@ -107,6 +107,8 @@ pub const STORAGES: &[&str] = &[
 #[serde(deny_unknown_fields)]
 struct RawRouting {
     strategy: Option<String>,
+    shadow_percent: Option<u8>,
+    shadow_concurrency: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -129,6 +131,10 @@ pub enum RoutingStrategy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingConfig {
     pub strategy: RoutingStrategy,
+    /// Percentage of the reads old serves that also run on new, compared.
+    pub shadow_percent: u8,
+    /// Shadow reads running at once at most; more are skipped.
+    pub shadow_concurrency: u32,
 }
 
 /// Promote, rollback and the control state.
@@ -604,6 +610,20 @@ impl Config {
                 ))
             }
         };
+        let shadow_percent = raw.routing.shadow_percent.unwrap_or(0);
+        if shadow_percent > 100 {
+            return Err(ConfigError::invalid(
+                "routing.shadow_percent",
+                "must be between 0 and 100",
+            ));
+        }
+        let shadow_concurrency = raw.routing.shadow_concurrency.unwrap_or(4);
+        if !(1..=1024).contains(&shadow_concurrency) {
+            return Err(ConfigError::invalid(
+                "routing.shadow_concurrency",
+                "must be between 1 and 1024",
+            ));
+        }
         let max_pause = Duration::from_millis(raw.cutover.max_pause_ms.unwrap_or(2_000));
         if max_pause.is_zero() || max_pause > Duration::from_secs(60) {
             return Err(ConfigError::invalid(
@@ -630,7 +650,11 @@ impl Config {
             old,
             new,
             mirror,
-            routing: RoutingConfig { strategy },
+            routing: RoutingConfig {
+                strategy,
+                shadow_percent,
+                shadow_concurrency,
+            },
             cutover: CutoverConfig {
                 max_pause,
                 state_file: raw.cutover.state_file,

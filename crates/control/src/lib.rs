@@ -7,5 +7,6 @@ pub mod phase;
 
 pub use metrics::{BackendMetrics, Metrics, StreamMetrics, TrafficMetrics};
 pub use phase::{Backend, ControlState, Phase, Refusal};
+pub use prometheus::IntCounterVec;
 pub mod status;
 pub use status::{BackendStatus, Health, PoolStatus, Status};

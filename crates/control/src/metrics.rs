@@ -51,6 +51,8 @@ pub struct TrafficMetrics {
     /// 1 while a ramp runs.
     pub ramp_running: IntGauge,
     pub ramp_rollbacks: IntCounter,
+    /// Shadow reads by result: match, mismatch, error, skipped.
+    pub shadow_reads: IntCounterVec,
     pub commit_wait_seconds: Histogram,
     pub commit_wait_timeouts: IntCounter,
     pub secondary_lagging: IntGauge,
@@ -287,6 +289,11 @@ impl Metrics {
                     "Guarded ramps that breached a limit and set the dial to 0.",
                 ))
                 .expect("valid metric"),
+                shadow_reads: IntCounterVec::new(
+                    opts("shadow_reads_total", "Reads old served that also ran on new, by result: match, mismatch, error (new failed), skipped."),
+                    &["result"],
+                )
+                .expect("valid metric"),
                 commit_wait_seconds: Histogram::with_opts(
                     HistogramOpts::new(
                         "commit_wait_seconds",
@@ -360,6 +367,7 @@ impl Metrics {
             Box::new(m.traffic.ramp_percent.clone()),
             Box::new(m.traffic.ramp_running.clone()),
             Box::new(m.traffic.ramp_rollbacks.clone()),
+            Box::new(m.traffic.shadow_reads.clone()),
             Box::new(m.traffic.commit_wait_seconds.clone()),
             Box::new(m.traffic.commit_wait_timeouts.clone()),
             Box::new(m.traffic.secondary_lagging.clone()),

@@ -9,6 +9,7 @@ pub mod classify;
 pub mod relay;
 mod route;
 mod session;
+pub mod shadow;
 pub mod traffic;
 
 use cancel::CancelRegistry;
@@ -157,6 +158,10 @@ impl Proxy {
                 checkout_timeout: config.proxy.pool_timeout,
             })
         };
+        traffic.shadow.configure(
+            config.routing.shadow_percent,
+            config.routing.shadow_concurrency,
+        );
         let pools = Pools {
             old: pool("old", &config.old),
             new: config.new.as_ref().map(|b| pool("new", b)),
@@ -187,8 +192,8 @@ impl Proxy {
 
     /// Applies what a configuration reload may change without a restart:
     /// the users and the authentication method (for logins from now on),
-    /// the read dial's strategy (for sessions from now on) and the pool
-    /// sizes.
+    /// the read dial's strategy (for sessions from now on), the shadow
+    /// settings and the pool sizes.
     pub fn reload(&self, config: &Config) {
         let pool_sizes = (
             config.old.pool_size,
@@ -206,6 +211,10 @@ impl Proxy {
                 strategy: config.routing.strategy,
                 pool_sizes,
             },
+        );
+        self.shared.traffic.shadow.configure(
+            config.routing.shadow_percent,
+            config.routing.shadow_concurrency,
         );
         let size = |n: Option<u32>| match n {
             Some(n) => PoolSize::Fixed(n),

@@ -54,6 +54,9 @@ pub struct Shared {
     pub last_commit: AtomicU64,
     /// A write committed whose position has not been asked yet (async mode).
     pub commit_unknown: AtomicBool,
+    /// Old's answer to a shadowed read, hashed as it passes (see shadow.rs).
+    pub capture: Mutex<Option<crate::shadow::Capture>>,
+    pub capturing: AtomicBool,
 }
 
 impl Default for Shared {
@@ -75,6 +78,8 @@ impl Shared {
             idle: Notify::new(),
             last_commit: AtomicU64::new(0),
             commit_unknown: AtomicBool::new(false),
+            capture: Mutex::new(None),
+            capturing: AtomicBool::new(false),
         }
     }
 
@@ -115,6 +120,34 @@ impl Shared {
 
     pub fn status(&self) -> Option<TransactionStatus> {
         TransactionStatus::from_byte(self.status.load(Ordering::Relaxed))
+    }
+
+    /// Feeds a frame of old's answer to the armed capture; ReadyForQuery
+    /// completes it.
+    fn capture_frame(&self, tag: u8, body: &[u8]) {
+        let mut slot = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        match (tag, slot.as_mut()) {
+            (b'D', Some(c)) => c.answer.row(body),
+            (b'E', Some(c)) => c.answer.error(body),
+            (b'Z', Some(_)) => {
+                self.capturing.store(false, Ordering::Relaxed);
+                if let Some(c) = slot.take() {
+                    let _ = c.done.send(c.answer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Arms a capture of the next answer; false when one is armed already.
+    pub fn arm_capture(&self, capture: crate::shadow::Capture) -> bool {
+        let mut slot = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(capture);
+        self.capturing.store(true, Ordering::Relaxed);
+        true
     }
 
     fn now(&self) -> u64 {
@@ -428,7 +461,8 @@ where
             };
             let swallowing = shared.swallow.load(Ordering::SeqCst) > 0;
             let injected_reply = swallowing && matches!(frame.tag, b'1' | b'3' | b'E' | b'Z');
-            if !(injected_reply || matches!(frame.tag, b'Z' | b'S' | b'E')) {
+            let captured = frame.tag == b'D' && shared.capturing.load(Ordering::Relaxed);
+            if !(injected_reply || captured || matches!(frame.tag, b'Z' | b'S' | b'E')) {
                 cur.remaining = frame.len;
                 continue;
             }
@@ -450,6 +484,9 @@ where
                 continue;
             }
             let body = &cur.buf[pos + 5..pos + frame.len];
+            if shared.capturing.load(Ordering::Relaxed) {
+                shared.capture_frame(frame.tag, body);
+            }
             match frame.tag {
                 b'Z' => {
                     let Some(status) = ready_for_query::decode(body) else {
@@ -492,13 +529,15 @@ where
                         set_param(view.params, name, value);
                     }
                 }
-                _ => {
+                b'E' => {
                     if let Some(fields) = ErrorResponse::decode(body) {
                         if fields.severity == "FATAL" || fields.severity == "PANIC" {
                             view.saw_fatal = true;
                         }
                     }
                 }
+                // DataRow, examined only while a shadow capture hashes it.
+                _ => {}
             }
             pos += frame.len;
         }

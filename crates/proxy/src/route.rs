@@ -73,6 +73,9 @@ pub struct SessionRouting {
     sets_on_secondary: usize,
     cache: ClassCache,
     draw: u64,
+    /// Draws for shadow reads (apart from the dial's, which a session
+    /// strategy keeps fixed).
+    shadow_draw: u64,
     /// Inside a `BEGIN READ ONLY` transaction served by the secondary.
     pinned_secondary: bool,
     /// The session changed settings cutover could not follow: its reads
@@ -97,6 +100,7 @@ impl SessionRouting {
             sets_on_secondary: 0,
             cache: ClassCache::default(),
             draw: splitmix(id ^ 0x5eed),
+            shadow_draw: splitmix(id ^ 0x5ad0),
             pinned_secondary: false,
             reads_on_primary: false,
             passthrough: false,
@@ -254,6 +258,9 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
                     }
                 }
                 self.count_read(plane.state.primary);
+                if unit.class == Class::Read {
+                    self.maybe_shadow(&plane, &bytes, &unit, shared);
+                }
                 false
             }
             Class::SessionSet => {
@@ -301,6 +308,76 @@ impl<W: AsyncWrite + Unpin> Router<'_, W> {
             }
         }
         Ok(UnitStart::Forward { writes })
+    }
+
+    /// Arms a shadow of this read, which old is about to serve, when the
+    /// draw picks it (see shadow.rs); counts why not when it cannot be.
+    fn maybe_shadow(&mut self, plane: &Plane, bytes: &Bytes, unit: &Unit, shared: &relay::Shared) {
+        let shadow = &self.traffic.shadow;
+        let percent = shadow.percent();
+        if percent == 0 || plane.state.primary != Backend::Old {
+            return;
+        }
+        self.session.shadow_draw = splitmix(self.session.shadow_draw);
+        if self.session.shadow_draw % 100 >= u64::from(percent) {
+            return;
+        }
+        let skipped = || {
+            self.traffic
+                .metrics
+                .shadow_reads
+                .with_label_values(&["skipped"])
+                .inc()
+        };
+        let idle = shared.outstanding.load(Ordering::SeqCst) <= 0
+            && shared.status() == Some(TransactionStatus::Idle);
+        let (Some(fence), Some(pool)) = (plane.fence.clone(), self.pools.get(Backend::New)) else {
+            return skipped();
+        };
+        if !idle
+            || self.session.reads_on_primary
+            || unit.flush
+            || unit.syncs == 0
+            || !fence.serving()
+        {
+            return skipped();
+        }
+        let Some(permit) = shadow.permit() else {
+            return skipped();
+        };
+        let mut request = BytesMut::new();
+        for name in unit.uses.iter().filter(|n| !unit.parses.contains(n)) {
+            match self.session.statements.get(name) {
+                Some(p) => request.extend_from_slice(&p.parse),
+                None => return skipped(),
+            }
+        }
+        request.extend_from_slice(bytes);
+        let sql = simple_query_text(bytes)
+            .map(str::to_string)
+            .or_else(|| parsed_sql(&request))
+            .unwrap_or_default();
+        let (done, answer) = tokio::sync::oneshot::channel();
+        if !shared.arm_capture(crate::shadow::Capture {
+            answer: crate::shadow::Answer::default(),
+            done,
+        }) {
+            return skipped();
+        }
+        let job = crate::shadow::Job {
+            shadow: self.traffic.shadow.clone(),
+            results: self.traffic.metrics.shadow_reads.clone(),
+            fence,
+            pool: pool.clone(),
+            key: self.session.key.clone(),
+            password: self.session.password.clone(),
+            sets: self.session.sets.clone(),
+            request: request.freeze(),
+            syncs: unit.syncs,
+            ordered: crate::shadow::ordered(&sql),
+            sql,
+        };
+        tokio::spawn(crate::shadow::run(job, answer, permit));
     }
 
     fn count_read(&self, backend: Backend) {
@@ -715,6 +792,24 @@ async fn write_client<W: AsyncWrite + Unpin>(
         .write_all(bytes)
         .await
         .map_err(RouteError::Client)
+}
+
+/// The query text of the last Parse among `bytes`' messages.
+fn parsed_sql(mut bytes: &[u8]) -> Option<String> {
+    let mut sql = None;
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize + 1;
+        if len < 5 || len > bytes.len() {
+            break;
+        }
+        if bytes[0] == b'P' {
+            if let Some((_, rest)) = cstr(&bytes[5..len]) {
+                sql = cstr(rest).map(|(q, _)| q.to_string()).or(sql);
+            }
+        }
+        bytes = &bytes[len..];
+    }
+    sql
 }
 
 fn is_simple(bytes: &[u8]) -> bool {

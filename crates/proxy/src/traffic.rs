@@ -56,6 +56,7 @@ pub struct Traffic {
     lagging_until: AtomicU64,
     secondary_healthy: AtomicBool,
     pub metrics: TrafficMetrics,
+    pub shadow: Arc<crate::shadow::Shadow>,
 }
 
 impl Traffic {
@@ -66,6 +67,7 @@ impl Traffic {
             lagging_until: AtomicU64::new(0),
             secondary_healthy: AtomicBool::new(true),
             metrics,
+            shadow: Arc::new(crate::shadow::Shadow::new(0, 4)),
         }
     }
 
