@@ -127,6 +127,10 @@ enum Command {
         /// p99 of reads on new over p99 of reads on old that ends the ramp.
         #[arg(long)]
         max_p99_ratio: Option<f64>,
+        /// Shadow reads (routing.shadow_percent) that may disagree, in
+        /// percent of those compared: 0.1%.
+        #[arg(long, value_parser = parse_percent)]
+        max_shadow_mismatch: Option<f64>,
         /// Start although the last ramp rolled back.
         #[arg(long)]
         acknowledge: bool,
@@ -599,6 +603,7 @@ fn main() -> ExitCode {
             hold,
             max_error_rate,
             max_p99_ratio,
+            max_shadow_mismatch,
             acknowledge,
             abort,
             target,
@@ -611,6 +616,7 @@ fn main() -> ExitCode {
                 "hold_seconds": hold.as_secs_f64(),
                 "max_error_rate_percent": max_error_rate,
                 "max_p99_ratio": max_p99_ratio,
+                "max_shadow_mismatch_percent": max_shadow_mismatch,
                 "acknowledge": acknowledge,
             }),
             json,

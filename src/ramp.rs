@@ -8,7 +8,8 @@
 //!   "secondary"}`; a syntax error or a division by zero is the client's);
 //! - latency: the p99 of reads on the secondary over the p99 of reads on
 //!   the primary in the same window, from the `read_duration_seconds`
-//!   histograms (so at bucket resolution), once both have 50 reads.
+//!   histograms (so at bucket resolution), once both have 50 reads;
+//! - optionally, shadow reads that disagreed, over those compared.
 //!
 //! A breach sets the dial to 0 and records which stage, which figure and
 //! the numbers; a new ramp is then refused until the operator acknowledges
@@ -58,6 +59,9 @@ pub struct Ramp {
     /// Fraction of the secondary's reads that may fail (0.01 for 1 %).
     pub max_error_rate: f64,
     pub max_p99_ratio: Option<f64>,
+    /// Fraction of compared shadow reads that may disagree.
+    #[serde(default)]
+    pub max_shadow_mismatch: Option<f64>,
     pub state: RampState,
     /// Index into `stages`.
     pub stage: usize,
@@ -77,6 +81,11 @@ pub struct Figures {
     pub error_rate: f64,
     pub p99_secondary_seconds: Option<f64>,
     pub p99_primary_seconds: Option<f64>,
+    /// Shadow reads compared (match or mismatch) and those that disagreed.
+    #[serde(default)]
+    pub shadow_compared: u64,
+    #[serde(default)]
+    pub shadow_mismatches: u64,
 }
 
 fn now_ms() -> u64 {
@@ -141,6 +150,14 @@ impl Ramp {
                 "max_error_rate_percent must be at least 0 and below 100",
             ));
         }
+        if request
+            .max_shadow_mismatch_percent
+            .is_some_and(|p| !(0.0..100.0).contains(&p))
+        {
+            return Err(ApiError::bad_request(
+                "max_shadow_mismatch_percent must be at least 0 and below 100",
+            ));
+        }
         if request.max_p99_ratio.is_some_and(|r| r < 1.0) {
             return Err(ApiError::bad_request("max_p99_ratio must be at least 1"));
         }
@@ -149,6 +166,7 @@ impl Ramp {
             hold_seconds: request.hold_seconds,
             max_error_rate: request.max_error_rate_percent / 100.0,
             max_p99_ratio: request.max_p99_ratio,
+            max_shadow_mismatch: request.max_shadow_mismatch_percent.map(|p| p / 100.0),
             state: RampState::Running,
             stage: 0,
             stage_started_unix_ms: now_ms(),
@@ -168,6 +186,18 @@ impl Ramp {
                 f.errors,
                 f.reads
             ));
+        }
+        if let Some(max) = self.max_shadow_mismatch {
+            let allowed = max * f.shadow_compared.max(MIN_READS) as f64;
+            if f.shadow_mismatches > 0 && f.shadow_mismatches as f64 > allowed {
+                return Some(format!(
+                    "shadow mismatch rate {:.2}% over {}% ({} of {} compared reads)",
+                    f.shadow_mismatches as f64 * 100.0 / f.shadow_compared.max(1) as f64,
+                    max * 100.0,
+                    f.shadow_mismatches,
+                    f.shadow_compared
+                ));
+            }
         }
         if let (Some(max), Some(new), Some(old)) = (
             self.max_p99_ratio,
@@ -195,6 +225,8 @@ struct Snapshot {
     /// (upper bound, cumulative count) per bucket, and the count.
     secondary_latency: (Vec<(f64, u64)>, u64),
     primary_latency: (Vec<(f64, u64)>, u64),
+    shadow_match: u64,
+    shadow_mismatch: u64,
 }
 
 fn buckets(h: &prometheus::Histogram) -> (Vec<(f64, u64)>, u64) {
@@ -224,6 +256,8 @@ impl Snapshot {
                 .get(),
             secondary_latency: buckets(&m.read_duration.with_label_values(&[secondary])),
             primary_latency: buckets(&m.read_duration.with_label_values(&[primary])),
+            shadow_match: m.shadow_reads.with_label_values(&["match"]).get(),
+            shadow_mismatch: m.shadow_reads.with_label_values(&["mismatch"]).get(),
         }
     }
 
@@ -242,6 +276,10 @@ impl Snapshot {
             },
             p99_secondary_seconds: p99(&self.secondary_latency, &since.secondary_latency),
             p99_primary_seconds: p99(&self.primary_latency, &since.primary_latency),
+            shadow_compared: self.shadow_match + self.shadow_mismatch
+                - since.shadow_match
+                - since.shadow_mismatch,
+            shadow_mismatches: self.shadow_mismatch - since.shadow_mismatch,
         }
     }
 }
@@ -467,6 +505,7 @@ mod tests {
             hold_seconds: 60.0,
             max_error_rate_percent: 1.0,
             max_p99_ratio: Some(1.5),
+            max_shadow_mismatch_percent: Some(0.5),
             acknowledge: false,
         }
     }
@@ -492,6 +531,8 @@ mod tests {
             error_rate: errors as f64 / reads.max(1) as f64,
             p99_secondary_seconds: None,
             p99_primary_seconds: None,
+            shadow_compared: 0,
+            shadow_mismatches: 0,
         };
         assert_eq!(ramp.breach(&figures(10, 1)), None, "1 of at least 100");
         assert!(ramp.breach(&figures(10, 2)).is_some());

@@ -183,7 +183,7 @@ fn the_alert_rules_check_and_pass_their_unit_tests() {
         .unwrap();
     assert!(out.status.success(), "{}", output(&out));
     assert!(
-        output(&out).contains("SUCCESS: 12 rules found"),
+        output(&out).contains("SUCCESS: 13 rules found"),
         "{}",
         output(&out)
     );
@@ -256,7 +256,7 @@ fn the_dashboard_and_the_alerts_query_metrics_cutover_exports() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("expr: "))
         .collect();
-    assert_eq!(rule_expressions.len(), 12);
+    assert_eq!(rule_expressions.len(), 13);
     let mut used = 0;
     for expr in expressions
         .iter()
@@ -283,6 +283,7 @@ fn the_dashboard_and_the_alerts_query_metrics_cutover_exports() {
         "Read fallbacks by reason",
         "Write pauses",
         "Ramp",
+        "Shadow reads",
     ] {
         assert!(titles.iter().any(|t| t == needed), "no {needed} panel");
     }

@@ -1,7 +1,8 @@
 //! Shadow reads: with `routing.shadow_percent = 100` every read old serves
 //! also runs on new and is compared. A correct mirror gives `match` only;
 //! a row changed on new behind cutover's back gives `mismatch`; reads in a
-//! transaction that wrote are skipped, not compared.
+//! transaction that wrote are skipped, not compared; a guarded ramp with a
+//! shadow-mismatch limit rolls back on them.
 
 mod support;
 
@@ -129,5 +130,36 @@ async fn shadow_reads_match_a_correct_mirror_and_catch_a_row_changed_on_new() {
         skipped + 1.0,
     )
     .await;
+
+    // The ramp can use the mismatch rate as its guard.
+    admin_ok(
+        &server,
+        "POST",
+        "/v1/ramp",
+        r#"{"stages": [10, 20], "hold_seconds": 20, "max_error_rate_percent": 50, "max_shadow_mismatch_percent": 0.5}"#,
+        Some(TOKEN),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        client
+            .query_one("SELECT name FROM items WHERE id = 7", &[])
+            .await
+            .unwrap();
+        let status = status_doc(&server);
+        if status["ramp"]["state"] != "running" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status["ramp"]["state"], "rolled_back", "{status}");
+    assert!(
+        status["ramp"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("stage 1 of 2 (10%): shadow mismatch rate "),
+        "{status}"
+    );
+    assert_eq!(status["read_percent"], 0);
     server.shutdown().await;
 }

@@ -50,6 +50,8 @@ pub struct RampRequest {
     pub max_error_rate_percent: f64,
     /// p99 of reads on new over p99 of reads on old that ends the ramp.
     pub max_p99_ratio: Option<f64>,
+    /// Shadow reads that may disagree, in percent of those compared.
+    pub max_shadow_mismatch_percent: Option<f64>,
     /// Start although the last ramp rolled back.
     #[serde(default)]
     pub acknowledge: bool,
