@@ -115,6 +115,9 @@ async fn main() {
         let t = median(r);
         println!("{p:>14} {t:>10.0} {:>10.2}", t / base);
     }
-    println!("shadow results over the whole run: {}", shadow_counts(&server));
+    println!(
+        "shadow results over the whole run: {}",
+        shadow_counts(&server)
+    );
     server.shutdown().await;
 }

@@ -5,33 +5,12 @@
 
 mod support;
 
-use cutover_pgcluster::{Cluster, HostAuth};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
 
 const TOKEN: &str = "ramp-token";
-
-fn pair() -> (Cluster, Cluster) {
-    let (old, new) = (
-        cluster(HostAuth::ScramSha256),
-        cluster(HostAuth::ScramSha256),
-    );
-    for c in [&old, &new] {
-        c.psql(
-            DB,
-            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL); GRANT SELECT ON items TO app",
-        )
-        .unwrap();
-    }
-    old.psql(
-        DB,
-        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 500) g",
-    )
-    .unwrap();
-    (old, new)
-}
 
 /// Readers through cutover until dropped: reads done and errors seen.
 struct Readers {
@@ -108,7 +87,7 @@ async fn ramp_reaches(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_ramp_walks_every_stage_under_load() {
-    let (old, new) = pair();
+    let (old, new) = items_pair(500);
     let server = start_proxy_with(&mirror_config_text(&old, &new, TOKEN, "", "")).await;
     start_mirroring(&server, &old, Some(TOKEN)).await;
     let readers = Readers::start(server.proxy_addr, 4).await;
@@ -174,7 +153,7 @@ async fn a_healthy_ramp_walks_every_stage_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ramp_rolls_back_when_new_fails_reads_and_waits_to_be_told() {
-    let (old, new) = pair();
+    let (old, new) = items_pair(500);
     let server = start_proxy_with(&mirror_config_text(&old, &new, TOKEN, "", "")).await;
     start_mirroring(&server, &old, Some(TOKEN)).await;
     let readers = Readers::start(server.proxy_addr, 4).await;
@@ -271,7 +250,7 @@ async fn a_ramp_rolls_back_when_new_fails_reads_and_waits_to_be_told() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ramp_survives_a_restart_of_cutover() {
-    let (old, new) = pair();
+    let (old, new) = items_pair(500);
     let dir = std::env::temp_dir().join(format!("cutover-ramp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

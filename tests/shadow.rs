@@ -6,7 +6,6 @@
 
 mod support;
 
-use cutover_pgcluster::HostAuth;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -30,22 +29,7 @@ async fn until_metric(server: &cutover::Server, series: &str, at_least: f64) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_reads_match_a_correct_mirror_and_catch_a_row_changed_on_new() {
-    let (old, new) = (
-        cluster(HostAuth::ScramSha256),
-        cluster(HostAuth::ScramSha256),
-    );
-    for c in [&old, &new] {
-        c.psql(
-            DB,
-            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL); GRANT ALL ON items TO app",
-        )
-        .unwrap();
-    }
-    old.psql(
-        DB,
-        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 100) g",
-    )
-    .unwrap();
+    let (old, new) = items_pair(100);
     let config = mirror_config_text(&old, &new, TOKEN, "", "\n[routing]\nshadow_percent = 100\n");
     let server = start_proxy_with(&config).await;
     start_mirroring(&server, &old, Some(TOKEN)).await;

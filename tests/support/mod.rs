@@ -45,6 +45,28 @@ pub fn cluster(host_auth: HostAuth) -> Cluster {
     cluster
 }
 
+/// Two clusters (old and new) with an `items` table the `app` role may use;
+/// `rows` of it on old.
+pub fn items_pair(rows: i32) -> (Cluster, Cluster) {
+    let (old, new) = (
+        cluster(HostAuth::ScramSha256),
+        cluster(HostAuth::ScramSha256),
+    );
+    for c in [&old, &new] {
+        c.psql(
+            DB,
+            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL); GRANT ALL ON items TO app",
+        )
+        .unwrap();
+    }
+    old.psql(
+        DB,
+        &format!("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, {rows}) g"),
+    )
+    .unwrap();
+    (old, new)
+}
+
 /// The config text for a proxy in front of `cluster` on ephemeral ports.
 /// `extra` is merged in as more TOML (sections may be repeated keys-free).
 pub fn config_text(cluster: &Cluster, method: &str, proxy_extra: &str, old_extra: &str) -> String {

@@ -244,24 +244,11 @@ async fn verify_start(
     if let Err(e) = authorize(source.as_ref(), &headers) {
         return e.into_response();
     }
-    let request = json_body(&body).and_then(|map| {
-        match serde_json::from_value::<VerifyRequest>(serde_json::Value::Object(map)) {
-            Ok(VerifyRequest {
-                chunk_rows: Some(0),
-                ..
-            }) => Err(ApiError::bad_request("chunk_rows must be at least 1")),
-            Ok(request) => Ok(request),
-            Err(e) => Err(ApiError::bad_request(format!("verify request: {e}"))),
-        }
+    let request = typed_body::<VerifyRequest>(&body, "verify").and_then(|r| match r.chunk_rows {
+        Some(0) => Err(ApiError::bad_request("chunk_rows must be at least 1")),
+        _ => Ok(r),
     });
-    let request = match request {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    match source.start_verify(request) {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    reply(request.and_then(|r| source.start_verify(r)))
 }
 
 async fn ramp_start(
@@ -272,21 +259,28 @@ async fn ramp_start(
     if let Err(e) = authorize(source.as_ref(), &headers) {
         return e.into_response();
     }
-    let request = json_body(&body).and_then(|map| {
-        serde_json::from_value::<RampRequest>(serde_json::Value::Object(map))
-            .map_err(|e| ApiError::bad_request(format!("ramp request: {e}")))
-    });
-    match request.and_then(|r| source.start_ramp(r)) {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    reply(typed_body::<RampRequest>(&body, "ramp").and_then(|r| source.start_ramp(r)))
 }
 
 async fn ramp_abort(State(source): State<Arc<dyn AdminSource>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(source.as_ref(), &headers) {
         return e.into_response();
     }
-    match source.abort_ramp().await {
+    reply(source.abort_ramp().await)
+}
+
+/// The request body as a `T` (an empty body is `{}`); `what` names the
+/// request in the error.
+fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    json_body(body).and_then(|map| {
+        serde_json::from_value(serde_json::Value::Object(map))
+            .map_err(|e| ApiError::bad_request(format!("{what} request: {e}")))
+    })
+}
+
+/// A JSON answer, or the refusal.
+fn reply(result: Result<serde_json::Value, ApiError>) -> Response {
+    match result {
         Ok(body) => Json(body).into_response(),
         Err(e) => e.into_response(),
     }
@@ -304,10 +298,7 @@ async fn run_transition(
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    match source.transition(transition).await {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
-    }
+    reply(source.transition(transition).await)
 }
 
 /// The request body as a JSON object; an empty body is an empty object.
