@@ -50,6 +50,10 @@ fn bad_configuration_exits_2_naming_the_key_and_reason() {
             "config key `auth.method`: unknown method \"kerberos\"; use \"scram-sha-256\", \"md5\" or \"trust\"",
         ),
         (
+            "[old]\nurl = \"postgres://x@h/d?sslmode=require\"\n".to_string(),
+            "config key `old.url`: sslmode=require: cutover does not speak TLS to the databases yet",
+        ),
+        (
             "[old]\nurl = \"mysql://x@h/d\"\n".to_string(),
             "config key `old.url`: \"mysql://x@h/d\" must start with postgres:// or sqlite:",
         ),

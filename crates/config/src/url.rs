@@ -99,7 +99,8 @@ impl BackendUrl {
             .strip_prefix("postgres://")
             .or_else(|| text.strip_prefix("postgresql://"))
             .ok_or_else(|| format!("{text:?} must start with postgres:// or sqlite:"))?;
-        let rest = rest.split('?').next().unwrap_or(rest);
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        check_parameters(query)?;
         let (authority, database) = match rest.split_once('/') {
             Some((a, d)) => (a, d),
             None => (rest, ""),
@@ -151,6 +152,30 @@ impl BackendUrl {
             password,
         })
     }
+}
+
+/// The URL's parameters. TLS to the databases is not built yet, so a
+/// setting that asks for it is refused rather than ignored (a connection
+/// believed encrypted would go out in plain text).
+fn check_parameters(query: &str) -> Result<(), String> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match (key, value) {
+            ("sslmode", "disable" | "allow" | "prefer") => {}
+            ("sslmode", "require" | "verify-ca" | "verify-full") | ("sslrootcert", _) => {
+                return Err(format!(
+                    "{key}={value}: cutover does not speak TLS to the databases yet; run it next to them on a private network with sslmode=disable (or prefer, which connects without TLS)"
+                ))
+            }
+            ("sslmode", other) => {
+                return Err(format!(
+                    "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ))
+            }
+            (other, _) => return Err(format!("unknown URL parameter {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 fn decode(s: &str) -> Result<String, String> {
@@ -209,6 +234,20 @@ mod tests {
         assert_eq!(u.database, "my app");
         assert!(BackendUrl::parse("sqlite://host/app.db").is_err());
         assert!(BackendUrl::parse("sqlite:").is_err());
+    }
+
+    #[test]
+    fn tls_settings_are_refused_not_ignored() {
+        assert!(BackendUrl::parse("postgres://u@h/d?sslmode=disable").is_ok());
+        assert!(BackendUrl::parse("postgres://u@h/d?sslmode=prefer").is_ok());
+        let err = BackendUrl::parse("postgres://u@h/d?sslmode=verify-full&sslrootcert=/ca.pem")
+            .unwrap_err();
+        assert!(
+            err.starts_with("sslmode=verify-full: cutover does not speak TLS"),
+            "{err}"
+        );
+        let err = BackendUrl::parse("postgres://u@h/d?sslmod=require").unwrap_err();
+        assert_eq!(err, "unknown URL parameter \"sslmod\"");
     }
 
     #[test]
