@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     /// are drawn. Sessions take them when they start.
     reloadable: std::sync::RwLock<Reloadable>,
     pub tls: Option<TlsAcceptor>,
+    /// The TLS certificate's `tls-server-end-point` hash (SCRAM-SHA-256-PLUS).
+    pub channel_binding: Option<Vec<u8>>,
     pub pools: Pools,
     pub traffic: Arc<Traffic>,
     pub metrics: Arc<Metrics>,
@@ -143,6 +145,10 @@ impl Proxy {
             Some(files) => Some(cutover_wire::tls::acceptor(&files.cert, &files.key)?),
             None => None,
         };
+        let channel_binding = match &config.proxy.tls {
+            Some(files) => Some(cutover_wire::tls::server_end_point(&files.cert)?),
+            None => None,
+        };
         let pool = |name: &str, backend: &cutover_config::BackendConfig| {
             Pool::new(PoolSettings {
                 backend: name.to_string(),
@@ -179,6 +185,7 @@ impl Proxy {
                     ),
                 }),
                 tls,
+                channel_binding,
                 pools,
                 traffic,
                 metrics,

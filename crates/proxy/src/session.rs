@@ -38,6 +38,7 @@ pub(crate) async fn run(
         authenticator: &authenticator,
         database: &shared.config.old.url.database,
         other_database: &other_database,
+        channel_binding: shared.channel_binding.as_deref(),
     };
     let accepted =
         match tokio::time::timeout(crate::AUTH_TIMEOUT, cutover_wire::accept(tcp, &settings)).await

@@ -1,5 +1,6 @@
 //! Server side of client authentication: SCRAM-SHA-256 (RFC 5802/7677, as
-//! PostgreSQL implements it, without channel binding), MD5 and trust.
+//! PostgreSQL implements it) and, over TLS, SCRAM-SHA-256-PLUS with
+//! `tls-server-end-point` channel binding (RFC 5929); MD5 and trust.
 //!
 //! Verifiers are derived once from the configured user list; a login costs
 //! two HMACs and a hash, not a PBKDF2 run. Unknown users go through the same
@@ -15,6 +16,22 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+/// SCRAM with channel binding (`tls-server-end-point`), offered over TLS.
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// What a SCRAM exchange knows of channel binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// Not offered (no TLS): a client saying `y` is fine.
+    NotOffered,
+    /// Offered, but the client chose SCRAM-SHA-256: a client saying `y`
+    /// (it supports binding but thinks the server does not) is refused, as
+    /// that means someone stripped the -PLUS mechanism.
+    Declined,
+    /// SCRAM-SHA-256-PLUS: the client must bind to this
+    /// `tls-server-end-point` hash.
+    Required(Vec<u8>),
+}
 
 /// A stored SCRAM-SHA-256 secret, as in `pg_authid.rolpassword`.
 #[derive(Clone)]
@@ -108,7 +125,7 @@ impl Authenticator {
     }
 
     /// Starts a SCRAM exchange for `user` (known or not).
-    pub fn scram(&self, user: &str) -> ScramExchange {
+    pub fn scram(&self, user: &str, binding: Binding) -> ScramExchange {
         let verifier = self
             .users
             .get(user)
@@ -118,6 +135,7 @@ impl Authenticator {
             user: user.to_string(),
             verifier,
             state: ScramState::Initial,
+            binding,
         }
     }
 
@@ -153,6 +171,7 @@ pub struct ScramExchange {
     user: String,
     verifier: ScramVerifier,
     state: ScramState,
+    binding: Binding,
 }
 
 impl ScramExchange {
@@ -162,9 +181,25 @@ impl ScramExchange {
         let (cbind, rest) = text
             .split_once(',')
             .ok_or(AuthFailure::Malformed("no GS2 header"))?;
-        match cbind {
-            "n" | "y" => {}
-            _ if cbind.starts_with("p=") => {
+        match (cbind, &self.binding) {
+            ("n", Binding::Required(_)) | ("y", Binding::Required(_)) => {
+                return Err(AuthFailure::Malformed(
+                    "SCRAM-SHA-256-PLUS was chosen without channel binding",
+                ))
+            }
+            ("y", Binding::Declined) => {
+                return Err(AuthFailure::Malformed(
+                    "channel binding negotiation error: the client supports it and it is offered",
+                ))
+            }
+            ("n" | "y", _) => {}
+            ("p=tls-server-end-point", Binding::Required(_)) => {}
+            (p, Binding::Required(_)) if p.starts_with("p=") => {
+                return Err(AuthFailure::Malformed(
+                    "unsupported channel binding type; use tls-server-end-point",
+                ))
+            }
+            (p, _) if p.starts_with("p=") => {
                 return Err(AuthFailure::Malformed(
                     "channel binding was requested but is not offered",
                 ))
@@ -227,7 +262,11 @@ impl ScramExchange {
             }
         }
         let channel = channel.ok_or(AuthFailure::Malformed("no channel binding attribute"))?;
-        if B64.decode(channel).ok().as_deref() != Some(gs2_header.as_bytes()) {
+        let mut expected = gs2_header.into_bytes();
+        if let (true, Binding::Required(data)) = (expected.starts_with(b"p="), &self.binding) {
+            expected.extend_from_slice(data);
+        }
+        if B64.decode(channel).ok().as_deref() != Some(expected.as_slice()) {
             return Err(AuthFailure::Malformed("channel binding does not match"));
         }
         if client_nonce != Some(nonce.as_str()) {
@@ -295,13 +334,46 @@ mod tests {
 
     fn run(auth: &Authenticator, user: &str, password: &str) -> Result<(), AuthFailure> {
         let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        let mut server = auth.scram(user);
+        let mut server = auth.scram(user, Binding::NotOffered);
         let first = server.client_first(client.message())?;
         client.update(&first).unwrap();
         let last = server.client_final(client.message())?;
         client
             .finish(&last)
             .map_err(|_| AuthFailure::Malformed("client rejected server"))
+    }
+
+    /// A PLUS exchange: the client binds to `client_hash`, the server
+    /// expects `server_hash`.
+    fn run_plus(client_hash: &[u8], server_hash: &[u8]) -> Result<(), AuthFailure> {
+        let mut client = ScramSha256::new(
+            b"s3cret",
+            ChannelBinding::tls_server_end_point(client_hash.to_vec()),
+        );
+        let mut server = authenticator().scram("app", Binding::Required(server_hash.to_vec()));
+        let first = server.client_first(client.message())?;
+        client.update(&first).unwrap();
+        let last = server.client_final(client.message())?;
+        client
+            .finish(&last)
+            .map_err(|_| AuthFailure::Malformed("client rejected server"))
+    }
+
+    #[test]
+    fn scram_plus_binds_to_the_certificate_and_refuses_another_or_a_downgrade() {
+        assert_eq!(run_plus(&[7; 32], &[7; 32]), Ok(()));
+        assert_eq!(
+            run_plus(&[7; 32], &[8; 32]),
+            Err(AuthFailure::Malformed("channel binding does not match"))
+        );
+        // "y": the client could bind but saw no -PLUS offered.
+        let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unrequested());
+        let mut server = authenticator().scram("app", Binding::Declined);
+        assert!(server.client_first(client.message()).is_err());
+        let mut server = authenticator().scram("app", Binding::NotOffered);
+        let first = server.client_first(client.message()).unwrap();
+        client.update(&first).unwrap();
+        assert!(server.client_final(client.message()).is_ok());
     }
 
     #[test]
@@ -325,8 +397,11 @@ mod tests {
     #[test]
     fn scram_rejects_garbage() {
         let auth = authenticator();
-        assert!(auth.scram("app").client_first(b"garbage").is_err());
-        let mut ex = auth.scram("app");
+        assert!(auth
+            .scram("app", Binding::NotOffered)
+            .client_first(b"garbage")
+            .is_err());
+        let mut ex = auth.scram("app", Binding::NotOffered);
         ex.client_first(b"n,,n=,r=abc").unwrap();
         assert!(ex.client_final(b"c=biws,r=wrong,p=AAAA").is_err());
     }

@@ -3,7 +3,7 @@
 //! (backend login, AuthenticationOk, ParameterStatus) belongs to the proxy,
 //! which needs the backend's answers to send them.
 
-use crate::auth::{AuthFailure, Authenticator, SCRAM_SHA_256};
+use crate::auth::{AuthFailure, Authenticator, Binding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use crate::frame::{self, Frame};
 use crate::messages::backend_key_data::CancelKey;
 use crate::messages::startup::{self, StartupError, StartupPacket, MAX_STARTUP_LEN};
@@ -28,6 +28,9 @@ pub struct HandshakeSettings<'a> {
     pub database: &'a str,
     /// Whether another database may be reached (passed through).
     pub other_database: &'a (dyn Fn(&str) -> bool + Sync),
+    /// The `tls-server-end-point` hash of the TLS certificate, with which
+    /// SCRAM-SHA-256-PLUS is offered over TLS.
+    pub channel_binding: Option<&'a [u8]>,
 }
 
 /// A client that has proven who it is.
@@ -226,7 +229,8 @@ async fn login(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    authenticate(stream, settings.authenticator, &user, &mut out).await?;
+    let binding = settings.channel_binding.filter(|_| stream.is_tls());
+    authenticate(stream, settings.authenticator, binding, &user, &mut out).await?;
     if database != settings.database && !(settings.other_database)(&database) {
         return Err(HandshakeError::UnknownDatabase(database));
     }
@@ -296,6 +300,7 @@ async fn read_password_message(stream: &mut ClientStream) -> Result<Vec<u8>, Han
 async fn authenticate(
     stream: &mut ClientStream,
     authenticator: &Authenticator,
+    binding: Option<&[u8]>,
     user: &str,
     out: &mut BytesMut,
 ) -> Result<(), HandshakeError> {
@@ -313,18 +318,28 @@ async fn authenticate(
             Ok(())
         }
         AuthMethod::ScramSha256 => {
-            authentication::sasl(out, &[SCRAM_SHA_256]);
+            match binding {
+                Some(_) => authentication::sasl(out, &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256]),
+                None => authentication::sasl(out, &[SCRAM_SHA_256]),
+            }
             flush(stream, out).await?;
             let body = read_password_message(stream).await?;
             let (mechanism, data) =
                 password::decode_sasl_initial(&body).ok_or(malformed("bad SASLInitialResponse"))?;
-            if mechanism != SCRAM_SHA_256.as_bytes() {
-                return Err(AuthFailure::UnknownMechanism(
-                    String::from_utf8_lossy(mechanism).into_owned(),
-                )
-                .into());
-            }
-            let mut exchange = authenticator.scram(user);
+            let binding = match (mechanism, binding) {
+                (m, Some(hash)) if m == SCRAM_SHA_256_PLUS.as_bytes() => {
+                    Binding::Required(hash.to_vec())
+                }
+                (m, Some(_)) if m == SCRAM_SHA_256.as_bytes() => Binding::Declined,
+                (m, None) if m == SCRAM_SHA_256.as_bytes() => Binding::NotOffered,
+                (m, _) => {
+                    return Err(AuthFailure::UnknownMechanism(
+                        String::from_utf8_lossy(m).into_owned(),
+                    )
+                    .into())
+                }
+            };
+            let mut exchange = authenticator.scram(user, binding);
             let server_first = exchange.client_first(data)?;
             authentication::sasl_continue(out, &server_first);
             flush(stream, out).await?;
