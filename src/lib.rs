@@ -455,18 +455,10 @@ impl Server {
     pub fn reload(&self, config: &Config) -> Vec<&'static str> {
         let running = &self.daemon.config;
         let mut restart = Vec::new();
-        let differs = |a: String, b: String| a != b;
-        if differs(
-            format!("{:?}", running.proxy),
-            format!("{:?}", config.proxy),
-        ) {
+        if running.proxy != config.proxy {
             restart.push("proxy");
         }
-        if differs(
-            format!("{:?}", running.admin.listen),
-            format!("{:?}", config.admin.listen),
-        ) || running.admin.token != config.admin.token
-        {
+        if running.admin != config.admin {
             restart.push("admin");
         }
         if running.old.url != config.old.url {

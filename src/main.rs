@@ -372,14 +372,9 @@ fn sqlite_map(config: &Config) -> anyhow::Result<(PathBuf, cutover_sqlite::Schem
     if !path.is_file() {
         anyhow::bail!("old.url: the SQLite file {} does not exist", path.display());
     }
-    rusqlite_open(&path)?;
-    let map = cutover_sqlite::SchemaMap::read_file(&path, &config.schema_columns, 2)?;
+    let map = cutover_sqlite::SchemaMap::read_file(&path, &config.schema_columns, 2)
+        .with_context(|| format!("reading the SQLite file {}", path.display()))?;
     Ok((path, map))
-}
-
-fn rusqlite_open(path: &std::path::Path) -> anyhow::Result<cutover_sqlite::Connection> {
-    cutover_sqlite::open_read_only(path)
-        .with_context(|| format!("opening the SQLite file {}", path.display()))
 }
 
 async fn schema_print(path: PathBuf) -> anyhow::Result<()> {

@@ -332,9 +332,17 @@ mod tests {
         })
     }
 
-    fn run(auth: &Authenticator, user: &str, password: &str) -> Result<(), AuthFailure> {
-        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        let mut server = auth.scram(user, Binding::NotOffered);
+    /// One exchange: the client with `client_binding`, the server with
+    /// `server_binding`.
+    fn exchange(
+        auth: &Authenticator,
+        user: &str,
+        password: &str,
+        client_binding: ChannelBinding,
+        server_binding: Binding,
+    ) -> Result<(), AuthFailure> {
+        let mut client = ScramSha256::new(password.as_bytes(), client_binding);
+        let mut server = auth.scram(user, server_binding);
         let first = server.client_first(client.message())?;
         client.update(&first).unwrap();
         let last = server.client_final(client.message())?;
@@ -343,20 +351,26 @@ mod tests {
             .map_err(|_| AuthFailure::Malformed("client rejected server"))
     }
 
+    fn run(auth: &Authenticator, user: &str, password: &str) -> Result<(), AuthFailure> {
+        exchange(
+            auth,
+            user,
+            password,
+            ChannelBinding::unsupported(),
+            Binding::NotOffered,
+        )
+    }
+
     /// A PLUS exchange: the client binds to `client_hash`, the server
     /// expects `server_hash`.
     fn run_plus(client_hash: &[u8], server_hash: &[u8]) -> Result<(), AuthFailure> {
-        let mut client = ScramSha256::new(
-            b"s3cret",
+        exchange(
+            &authenticator(),
+            "app",
+            "s3cret",
             ChannelBinding::tls_server_end_point(client_hash.to_vec()),
-        );
-        let mut server = authenticator().scram("app", Binding::Required(server_hash.to_vec()));
-        let first = server.client_first(client.message())?;
-        client.update(&first).unwrap();
-        let last = server.client_final(client.message())?;
-        client
-            .finish(&last)
-            .map_err(|_| AuthFailure::Malformed("client rejected server"))
+            Binding::Required(server_hash.to_vec()),
+        )
     }
 
     #[test]
