@@ -212,6 +212,7 @@ async fn main() {
     let cluster = Cluster::start(ClusterOptions {
         host_auth: HostAuth::ScramSha256,
         settings: vec![],
+        ..Default::default()
     })
     .expect("start PostgreSQL");
 

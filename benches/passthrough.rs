@@ -229,6 +229,7 @@ fn main() {
     let cluster = Cluster::start(ClusterOptions {
         host_auth: HostAuth::ScramSha256,
         settings: vec!["max_connections = 200".to_string()],
+        ..Default::default()
     })
     .expect("start PostgreSQL");
     cluster

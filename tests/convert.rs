@@ -20,6 +20,7 @@ fn start_cluster() -> Cluster {
     Cluster::start(ClusterOptions {
         host_auth: HostAuth::ScramSha256,
         settings: vec![],
+        ..Default::default()
     })
     .expect("start PostgreSQL cluster")
 }

@@ -50,8 +50,8 @@ fn bad_configuration_exits_2_naming_the_key_and_reason() {
             "config key `auth.method`: unknown method \"kerberos\"; use \"scram-sha-256\", \"md5\" or \"trust\"",
         ),
         (
-            "[old]\nurl = \"postgres://x@h/d?sslmode=require\"\n".to_string(),
-            "config key `old.url`: sslmode=require: cutover does not speak TLS to the databases yet",
+            "[old]\nurl = \"postgres://x@h/d?sslmode=verify-full\"\n".to_string(),
+            "config key `old.url`: sslmode=verify-full needs sslrootcert=/path/to/ca.pem",
         ),
         (
             "[old]\nurl = \"mysql://x@h/d\"\n".to_string(),

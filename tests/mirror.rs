@@ -471,6 +471,7 @@ async fn preconditions_fail_with_the_fix() {
     let replica = Cluster::start(cutover_pgcluster::ClusterOptions {
         host_auth: HostAuth::ScramSha256,
         settings: vec!["wal_level = replica".to_string()],
+        ..Default::default()
     })
     .unwrap();
     replica

@@ -44,6 +44,7 @@ pub fn pgbench_pair(scale: u64, max_connections: u32) -> (Cluster, Cluster) {
         Cluster::start(ClusterOptions {
             host_auth: HostAuth::ScramSha256,
             settings: vec![format!("max_connections = {max_connections}")],
+            ..Default::default()
         })
         .expect("start PostgreSQL")
     };

@@ -25,11 +25,15 @@ pub const DB: &str = "app";
 
 /// A cluster with an `app` role (password APP_PASSWORD) owning database `app`.
 pub fn cluster(host_auth: HostAuth) -> Cluster {
-    let cluster = Cluster::start(ClusterOptions {
+    cluster_with(ClusterOptions {
         host_auth,
-        settings: vec![],
+        ..Default::default()
     })
-    .expect("start PostgreSQL cluster");
+}
+
+/// [`cluster`] with any options.
+pub fn cluster_with(options: ClusterOptions) -> Cluster {
+    let cluster = Cluster::start(options).expect("start PostgreSQL cluster");
     cluster
         .psql(
             "postgres",
@@ -224,7 +228,7 @@ impl Msg {
 /// A raw protocol client: logs in, then sends arbitrary bytes and records
 /// every message it gets back.
 pub struct RawClient {
-    pub stream: TcpStream,
+    pub stream: cutover_backend::BackendStream,
     pub login: Vec<Msg>,
     /// The BackendKeyData the server gave.
     pub key: cutover_wire::messages::backend_key_data::CancelKey,
@@ -253,6 +257,7 @@ impl RawClient {
             params: &params,
             timeout: Duration::from_secs(10),
             scram: &cutover_backend::ScramCache::default(),
+            tls: &cutover_backend::BackendTls::disabled(),
         })
         .await
         .expect("raw login");

@@ -3,7 +3,11 @@
 //! and cancel key, and the socket the proxy forwards bytes over.
 
 use crate::scram::{ScramCache, ScramClient};
+use crate::stream::BackendStream;
+use crate::tls::BackendTls;
+use crate::tls::TlsFailure;
 use bytes::BytesMut;
+use cutover_config::SslMode;
 use cutover_wire::frame::{self, Frame};
 use cutover_wire::messages::backend_key_data::CancelKey;
 use cutover_wire::messages::error_response::ErrorFields;
@@ -11,7 +15,7 @@ use cutover_wire::messages::{parameter_status, ready_for_query, ErrorResponse};
 use cutover_wire::sqlstate;
 use postgres_protocol::message::frontend;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
@@ -33,6 +37,8 @@ pub struct LoginTarget<'a> {
     pub timeout: Duration,
     /// Salted SCRAM passwords from earlier logins.
     pub scram: &'a ScramCache,
+    /// The URL's sslmode, ready to use.
+    pub tls: &'a BackendTls,
 }
 
 /// Why a backend session could not be had. Each variant renders as the
@@ -65,6 +71,12 @@ pub enum ConnectError {
         user: String,
     },
     #[error("{backend} backend {address}: {detail}")]
+    Tls {
+        backend: String,
+        address: String,
+        detail: String,
+    },
+    #[error("{backend} backend {address}: {detail}")]
     Protocol {
         backend: String,
         address: String,
@@ -89,7 +101,9 @@ impl ConnectError {
             ConnectError::NoPassword { .. } => {
                 ErrorResponse::fatal(sqlstate::INVALID_PASSWORD, self.to_string()).to_bytes()
             }
-            ConnectError::Unreachable { .. } | ConnectError::Timeout { .. } => {
+            ConnectError::Unreachable { .. }
+            | ConnectError::Timeout { .. }
+            | ConnectError::Tls { .. } => {
                 ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, self.to_string()).to_bytes()
             }
             ConnectError::Protocol { .. } => {
@@ -105,6 +119,7 @@ impl ConnectError {
             ConnectError::Timeout { .. } => "timeout",
             ConnectError::Refused { .. } => "refused",
             ConnectError::NoPassword { .. } => "no_password",
+            ConnectError::Tls { .. } => "tls",
             ConnectError::Protocol { .. } => "protocol",
             ConnectError::PoolTimeout { .. } => "pool_timeout",
         }
@@ -113,7 +128,7 @@ impl ConnectError {
 
 /// A logged-in backend session.
 pub struct BackendConnection {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// The backend's own cancel key; never shown to clients.
     pub key: CancelKey,
     /// The server's current ParameterStatus values, in the order first reported.
@@ -125,8 +140,21 @@ pub struct BackendConnection {
 
 impl BackendConnection {
     /// Logs in; returns once the backend reported ReadyForQuery.
+    /// With sslmode=allow, a server that refuses the plain login (pg_hba
+    /// `hostssl` only) is asked again over TLS, as libpq does.
     pub async fn connect(target: &LoginTarget<'_>) -> Result<BackendConnection, ConnectError> {
-        match tokio::time::timeout(target.timeout, Self::connect_inner(target)).await {
+        let attempt = async {
+            match Self::connect_inner(target, false).await {
+                Err(ConnectError::Refused { fields, .. })
+                    if target.tls.mode() == SslMode::Allow
+                        && fields.code == sqlstate::INVALID_AUTHORIZATION =>
+                {
+                    Self::connect_inner(target, true).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(target.timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(ConnectError::Timeout {
                 backend: target.backend.to_string(),
@@ -136,7 +164,10 @@ impl BackendConnection {
         }
     }
 
-    async fn connect_inner(target: &LoginTarget<'_>) -> Result<BackendConnection, ConnectError> {
+    async fn connect_inner(
+        target: &LoginTarget<'_>,
+        insist_on_tls: bool,
+    ) -> Result<BackendConnection, ConnectError> {
         let protocol = |detail: String| ConnectError::Protocol {
             backend: target.backend.to_string(),
             address: target.address.to_string(),
@@ -147,10 +178,22 @@ impl BackendConnection {
             address: target.address.to_string(),
             source,
         };
-        let mut stream = TcpStream::connect(target.address)
+        let tcp = TcpStream::connect(target.address)
             .await
             .map_err(unreachable)?;
-        stream.set_nodelay(true).map_err(unreachable)?;
+        tcp.set_nodelay(true).map_err(unreachable)?;
+        let mut stream = target
+            .tls
+            .start(tcp, insist_on_tls)
+            .await
+            .map_err(|e| match e {
+                TlsFailure::Io(e) => unreachable(e),
+                other => ConnectError::Tls {
+                    backend: target.backend.to_string(),
+                    address: target.address.to_string(),
+                    detail: other.to_string(),
+                },
+            })?;
         let mut out = BytesMut::new();
         let mut startup: Vec<(&str, &str)> =
             vec![("user", target.user), ("database", target.database)];
@@ -303,8 +346,7 @@ impl BackendConnection {
 
     /// True when the idle socket shows no sign of having been closed by the server.
     pub fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        !self.stream.has_pending_input()
     }
 
     /// Runs simple-query statements whose results nobody needs (session reset),
@@ -411,8 +453,8 @@ pub enum ReadError {
 }
 
 /// Reads from `stream` into `buf` until a whole message is at its front.
-pub async fn read_frame(
-    stream: &mut TcpStream,
+pub async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Frame, ReadError> {

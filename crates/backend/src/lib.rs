@@ -6,10 +6,14 @@
 pub mod connection;
 pub mod pool;
 pub mod scram;
+pub mod stream;
+pub mod tls;
 
 pub use connection::{send_cancel, BackendConnection, ConnectError, LoginTarget};
 pub use pool::{Checkout, OnReturn, Pool, PoolKey, PoolSettings, PoolSize, PoolStats};
 pub use scram::ScramCache;
+pub use stream::BackendStream;
+pub use tls::BackendTls;
 
 use cutover_config::BackendUrl;
 use std::time::{Duration, Instant};
@@ -24,6 +28,11 @@ pub async fn probe(
 ) -> Result<Duration, ConnectError> {
     let started = Instant::now();
     let address = url.address();
+    let tls = BackendTls::new(url).map_err(|detail| ConnectError::Tls {
+        backend: backend.to_string(),
+        address: address.clone(),
+        detail,
+    })?;
     let target = LoginTarget {
         backend,
         address: &address,
@@ -33,6 +42,7 @@ pub async fn probe(
         params: &[("application_name".to_string(), "cutover-health".to_string())],
         timeout,
         scram: scram_cache,
+        tls: &tls,
     };
     let conn = BackendConnection::connect(&target).await?;
     let elapsed = started.elapsed();

@@ -27,6 +27,8 @@ pub struct PoolSettings {
     pub backend: String,
     pub address: String,
     pub database: String,
+    /// TLS to the backend, from its URL.
+    pub tls: crate::BackendTls,
     pub size: PoolSize,
     pub connect_timeout: Duration,
     pub checkout_timeout: Duration,
@@ -186,6 +188,7 @@ impl Pool {
             params: &key.params,
             timeout: inner.settings.connect_timeout,
             scram: &inner.scram,
+            tls: &inner.settings.tls,
         };
         match BackendConnection::connect(&target).await {
             Ok(mut conn) => {

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use url::{BackendUrl, Target};
+pub use url::{BackendUrl, RootCert, SslMode, Target, TlsSettings};
 
 /// A configuration problem, naming the key and the reason.
 #[derive(Debug, thiserror::Error)]

@@ -13,11 +13,63 @@ pub enum Target {
     Sqlite { path: PathBuf },
 }
 
+/// libpq's `sslmode`: whether a connection uses TLS and what it checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// Without TLS; with TLS (unverified) only when the server refuses the
+    /// plain connection.
+    Allow,
+    /// TLS when the server offers it, unverified; plain otherwise. libpq's
+    /// and PgBouncer's default.
+    #[default]
+    Prefer,
+    /// TLS or nothing; the certificate is checked only when `sslrootcert`
+    /// is given (then as verify-ca, as libpq does).
+    Require,
+    /// TLS, the certificate chain checked against `sslrootcert`.
+    VerifyCa,
+    /// As verify-ca, and the certificate must name the URL's host.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Where the certificates that may sign the server's come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file of CA certificates.
+    File(PathBuf),
+    /// `sslrootcert=system`: the operating system's CA bundle.
+    System,
+}
+
+/// A URL's TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsSettings {
+    pub mode: SslMode,
+    pub root_cert: Option<RootCert>,
+}
+
 /// A parsed backend URL. The user and password are the control-plane login;
 /// client sessions log in as the client's own user.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BackendUrl {
     pub target: Target,
+    /// `sslmode` and `sslrootcert`, for every connection to this backend.
+    pub tls: TlsSettings,
     /// The database clients name: from the URL, or for a SQLite file
     /// `[old] database` or the file's stem (`app` for `app.db`).
     pub database: String,
@@ -85,6 +137,7 @@ impl BackendUrl {
             .to_string();
         Ok(BackendUrl {
             target: Target::Sqlite { path },
+            tls: TlsSettings::default(),
             database,
             user: String::new(),
             password: None,
@@ -100,7 +153,7 @@ impl BackendUrl {
             .or_else(|| text.strip_prefix("postgresql://"))
             .ok_or_else(|| format!("{text:?} must start with postgres:// or sqlite:"))?;
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        check_parameters(query)?;
+        let tls = tls_settings(query)?;
         let (authority, database) = match rest.split_once('/') {
             Some((a, d)) => (a, d),
             None => (rest, ""),
@@ -147,6 +200,7 @@ impl BackendUrl {
         };
         Ok(BackendUrl {
             target: Target::Tcp { host, port },
+            tls,
             database,
             user,
             password,
@@ -154,28 +208,59 @@ impl BackendUrl {
     }
 }
 
-/// The URL's parameters. TLS to the databases is not built yet, so a
-/// setting that asks for it is refused rather than ignored (a connection
-/// believed encrypted would go out in plain text).
-fn check_parameters(query: &str) -> Result<(), String> {
+/// The URL's parameters: `sslmode` and `sslrootcert`, as libpq reads them.
+/// Anything else is refused rather than ignored.
+fn tls_settings(query: &str) -> Result<TlsSettings, String> {
+    let mut tls = TlsSettings::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match (key, value) {
-            ("sslmode", "disable" | "allow" | "prefer") => {}
-            ("sslmode", "require" | "verify-ca" | "verify-full") | ("sslrootcert", _) => {
+        let value = decode(value)?;
+        match key {
+            "sslmode" => {
+                tls.mode = match value.as_str() {
+                    "disable" => SslMode::Disable,
+                    "allow" => SslMode::Allow,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => {
+                        return Err(format!(
+                            "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                        ))
+                    }
+                }
+            }
+            "sslrootcert" if value.is_empty() => {
+                return Err("sslrootcert needs a file path (or system)".to_string())
+            }
+            "sslrootcert" if value == "system" => tls.root_cert = Some(RootCert::System),
+            "sslrootcert" => tls.root_cert = Some(RootCert::File(PathBuf::from(value))),
+            "sslcert" | "sslkey" | "sslpassword" => {
                 return Err(format!(
-                    "{key}={value}: cutover does not speak TLS to the databases yet; run it next to them on a private network with sslmode=disable (or prefer, which connects without TLS)"
+                    "{key}: cutover does not present client certificates to the databases; log in with a password"
                 ))
             }
-            ("sslmode", other) => {
-                return Err(format!(
-                    "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                ))
-            }
-            (other, _) => return Err(format!("unknown URL parameter {other:?}")),
+            other => return Err(format!("unknown URL parameter {other:?}")),
         }
     }
-    Ok(())
+    if matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) && tls.root_cert.is_none() {
+        return Err(format!(
+            "sslmode={} needs sslrootcert=/path/to/ca.pem (or sslrootcert=system for the system's CA bundle)",
+            tls.mode.name()
+        ));
+    }
+    if matches!(
+        tls.mode,
+        SslMode::Disable | SslMode::Allow | SslMode::Prefer
+    ) && tls.root_cert.is_some()
+    {
+        return Err(format!(
+            "sslrootcert is only used with sslmode=require, verify-ca or verify-full; sslmode={} would not check the certificate",
+            tls.mode.name()
+        ));
+    }
+    Ok(tls)
 }
 
 fn decode(s: &str) -> Result<String, String> {
@@ -237,15 +322,29 @@ mod tests {
     }
 
     #[test]
-    fn tls_settings_are_refused_not_ignored() {
-        assert!(BackendUrl::parse("postgres://u@h/d?sslmode=disable").is_ok());
-        assert!(BackendUrl::parse("postgres://u@h/d?sslmode=prefer").is_ok());
-        let err = BackendUrl::parse("postgres://u@h/d?sslmode=verify-full&sslrootcert=/ca.pem")
-            .unwrap_err();
-        assert!(
-            err.starts_with("sslmode=verify-full: cutover does not speak TLS"),
-            "{err}"
+    fn reads_tls_settings() {
+        let u = BackendUrl::parse("postgres://u@h/d").unwrap();
+        assert_eq!(u.tls, TlsSettings::default());
+        assert_eq!(u.tls.mode, SslMode::Prefer);
+        let u =
+            BackendUrl::parse("postgres://u@h/d?sslmode=verify-full&sslrootcert=/etc/ca%20x.pem")
+                .unwrap();
+        assert_eq!(u.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            u.tls.root_cert,
+            Some(RootCert::File(PathBuf::from("/etc/ca x.pem")))
         );
+        let u = BackendUrl::parse("postgres://u@h/d?sslmode=require&sslrootcert=system").unwrap();
+        assert_eq!(u.tls.root_cert, Some(RootCert::System));
+        let err = BackendUrl::parse("postgres://u@h/d?sslmode=verify-ca").unwrap_err();
+        assert!(err.contains("needs sslrootcert"), "{err}");
+        let err =
+            BackendUrl::parse("postgres://u@h/d?sslmode=prefer&sslrootcert=/ca.pem").unwrap_err();
+        assert!(err.contains("would not check"), "{err}");
+        let err = BackendUrl::parse("postgres://u@h/d?sslmode=on").unwrap_err();
+        assert!(err.starts_with("sslmode=on is not one of"), "{err}");
+        let err = BackendUrl::parse("postgres://u@h/d?sslcert=/c.pem").unwrap_err();
+        assert!(err.contains("client certificates"), "{err}");
         let err = BackendUrl::parse("postgres://u@h/d?sslmod=require").unwrap_err();
         assert_eq!(err, "unknown URL parameter \"sslmod\"");
     }

@@ -53,6 +53,16 @@ pub struct ClusterOptions {
     pub host_auth: HostAuth,
     /// Extra `postgresql.conf` lines.
     pub settings: Vec<String>,
+    /// Serve TLS with this certificate and accept TCP clients only over
+    /// TLS (pg_hba `hostssl`).
+    pub tls: Option<ServerCert>,
+}
+
+/// A server certificate and its key, PEM files.
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ClusterOptions {
@@ -60,6 +70,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             host_auth: HostAuth::ScramSha256,
             settings: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -238,6 +249,10 @@ impl Cluster {
         if options.host_auth == HostAuth::Md5 {
             conf.push("password_encryption = md5".to_string());
         }
+        if let Some(tls) = &options.tls {
+            self.install_cert(tls)?;
+            conf.push("ssl = on".to_string());
+        }
         conf.extend(options.settings.iter().cloned());
         let path = self.data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&path)?;
@@ -247,6 +262,33 @@ impl Cluster {
             text.push('\n');
         }
         std::fs::write(&path, text)?;
+        Ok(())
+    }
+
+    /// Copies the certificate and key into the data directory, owned by
+    /// the server's user and private as PostgreSQL requires, and makes
+    /// every TCP login use TLS.
+    fn install_cert(&self, tls: &ServerCert) -> Result<(), ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        for (from, name) in [(&tls.cert, "server.crt"), (&tls.key, "server.key")] {
+            let to = self.data.join(name);
+            std::fs::copy(from, &to)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+            if let Some(user) = &self.os_user {
+                let (uid, gid) = os_user_ids(user).ok_or(ClusterError::NoUnprivilegedUser)?;
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
+            }
+        }
+        let hba = self.data.join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba)?
+            .lines()
+            .map(|line| match line.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}"),
+                None => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&hba, text + "\n")?;
         Ok(())
     }
 

@@ -13,7 +13,7 @@ pub mod shadow;
 pub mod traffic;
 
 use cancel::CancelRegistry;
-use cutover_backend::{Pool, PoolSettings, PoolSize};
+use cutover_backend::{BackendTls, Pool, PoolSettings, PoolSize};
 use cutover_config::Config;
 use cutover_control::{Backend, Metrics};
 use cutover_wire::auth::Authenticator;
@@ -38,6 +38,8 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum ProxyError {
     #[error(transparent)]
     Tls(#[from] cutover_wire::tls::TlsError),
+    #[error("{backend}.url: {reason}")]
+    BackendTls { backend: String, reason: String },
 }
 
 /// Everything sessions share.
@@ -150,10 +152,15 @@ impl Proxy {
             None => None,
         };
         let pool = |name: &str, backend: &cutover_config::BackendConfig| {
-            Pool::new(PoolSettings {
+            let tls = BackendTls::new(&backend.url).map_err(|reason| ProxyError::BackendTls {
+                backend: name.to_string(),
+                reason,
+            })?;
+            Ok::<_, ProxyError>(Pool::new(PoolSettings {
                 backend: name.to_string(),
                 address: backend.url.address(),
                 database: backend.url.database.clone(),
+                tls,
                 size: match backend.pool_size {
                     Some(n) => PoolSize::Fixed(n),
                     None => PoolSize::FromServer {
@@ -162,15 +169,15 @@ impl Proxy {
                 },
                 connect_timeout: config.proxy.connect_timeout,
                 checkout_timeout: config.proxy.pool_timeout,
-            })
+            }))
         };
         traffic.shadow.configure(
             config.routing.shadow_percent,
             config.routing.shadow_concurrency,
         );
         let pools = Pools {
-            old: pool("old", &config.old),
-            new: config.new.as_ref().map(|b| pool("new", b)),
+            old: pool("old", &config.old)?,
+            new: config.new.as_ref().map(|b| pool("new", b)).transpose()?,
             other: Default::default(),
         };
         Ok(Proxy {

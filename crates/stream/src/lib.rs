@@ -6,6 +6,7 @@
 //! Why the copy cannot lose or resurrect a row is written down in `copy`.
 
 pub mod applier;
+mod control_tls;
 pub mod copy;
 pub mod keys;
 pub mod mirror;
@@ -14,6 +15,8 @@ pub mod preconditions;
 pub mod replication;
 pub mod schema;
 pub mod verify;
+
+use cutover_config::SslMode;
 
 pub use mirror::{
     carry_sequences, drop_slot, Mirror, MirrorSettings, MirrorStatus, Started, StreamPosition,
@@ -86,12 +89,44 @@ pub async fn control_client(
     if let Some(pw) = &url.password {
         config.password(pw);
     }
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| StreamError::Connect(format!("{}: {e}", url.address())))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
+    let tls = cutover_backend::BackendTls::new(url).map_err(StreamError::Connect)?;
+    config.ssl_mode(match url.tls.mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        // tokio-postgres cannot retry over TLS as allow does; asking for TLS
+        // first reaches the same servers.
+        SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            tokio_postgres::config::SslMode::Require
+        }
     });
+    // tokio-postgres keeps the reason (refused, timed out, which
+    // certificate check) in the error's source, not in its text.
+    let failed = |e: tokio_postgres::Error| {
+        let mut text = format!("{}: {e}", url.address());
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        StreamError::Connect(text)
+    };
+    let client = match tls.client_config() {
+        Some(connector) => {
+            let (client, connection) = config
+                .connect(control_tls::MakeRustls::new(connector, tls.clone()))
+                .await
+                .map_err(failed)?;
+            tokio::spawn(connection);
+            client
+        }
+        None => {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(failed)?;
+            tokio::spawn(connection);
+            client
+        }
+    };
     Ok(client)
 }

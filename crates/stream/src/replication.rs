@@ -7,7 +7,7 @@ use crate::pgoutput::Lsn;
 use crate::StreamError;
 use bytes::{BufMut, BytesMut};
 use cutover_backend::connection::read_frame;
-use cutover_backend::{BackendConnection, LoginTarget, ScramCache};
+use cutover_backend::{BackendConnection, BackendTls, LoginTarget, ScramCache};
 use cutover_config::BackendUrl;
 use cutover_wire::messages::ErrorResponse;
 use postgres_protocol::message::frontend;
@@ -27,6 +27,7 @@ impl ReplicationConnection {
     /// Logs in with the URL's credentials as a logical replication connection.
     pub async fn connect(url: &BackendUrl, scram: &ScramCache) -> Result<Self, StreamError> {
         let address = url.address();
+        let tls = BackendTls::new(url).map_err(StreamError::Connect)?;
         let conn = BackendConnection::connect(&LoginTarget {
             backend: "old",
             address: &address,
@@ -40,6 +41,7 @@ impl ReplicationConnection {
             ],
             timeout: Duration::from_secs(10),
             scram,
+            tls: &tls,
         })
         .await
         .map_err(|e| StreamError::Connect(e.to_string()))?;

@@ -51,7 +51,6 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// function, SHA-256 for MD5, SHA-1 and SHA-256 signatures, as libpq
 /// computes it.
 pub fn server_end_point(cert: &Path) -> Result<Vec<u8>, TlsError> {
-    use sha2::Digest;
     let cert_err = |reason: String| TlsError::Cert {
         path: cert.display().to_string(),
         reason,
@@ -61,18 +60,24 @@ pub fn server_end_point(cert: &Path) -> Result<Vec<u8>, TlsError> {
         .next()
         .ok_or_else(|| cert_err("no PEM certificate found".to_string()))?
         .map_err(|e| cert_err(e.to_string()))?;
-    let der: &[u8] = der.as_ref();
+    Ok(end_point_hash(der.as_ref()))
+}
+
+/// The `tls-server-end-point` hash of a DER certificate: the hash function
+/// of its signature, SHA-256 for MD5, SHA-1 and SHA-256 signatures.
+pub fn end_point_hash(der: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
     // The signature algorithm's OID (DER-encoded) names the hash.
     let has = |oid: &[u8]| der.windows(oid.len()).any(|w| w == oid);
     const SHA384_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c];
     const SHA512_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
     const SHA384_ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
     const SHA512_ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04];
-    Ok(if has(SHA384_RSA) || has(SHA384_ECDSA) {
+    if has(SHA384_RSA) || has(SHA384_ECDSA) {
         sha2::Sha384::digest(der).to_vec()
     } else if has(SHA512_RSA) || has(SHA512_ECDSA) {
         sha2::Sha512::digest(der).to_vec()
     } else {
         sha2::Sha256::digest(der).to_vec()
-    })
+    }
 }
