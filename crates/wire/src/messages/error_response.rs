@@ -15,6 +15,13 @@ pub struct ErrorResponse {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// 1-based character position in the statement ('P').
+    pub position: Option<usize>,
+    /// Schema, table, column and constraint names ('s', 't', 'c', 'n').
+    pub schema: Option<String>,
+    pub table: Option<String>,
+    pub column: Option<String>,
+    pub constraint: Option<String>,
 }
 
 impl ErrorResponse {
@@ -25,6 +32,11 @@ impl ErrorResponse {
             message: message.into(),
             detail: None,
             hint: None,
+            position: None,
+            schema: None,
+            table: None,
+            column: None,
+            constraint: None,
         }
     }
 
@@ -45,7 +57,13 @@ impl ErrorResponse {
         self
     }
 
+    pub fn at(mut self, position: usize) -> Self {
+        self.position = Some(position);
+        self
+    }
+
     pub fn encode(&self, buf: &mut BytesMut) {
+        let position = self.position.map(|p| p.to_string());
         write_message(buf, b'E', |b| {
             for (field, value) in [
                 (b'S', Some(self.severity)),
@@ -54,6 +72,11 @@ impl ErrorResponse {
                 (b'M', Some(self.message.as_str())),
                 (b'D', self.detail.as_deref()),
                 (b'H', self.hint.as_deref()),
+                (b'P', position.as_deref()),
+                (b's', self.schema.as_deref()),
+                (b't', self.table.as_deref()),
+                (b'c', self.column.as_deref()),
+                (b'n', self.constraint.as_deref()),
             ] {
                 if let Some(v) = value {
                     b.put_u8(field);

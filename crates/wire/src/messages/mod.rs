@@ -4,12 +4,16 @@
 
 pub mod authentication;
 pub mod backend_key_data;
+pub mod bind;
 pub mod error_response;
 pub mod negotiate_protocol_version;
 pub mod parameter_status;
+pub mod parse;
 pub mod password;
 pub mod ready_for_query;
+pub mod results;
 pub mod startup;
+pub mod target;
 
 pub use error_response::ErrorResponse;
 

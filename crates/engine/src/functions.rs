@@ -1,0 +1,347 @@
+//! SQL functions the engine adds to each SQLite connection: PostgreSQL's
+//! own (`now()`, `version()`, `gen_random_uuid()`, ...) with PostgreSQL's
+//! results, and the normalizers the translator wraps around values the file
+//! may store in several forms (`cutover_ts`, `cutover_bool`) so they compare
+//! as PostgreSQL compares them.
+
+use crate::decimal::Decimal;
+use crate::types::{format_timestamp, iso_text};
+use cutover_sqlite::rusqlite::functions::{Aggregate, Context, FunctionFlags};
+use cutover_sqlite::rusqlite::types::{Value, ValueRef};
+use cutover_sqlite::rusqlite::{self, Connection};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+/// What the session functions read: set by the session as it runs.
+#[derive(Debug, Default)]
+pub struct SessionClock {
+    /// The transaction's start (microseconds since 1970), which `now()`
+    /// returns for every statement of the transaction.
+    pub transaction_start: AtomicI64,
+}
+
+pub struct Identity {
+    pub database: String,
+    pub user: String,
+    pub pid: i32,
+}
+
+pub const VERSION: &str = "PostgreSQL 15.0 (cutover SQLite engine) on SQLite";
+
+fn err(message: String) -> rusqlite::Error {
+    rusqlite::Error::UserFunctionError(message.into())
+}
+
+/// A time stored as epoch seconds, epoch milliseconds (from 10^11 up),
+/// epoch real seconds or date-time text, as microseconds since 1970.
+pub fn micros_of(value: ValueRef<'_>) -> Option<i64> {
+    match value {
+        ValueRef::Integer(i) if i.unsigned_abs() >= 100_000_000_000 => Some(i * 1000),
+        ValueRef::Integer(i) => Some(i * 1_000_000),
+        ValueRef::Real(f) if f.is_finite() => Some((f * 1_000_000.0).round() as i64),
+        ValueRef::Text(t) => {
+            let t = std::str::from_utf8(t).ok()?.trim();
+            cutover_sqlite::canonical::timestamp_micros(t)
+        }
+        _ => None,
+    }
+}
+
+fn bool_of(value: ValueRef<'_>) -> Option<bool> {
+    match value {
+        ValueRef::Integer(i) => Some(i != 0),
+        ValueRef::Real(f) => Some(f != 0.0),
+        ValueRef::Text(t) => match std::str::from_utf8(t)
+            .ok()?
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "t" | "true" | "yes" | "y" | "on" | "1" => Some(true),
+            "f" | "false" | "no" | "n" | "off" | "0" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn arg<'a>(ctx: &'a Context<'_>) -> ValueRef<'a> {
+    ctx.get_raw(0)
+}
+
+pub fn install(
+    conn: &Connection,
+    clock: Arc<SessionClock>,
+    identity: Arc<Identity>,
+) -> rusqlite::Result<()> {
+    let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+    let nondet = FunctionFlags::SQLITE_UTF8;
+    conn.create_scalar_function("cutover_ts", 1, det, |ctx| {
+        Ok(match arg(ctx) {
+            ValueRef::Null => None,
+            v => Some(micros_of(v).ok_or_else(|| {
+                err(format!(
+                    "invalid input syntax for type timestamp with time zone: \"{}\"",
+                    cutover_sqlite::value::raw(v)
+                ))
+            })?),
+        })
+    })?;
+    conn.create_scalar_function("cutover_ts_text", 1, det, |ctx| {
+        Ok(match arg(ctx) {
+            ValueRef::Null => None,
+            v => Some(iso_text(micros_of(v).ok_or_else(|| {
+                err(format!(
+                    "invalid input syntax for type timestamp with time zone: \"{}\"",
+                    cutover_sqlite::value::raw(v)
+                ))
+            })?)),
+        })
+    })?;
+    conn.create_scalar_function("cutover_bool", 1, det, |ctx| {
+        Ok(match arg(ctx) {
+            ValueRef::Null => None,
+            v => Some(i64::from(bool_of(v).ok_or_else(|| {
+                err(format!(
+                    "invalid input syntax for type boolean: \"{}\"",
+                    cutover_sqlite::value::raw(v)
+                ))
+            })?)),
+        })
+    })?;
+    conn.create_scalar_function("cutover_int", 1, det, |ctx| {
+        Ok(match arg(ctx) {
+            ValueRef::Null => None,
+            ValueRef::Integer(i) => Some(i),
+            // PostgreSQL rounds half away from zero when casting to integer.
+            ValueRef::Real(f) => Some(f.round() as i64),
+            v => {
+                let text = cutover_sqlite::value::raw(v);
+                Some(text.trim().parse::<i64>().map_err(|_| {
+                    err(format!("invalid input syntax for type integer: \"{text}\""))
+                })?)
+            }
+        })
+    })?;
+    conn.create_scalar_function("cutover_store", 2, det, |ctx| {
+        let codec: String = ctx.get(1)?;
+        let v = arg(ctx);
+        let refuse = |ty: &str| {
+            err(format!(
+                "invalid input syntax for type {ty}: \"{}\"",
+                cutover_sqlite::value::raw(v)
+            ))
+        };
+        Ok(match (codec.as_str(), v) {
+            (_, ValueRef::Null) => Value::Null,
+            ("unix_ms", v) => Value::Integer(
+                micros_of(v)
+                    .ok_or_else(|| refuse("timestamp with time zone"))?
+                    .div_euclid(1000),
+            ),
+            ("unix_s", v) => Value::Integer(
+                micros_of(v)
+                    .ok_or_else(|| refuse("timestamp with time zone"))?
+                    .div_euclid(1_000_000),
+            ),
+            ("iso_text", v) => Value::Text(iso_text(
+                micros_of(v).ok_or_else(|| refuse("timestamp with time zone"))?,
+            )),
+            ("bool_int", v) => {
+                Value::Integer(i64::from(bool_of(v).ok_or_else(|| refuse("boolean"))?))
+            }
+            ("bool_text", v) => Value::Text(
+                if bool_of(v).ok_or_else(|| refuse("boolean"))? {
+                    "true"
+                } else {
+                    "false"
+                }
+                .to_string(),
+            ),
+            (_, v) => Value::try_from(v).map_err(|e| err(e.to_string()))?,
+        })
+    })?;
+    // PostgreSQL raises on division by zero where SQLite returns NULL.
+    conn.create_scalar_function("cutover_div", 2, det, |ctx| {
+        let (a, b) = (ctx.get_raw(0), ctx.get_raw(1));
+        Ok(match (a, b) {
+            (ValueRef::Null, _) | (_, ValueRef::Null) => Value::Null,
+            (_, ValueRef::Integer(0)) => return Err(err("division by zero".to_string())),
+            (_, ValueRef::Real(0.0)) => return Err(err("division by zero".to_string())),
+            (ValueRef::Integer(x), ValueRef::Integer(y)) => Value::Integer(
+                x.checked_div(y)
+                    .ok_or_else(|| err("integer out of range".to_string()))?,
+            ),
+            (x, y) => {
+                let f = |v: ValueRef<'_>| match v {
+                    ValueRef::Integer(i) => Some(i as f64),
+                    ValueRef::Real(r) => Some(r),
+                    ValueRef::Text(t) => std::str::from_utf8(t).ok()?.trim().parse().ok(),
+                    _ => None,
+                };
+                match (f(x), f(y)) {
+                    (Some(_), Some(0.0)) => return Err(err("division by zero".to_string())),
+                    (Some(x), Some(y)) => Value::Real(x / y),
+                    _ => return Err(err("invalid input syntax for type numeric".to_string())),
+                }
+            }
+        })
+    })?;
+    conn.create_scalar_function("cutover_numeric", 1, det, |ctx| {
+        Ok(match arg(ctx) {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => Value::Integer(i),
+            ValueRef::Real(f) => Value::Real(f),
+            v => {
+                let text = cutover_sqlite::value::raw(v);
+                let t = text.trim();
+                match t.parse::<i64>() {
+                    Ok(i) => Value::Integer(i),
+                    Err(_) => Value::Real(t.parse::<f64>().map_err(|_| {
+                        err(format!("invalid input syntax for type numeric: \"{text}\""))
+                    })?),
+                }
+            }
+        })
+    })?;
+    conn.create_scalar_function("cutover_json", 1, det, |ctx| {
+        Ok(match arg(ctx) {
+            ValueRef::Null => None,
+            v => {
+                let text = cutover_sqlite::value::raw(v);
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .map_err(|_| err(format!("invalid input syntax for type json: \"{text}\"")))?;
+                Some(text)
+            }
+        })
+    })?;
+    for name in ["now", "transaction_timestamp", "current_timestamp"] {
+        let clock = clock.clone();
+        conn.create_scalar_function(name, 0, nondet, move |_| {
+            Ok(format_timestamp(
+                clock.transaction_start.load(Ordering::Relaxed),
+                true,
+            ))
+        })?;
+    }
+    conn.create_scalar_function("statement_timestamp", 0, nondet, |_| {
+        Ok(format_timestamp(now_micros(), true))
+    })?;
+    conn.create_aggregate_function("cutover_sum_numeric", 1, det, NumericSum)?;
+    conn.create_aggregate_function("cutover_avg", 1, det, NumericAvg)?;
+    conn.create_scalar_function("version", 0, det, |_| Ok(VERSION.to_string()))?;
+    conn.create_scalar_function("current_schema", 0, det, |_| Ok("public".to_string()))?;
+    let id = identity.clone();
+    conn.create_scalar_function("current_database", 0, det, move |_| Ok(id.database.clone()))?;
+    for name in ["current_user", "session_user"] {
+        let id = identity.clone();
+        conn.create_scalar_function(name, 0, det, move |_| Ok(id.user.clone()))?;
+    }
+    let id = identity;
+    conn.create_scalar_function("pg_backend_pid", 0, det, move |_| Ok(id.pid))?;
+    conn.create_scalar_function("random", 0, nondet, |_| Ok(rand::random::<f64>()))?;
+    conn.create_scalar_function("gen_random_uuid", 0, nondet, |_| {
+        let mut b: [u8; 16] = rand::random();
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        Ok(format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        ))
+    })?;
+    Ok(())
+}
+
+/// A numeric value read from storage: integers, doubles by their
+/// shortest spelling, decimal text.
+fn decimal_of(value: ValueRef<'_>) -> rusqlite::Result<Option<Decimal>> {
+    let bad = || {
+        err(format!(
+            "invalid input syntax for type numeric: \"{}\"",
+            cutover_sqlite::value::raw(value)
+        ))
+    };
+    Ok(match value {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(Decimal::from_int(i)),
+        ValueRef::Real(f) => Some(Decimal::from_f64(f).ok_or_else(bad)?),
+        ValueRef::Text(t) => Some(
+            std::str::from_utf8(t)
+                .ok()
+                .and_then(Decimal::parse)
+                .ok_or_else(bad)?,
+        ),
+        ValueRef::Blob(_) => return Err(bad()),
+    })
+}
+
+/// `sum(numeric)` in exact decimal arithmetic.
+struct NumericSum;
+
+impl Aggregate<Option<Decimal>, Option<String>> for NumericSum {
+    fn init(&self, _: &mut Context<'_>) -> rusqlite::Result<Option<Decimal>> {
+        Ok(None)
+    }
+
+    fn step(&self, ctx: &mut Context<'_>, acc: &mut Option<Decimal>) -> rusqlite::Result<()> {
+        if let Some(d) = decimal_of(ctx.get_raw(0))? {
+            let sum = acc.unwrap_or_else(Decimal::zero).add(d);
+            *acc = Some(sum.ok_or_else(|| err("numeric value out of range".to_string()))?);
+        }
+        Ok(())
+    }
+
+    fn finalize(
+        &self,
+        _: &mut Context<'_>,
+        acc: Option<Option<Decimal>>,
+    ) -> rusqlite::Result<Option<String>> {
+        Ok(acc.flatten().map(Decimal::to_text))
+    }
+}
+
+/// `avg` of integers or numerics: their exact sum divided by their count
+/// at PostgreSQL's numeric scale.
+struct NumericAvg;
+
+impl Aggregate<(Option<Decimal>, i64), Option<String>> for NumericAvg {
+    fn init(&self, _: &mut Context<'_>) -> rusqlite::Result<(Option<Decimal>, i64)> {
+        Ok((None, 0))
+    }
+
+    fn step(
+        &self,
+        ctx: &mut Context<'_>,
+        acc: &mut (Option<Decimal>, i64),
+    ) -> rusqlite::Result<()> {
+        if let Some(d) = decimal_of(ctx.get_raw(0))? {
+            let sum = acc.0.unwrap_or_else(Decimal::zero).add(d);
+            acc.0 = Some(sum.ok_or_else(|| err("numeric value out of range".to_string()))?);
+            acc.1 += 1;
+        }
+        Ok(())
+    }
+
+    fn finalize(
+        &self,
+        _: &mut Context<'_>,
+        acc: Option<(Option<Decimal>, i64)>,
+    ) -> rusqlite::Result<Option<String>> {
+        Ok(match acc {
+            Some((Some(sum), n)) if n > 0 => sum.div(Decimal::from_int(n)).map(Decimal::to_text),
+            _ => None,
+        })
+    }
+}
+
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,1640 @@
+//! PostgreSQL-dialect SQL to what the engine runs: session commands
+//! recognized by their leading keywords, and reads and writes parsed with
+//! sqlparser, rewritten for SQLite in the AST (placeholders, casts, ILIKE,
+//! NULL ordering, schema-qualified names, DEFAULT in VALUES, locking
+//! clauses, comparisons of values the file stores in several forms), and
+//! printed. Types of parameters and result columns are inferred from the
+//! schema map as PostgreSQL would infer them. Anything not translated is
+//! refused with 0A000 naming the construct, never run as something else.
+
+use crate::types::PgType;
+use cutover_sqlite::{Codec, SchemaMap, Table};
+use sqlparser::ast::{
+    BinaryOperator, CastKind, DataType, Expr, Function, FunctionArg, FunctionArgExpr,
+    FunctionArguments, Ident, ObjectName, ObjectNamePart, OrderByExpr, Query, Select, SelectItem,
+    SetExpr, Statement, TableFactor, UnaryOperator, Value, VisitMut, VisitorMut,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::ops::ControlFlow;
+
+/// An error for the client: SQLSTATE, message, optional 1-based position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlError {
+    pub code: &'static str,
+    pub message: String,
+    pub position: Option<usize>,
+}
+
+impl SqlError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> SqlError {
+        SqlError {
+            code,
+            message: message.into(),
+            position: None,
+        }
+    }
+
+    pub fn unsupported(construct: impl std::fmt::Display) -> SqlError {
+        SqlError::new(
+            "0A000",
+            format!("{construct} is not supported by cutover's SQLite engine"),
+        )
+    }
+}
+
+/// What a statement is, for the session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Empty,
+    Begin,
+    Commit,
+    Rollback,
+    Savepoint(String),
+    Release(String),
+    RollbackTo(String),
+    Set {
+        name: String,
+        value: Option<String>,
+    },
+    Show(String),
+    /// DISCARD ALL, DEALLOCATE, UNLISTEN: reset the named state.
+    Discard,
+    Deallocate(Option<String>),
+    Listen(String),
+    Unlisten(Option<String>),
+    Notify {
+        channel: String,
+        payload: String,
+    },
+    /// `CREATE … IF NOT EXISTS` of an object that exists: nothing to do.
+    Noop(String),
+    Sql(Box<Translated>),
+}
+
+/// How a locking read locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    Wait,
+    NoWait,
+    SkipLocked,
+}
+
+/// A read or write ready for SQLite.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Translated {
+    pub sql: String,
+    /// `SELECT`, `INSERT`, `UPDATE` or `DELETE`, for the command tag.
+    pub verb: &'static str,
+    pub lock: Option<Lock>,
+    /// The type of each `$n` (index n-1), as PostgreSQL would infer it,
+    /// and the column it is compared with or stored into.
+    pub params: Vec<Param>,
+    /// Result column types from the statement's own expressions, where
+    /// SQLite's column metadata cannot say (expressions, not columns).
+    pub result_hints: Vec<Option<PgType>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Param {
+    pub pg_type: Option<PgType>,
+    /// Where the value goes: stored into this column in its codec.
+    pub stored: Option<(String, String)>,
+}
+
+/// Splits a simple query into statements (outside quotes, dollar quotes
+/// and comments), keeping each statement's text.
+pub fn split(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'\'' | b'"' => {
+                let q = b[i];
+                let escapes = q == b'\'' && i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e');
+                i += 1;
+                while i < b.len() {
+                    if escapes && b[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if b[i] == q {
+                        if b.get(i + 1) == Some(&q) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'$' => {
+                let tag_end = sql[i + 1..]
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .map(|n| i + 1 + n);
+                if let Some(end) = tag_end.filter(|e| b.get(*e) == Some(&b'$')) {
+                    let tag = &sql[i..=end];
+                    if !tag[1..tag.len() - 1].starts_with(|c: char| c.is_ascii_digit()) {
+                        match sql[end + 1..].find(tag) {
+                            Some(close) => i = end + 1 + close + tag.len() - 1,
+                            None => i = b.len(),
+                        }
+                    }
+                }
+            }
+            b';' => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(&sql[start.min(sql.len())..]);
+    out.retain(|s| !is_blank(s));
+    out
+}
+
+/// True when `s` holds only whitespace and comments.
+pub fn is_blank(s: &str) -> bool {
+    let mut rest = s.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r
+                .split_once('\n')
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r
+                .split_once("*/")
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
+        } else {
+            return rest.is_empty();
+        }
+    }
+}
+
+/// The statement's words in upper case, up to `n`, for recognizing
+/// session commands.
+fn words(sql: &str, n: usize) -> Vec<String> {
+    sql.split(|c: char| c.is_whitespace() || c == ';' || c == '(')
+        .filter(|w| !w.is_empty())
+        .take(n)
+        .map(|w| w.to_ascii_uppercase())
+        .collect()
+}
+
+fn unquote_ident(w: &str) -> String {
+    match w.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        Some(inner) => inner.replace("\"\"", "\""),
+        None => w.to_ascii_lowercase(),
+    }
+}
+
+fn unquote_literal(w: &str) -> String {
+    let w = w.trim();
+    match w.strip_prefix('\'').and_then(|w| w.strip_suffix('\'')) {
+        Some(inner) => inner.replace("''", "'"),
+        None => w.to_string(),
+    }
+}
+
+/// Recognizes one statement.
+pub fn command(sql: &str, map: &SchemaMap) -> Result<Command, SqlError> {
+    if is_blank(sql) {
+        return Ok(Command::Empty);
+    }
+    let text = strip_comments(sql);
+    let text = text.trim();
+    let w = words(text, 4);
+    let first = w.first().map(String::as_str).unwrap_or("");
+    let second = w.get(1).map(String::as_str).unwrap_or("");
+    let rest_after = |n: usize| -> String {
+        let mut s = text;
+        for _ in 0..n {
+            s = s.trim_start();
+            let end = s.find(char::is_whitespace).unwrap_or(s.len());
+            s = &s[end..];
+        }
+        s.trim().to_string()
+    };
+    Ok(match first {
+        "BEGIN" | "START" => {
+            if text.to_ascii_uppercase().contains("SERIALIZABLE")
+                || text.to_ascii_uppercase().contains("REPEATABLE READ")
+            {
+                // Writes are serialized by the writer lease; reads see the
+                // latest commit. Anything stronger than READ COMMITTED
+                // would be a promise not kept.
+                return Err(SqlError::unsupported(
+                    "an isolation level above READ COMMITTED",
+                ));
+            }
+            Command::Begin
+        }
+        "COMMIT" | "END" if second != "PREPARED" => Command::Commit,
+        "ROLLBACK" | "ABORT" if second != "PREPARED" => {
+            let up: Vec<String> = words(text, 5);
+            match up.iter().position(|x| x == "TO") {
+                Some(i) => {
+                    let name = text
+                        .split_whitespace()
+                        .skip(i + 1)
+                        .find(|x| !x.eq_ignore_ascii_case("SAVEPOINT"))
+                        .ok_or_else(|| SqlError::new("42601", "syntax error at end of input"))?;
+                    Command::RollbackTo(unquote_ident(name))
+                }
+                None => Command::Rollback,
+            }
+        }
+        "SAVEPOINT" => Command::Savepoint(unquote_ident(&rest_after(1))),
+        "RELEASE" => {
+            let name = if second == "SAVEPOINT" {
+                rest_after(2)
+            } else {
+                rest_after(1)
+            };
+            Command::Release(unquote_ident(&name))
+        }
+        "PREPARE" if second == "TRANSACTION" => {
+            return Err(SqlError::unsupported(
+                "PREPARE TRANSACTION (two-phase commit)",
+            ))
+        }
+        "COMMIT" | "ROLLBACK" => {
+            return Err(SqlError::unsupported(format!(
+                "{first} PREPARED (two-phase commit)"
+            )))
+        }
+        "SET" => set_command(&rest_after(1))?,
+        "RESET" => {
+            let name = rest_after(1).to_ascii_lowercase();
+            Command::Set {
+                name: if name == "all" { String::new() } else { name },
+                value: None,
+            }
+        }
+        "SHOW" => Command::Show(rest_after(1).to_ascii_lowercase()),
+        "DISCARD" => Command::Discard,
+        "DEALLOCATE" => {
+            let rest = rest_after(1);
+            let rest = rest
+                .strip_prefix("PREPARE ")
+                .or_else(|| rest.strip_prefix("prepare "))
+                .unwrap_or(&rest)
+                .trim()
+                .to_string();
+            if rest.eq_ignore_ascii_case("all") {
+                Command::Deallocate(None)
+            } else {
+                Command::Deallocate(Some(unquote_ident(&rest)))
+            }
+        }
+        "LISTEN" => Command::Listen(unquote_ident(&rest_after(1))),
+        "UNLISTEN" => {
+            let ch = rest_after(1);
+            Command::Unlisten(if ch == "*" {
+                None
+            } else {
+                Some(unquote_ident(&ch))
+            })
+        }
+        "NOTIFY" => {
+            let rest = rest_after(1);
+            let (ch, payload) = rest.split_once(',').unwrap_or((&rest, ""));
+            Command::Notify {
+                channel: unquote_ident(ch.trim()),
+                payload: unquote_literal(payload),
+            }
+        }
+        "CREATE" => create(text, map)?,
+        "SELECT" | "WITH" | "INSERT" | "UPDATE" | "DELETE" | "VALUES" | "TABLE" | "(" => {
+            Command::Sql(Box::new(translate(text, map)?))
+        }
+        _ if first.starts_with('(') => Command::Sql(Box::new(translate(text, map)?)),
+        _ => {
+            let construct = w.iter().take(2).cloned().collect::<Vec<_>>().join(" ");
+            return Err(SqlError::unsupported(construct));
+        }
+    })
+}
+
+fn strip_comments(sql: &str) -> String {
+    let mut rest = sql.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r
+                .split_once('\n')
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r
+                .split_once("*/")
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
+        } else {
+            return rest.to_string();
+        }
+    }
+}
+
+fn set_command(rest: &str) -> Result<Command, SqlError> {
+    let mut rest = rest.trim();
+    for prefix in ["SESSION ", "session ", "LOCAL ", "local "] {
+        if let Some(r) = rest.strip_prefix(prefix) {
+            rest = r.trim();
+        }
+    }
+    let upper = rest.to_ascii_uppercase();
+    if upper.starts_with("TIME ZONE") {
+        let value = unquote_literal(&rest[9..]);
+        return Ok(Command::Set {
+            name: "timezone".to_string(),
+            value: Some(value),
+        });
+    }
+    if upper.starts_with("TRANSACTION") || upper.starts_with("CHARACTERISTICS") {
+        if upper.contains("SERIALIZABLE") || upper.contains("REPEATABLE READ") {
+            return Err(SqlError::unsupported(
+                "an isolation level above READ COMMITTED",
+            ));
+        }
+        return Ok(Command::Set {
+            name: String::new(),
+            value: Some(String::new()),
+        });
+    }
+    let (name, value) = match rest.split_once('=') {
+        Some((n, v)) => (n, v),
+        None => {
+            let lower = rest.to_ascii_lowercase();
+            match lower.find(" to ") {
+                Some(i) => (&rest[..i], &rest[i + 4..]),
+                None => return Err(SqlError::new("42601", "syntax error in SET")),
+            }
+        }
+    };
+    let value = value.trim();
+    let value = if value.eq_ignore_ascii_case("default") {
+        None
+    } else {
+        Some(
+            value
+                .split(',')
+                .map(unquote_literal)
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    Ok(Command::Set {
+        name: name.trim().to_ascii_lowercase(),
+        value,
+    })
+}
+
+/// DDL runs only as `CREATE … IF NOT EXISTS` of something that exists:
+/// the schema is the file's, frozen while it is served.
+fn create(text: &str, map: &SchemaMap) -> Result<Command, SqlError> {
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error)?;
+    if let Some(Statement::CreateTable(t)) = statements.first() {
+        let name = last_part(&t.name);
+        if t.if_not_exists && map.tables.iter().any(|x| x.name == name) {
+            return Ok(Command::Noop("CREATE TABLE".to_string()));
+        }
+    }
+    if let Some(Statement::CreateIndex(i)) = statements.first() {
+        let exists = i.name.as_ref().is_some_and(|n| {
+            let name = last_part(n);
+            map.tables
+                .iter()
+                .any(|t| t.indexes.iter().any(|x| x.name == name))
+        });
+        if i.if_not_exists && exists {
+            return Ok(Command::Noop("CREATE INDEX".to_string()));
+        }
+    }
+    Err(SqlError::unsupported(
+        "DDL while the schema is frozen (the SQLite file's schema is served as it is)",
+    ))
+}
+
+fn last_part(name: &ObjectName) -> String {
+    name.0
+        .last()
+        .and_then(|p| p.as_ident())
+        .map(|i| i.value.clone())
+        .unwrap_or_default()
+}
+
+fn parse_error(e: sqlparser::parser::ParserError) -> SqlError {
+    let text = e.to_string();
+    let message = text
+        .strip_prefix("sql parser error: ")
+        .unwrap_or(&text)
+        .to_string();
+    SqlError::new("42601", format!("syntax error: {message}"))
+}
+
+/// A read or write for SQLite, with its parameter and result types.
+pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
+    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error)?;
+    if statements.len() != 1 {
+        return Err(SqlError::new(
+            "42601",
+            "cannot insert multiple commands into a prepared statement",
+        ));
+    }
+    let mut statement = statements.remove(0);
+    let verb = match &statement {
+        Statement::Query(_) => "SELECT",
+        Statement::Insert(_) => "INSERT",
+        Statement::Update { .. } => "UPDATE",
+        Statement::Delete(_) => "DELETE",
+        other => {
+            let first = other.to_string();
+            let construct = first
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            return Err(SqlError::unsupported(construct));
+        }
+    };
+    name_columns(&mut statement);
+    let scope = Scope::of(&statement, map);
+    let mut params = Vec::new();
+    infer_params(&statement, &scope, &mut params);
+    let result_hints = result_hints(&statement, &scope);
+    let mut rewrite = Rewrite {
+        scope: &scope,
+        lock: None,
+        error: None,
+    };
+    let _ = statement.visit(&mut rewrite);
+    if let Some(e) = rewrite.error {
+        return Err(e);
+    }
+    if let Statement::Insert(insert) = &mut statement {
+        drop_default_columns(insert)?;
+    }
+    store_in_codecs(&mut statement, &scope);
+    Ok(Translated {
+        sql: statement.to_string(),
+        verb,
+        lock: rewrite.lock,
+        params,
+        result_hints,
+    })
+}
+
+/// The tables a statement names, by alias and by name.
+struct Scope<'a> {
+    tables: Vec<(String, &'a Table)>,
+    map: &'a SchemaMap,
+}
+
+impl<'a> Scope<'a> {
+    fn of(statement: &Statement, map: &'a SchemaMap) -> Scope<'a> {
+        let mut tables = Vec::new();
+        let mut add = |name: &ObjectName, alias: Option<&Ident>| {
+            let n = last_part(name);
+            if let Some(t) = map.tables.iter().find(|t| t.name == n) {
+                tables.push((alias.map(|a| a.value.clone()).unwrap_or(n), t));
+            }
+        };
+        struct Names<'f, F: FnMut(&ObjectName, Option<&Ident>)>(&'f mut F);
+        impl<F: FnMut(&ObjectName, Option<&Ident>)> sqlparser::ast::Visitor for Names<'_, F> {
+            type Break = ();
+            fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
+                if let TableFactor::Table { name, alias, .. } = f {
+                    (self.0)(name, alias.as_ref().map(|a| &a.name));
+                }
+                ControlFlow::Continue(())
+            }
+        }
+        if let Statement::Insert(i) = statement {
+            if let sqlparser::ast::TableObject::TableName(name) = &i.table {
+                add(name, i.table_alias.as_ref());
+            }
+        }
+        let _ = sqlparser::ast::Visit::visit(statement, &mut Names(&mut add));
+        Scope { tables, map }
+    }
+
+    /// The column an identifier names, if it names one.
+    fn column(&self, parts: &[Ident]) -> Option<(&'a Table, &'a cutover_sqlite::Column)> {
+        let name = &parts.last()?.value;
+        let qualifier = parts.len().checked_sub(2).map(|i| &parts[i].value);
+        self.tables
+            .iter()
+            .filter(|(alias, t)| qualifier.is_none_or(|q| q == alias || *q == t.name))
+            .find_map(|(_, t)| t.columns.iter().find(|c| &c.name == name).map(|c| (*t, c)))
+    }
+
+    fn table(&self, name: &str) -> Option<&'a Table> {
+        self.map.tables.iter().find(|t| t.name == name)
+    }
+}
+
+fn ident_parts(e: &Expr) -> Option<Vec<Ident>> {
+    match e {
+        Expr::Identifier(i) => Some(vec![i.clone()]),
+        Expr::CompoundIdentifier(p) => Some(p.clone()),
+        Expr::Nested(inner) => ident_parts(inner),
+        _ => None,
+    }
+}
+
+fn placeholder(e: &Expr) -> Option<usize> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => p.strip_prefix('$')?.parse::<usize>().ok(),
+            _ => None,
+        },
+        Expr::Nested(inner) => placeholder(inner),
+        _ => None,
+    }
+}
+
+fn set_param(params: &mut Vec<Param>, n: usize, param: Param) {
+    if n == 0 {
+        return;
+    }
+    if params.len() < n {
+        params.resize(n, Param::default());
+    }
+    let slot = &mut params[n - 1];
+    if slot.pg_type.is_none() {
+        slot.pg_type = param.pg_type;
+    }
+    if slot.stored.is_none() {
+        slot.stored = param.stored;
+    }
+}
+
+/// Infers each `$n`'s type from what it is compared with, stored into or
+/// cast to, as PostgreSQL's parser does.
+fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
+    struct Infer<'s, 'a> {
+        scope: &'s Scope<'a>,
+        params: &'s mut Vec<Param>,
+    }
+    impl sqlparser::ast::Visitor for Infer<'_, '_> {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            match e {
+                Expr::BinaryOp { left, right, .. } => {
+                    for (p, other) in [(left, right), (right, left)] {
+                        if let Some(n) = placeholder(p) {
+                            let ty = expr_type(other, self.scope);
+                            set_param(
+                                self.params,
+                                n,
+                                Param {
+                                    pg_type: ty,
+                                    stored: None,
+                                },
+                            );
+                        }
+                    }
+                }
+                Expr::Cast {
+                    expr, data_type, ..
+                } => {
+                    if let Some(n) = placeholder(expr) {
+                        let ty = PgType::from_name(&data_type.to_string());
+                        set_param(
+                            self.params,
+                            n,
+                            Param {
+                                pg_type: ty,
+                                stored: None,
+                            },
+                        );
+                    }
+                }
+                Expr::Like { expr, pattern, .. } | Expr::ILike { expr, pattern, .. } => {
+                    for p in [expr, pattern] {
+                        if let Some(n) = placeholder(p) {
+                            set_param(
+                                self.params,
+                                n,
+                                Param {
+                                    pg_type: Some(PgType::Text),
+                                    stored: None,
+                                },
+                            );
+                        }
+                    }
+                }
+                Expr::InList { expr, list, .. } => {
+                    let ty = expr_type(expr, self.scope);
+                    for item in list {
+                        if let Some(n) = placeholder(item) {
+                            set_param(
+                                self.params,
+                                n,
+                                Param {
+                                    pg_type: ty,
+                                    stored: None,
+                                },
+                            );
+                        }
+                    }
+                }
+                Expr::Between {
+                    expr, low, high, ..
+                } => {
+                    let ty = expr_type(expr, self.scope);
+                    for item in [low, high] {
+                        if let Some(n) = placeholder(item) {
+                            set_param(
+                                self.params,
+                                n,
+                                Param {
+                                    pg_type: ty,
+                                    stored: None,
+                                },
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+            ControlFlow::Continue(())
+        }
+
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if let Some(limit) = &q.limit_clause {
+                let text = limit.to_string();
+                for piece in text.split(|c: char| !(c == '$' || c.is_ascii_digit())) {
+                    if let Some(n) = piece
+                        .strip_prefix('$')
+                        .and_then(|d| d.parse::<usize>().ok())
+                    {
+                        set_param(
+                            self.params,
+                            n,
+                            Param {
+                                pg_type: Some(PgType::Int8),
+                                stored: None,
+                            },
+                        );
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    // Values stored into columns first: they decide the codec.
+    match statement {
+        Statement::Insert(insert) => {
+            let table = match &insert.table {
+                sqlparser::ast::TableObject::TableName(n) => scope.table(&last_part(n)),
+                _ => None,
+            };
+            if let (Some(table), Some(source)) = (table, &insert.source) {
+                let columns: Vec<String> = if insert.columns.is_empty() {
+                    table.columns.iter().map(|c| c.name.clone()).collect()
+                } else {
+                    insert.columns.iter().map(|c| c.value.clone()).collect()
+                };
+                if let SetExpr::Values(values) = source.body.as_ref() {
+                    for row in &values.rows {
+                        for (i, e) in row.iter().enumerate() {
+                            if let (Some(n), Some(col)) = (placeholder(e), columns.get(i)) {
+                                stored_param(params, n, table, col);
+                            }
+                        }
+                    }
+                }
+            }
+            if let (Some(table), Some(sqlparser::ast::OnInsert::OnConflict(oc))) =
+                (table, &insert.on)
+            {
+                if let sqlparser::ast::OnConflictAction::DoUpdate(du) = &oc.action {
+                    for a in &du.assignments {
+                        assignment_param(params, table, a);
+                    }
+                }
+            }
+        }
+        Statement::Update {
+            table, assignments, ..
+        } => {
+            if let TableFactor::Table { name, .. } = &table.relation {
+                if let Some(t) = scope.table(&last_part(name)) {
+                    for a in assignments {
+                        assignment_param(params, t, a);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    let _ = sqlparser::ast::Visit::visit(statement, &mut Infer { scope, params });
+}
+
+fn assignment_param(params: &mut Vec<Param>, table: &Table, a: &sqlparser::ast::Assignment) {
+    if let (Some(n), sqlparser::ast::AssignmentTarget::ColumnName(col)) =
+        (placeholder(&a.value), &a.target)
+    {
+        stored_param(params, n, table, &last_part(col));
+    }
+}
+
+fn stored_param(params: &mut Vec<Param>, n: usize, table: &Table, column: &str) {
+    if let Some(c) = table.columns.iter().find(|c| c.name == column) {
+        set_param(
+            params,
+            n,
+            Param {
+                pg_type: Some(PgType::of_column(&c.pg_type)),
+                stored: Some((table.name.clone(), c.name.clone())),
+            },
+        );
+    }
+}
+
+/// The PostgreSQL type of an expression, where it can be told.
+fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
+    if let Some(parts) = ident_parts(e) {
+        return scope
+            .column(&parts)
+            .map(|(_, c)| PgType::of_column(&c.pg_type));
+    }
+    Some(match e {
+        Expr::Nested(inner) => return expr_type(inner, scope),
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => {
+                if n.parse::<i32>().is_ok() {
+                    PgType::Int4
+                } else if n.parse::<i64>().is_ok() {
+                    PgType::Int8
+                } else {
+                    PgType::Numeric
+                }
+            }
+            Value::SingleQuotedString(_) => PgType::Text,
+            Value::Boolean(_) => PgType::Bool,
+            _ => return None,
+        },
+        Expr::Cast { data_type, .. } => return PgType::from_name(&data_type.to_string()),
+        Expr::BinaryOp { left, op, right } => match op {
+            BinaryOperator::Eq
+            | BinaryOperator::NotEq
+            | BinaryOperator::Lt
+            | BinaryOperator::LtEq
+            | BinaryOperator::Gt
+            | BinaryOperator::GtEq
+            | BinaryOperator::And
+            | BinaryOperator::Or => PgType::Bool,
+            BinaryOperator::StringConcat => {
+                let l = expr_type(left, scope);
+                if l == Some(PgType::Jsonb) {
+                    PgType::Jsonb
+                } else {
+                    PgType::Text
+                }
+            }
+            BinaryOperator::Arrow => return expr_type(left, scope),
+            BinaryOperator::LongArrow => PgType::Text,
+            BinaryOperator::Plus
+            | BinaryOperator::Minus
+            | BinaryOperator::Multiply
+            | BinaryOperator::Divide
+            | BinaryOperator::Modulo => {
+                let (l, r) = (expr_type(left, scope)?, expr_type(right, scope)?);
+                arithmetic(l, r)
+            }
+            _ => return None,
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Not,
+            ..
+        } => PgType::Bool,
+        Expr::UnaryOp { expr, .. } => return expr_type(expr, scope),
+        Expr::IsNull(_)
+        | Expr::IsNotNull(_)
+        | Expr::IsTrue(_)
+        | Expr::IsFalse(_)
+        | Expr::IsNotTrue(_)
+        | Expr::IsNotFalse(_)
+        | Expr::InList { .. }
+        | Expr::InSubquery { .. }
+        | Expr::Between { .. }
+        | Expr::Like { .. }
+        | Expr::ILike { .. }
+        | Expr::Exists { .. } => PgType::Bool,
+        Expr::Function(f) => return function_type(f, scope),
+        Expr::Case {
+            conditions,
+            else_result,
+            ..
+        } => {
+            return conditions
+                .iter()
+                .find_map(|c| expr_type(&c.result, scope))
+                .or_else(|| else_result.as_ref().and_then(|e| expr_type(e, scope)))
+        }
+        Expr::Subquery(q) => return query_first_type(q, scope),
+        _ => return None,
+    })
+}
+
+fn arithmetic(l: PgType, r: PgType) -> PgType {
+    use PgType::*;
+    match (l, r) {
+        (Float8, _) | (_, Float8) => Float8,
+        (Numeric, _) | (_, Numeric) => Numeric,
+        (Int8, _) | (_, Int8) => Int8,
+        (Int4, _) | (_, Int4) => Int4,
+        (Int2, Int2) => Int2,
+        (Timestamptz, _) | (_, Timestamptz) => Timestamptz,
+        (a, _) => a,
+    }
+}
+
+fn first_arg(f: &Function) -> Option<&Expr> {
+    match &f.args {
+        FunctionArguments::List(list) => list.args.first().and_then(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
+    let name = last_part(&f.name).to_ascii_lowercase();
+    let arg = || first_arg(f).and_then(|e| expr_type(e, scope));
+    Some(match name.as_str() {
+        "count" | "row_number" | "rank" | "dense_rank" => PgType::Int8,
+        "sum" => match arg()? {
+            PgType::Int2 | PgType::Int4 => PgType::Int8,
+            PgType::Float8 => PgType::Float8,
+            _ => PgType::Numeric,
+        },
+        "avg" => match arg()? {
+            PgType::Float8 => PgType::Float8,
+            _ => PgType::Numeric,
+        },
+        "min" | "max" | "coalesce" | "abs" | "nullif" | "greatest" | "least" => return arg(),
+        "lower" | "upper" | "concat" | "trim" | "btrim" | "ltrim" | "rtrim" | "substr"
+        | "substring" | "replace" | "version" | "string_agg" | "to_char" | "md5" => PgType::Text,
+        "current_database" | "current_schema" | "current_user" | "session_user" => PgType::Name,
+        "length" | "char_length" | "pg_backend_pid" | "strpos" | "position" => PgType::Int4,
+        "now"
+        | "current_timestamp"
+        | "statement_timestamp"
+        | "transaction_timestamp"
+        | "clock_timestamp" => PgType::Timestamptz,
+        "random" => PgType::Float8,
+        "gen_random_uuid" => PgType::Uuid,
+        "json_agg" | "json_build_object" | "json_build_array" | "to_json" | "json_object_agg" => {
+            PgType::Json
+        }
+        "jsonb_agg" | "jsonb_build_object" | "jsonb_build_array" | "to_jsonb" => PgType::Jsonb,
+        "round" | "trunc" | "ceil" | "floor" => return arg(),
+        "pg_try_advisory_lock" | "pg_advisory_unlock" => PgType::Bool,
+        "pg_advisory_lock" | "pg_advisory_unlock_all" => PgType::Text,
+        _ => return None,
+    })
+}
+
+fn query_first_type(q: &Query, scope: &Scope) -> Option<PgType> {
+    match q.body.as_ref() {
+        SetExpr::Select(s) => match s.projection.first()? {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                expr_type(e, scope)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The types of the result columns the statement's own expressions give.
+fn result_hints(statement: &Statement, scope: &Scope) -> Vec<Option<PgType>> {
+    let items: &[SelectItem] = match statement {
+        Statement::Query(q) => match q.body.as_ref() {
+            SetExpr::Select(s) => &s.projection,
+            _ => &[],
+        },
+        Statement::Insert(i) => i.returning.as_deref().unwrap_or(&[]),
+        Statement::Update { returning, .. } => returning.as_deref().unwrap_or(&[]),
+        Statement::Delete(d) => d.returning.as_deref().unwrap_or(&[]),
+        _ => &[],
+    };
+    let mut hints = Vec::new();
+    for item in items {
+        match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                hints.push(expr_type(e, scope))
+            }
+            // A wildcard's columns come from SQLite's column metadata.
+            _ => return Vec::new(),
+        }
+    }
+    hints
+}
+
+/// Rewrites the AST for SQLite.
+struct Rewrite<'s, 'a> {
+    scope: &'s Scope<'a>,
+    lock: Option<Lock>,
+    error: Option<SqlError>,
+}
+
+impl Rewrite<'_, '_> {
+    fn refuse(&mut self, construct: &str) -> ControlFlow<()> {
+        if self.error.is_none() {
+            self.error = Some(SqlError::unsupported(construct));
+        }
+        ControlFlow::Break(())
+    }
+
+    /// A boolean column used as a condition reads as its truth value,
+    /// whatever form the file stores it in ('true' text is not true to
+    /// SQLite).
+    fn truth(&self, e: &mut Expr) {
+        if let Some((PgType::Bool, codec)) = self.codec_of(e) {
+            if codec != Codec::Native {
+                let inner = std::mem::replace(e, Expr::value(Value::Null));
+                *e = call("cutover_bool", inner);
+            }
+        }
+    }
+
+    /// Whether values of `e` may be stored in forms that do not compare
+    /// as SQLite values (times as epoch numbers or text, booleans as
+    /// text): such comparisons go through the normalizing functions.
+    fn codec_of(&self, e: &Expr) -> Option<(PgType, Codec)> {
+        let parts = ident_parts(e)?;
+        let (_, c) = self.scope.column(&parts)?;
+        Some((PgType::of_column(&c.pg_type), c.codec))
+    }
+}
+
+fn call(name: &str, arg: Expr) -> Expr {
+    call_with(name, vec![arg])
+}
+
+fn call2(name: &str, a: Expr, b: Expr) -> Expr {
+    call_with(name, vec![a, b])
+}
+
+fn call_with(name: &str, args: Vec<Expr>) -> Expr {
+    Expr::Function(Function {
+        name: ObjectName(vec![ObjectNamePart::Identifier(Ident::new(name))]),
+        uses_odbc_syntax: false,
+        parameters: FunctionArguments::None,
+        args: FunctionArguments::List(sqlparser::ast::FunctionArgumentList {
+            duplicate_treatment: None,
+            args: args
+                .into_iter()
+                .map(|a| FunctionArg::Unnamed(FunctionArgExpr::Expr(a)))
+                .collect(),
+            clauses: vec![],
+        }),
+        filter: None,
+        null_treatment: None,
+        over: None,
+        within_group: vec![],
+    })
+}
+
+/// The SQLite function that puts values of a type in one comparable form.
+fn normalizer(ty: PgType) -> Option<&'static str> {
+    match ty {
+        PgType::Timestamptz | PgType::Timestamp => Some("cutover_ts"),
+        PgType::Bool => Some("cutover_bool"),
+        _ => None,
+    }
+}
+
+impl VisitorMut for Rewrite<'_, '_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+        for lock in q.locks.drain(..) {
+            self.lock = Some(match lock.nonblock {
+                Some(sqlparser::ast::NonBlock::Nowait) => Lock::NoWait,
+                Some(sqlparser::ast::NonBlock::SkipLocked) => Lock::SkipLocked,
+                None => Lock::Wait,
+            });
+        }
+        if let SetExpr::Select(s) = q.body.as_mut() {
+            if let Some(sqlparser::ast::Distinct::On(_)) = &s.distinct {
+                return self.refuse("SELECT DISTINCT ON");
+            }
+        }
+        if let Some(order) = &mut q.order_by {
+            if let sqlparser::ast::OrderByKind::Expressions(exprs) = &mut order.kind {
+                for o in exprs.iter_mut() {
+                    order_nulls_as_postgresql(o);
+                    // Times stored as epoch numbers next to text sort by
+                    // what they mean.
+                    if let Some(f) = self.codec_of(&o.expr).and_then(|(ty, _)| normalizer(ty)) {
+                        let inner = std::mem::replace(&mut o.expr, Expr::value(Value::Null));
+                        o.expr = call(f, inner);
+                    }
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, name: &mut ObjectName) -> ControlFlow<()> {
+        strip_public(name);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+        if let SetExpr::Select(s) = q.body.as_mut() {
+            for condition in [&mut s.selection, &mut s.having].into_iter().flatten() {
+                self.truth(condition);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, statement: &mut Statement) -> ControlFlow<()> {
+        let condition = match statement {
+            Statement::Update { selection, .. } => selection.as_mut(),
+            Statement::Delete(d) => d.selection.as_mut(),
+            _ => None,
+        };
+        if let Some(c) = condition {
+            self.truth(c);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        match e {
+            Expr::Value(v) => {
+                if let Value::Placeholder(p) = &mut v.value {
+                    if let Some(n) = p.strip_prefix('$') {
+                        *p = format!("?{n}");
+                    }
+                }
+            }
+            Expr::CompoundIdentifier(parts) if parts.len() == 3 && parts[0].value == "public" => {
+                parts.remove(0);
+            }
+            Expr::Cast {
+                expr, data_type, ..
+            } => {
+                let ty = PgType::from_name(&data_type.to_string());
+                let Some(ty) = ty else {
+                    return self.refuse(&format!("a cast to {data_type}"));
+                };
+                let inner = std::mem::replace(expr.as_mut(), Expr::value(Value::Null));
+                *e = match ty {
+                    PgType::Int2 | PgType::Int4 | PgType::Int8 => Expr::Cast {
+                        kind: CastKind::Cast,
+                        expr: Box::new(call("cutover_int", inner)),
+                        data_type: DataType::Integer(None),
+                        format: None,
+                    },
+                    PgType::Float8 => Expr::Cast {
+                        kind: CastKind::Cast,
+                        expr: Box::new(inner),
+                        data_type: DataType::Real,
+                        format: None,
+                    },
+                    PgType::Text | PgType::Varchar | PgType::Name => Expr::Cast {
+                        kind: CastKind::Cast,
+                        expr: Box::new(inner),
+                        data_type: DataType::Text,
+                        format: None,
+                    },
+                    PgType::Bool => call("cutover_bool", inner),
+                    PgType::Timestamptz | PgType::Timestamp => call("cutover_ts_text", inner),
+                    PgType::Json | PgType::Jsonb => call("cutover_json", inner),
+                    PgType::Numeric => call("cutover_numeric", inner),
+                    PgType::Date | PgType::Uuid | PgType::Bytea => inner,
+                };
+            }
+            Expr::ILike {
+                negated,
+                expr,
+                pattern,
+                escape_char,
+                any,
+            } => {
+                if *any {
+                    return self.refuse("ILIKE ANY");
+                }
+                let lhs = call(
+                    "lower",
+                    std::mem::replace(expr.as_mut(), Expr::value(Value::Null)),
+                );
+                let rhs = call(
+                    "lower",
+                    std::mem::replace(pattern.as_mut(), Expr::value(Value::Null)),
+                );
+                *e = Expr::Like {
+                    negated: *negated,
+                    any: false,
+                    expr: Box::new(lhs),
+                    pattern: Box::new(rhs),
+                    escape_char: escape_char.clone(),
+                };
+            }
+            Expr::BinaryOp { left, op, right } => {
+                let comparison = matches!(
+                    op,
+                    BinaryOperator::Eq
+                        | BinaryOperator::NotEq
+                        | BinaryOperator::Lt
+                        | BinaryOperator::LtEq
+                        | BinaryOperator::Gt
+                        | BinaryOperator::GtEq
+                );
+                if comparison {
+                    let typed = self.codec_of(left).or_else(|| self.codec_of(right));
+                    if let Some(f) = typed.and_then(|(ty, _)| normalizer(ty)) {
+                        for side in [&mut **left, &mut **right] {
+                            let inner = std::mem::replace(side, Expr::value(Value::Null));
+                            *side = call(f, inner);
+                        }
+                    }
+                }
+                if matches!(op, BinaryOperator::Divide) {
+                    let l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
+                    let r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
+                    *e = call2("cutover_div", l, r);
+                    return ControlFlow::Continue(());
+                }
+                if matches!(op, BinaryOperator::And | BinaryOperator::Or) {
+                    for side in [&mut **left, &mut **right] {
+                        self.truth(side);
+                    }
+                    return ControlFlow::Continue(());
+                }
+                if matches!(
+                    op,
+                    BinaryOperator::PGRegexMatch
+                        | BinaryOperator::PGRegexIMatch
+                        | BinaryOperator::PGRegexNotMatch
+                        | BinaryOperator::PGRegexNotIMatch
+                ) {
+                    return self.refuse("regular expression matching (~)");
+                }
+            }
+            Expr::UnaryOp {
+                op: UnaryOperator::Not,
+                expr,
+            } => self.truth(expr),
+            Expr::AnyOp { .. } | Expr::AllOp { .. } => return self.refuse("= ANY/ALL over arrays"),
+            Expr::Array(_) => return self.refuse("ARRAY values"),
+            Expr::Interval(_) => return self.refuse("INTERVAL arithmetic"),
+            Expr::Function(f)
+                if matches!(f.args, FunctionArguments::None)
+                    && last_part(&f.name).eq_ignore_ascii_case("current_timestamp") =>
+            {
+                *e = call_with("now", vec![]);
+            }
+            Expr::Function(f) => {
+                let name = last_part(&f.name).to_ascii_lowercase();
+                // sum and avg over numerics in exact decimal arithmetic.
+                let arg = first_arg(f).and_then(|a| expr_type(a, self.scope));
+                let exact = match (name.as_str(), arg) {
+                    ("sum", Some(PgType::Numeric)) => Some("cutover_sum_numeric"),
+                    ("avg", Some(t)) if t.is_integer() || t == PgType::Numeric => {
+                        Some("cutover_avg")
+                    }
+                    _ => None,
+                };
+                if let Some(exact) = exact {
+                    if f.over.is_some() {
+                        return self
+                            .refuse(&format!("{name}() as a window function over numerics"));
+                    }
+                    f.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(exact))]);
+                    return ControlFlow::Continue(());
+                }
+                if f.over.is_some()
+                    && !matches!(
+                        name.as_str(),
+                        "row_number"
+                            | "rank"
+                            | "dense_rank"
+                            | "count"
+                            | "sum"
+                            | "avg"
+                            | "min"
+                            | "max"
+                            | "lag"
+                            | "lead"
+                            | "first_value"
+                            | "last_value"
+                    )
+                {
+                    return self.refuse(&format!("window function {name}"));
+                }
+                if !known_function(&name) {
+                    return self.refuse(&format!("function {name}()"));
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Functions SQLite or the engine provides with PostgreSQL's meaning.
+fn known_function(name: &str) -> bool {
+    matches!(
+        name,
+        "count"
+            | "sum"
+            | "avg"
+            | "min"
+            | "max"
+            | "coalesce"
+            | "nullif"
+            | "abs"
+            | "lower"
+            | "upper"
+            | "length"
+            | "replace"
+            | "trim"
+            | "ltrim"
+            | "rtrim"
+            | "round"
+            | "row_number"
+            | "rank"
+            | "dense_rank"
+            | "lag"
+            | "lead"
+            | "first_value"
+            | "last_value"
+            | "now"
+            | "current_timestamp"
+            | "version"
+            | "current_database"
+            | "current_schema"
+            | "pg_backend_pid"
+            | "gen_random_uuid"
+            | "random"
+            | "cutover_ts"
+            | "cutover_bool"
+            | "cutover_int"
+            | "cutover_ts_text"
+            | "cutover_json"
+            | "cutover_numeric"
+            | "cutover_store"
+            | "cutover_div"
+            | "cutover_sum_numeric"
+            | "cutover_avg"
+            | "greatest"
+            | "least"
+            | "concat"
+            | "current_user"
+            | "session_user"
+            | "transaction_timestamp"
+            | "statement_timestamp"
+            | "pg_try_advisory_lock"
+            | "pg_advisory_lock"
+            | "pg_advisory_unlock"
+            | "pg_advisory_unlock_all"
+    )
+}
+
+fn strip_public(name: &mut ObjectName) {
+    if name.0.len() == 2 {
+        if let Some(first) = name.0[0].as_ident() {
+            if first.value == "public" {
+                name.0.remove(0);
+            }
+        }
+    }
+}
+
+/// PostgreSQL sorts NULLs last ascending and first descending; SQLite the
+/// other way round. Unless the statement says, say it for SQLite.
+fn order_nulls_as_postgresql(o: &mut OrderByExpr) {
+    if o.options.nulls_first.is_none() {
+        let descending = o.options.asc == Some(false);
+        o.options.nulls_first = Some(descending);
+    }
+}
+
+/// PostgreSQL's name for an unnamed result column (FigureColname): the
+/// column's or function's name, `case`, `exists`, a cast's type, else
+/// `?column?`.
+fn column_name(e: &Expr) -> Option<String> {
+    Some(match e {
+        Expr::Identifier(i) => i.value.clone(),
+        Expr::CompoundIdentifier(parts) => parts.last()?.value.clone(),
+        Expr::Nested(inner) => return column_name(inner),
+        Expr::Function(f) => last_part(&f.name).to_ascii_lowercase(),
+        Expr::Case { .. } => "case".to_string(),
+        Expr::Exists { .. } => "exists".to_string(),
+        Expr::Value(v) if matches!(v.value, Value::Boolean(_)) => "bool".to_string(),
+        Expr::Cast {
+            expr, data_type, ..
+        } => match column_name(expr) {
+            Some(n) if n != "?column?" => n,
+            _ => PgType::from_name(&data_type.to_string())
+                .map(|t| match t {
+                    PgType::Bool => "bool",
+                    PgType::Int2 => "int2",
+                    PgType::Int4 => "int4",
+                    PgType::Int8 => "int8",
+                    PgType::Numeric => "numeric",
+                    PgType::Float8 => "float8",
+                    PgType::Text => "text",
+                    PgType::Varchar => "varchar",
+                    PgType::Name => "name",
+                    PgType::Date => "date",
+                    PgType::Timestamp => "timestamp",
+                    PgType::Timestamptz => "timestamptz",
+                    PgType::Json => "json",
+                    PgType::Jsonb => "jsonb",
+                    PgType::Bytea => "bytea",
+                    PgType::Uuid => "uuid",
+                })
+                .unwrap_or("?column?")
+                .to_string(),
+        },
+        Expr::Subquery(q) => match q.body.as_ref() {
+            SetExpr::Select(s) => match s.projection.first()? {
+                SelectItem::ExprWithAlias { alias, .. } => alias.value.clone(),
+                SelectItem::UnnamedExpr(e) => return column_name(e),
+                _ => "?column?".to_string(),
+            },
+            _ => "?column?".to_string(),
+        },
+        _ => "?column?".to_string(),
+    })
+}
+
+/// Gives every unnamed result column PostgreSQL's name for it, so SQLite
+/// reports the same names (it would say `count(*)`).
+fn name_columns(statement: &mut Statement) {
+    fn name_items(items: &mut [SelectItem]) {
+        for item in items {
+            if let SelectItem::UnnamedExpr(e) = item {
+                if let Some(name) = column_name(e) {
+                    let expr = std::mem::replace(e, Expr::value(Value::Null));
+                    *item = SelectItem::ExprWithAlias {
+                        expr,
+                        alias: Ident::with_quote('"', name),
+                    };
+                }
+            }
+        }
+    }
+    fn first_select(body: &mut SetExpr) -> Option<&mut Select> {
+        match body {
+            SetExpr::Select(s) => Some(s),
+            SetExpr::SetOperation { left, .. } => first_select(left),
+            SetExpr::Query(q) => first_select(&mut q.body),
+            _ => None,
+        }
+    }
+    match statement {
+        Statement::Query(q) => {
+            if let Some(s) = first_select(&mut q.body) {
+                name_items(&mut s.projection);
+            }
+        }
+        Statement::Insert(i) => {
+            if let Some(r) = &mut i.returning {
+                name_items(r);
+            }
+        }
+        Statement::Update {
+            returning: Some(r), ..
+        } => name_items(r),
+        Statement::Delete(d) => {
+            if let Some(r) = &mut d.returning {
+                name_items(r);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Values written to a column whose file stores them in a form of its own
+/// (epoch milliseconds, 0/1, 'true'/'false', ...) pass through
+/// `cutover_store`, so the file keeps its conventions whatever form the
+/// value arrives in.
+fn store_in_codecs(statement: &mut Statement, scope: &Scope) {
+    let wrap = |e: &mut Expr, table: &Table, column: &str| {
+        let Some(c) = table.columns.iter().find(|c| c.name == column) else {
+            return;
+        };
+        if c.codec == Codec::Native || c.codec == Codec::JsonText || c.codec == Codec::DateText {
+            return;
+        }
+        let inner = std::mem::replace(e, Expr::value(Value::Null));
+        *e = call2(
+            "cutover_store",
+            inner,
+            Expr::value(Value::SingleQuotedString(c.codec.name().to_string())),
+        );
+    };
+    let assignments = |list: &mut Vec<sqlparser::ast::Assignment>, table: &Table| {
+        for a in list.iter_mut() {
+            if let sqlparser::ast::AssignmentTarget::ColumnName(col) = &a.target {
+                let col = last_part(col);
+                wrap(&mut a.value, table, &col);
+            }
+        }
+    };
+    match statement {
+        Statement::Insert(insert) => {
+            let table = match &insert.table {
+                sqlparser::ast::TableObject::TableName(n) => scope.table(&last_part(n)),
+                _ => None,
+            };
+            let Some(table) = table else { return };
+            let columns: Vec<String> = if insert.columns.is_empty() {
+                table.columns.iter().map(|c| c.name.clone()).collect()
+            } else {
+                insert.columns.iter().map(|c| c.value.clone()).collect()
+            };
+            if let Some(source) = &mut insert.source {
+                if let SetExpr::Values(values) = source.body.as_mut() {
+                    for row in &mut values.rows {
+                        for (i, e) in row.iter_mut().enumerate() {
+                            if let Some(col) = columns.get(i) {
+                                wrap(e, table, col);
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(sqlparser::ast::OnInsert::OnConflict(oc)) = &mut insert.on {
+                if let sqlparser::ast::OnConflictAction::DoUpdate(du) = &mut oc.action {
+                    assignments(&mut du.assignments, table);
+                }
+            }
+        }
+        Statement::Update {
+            table,
+            assignments: list,
+            ..
+        } => {
+            if let TableFactor::Table { name, .. } = &table.relation {
+                if let Some(t) = scope.table(&last_part(name)) {
+                    assignments(list, t);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `VALUES (DEFAULT, $1)`: SQLite has no DEFAULT there, so a column that
+/// is DEFAULT in every row is left out of the INSERT.
+fn drop_default_columns(insert: &mut sqlparser::ast::Insert) -> Result<(), SqlError> {
+    let Some(source) = &mut insert.source else {
+        return Ok(());
+    };
+    let SetExpr::Values(values) = source.body.as_mut() else {
+        return Ok(());
+    };
+    let is_default = |e: &Expr| matches!(e, Expr::Identifier(i) if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("default"));
+    let width = values.rows.first().map(Vec::len).unwrap_or(0);
+    let mut drop = Vec::new();
+    for col in 0..width {
+        let defaults = values
+            .rows
+            .iter()
+            .filter(|r| r.get(col).is_some_and(is_default))
+            .count();
+        if defaults == values.rows.len() {
+            drop.push(col);
+        } else if defaults > 0 {
+            return Err(SqlError::unsupported(
+                "DEFAULT in some rows of a multi-row VALUES but not others",
+            ));
+        }
+    }
+    if drop.is_empty() {
+        return Ok(());
+    }
+    if insert.columns.len() != width {
+        return Err(SqlError::unsupported(
+            "DEFAULT in VALUES without a column list",
+        ));
+    }
+    for col in drop.iter().rev() {
+        insert.columns.remove(*col);
+        for row in &mut values.rows {
+            row.remove(*col);
+        }
+    }
+    if insert.columns.is_empty() {
+        let on = insert.on.take();
+        let returning = insert.returning.take();
+        insert.source = None;
+        let table = insert.table.to_string();
+        let mut tail = String::new();
+        if on.is_some() {
+            return Err(SqlError::unsupported(
+                "ON CONFLICT with only DEFAULT values",
+            ));
+        }
+        if let Some(r) = returning {
+            tail = format!(
+                " RETURNING {}",
+                r.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let rebuilt = format!("INSERT INTO {table} DEFAULT VALUES{tail}");
+        let mut parsed = Parser::parse_sql(&sqlparser::dialect::SQLiteDialect {}, &rebuilt)
+            .map_err(parse_error)?;
+        if let Some(Statement::Insert(i)) = parsed.pop() {
+            *insert = i;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a `SELECT` list item is a plain reference to a column: its type
+/// comes from SQLite's column metadata.
+pub fn select_of(statement: &Statement) -> Option<&Select> {
+    match statement {
+        Statement::Query(q) => match q.body.as_ref() {
+            SetExpr::Select(s) => Some(s),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_outside_quotes_and_comments() {
+        let parts = split("select 'a;b'; select $$x;y$$ ; -- c;\nselect \"q;\" /* ; */;;");
+        assert_eq!(parts.len(), 3, "{parts:?}");
+        assert_eq!(parts[1].trim(), "select $$x;y$$");
+    }
+
+    #[test]
+    fn recognizes_session_commands() {
+        let map = SchemaMap {
+            tables: vec![],
+            skipped: vec![],
+        };
+        assert_eq!(command("BEGIN", &map).unwrap(), Command::Begin);
+        assert_eq!(
+            command("start transaction read write", &map).unwrap(),
+            Command::Begin
+        );
+        assert_eq!(
+            command("ROLLBACK TO SAVEPOINT sp1", &map).unwrap(),
+            Command::RollbackTo("sp1".into())
+        );
+        assert_eq!(
+            command("SET TIME ZONE 'UTC'", &map).unwrap(),
+            Command::Set {
+                name: "timezone".into(),
+                value: Some("UTC".into())
+            }
+        );
+        assert_eq!(
+            command("set application_name = 'x'", &map).unwrap(),
+            Command::Set {
+                name: "application_name".into(),
+                value: Some("x".into())
+            }
+        );
+        assert_eq!(
+            command("PREPARE TRANSACTION 'x'", &map).unwrap_err().code,
+            "0A000"
+        );
+        assert_eq!(command("DROP TABLE x", &map).unwrap_err().code, "0A000");
+    }
+}

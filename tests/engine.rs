@@ -1,0 +1,390 @@
+//! The SQLite engine against PostgreSQL itself: each fixture app's file
+//! (hand-written, drizzle-kit and Prisma DDL, tests/support/sqlite_app.rs)
+//! is converted into a real PostgreSQL by `cutover convert`, then served by
+//! the engine, and the same statements run on both. Result types, values
+//! (text and binary), parameter types, command tags, transaction status and
+//! SQLSTATEs must be identical.
+
+mod support;
+
+use cutover_engine::Engine;
+use cutover_pgcluster::{Cluster, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+use support::sqlite_app::{self, Style};
+use support::{fe as frontend, Msg, RawClient};
+use tokio_postgres::types::{FromSql, ToSql, Type};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+/// Both sides of a comparison: the engine on the fixture file, and
+/// PostgreSQL holding the same file converted.
+struct Sides {
+    engine: SocketAddr,
+    pg: Cluster,
+    style: Style,
+    file: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sides {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn sides(style: Style) -> Sides {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "cutover-engine-{}-{}-{n}",
+        std::process::id(),
+        style.name()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    drop(sqlite_app::build(&file, style, 40));
+    let pg = support::cluster(HostAuth::ScramSha256);
+    let config_text = format!(
+        "[old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n{}",
+        file.display(),
+        pg.url(SUPERUSER, SUPERUSER_PASSWORD, support::DB),
+        style.column_settings()
+    );
+    let config_path = dir.join("convert.toml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    let out = Command::new(BIN)
+        .args(["convert", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = cutover_config::Config::from_toml(&config_text).unwrap();
+    let engine = Engine::open(&file, "app", &config.schema_columns).expect("open the engine");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let engine_addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(engine.serve(listener));
+    Sides {
+        engine: engine_addr,
+        pg,
+        style,
+        file,
+        task,
+    }
+}
+
+impl Sides {
+    async fn clients(&self) -> (tokio_postgres::Client, tokio_postgres::Client) {
+        let connect = |conn: String| async move {
+            let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+        };
+        let e = connect(format!(
+            "host=127.0.0.1 port={} user=app dbname=app",
+            self.engine.port()
+        ))
+        .await;
+        let p = connect(support::conn_string(
+            support::direct_addr(&self.pg),
+            SUPERUSER,
+            SUPERUSER_PASSWORD,
+        ))
+        .await;
+        (e, p)
+    }
+
+    async fn raw(&self) -> (RawClient, RawClient) {
+        (
+            RawClient::connect(self.engine, "app", "unused", &[]).await,
+            RawClient::connect(
+                support::direct_addr(&self.pg),
+                SUPERUSER,
+                SUPERUSER_PASSWORD,
+                &[],
+            )
+            .await,
+        )
+    }
+
+    /// `sql` with `{u}` and `{p}` naming this style's users and posts tables.
+    fn sql(&self, sql: &str) -> String {
+        sql.replace("{u}", &format!("\"{}\"", self.style.users()))
+            .replace("{p}", &format!("\"{}\"", self.style.posts()))
+    }
+}
+
+/// A value as its raw bytes, whatever the type.
+#[derive(Debug, PartialEq)]
+struct Raw(Option<Vec<u8>>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw.to_vec())))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// What a statement gave over the extended protocol with binary results.
+#[derive(Debug, PartialEq)]
+enum Extended {
+    Rows {
+        params: Vec<Type>,
+        columns: Vec<(String, Type)>,
+        rows: Vec<Vec<Raw>>,
+    },
+    Error(String),
+}
+
+async fn extended(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Extended {
+    let statement = match client.prepare(sql).await {
+        Ok(s) => s,
+        Err(e) => return Extended::Error(support::sqlstate(&e)),
+    };
+    let rows = match client.query(&statement, params).await {
+        Ok(r) => r,
+        Err(e) => return Extended::Error(support::sqlstate(&e)),
+    };
+    Extended::Rows {
+        params: statement.params().to_vec(),
+        columns: statement
+            .columns()
+            .iter()
+            .map(|c| (c.name().to_string(), c.type_().clone()))
+            .collect(),
+        rows: rows
+            .iter()
+            .map(|r| (0..r.len()).map(|i| r.get::<_, Raw>(i)).collect())
+            .collect(),
+    }
+}
+
+/// The messages of a simple query, comparable across servers: row
+/// descriptions without table OIDs and column numbers, errors by SQLSTATE,
+/// notices and parameter reports dropped.
+fn comparable(msgs: Vec<Msg>) -> Vec<String> {
+    msgs.into_iter()
+        .filter(|m| !matches!(m.tag, 'N' | 'S'))
+        .map(|m| match m.tag {
+            'T' => {
+                let mut out = String::from("T");
+                let body = &m.body;
+                let fields = i16::from_be_bytes([body[0], body[1]]);
+                let mut at = 2;
+                for _ in 0..fields {
+                    let end = at + body[at..].iter().position(|b| *b == 0).unwrap();
+                    let name = String::from_utf8_lossy(&body[at..end]).into_owned();
+                    at = end + 1;
+                    let oid = u32::from_be_bytes(body[at + 6..at + 10].try_into().unwrap());
+                    let size = i16::from_be_bytes(body[at + 10..at + 12].try_into().unwrap());
+                    out.push_str(&format!(" {name}:{oid}:{size}"));
+                    at += 18;
+                }
+                out
+            }
+            'E' => format!("E {}", support::error_fields(&m.body).0),
+            'D' => format!("D {}", String::from_utf8_lossy(&m.body)),
+            'C' => format!("C {}", String::from_utf8_lossy(&m.body)),
+            'Z' => format!("Z {}", m.body[0] as char),
+            other => format!("{other}"),
+        })
+        .collect()
+}
+
+/// Reads every fixture app runs, in text (simple protocol) and binary
+/// (extended protocol).
+const READS: &[&str] = &[
+    "SELECT id, email, name, is_admin, active, created_at, birthday, prefs, nickname, balance FROM {u} ORDER BY id LIMIT 5",
+    "SELECT count(*) FROM {u}",
+    "SELECT count(*) AS n, max(id) AS top FROM {p} WHERE views > 3",
+    "SELECT id, title, price, views, score FROM {p} WHERE user_id = 3 ORDER BY id",
+    "SELECT id, deleted_at FROM {p} ORDER BY deleted_at DESC, id LIMIT 6",
+    "SELECT id, deleted_at FROM {p} ORDER BY deleted_at ASC NULLS FIRST, id LIMIT 6",
+    "SELECT u.email, count(p.id) AS posts FROM {u} u LEFT JOIN {p} p ON p.user_id = u.id GROUP BY u.email ORDER BY posts DESC, u.email LIMIT 10",
+    "SELECT id FROM {u} WHERE email ILIKE '%USER1%' ORDER BY id",
+    "SELECT id FROM {u} WHERE name LIKE 'a%' ORDER BY id",
+    "SELECT id, is_admin FROM {u} WHERE is_admin ORDER BY id",
+    "SELECT id FROM {u} WHERE is_admin = false AND id < 6 ORDER BY id",
+    "SELECT id FROM {u} WHERE NOT is_admin AND id < 6 ORDER BY id",
+    "SELECT current_database(), current_schema()",
+    "SELECT 1 AS one, 'a' AS a, true AS t, 1.5 AS n, 2 + 3 AS five, 7 / 2 AS half",
+    "SELECT coalesce(nickname, 'none') AS nick FROM {u} ORDER BY id LIMIT 4",
+    "SELECT id, created_at FROM {u} WHERE created_at > '2024-03-01 13:00:00+00' ORDER BY created_at, id LIMIT 3",
+    "SELECT id, prefs FROM {u} WHERE prefs IS NOT NULL ORDER BY id LIMIT 3",
+    "SELECT sum(views) AS total, avg(views) AS mean FROM {p}",
+    "SELECT id, title FROM {p} WHERE id IN (1, 2, 3) ORDER BY id",
+    "SELECT id, title FROM {p} WHERE views BETWEEN 2 AND 4 ORDER BY id LIMIT 5",
+    "SELECT EXISTS (SELECT 1 FROM {u} WHERE id = 1) AS there",
+    "SELECT id FROM {p} ORDER BY id LIMIT 3 OFFSET 2",
+    "WITH recent AS (SELECT id, user_id FROM {p} ORDER BY id DESC LIMIT 5) SELECT count(*) FROM recent",
+    "SELECT nope FROM {u}",
+    "SELECT * FROM no_such_table",
+    "SELECT 1 / 0",
+    "SHOW transaction_isolation",
+    "SHOW standard_conforming_strings",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_match_postgresql_in_every_fixture_style() {
+    for style in [Style::Hand, Style::Drizzle, Style::Prisma] {
+        let sides = sides(style).await;
+        let (e, p) = sides.clients().await;
+        let (mut re, mut rp) = sides.raw().await;
+        for sql in READS {
+            let sql = sides.sql(sql);
+            let (te, tp) = (
+                comparable(re.exchange(&frontend::query(&sql), 1).await),
+                comparable(rp.exchange(&frontend::query(&sql), 1).await),
+            );
+            assert_eq!(te, tp, "{} text: {sql}", style.name());
+            let (be, bp) = (extended(&e, &sql, &[]).await, extended(&p, &sql, &[]).await);
+            assert_eq!(be, bp, "{} binary: {sql}", style.name());
+        }
+        let _ = &sides.file;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_are_typed_and_bound_as_postgresql_does() {
+    let sides = sides(Style::Prisma).await;
+    let (e, p) = sides.clients().await;
+    let since = SystemTime::UNIX_EPOCH + Duration::from_secs(sqlite_app::EPOCH as u64 + 7200);
+    let cases: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = vec![
+        (
+            "SELECT id, title FROM {p} WHERE user_id = $1 ORDER BY id LIMIT $2",
+            vec![&3i32, &5i64],
+        ),
+        (
+            "SELECT id FROM {u} WHERE id > $2 AND id < $1 ORDER BY id",
+            vec![&9i32, &4i32],
+        ),
+        (
+            "SELECT id, created_at FROM {u} WHERE created_at >= $1 ORDER BY id LIMIT 3",
+            vec![&since],
+        ),
+        (
+            "SELECT id FROM {u} WHERE is_admin = $1 ORDER BY id LIMIT 3",
+            vec![&true],
+        ),
+        (
+            "SELECT id FROM {u} WHERE email ILIKE $1 ORDER BY id",
+            vec![&"%user2%"],
+        ),
+        ("SELECT $1::int + 1 AS n", vec![&41i32]),
+        (
+            "SELECT id FROM {p} ORDER BY id LIMIT $1 OFFSET $2",
+            vec![&2i64, &3i64],
+        ),
+    ];
+    for (sql, params) in cases {
+        let sql = sides.sql(sql);
+        let (be, bp) = (
+            extended(&e, &sql, &params).await,
+            extended(&p, &sql, &params).await,
+        );
+        assert_eq!(be, bp, "{sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_keep_ids_constraints_and_the_files_conventions() {
+    for style in [Style::Hand, Style::Drizzle, Style::Prisma] {
+        let sides = sides(style).await;
+        let (e, p) = sides.clients().await;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        let cases: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = vec![
+            ("INSERT INTO tags (name, slug) VALUES ($1, $2) RETURNING id, name, slug", vec![&"Rust", &"rust"]),
+            ("INSERT INTO tags (name, slug) VALUES ($1, $2) RETURNING id", vec![&"Dup", &"rust"]),
+            ("INSERT INTO tags (name, slug) VALUES ($1, $2) ON CONFLICT (slug) DO UPDATE SET name = excluded.name RETURNING id, name", vec![&"Rust!", &"rust"]),
+            ("INSERT INTO tags (slug) VALUES ($1)", vec![&"nameless"]),
+            ("INSERT INTO {u} (email, name, is_admin, created_at, balance) VALUES ($1, $2, $3, $4, 0) RETURNING id, is_admin, created_at, active", vec![&"new@example.com", &"New", &true, &at]),
+            ("UPDATE {p} SET views = views + 1 WHERE id = $1 RETURNING id, views", vec![&2i32]),
+            ("UPDATE {u} SET is_admin = $1, created_at = $2 WHERE email = $3 RETURNING is_admin, created_at", vec![&false, &at, &"new@example.com"]),
+            ("DELETE FROM tags WHERE slug = $1", vec![&"rust"]),
+            ("DELETE FROM {p} WHERE id = $1 RETURNING id", vec![&1i32]),
+            ("SELECT count(*) FROM post_tags", vec![]),
+        ];
+        for (sql, params) in cases {
+            let sql = sides.sql(sql);
+            let (be, bp) = (
+                extended(&e, &sql, &params).await,
+                extended(&p, &sql, &params).await,
+            );
+            assert_eq!(be, bp, "{}: {sql}", style.name());
+        }
+        // The file keeps its own storage forms for what the engine wrote.
+        let file = cutover_sqlite::rusqlite::Connection::open(&sides.file).unwrap();
+        let (admin, created): (
+            cutover_sqlite::rusqlite::types::Value,
+            cutover_sqlite::rusqlite::types::Value,
+        ) = file
+            .query_row(
+                &sides.sql("SELECT is_admin, created_at FROM {u} WHERE email = 'new@example.com'"),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        use cutover_sqlite::rusqlite::types::Value;
+        assert_eq!(admin, Value::Integer(0), "{}", style.name());
+        let expected_created = match style {
+            Style::Drizzle => Value::Integer(1_750_000_000),
+            Style::Prisma => Value::Integer(1_750_000_000_000),
+            _ => Value::Text("2025-06-15T15:06:40.000Z".to_string()),
+        };
+        assert_eq!(created, expected_created, "{}", style.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_behave_as_in_postgresql() {
+    let sides = sides(Style::Hand).await;
+    let (mut re, mut rp) = sides.raw().await;
+    let script = [
+        "BEGIN",
+        "INSERT INTO tags (name, slug) VALUES ('t1', 't1')",
+        "SELECT name FROM tags WHERE slug = 't1'",
+        "SAVEPOINT a",
+        "INSERT INTO tags (name, slug) VALUES ('t1', 't1')",
+        "SELECT 1",
+        "ROLLBACK TO SAVEPOINT a",
+        "SELECT count(*) FROM tags WHERE slug = 't1'",
+        "COMMIT",
+        "SELECT count(*) FROM tags WHERE slug = 't1'",
+        "BEGIN",
+        "SELECT * FROM no_such_table",
+        "SELECT 1",
+        "COMMIT",
+        "ROLLBACK",
+        "BEGIN; DELETE FROM tags WHERE slug = 't1'; ROLLBACK",
+        "SELECT count(*) FROM tags WHERE slug = 't1'",
+        "",
+        "SAVEPOINT outside",
+    ];
+    for sql in script {
+        let (te, tp) = (
+            comparable(re.exchange(&frontend::query(sql), 1).await),
+            comparable(rp.exchange(&frontend::query(sql), 1).await),
+        );
+        assert_eq!(te, tp, "{sql}");
+    }
+}
