@@ -8,8 +8,10 @@ mod migration;
 mod ramp;
 
 use cutover_admin::{AdminSource, ApiError, BoxFuture, RampRequest, Transition, VerifyRequest};
+use cutover_backend::{Embedded, EmbeddedBackend};
 use cutover_config::{BackendConfig, Config};
 use cutover_control::{Backend, BackendStatus, ControlState, Health, Metrics, PoolStatus, Status};
+use cutover_engine::Engine;
 use cutover_proxy::traffic::{Plane, Traffic};
 use cutover_proxy::Proxy;
 use cutover_stream::MirrorSettings;
@@ -36,14 +38,16 @@ pub enum StartError {
     Proxy(#[from] cutover_proxy::ProxyError),
     #[error("{0}")]
     State(String),
-    #[error("old.url is the SQLite file {0}: `cutover serve` cannot serve a SQLite file yet; `cutover schema` and `cutover convert` read it")]
-    SqliteOld(String),
+    #[error("{0}")]
+    Sqlite(#[from] cutover_engine::EngineError),
 }
 
 /// The parts the admin API reports on.
 struct Daemon {
     config: Config,
     proxy: Proxy,
+    /// The SQLite engine serving `[old]` when it is a SQLite file.
+    old_engine: Option<EmbeddedBackend>,
     metrics: Arc<Metrics>,
     started: Instant,
     old_health: Health,
@@ -89,7 +93,22 @@ impl Daemon {
         }
     }
 
+    /// With a SQLite old, cutover serves the file but cannot migrate it
+    /// live yet: every migration step says so instead of failing later.
+    fn refuse_sqlite_migration(&self) -> Result<(), ApiError> {
+        match self.config.old.url.sqlite_path() {
+            Some(path) => Err(ApiError::conflict(format!(
+                "old is the SQLite file {}: cutover serves it through its SQLite engine, but migrating it live (capture, stream, copy, verify, dial, promote) is not built yet; `cutover convert` copies it to PostgreSQL offline",
+                path.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn mirror_settings(&self) -> Option<MirrorSettings> {
+        if self.config.old.url.sqlite_path().is_some() {
+            return None;
+        }
         self.stream_settings(Backend::Old, false, false)
     }
 
@@ -190,6 +209,7 @@ impl AdminSource for Daemon {
         transition: Transition,
     ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
         Box::pin(async move {
+            self.refuse_sqlite_migration()?;
             if self.ramp_running() {
                 return Err(ApiError::conflict(
                     "a guarded ramp is running and owns the dial; `cutover ramp --abort` stops it",
@@ -200,6 +220,7 @@ impl AdminSource for Daemon {
     }
 
     fn start_ramp(&self, request: RampRequest) -> Result<serde_json::Value, ApiError> {
+        self.refuse_sqlite_migration()?;
         match self.me.get().and_then(std::sync::Weak::upgrade) {
             Some(me) => me.start_ramp(&request),
             None => Err(ApiError::unavailable("cutover is shutting down")),
@@ -211,6 +232,7 @@ impl AdminSource for Daemon {
     }
 
     fn start_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
+        self.refuse_sqlite_migration()?;
         if self.config.new.is_none() {
             return Err(ApiError::conflict(
                 "no [new] backend is configured; add [new] url = ... and restart cutover",
@@ -297,11 +319,30 @@ impl AdminSource for Daemon {
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            cutover_backend::probe("old", &self.config.old.url, PROBE_TIMEOUT, &self.scram)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            cutover_backend::probe(
+                "old",
+                &self.config.old.url,
+                self.old_engine.as_ref(),
+                PROBE_TIMEOUT,
+                &self.scram,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         })
+    }
+}
+
+/// The SQLite engine as a backend the pools reach in memory.
+struct SqliteBackend(Engine);
+
+impl Embedded for SqliteBackend {
+    fn open(&self) -> tokio::io::DuplexStream {
+        self.0.connect()
+    }
+
+    fn cancel(&self, key: cutover_wire::messages::backend_key_data::CancelKey) {
+        self.0.cancel(key);
     }
 }
 
@@ -318,9 +359,13 @@ impl Server {
     /// Binds both listeners and starts serving. A backend that is down does
     /// not stop the start: clients get its connection error until it is back.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        if let Some(path) = config.old.url.sqlite_path() {
-            return Err(StartError::SqliteOld(path.display().to_string()));
-        }
+        let old_engine = match config.old.url.sqlite_path() {
+            Some(path) => {
+                let engine = Engine::open(path, &config.old.url.database, &config.schema_columns)?;
+                Some(EmbeddedBackend(Arc::new(SqliteBackend(engine))))
+            }
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let saved = match &config.cutover.state_file {
             Some(path) => migration::load_state(path).map_err(StartError::State)?,
@@ -335,7 +380,12 @@ impl Server {
             },
             metrics.traffic.clone(),
         ));
-        let proxy = Proxy::new(config.clone(), metrics.clone(), traffic.clone())?;
+        let proxy = Proxy::new(
+            config.clone(),
+            metrics.clone(),
+            traffic.clone(),
+            old_engine.clone(),
+        )?;
         let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let proxy_addr = local_addr(&proxy_listener, config.proxy.listen);
@@ -343,6 +393,7 @@ impl Server {
         let daemon = Arc::new(Daemon {
             config,
             proxy: proxy.clone(),
+            old_engine,
             metrics,
             started: Instant::now(),
             old_health: Health::default(),
@@ -544,12 +595,19 @@ fn local_addr(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
 async fn probe_backends(daemon: Arc<Daemon>, stopped: impl std::future::Future<Output = ()>) {
     tokio::pin!(stopped);
     loop {
-        let mut targets = vec![("old", &daemon.config.old, &daemon.old_health)];
+        let mut targets = vec![(
+            "old",
+            &daemon.config.old,
+            &daemon.old_health,
+            daemon.old_engine.as_ref(),
+        )];
         if let Some(new) = &daemon.config.new {
-            targets.push(("new", new, &daemon.new_health));
+            targets.push(("new", new, &daemon.new_health, None));
         }
-        for (name, cfg, health) in targets {
-            let result = cutover_backend::probe(name, &cfg.url, PROBE_TIMEOUT, &daemon.scram).await;
+        for (name, cfg, health, embedded) in targets {
+            let result =
+                cutover_backend::probe(name, &cfg.url, embedded, PROBE_TIMEOUT, &daemon.scram)
+                    .await;
             daemon
                 .metrics
                 .backend_up

@@ -388,3 +388,257 @@ async fn transactions_behave_as_in_postgresql() {
         assert_eq!(te, tp, "{sql}");
     }
 }
+
+/// A config serving `file` (named app.db, so clients use database `app`)
+/// through cutover; `admin` and `proxy` listen where given.
+fn serve_config(file: &std::path::Path, proxy: &str, admin: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"{proxy}\"\nshutdown_timeout_ms = 1000\n\n\
+         [auth]\nmethod = \"scram-sha-256\"\nusers = [{{ name = \"{}\", password = \"{}\" }}]\n\n\
+         [admin]\nlisten = \"{admin}\"\n\n[old]\nurl = \"sqlite://{}\"\n",
+        support::APP_USER,
+        support::APP_PASSWORD,
+        file.display()
+    )
+}
+
+/// A scratch directory holding `app.db` made by `schema`.
+fn scratch_file(name: &str, schema: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cutover-engine-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    let conn = cutover_sqlite::rusqlite::Connection::open(&file).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.execute_batch(schema).unwrap();
+    file
+}
+
+async fn serve(file: &std::path::Path) -> cutover::Server {
+    support::start_proxy_with(&serve_config(file, "127.0.0.1:0", "127.0.0.1:0")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_writers_with_for_update_lose_nothing_beside_another_process() {
+    let file = scratch_file(
+        "rmw",
+        "CREATE TABLE counters (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+         INSERT INTO counters VALUES (1, 0), (2, 0);",
+    );
+    let server = serve(&file).await;
+    // Another process's connection writes the same file meanwhile.
+    let other = {
+        let file = file.clone();
+        std::thread::spawn(move || {
+            let conn = cutover_sqlite::rusqlite::Connection::open(&file).unwrap();
+            conn.busy_timeout(Duration::from_secs(30)).unwrap();
+            for _ in 0..100 {
+                conn.execute("UPDATE counters SET n = n + 1 WHERE id = 2", [])
+                    .unwrap();
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let client = support::connect(server.proxy_addr).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                client.batch_execute("BEGIN").await.unwrap();
+                let n: i64 = client
+                    .query_one("SELECT n FROM counters WHERE id = 1 FOR UPDATE", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                client
+                    .execute("UPDATE counters SET n = $1 WHERE id = 1", &[&(n + 1)])
+                    .await
+                    .unwrap();
+                client.batch_execute("COMMIT").await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await
+            .expect("no client saw an error (no SQLITE_BUSY, no lost lease)");
+    }
+    other.join().unwrap();
+    let client = support::connect(server.proxy_addr).await;
+    let rows = client
+        .query("SELECT id, n FROM counters ORDER BY id", &[])
+        .await
+        .unwrap();
+    let counts: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(counts, vec![(1, 640), (2, 100)]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_skip_locked_queue_hands_each_job_out_once() {
+    let file = scratch_file(
+        "queue",
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, taken_by INTEGER, done INTEGER NOT NULL DEFAULT 0);
+         WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < 200)
+         INSERT INTO jobs (id) SELECT i FROM g;",
+    );
+    let server = serve(&file).await;
+    let mut workers = Vec::new();
+    for w in 0..8i64 {
+        let client = support::connect(server.proxy_addr).await;
+        workers.push(tokio::spawn(async move {
+            let mut taken = Vec::new();
+            loop {
+                client.batch_execute("BEGIN").await.unwrap();
+                let job = client
+                    .query_opt(
+                        "SELECT id FROM jobs WHERE taken_by IS NULL ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let Some(job) = job else {
+                    client.batch_execute("COMMIT").await.unwrap();
+                    return taken;
+                };
+                let id: i64 = job.get(0);
+                client
+                    .execute("UPDATE jobs SET taken_by = $1, done = 1 WHERE id = $2", &[&w, &id])
+                    .await
+                    .unwrap();
+                client.batch_execute("COMMIT").await.unwrap();
+                taken.push(id);
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all.sort();
+    assert_eq!(
+        all,
+        (1..=200).collect::<Vec<i64>>(),
+        "each job taken exactly once"
+    );
+    let client = support::connect(server.proxy_addr).await;
+    let open: i64 = client
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE taken_by IS NULL OR done = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_idle_transaction_is_ended_by_its_timeout_and_frees_the_writer() {
+    let file = scratch_file(
+        "idle",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a');",
+    );
+    let server = serve(&file).await;
+    let stuck = support::connect(server.proxy_addr).await;
+    stuck
+        .batch_execute("SET idle_in_transaction_session_timeout = '2s'; BEGIN; UPDATE t SET v = 'stuck' WHERE id = 1")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let other = support::connect(server.proxy_addr).await;
+    other
+        .execute("UPDATE t SET v = 'other' WHERE id = 1", &[])
+        .await
+        .expect("the writer lease is freed once the stuck session ends");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "the other writer waited for the lease ({:?})",
+        started.elapsed()
+    );
+    let err = stuck.batch_execute("COMMIT").await.unwrap_err();
+    assert!(
+        err.is_closed() || support::sqlstate(&err) == "25P03",
+        "{err}"
+    );
+    let v: String = other
+        .query_one("SELECT v FROM t WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "other", "the stuck transaction was rolled back");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_commit_leaves_the_file_consistent_with_every_acknowledged_write() {
+    let file = scratch_file(
+        "kill",
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, note TEXT NOT NULL, total NUMERIC NOT NULL);",
+    );
+    let (proxy, admin) = (support::free_addr(), support::free_addr());
+    let config = file.with_file_name("serve.toml");
+    std::fs::write(
+        &config,
+        serve_config(&file, &proxy.to_string(), &admin.to_string()),
+    )
+    .unwrap();
+    let daemon = support::spawn_daemon(&config, admin);
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..8i64 {
+        let client = support::connect(proxy).await;
+        let acknowledged = acknowledged.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let id = w * 1_000_000 + i;
+                let ok = client
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO orders VALUES ({id}, 'order {id}', 10.5); INSERT INTO orders VALUES ({}, 'twin', 1); COMMIT",
+                        id + 500_000
+                    ))
+                    .await;
+                if ok.is_err() {
+                    return;
+                }
+                acknowledged.lock().unwrap().push(id);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut daemon = daemon;
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    for w in writers {
+        let _ = w.await;
+    }
+    let conn = cutover_sqlite::rusqlite::Connection::open(&file).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 50,
+        "the load ran ({} commits)",
+        acknowledged.len()
+    );
+    for id in &acknowledged {
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM orders WHERE id IN (?1, ?2)",
+                [id, &(id + 500_000)],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 2, "acknowledged transaction {id} is whole in the file");
+    }
+    // No transaction is half there.
+    let halves: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM orders a WHERE note != 'twin' AND NOT EXISTS (SELECT 1 FROM orders b WHERE b.id = a.id + 500000)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(halves, 0);
+}

@@ -150,6 +150,7 @@ async fn login(url: &str) -> Result<(), String> {
     cutover_backend::probe(
         "old",
         &url,
+        None,
         Duration::from_secs(10),
         &cutover_backend::ScramCache::default(),
     )

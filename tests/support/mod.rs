@@ -258,6 +258,7 @@ impl RawClient {
             timeout: Duration::from_secs(10),
             scram: &cutover_backend::ScramCache::default(),
             tls: &cutover_backend::BackendTls::disabled(),
+            embedded: None,
         })
         .await
         .expect("raw login");
@@ -670,4 +671,12 @@ pub async fn send_cancel_request(addr: SocketAddr, pid: i32, secret: i32) {
     packet.extend_from_slice(&secret.to_be_bytes());
     stream.write_all(&packet).await.unwrap();
     let _ = read_to_close(&mut stream).await;
+}
+
+/// A loopback address with a free port.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from((
+        [127, 0, 0, 1],
+        cutover_pgcluster::free_port().expect("a free port"),
+    ))
 }

@@ -39,6 +39,8 @@ pub struct LoginTarget<'a> {
     pub scram: &'a ScramCache,
     /// The URL's sslmode, ready to use.
     pub tls: &'a BackendTls,
+    /// A backend inside cutover: `address` is only its name in messages.
+    pub embedded: Option<&'a crate::stream::EmbeddedBackend>,
 }
 
 /// Why a backend session could not be had. Each variant renders as the
@@ -178,22 +180,27 @@ impl BackendConnection {
             address: target.address.to_string(),
             source,
         };
-        let tcp = TcpStream::connect(target.address)
-            .await
-            .map_err(unreachable)?;
-        tcp.set_nodelay(true).map_err(unreachable)?;
-        let mut stream = target
-            .tls
-            .start(tcp, insist_on_tls)
-            .await
-            .map_err(|e| match e {
-                TlsFailure::Io(e) => unreachable(e),
-                other => ConnectError::Tls {
-                    backend: target.backend.to_string(),
-                    address: target.address.to_string(),
-                    detail: other.to_string(),
-                },
-            })?;
+        let mut stream = match target.embedded {
+            Some(engine) => BackendStream::Embedded(engine.0.open()),
+            None => {
+                let tcp = TcpStream::connect(target.address)
+                    .await
+                    .map_err(unreachable)?;
+                tcp.set_nodelay(true).map_err(unreachable)?;
+                target
+                    .tls
+                    .start(tcp, insist_on_tls)
+                    .await
+                    .map_err(|e| match e {
+                        TlsFailure::Io(e) => unreachable(e),
+                        other => ConnectError::Tls {
+                            backend: target.backend.to_string(),
+                            address: target.address.to_string(),
+                            detail: other.to_string(),
+                        },
+                    })?
+            }
+        };
         let mut out = BytesMut::new();
         let mut startup: Vec<(&str, &str)> =
             vec![("user", target.user), ("database", target.database)];

@@ -12,7 +12,7 @@ pub mod tls;
 pub use connection::{send_cancel, BackendConnection, ConnectError, LoginTarget};
 pub use pool::{Checkout, OnReturn, Pool, PoolKey, PoolSettings, PoolSize, PoolStats};
 pub use scram::ScramCache;
-pub use stream::BackendStream;
+pub use stream::{BackendStream, Embedded, EmbeddedBackend};
 pub use tls::BackendTls;
 
 use cutover_config::BackendUrl;
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 pub async fn probe(
     backend: &str,
     url: &BackendUrl,
+    embedded: Option<&EmbeddedBackend>,
     timeout: Duration,
     scram_cache: &ScramCache,
 ) -> Result<Duration, ConnectError> {
@@ -43,6 +44,7 @@ pub async fn probe(
         timeout,
         scram: scram_cache,
         tls: &tls,
+        embedded,
     };
     let conn = BackendConnection::connect(&target).await?;
     let elapsed = started.elapsed();

@@ -29,6 +29,8 @@ pub struct PoolSettings {
     pub database: String,
     /// TLS to the backend, from its URL.
     pub tls: crate::BackendTls,
+    /// Set when the backend runs inside cutover (a SQLite file).
+    pub embedded: Option<crate::EmbeddedBackend>,
     pub size: PoolSize,
     pub connect_timeout: Duration,
     pub checkout_timeout: Duration,
@@ -189,6 +191,7 @@ impl Pool {
             timeout: inner.settings.connect_timeout,
             scram: &inner.scram,
             tls: &inner.settings.tls,
+            embedded: inner.settings.embedded.as_ref(),
         };
         match BackendConnection::connect(&target).await {
             Ok(mut conn) => {

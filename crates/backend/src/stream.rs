@@ -1,28 +1,32 @@
-//! The byte stream to a backend: plain TCP, or TLS when the URL's sslmode
-//! asked for it and the server agreed.
+//! The byte stream to a backend: plain TCP, TLS when the URL's sslmode
+//! asked for it and the server agreed, or an in-memory stream to a backend
+//! inside cutover (the SQLite engine).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::{tcp, TcpStream};
 use tokio_rustls::client::TlsStream;
 
 pub enum BackendStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Embedded(DuplexStream),
 }
 
 /// The reading half of a split [`BackendStream`].
 pub enum BackendRead<'a> {
     Plain(tcp::ReadHalf<'a>),
     Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+    Embedded(tokio::io::ReadHalf<&'a mut DuplexStream>),
 }
 
 /// The writing half of a split [`BackendStream`].
 pub enum BackendWrite<'a> {
     Plain(tcp::WriteHalf<'a>),
     Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+    Embedded(tokio::io::WriteHalf<&'a mut DuplexStream>),
 }
 
 impl BackendStream {
@@ -30,20 +34,26 @@ impl BackendStream {
         matches!(self, BackendStream::Tls(_))
     }
 
-    fn tcp(&self) -> &TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            BackendStream::Plain(tcp) => tcp,
-            BackendStream::Tls(tls) => tls.get_ref().0,
+            BackendStream::Plain(tcp) => Some(tcp),
+            BackendStream::Tls(tls) => Some(tls.get_ref().0),
+            BackendStream::Embedded(_) => None,
         }
     }
 
     /// True when the server has sent something (or closed the socket)
     /// while the session sat idle; checked without waiting or consuming.
+    /// An in-memory stream cannot be peeked; its engine session ends only
+    /// when the stream does, which the next use finds.
     pub fn has_pending_input(&self) -> bool {
+        let Some(tcp) = self.tcp() else {
+            return false;
+        };
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        !matches!(self.tcp().poll_peek(&mut cx, &mut buf), Poll::Pending)
+        !matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
     }
 
     /// Halves that read and write concurrently. Plain TCP splits for free;
@@ -57,6 +67,10 @@ impl BackendStream {
             BackendStream::Tls(tls) => {
                 let (r, w) = tokio::io::split(tls.as_mut());
                 (BackendRead::Tls(r), BackendWrite::Tls(w))
+            }
+            BackendStream::Embedded(duplex) => {
+                let (r, w) = tokio::io::split(duplex);
+                (BackendRead::Embedded(r), BackendWrite::Embedded(w))
             }
         }
     }
@@ -107,7 +121,26 @@ macro_rules! delegate_write {
     };
 }
 
-delegate_read!(BackendStream, Plain, Tls);
-delegate_write!(BackendStream, Plain, Tls);
-delegate_read!(BackendRead<'_>, Plain, Tls);
-delegate_write!(BackendWrite<'_>, Plain, Tls);
+delegate_read!(BackendStream, Plain, Tls, Embedded);
+delegate_write!(BackendStream, Plain, Tls, Embedded);
+delegate_read!(BackendRead<'_>, Plain, Tls, Embedded);
+delegate_write!(BackendWrite<'_>, Plain, Tls, Embedded);
+
+/// A backend that runs inside cutover and speaks the protocol over an
+/// in-memory stream: the SQLite engine.
+pub trait Embedded: Send + Sync {
+    /// A new session's stream.
+    fn open(&self) -> DuplexStream;
+    /// A CancelRequest for one of its sessions.
+    fn cancel(&self, key: cutover_wire::messages::backend_key_data::CancelKey);
+}
+
+/// A shared handle on an [`Embedded`] backend.
+#[derive(Clone)]
+pub struct EmbeddedBackend(pub std::sync::Arc<dyn Embedded>);
+
+impl std::fmt::Debug for EmbeddedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EmbeddedBackend")
+    }
+}

@@ -15,6 +15,9 @@ use std::sync::Mutex;
 pub struct CancelTarget {
     pub address: String,
     pub key: CancelKey,
+    /// Set when the backend runs inside cutover: the cancel goes to it
+    /// directly.
+    pub embedded: Option<cutover_backend::EmbeddedBackend>,
 }
 
 #[derive(Default)]

@@ -29,6 +29,9 @@ use traffic::Traffic;
 /// Sessions a pool sized by the server may open before its first login
 /// has asked the server (PostgreSQL's default max_connections).
 const PROVISIONAL_POOL_SIZE: u32 = 100;
+/// Sessions of the SQLite engine when `old.pool_size` is not set: each is a
+/// SQLite connection, and writers queue for one lease anyway.
+const EMBEDDED_POOL_SIZE: u32 = 64;
 
 /// How long a client may take to complete startup and authentication
 /// (PostgreSQL's authentication_timeout default).
@@ -138,10 +141,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `old_engine` is the SQLite engine when `[old]` is a SQLite file.
     pub fn new(
         config: Config,
         metrics: Arc<Metrics>,
         traffic: Arc<Traffic>,
+        old_engine: Option<cutover_backend::EmbeddedBackend>,
     ) -> Result<Proxy, ProxyError> {
         let tls = match &config.proxy.tls {
             Some(files) => Some(cutover_wire::tls::acceptor(&files.cert, &files.key)?),
@@ -151,22 +156,28 @@ impl Proxy {
             Some(files) => Some(cutover_wire::tls::server_end_point(&files.cert)?),
             None => None,
         };
-        let pool = |name: &str, backend: &cutover_config::BackendConfig| {
+        let pool = |name: &str,
+                    backend: &cutover_config::BackendConfig,
+                    embedded: Option<cutover_backend::EmbeddedBackend>| {
             let tls = BackendTls::new(&backend.url).map_err(|reason| ProxyError::BackendTls {
                 backend: name.to_string(),
                 reason,
             })?;
+            let size = match (backend.pool_size, &embedded) {
+                (Some(n), _) => PoolSize::Fixed(n),
+                // Each engine session is a SQLite connection of its own.
+                (None, Some(_)) => PoolSize::Fixed(EMBEDDED_POOL_SIZE),
+                (None, None) => PoolSize::FromServer {
+                    until_known: PROVISIONAL_POOL_SIZE,
+                },
+            };
             Ok::<_, ProxyError>(Pool::new(PoolSettings {
                 backend: name.to_string(),
                 address: backend.url.address(),
                 database: backend.url.database.clone(),
                 tls,
-                size: match backend.pool_size {
-                    Some(n) => PoolSize::Fixed(n),
-                    None => PoolSize::FromServer {
-                        until_known: PROVISIONAL_POOL_SIZE,
-                    },
-                },
+                embedded,
+                size,
                 connect_timeout: config.proxy.connect_timeout,
                 checkout_timeout: config.proxy.pool_timeout,
             }))
@@ -176,8 +187,12 @@ impl Proxy {
             config.routing.shadow_concurrency,
         );
         let pools = Pools {
-            old: pool("old", &config.old)?,
-            new: config.new.as_ref().map(|b| pool("new", b)).transpose()?,
+            old: pool("old", &config.old, old_engine)?,
+            new: config
+                .new
+                .as_ref()
+                .map(|b| pool("new", b, None))
+                .transpose()?,
             other: Default::default(),
         };
         Ok(Proxy {
@@ -237,7 +252,12 @@ impl Proxy {
             },
         };
         if before.pool_sizes.0 != pool_sizes.0 {
-            self.shared.pools.old.set_size(size(pool_sizes.0));
+            let old = &self.shared.pools.old;
+            let embedded = old.settings().embedded.is_some();
+            old.set_size(match pool_sizes.0 {
+                None if embedded => PoolSize::Fixed(EMBEDDED_POOL_SIZE),
+                n => size(n),
+            });
         }
         if let Some(pool) = self
             .shared

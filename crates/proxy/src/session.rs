@@ -85,7 +85,13 @@ async fn forward_cancel(shared: &Shared, key: backend_key_data::CancelKey) {
             .inc();
         return;
     };
-    let result = send_cancel(&target.address, target.key, Duration::from_secs(5)).await;
+    let result = match &target.embedded {
+        Some(engine) => {
+            engine.0.cancel(target.key);
+            Ok(())
+        }
+        None => send_cancel(&target.address, target.key, Duration::from_secs(5)).await,
+    };
     let outcome = if result.is_ok() {
         "forwarded"
     } else {
@@ -177,6 +183,7 @@ async fn serve(
     let client_key = shared.cancels.register(CancelTarget {
         address: pool.settings().address.clone(),
         key: checkout.conn_ref().key,
+        embedded: pool.settings().embedded.clone(),
     });
     let mut hello = BytesMut::with_capacity(512);
     authentication::ok(&mut hello);
@@ -310,6 +317,7 @@ async fn switch_primary(
         CancelTarget {
             address: pool.settings().address.clone(),
             key: checkout.conn_ref().key,
+            embedded: pool.settings().embedded.clone(),
         },
     );
     let mut old = std::mem::replace(&mut session.checkout, checkout);

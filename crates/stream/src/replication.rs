@@ -42,6 +42,7 @@ impl ReplicationConnection {
             timeout: Duration::from_secs(10),
             scram,
             tls: &tls,
+            embedded: None,
         })
         .await
         .map_err(|e| StreamError::Connect(e.to_string()))?;
