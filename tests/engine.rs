@@ -7,7 +7,6 @@
 
 mod support;
 
-use cutover_engine::Engine;
 use cutover_pgcluster::{Cluster, HostAuth, SUPERUSER, SUPERUSER_PASSWORD};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,20 +18,14 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cutover");
 
-/// Both sides of a comparison: the engine on the fixture file, and
-/// PostgreSQL holding the same file converted.
+/// Both sides of a comparison: cutover serving the fixture file through
+/// its engine, and PostgreSQL holding the same file converted.
 struct Sides {
     engine: SocketAddr,
     pg: Cluster,
     style: Style,
     file: PathBuf,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Sides {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: cutover::Server,
 }
 
 async fn sides(style: Style) -> Sides {
@@ -66,17 +59,18 @@ async fn sides(style: Style) -> Sides {
         "convert: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let config = cutover_config::Config::from_toml(&config_text).unwrap();
-    let engine = Engine::open(&file, "app", &config.schema_columns).expect("open the engine");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let engine_addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(engine.serve(listener));
+    let server = support::start_proxy_with(&format!(
+        "{}\n{}",
+        serve_config(&file, "127.0.0.1:0", "127.0.0.1:0"),
+        style.column_settings()
+    ))
+    .await;
     Sides {
-        engine: engine_addr,
+        engine: server.proxy_addr,
         pg,
         style,
         file,
-        task,
+        _server: server,
     }
 }
 
@@ -89,9 +83,10 @@ impl Sides {
             tokio::spawn(connection);
             client
         };
-        let e = connect(format!(
-            "host=127.0.0.1 port={} user=app dbname=app",
-            self.engine.port()
+        let e = connect(support::conn_string(
+            self.engine,
+            support::APP_USER,
+            support::APP_PASSWORD,
         ))
         .await;
         let p = connect(support::conn_string(
@@ -105,7 +100,7 @@ impl Sides {
 
     async fn raw(&self) -> (RawClient, RawClient) {
         (
-            RawClient::connect(self.engine, "app", "unused", &[]).await,
+            RawClient::connect(self.engine, support::APP_USER, support::APP_PASSWORD, &[]).await,
             RawClient::connect(
                 support::direct_addr(&self.pg),
                 SUPERUSER,
@@ -237,6 +232,10 @@ const READS: &[&str] = &[
     "SELECT EXISTS (SELECT 1 FROM {u} WHERE id = 1) AS there",
     "SELECT id FROM {p} ORDER BY id LIMIT 3 OFFSET 2",
     "WITH recent AS (SELECT id, user_id FROM {p} ORDER BY id DESC LIMIT 5) SELECT count(*) FROM recent",
+    "SELECT json_build_object('id', id, 'admin', is_admin, 'at', created_at, 'prefs', prefs) AS doc FROM {u} ORDER BY id LIMIT 3",
+    "SELECT jsonb_build_object('id', id, 'title', title) AS doc FROM {p} ORDER BY id LIMIT 2",
+    "SELECT coalesce(json_agg(json_build_array(id, title) ORDER BY id DESC), '[]'::json) AS posts FROM {p} WHERE user_id = 3",
+    "SELECT u.id, x.data FROM {u} u LEFT JOIN LATERAL (SELECT count(*) AS data FROM {p} p WHERE p.user_id = u.id) x ON true ORDER BY u.id LIMIT 4",
     "SELECT nope FROM {u}",
     "SELECT * FROM no_such_table",
     "SELECT 1 / 0",
@@ -641,4 +640,144 @@ async fn sigkill_mid_commit_leaves_the_file_consistent_with_every_acknowledged_w
         )
         .unwrap();
     assert_eq!(halves, 0);
+}
+
+/// Where the driver tests keep the drivers they install from PyPI and npm.
+fn tools_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-tools")
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Python with psycopg 3 and asyncpg, installed once from PyPI.
+fn python_with_drivers() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = tools_dir().join("drivers-py");
+            let python = venv.join("bin/python");
+            if !python.exists() {
+                run_ok(
+                    Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                    "python3 -m venv",
+                );
+            }
+            let ready = Command::new(&python)
+                .args(["-c", "import psycopg, asyncpg"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ready {
+                run_ok(
+                    Command::new(&python).args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "-q",
+                        "psycopg[binary]==3.3.9",
+                        "asyncpg==0.32.0",
+                    ]),
+                    "pip install psycopg asyncpg",
+                );
+            }
+            python
+        })
+        .clone()
+}
+
+/// A directory whose node_modules holds node-postgres and drizzle-orm,
+/// installed once from npm.
+fn node_with_drivers() -> PathBuf {
+    static NODE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    NODE.get_or_init(|| {
+        let dir = tools_dir().join("drivers-node");
+        if !dir.join("node_modules/drizzle-orm/package.json").exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("package.json"), "{\"private\": true}\n").unwrap();
+            run_ok(
+                Command::new("npm")
+                    .args([
+                        "install",
+                        "--no-audit",
+                        "--no-fund",
+                        "--silent",
+                        "pg@8.16.3",
+                        "drizzle-orm@0.45.4",
+                    ])
+                    .current_dir(&dir),
+                "npm install pg drizzle-orm",
+            );
+        }
+        dir
+    })
+    .clone()
+}
+
+/// Runs `program` once against each side and compares what it printed,
+/// line by line.
+fn same_output(what: &str, run: impl Fn(&str) -> String, sides: &Sides) {
+    let engine_dsn = format!(
+        "postgresql://{}:{}@{}/app",
+        support::APP_USER,
+        support::APP_PASSWORD,
+        sides.engine
+    );
+    let pg_dsn = format!(
+        "postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/app",
+        sides.pg.port()
+    );
+    let (e, p) = (run(&engine_dsn), run(&pg_dsn));
+    let (el, pl): (Vec<&str>, Vec<&str>) = (e.lines().collect(), p.lines().collect());
+    for (i, (a, b)) in el.iter().zip(&pl).enumerate() {
+        assert_eq!(a, b, "{what}, line {}: engine vs PostgreSQL", i + 1);
+    }
+    assert_eq!(el.len(), pl.len(), "{what}: line counts\n{e}\n---\n{p}");
+    assert!(el.len() > 10, "{what} printed its results:\n{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psycopg_and_asyncpg_see_the_same_as_on_postgresql() {
+    let python = tokio::task::spawn_blocking(python_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/app.py");
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new(&python).arg(&script).arg(dsn),
+            "tests/drivers/app.py",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("psycopg and asyncpg", run, &sides));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_postgres_and_drizzle_see_the_same_as_on_postgresql() {
+    let node_dir = tokio::task::spawn_blocking(node_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    // Node resolves imports next to the script: run a copy in the
+    // directory that holds node_modules.
+    let script = node_dir.join("app.mjs");
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/app.mjs"),
+        &script,
+    )
+    .unwrap();
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new("node").arg(&script).arg(dsn),
+            "tests/drivers/app.mjs",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("node-postgres and drizzle-orm", run, &sides));
 }

@@ -228,6 +228,34 @@ pub fn install(
         Ok(format_timestamp(now_micros(), true))
     })?;
     conn.create_aggregate_function("cutover_sum_numeric", 1, det, NumericSum)?;
+    conn.create_aggregate_function("cutover_json_agg", 1, det, JsonAgg)?;
+    conn.create_scalar_function("cutover_to_json", 2, det, |ctx| {
+        let ty: String = ctx.get(1)?;
+        to_json(ctx.get_raw(0), &ty)
+    })?;
+    conn.create_scalar_function("cutover_json_value", 1, det, |ctx| {
+        Ok(cutover_sqlite::value::raw(ctx.get_raw(0)))
+    })?;
+    let json_arg = |ctx: &Context<'_>, i: usize| match ctx.get_raw(i) {
+        ValueRef::Null => "null".to_string(),
+        v => cutover_sqlite::value::raw(v),
+    };
+    conn.create_scalar_function("cutover_json_array", -1, det, move |ctx| {
+        Ok(format!(
+            "[{}]",
+            joined((0..ctx.len()).map(|i| json_arg(ctx, i)))
+        ))
+    })?;
+    conn.create_scalar_function("cutover_json_object", -1, det, move |ctx| {
+        if ctx.len() % 2 != 0 {
+            return Err(err(
+                "argument list must have even number of elements".to_string()
+            ));
+        }
+        let pairs = (0..ctx.len() / 2)
+            .map(|i| format!("{} : {}", json_arg(ctx, 2 * i), json_arg(ctx, 2 * i + 1)));
+        Ok(format!("{{{}}}", joined(pairs)))
+    })?;
     conn.create_aggregate_function("cutover_avg", 1, det, NumericAvg)?;
     conn.create_scalar_function("version", 0, det, |_| Ok(VERSION.to_string()))?;
     conn.create_scalar_function("current_schema", 0, det, |_| Ok("public".to_string()))?;
@@ -278,6 +306,97 @@ fn decimal_of(value: ValueRef<'_>) -> rusqlite::Result<Option<Decimal>> {
         ),
         ValueRef::Blob(_) => return Err(bad()),
     })
+}
+
+/// A value as PostgreSQL's to_json renders a value of `pg_type`.
+fn to_json(value: ValueRef<'_>, pg_type: &str) -> rusqlite::Result<String> {
+    let string = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let text = || cutover_sqlite::value::raw(value);
+    Ok(match (pg_type, value) {
+        (_, ValueRef::Null) => "null".to_string(),
+        ("boolean", v) => match bool_of(v) {
+            Some(b) => b.to_string(),
+            None => {
+                return Err(err(format!(
+                    "invalid input syntax for type boolean: \"{}\"",
+                    text()
+                )))
+            }
+        },
+        ("timestamp with time zone" | "timestamp without time zone", v) => {
+            let micros = micros_of(v).ok_or_else(|| {
+                err(format!(
+                    "invalid input syntax for type timestamp: \"{}\"",
+                    text()
+                ))
+            })?;
+            let zone = pg_type == "timestamp with time zone";
+            let t = format_timestamp(micros, false).replacen(' ', "T", 1);
+            string(&if zone { format!("{t}+00:00") } else { t })
+        }
+        ("json", ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+        ("jsonb", ValueRef::Text(t)) => {
+            match serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(t)) {
+                Ok(v) => crate::types::jsonb_text(&v),
+                Err(_) => {
+                    return Err(err(format!(
+                        "invalid input syntax for type json: \"{}\"",
+                        text()
+                    )))
+                }
+            }
+        }
+        ("numeric", v) => match decimal_of(v)? {
+            Some(d) => d.to_text(),
+            None => "null".to_string(),
+        },
+        ("double precision", ValueRef::Real(f)) if !f.is_finite() => {
+            string(&crate::types::float_text(f))
+        }
+        ("double precision", ValueRef::Real(f)) => crate::types::float_text(f),
+        ("bytea", ValueRef::Blob(b)) => string(&format!(
+            "\\x{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )),
+        (
+            "smallint" | "integer" | "bigint" | "double precision" | "unknown",
+            ValueRef::Integer(i),
+        ) => i.to_string(),
+        ("unknown", ValueRef::Real(f)) => crate::types::float_text(f),
+        _ => string(&text()),
+    })
+}
+
+/// JSON texts joined as PostgreSQL's json functions print them.
+fn joined(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(", ")
+}
+
+/// `json_agg`: the JSON texts of its input, in order.
+struct JsonAgg;
+
+impl Aggregate<Vec<String>, Option<String>> for JsonAgg {
+    fn init(&self, _: &mut Context<'_>) -> rusqlite::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn step(&self, ctx: &mut Context<'_>, acc: &mut Vec<String>) -> rusqlite::Result<()> {
+        acc.push(match ctx.get_raw(0) {
+            ValueRef::Null => "null".to_string(),
+            v => cutover_sqlite::value::raw(v),
+        });
+        Ok(())
+    }
+
+    fn finalize(
+        &self,
+        _: &mut Context<'_>,
+        acc: Option<Vec<String>>,
+    ) -> rusqlite::Result<Option<String>> {
+        Ok(acc
+            .filter(|a| !a.is_empty())
+            .map(|a| format!("[{}]", joined(a.into_iter()))))
+    }
 }
 
 /// `sum(numeric)` in exact decimal arithmetic.

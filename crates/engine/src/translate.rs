@@ -479,6 +479,7 @@ pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
         }
     };
     name_columns(&mut statement);
+    unnest_laterals(&mut statement)?;
     let scope = Scope::of(&statement, map);
     let mut params = Vec::new();
     infer_params(&statement, &scope, &mut params);
@@ -913,6 +914,11 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
             PgType::Json
         }
         "jsonb_agg" | "jsonb_build_object" | "jsonb_build_array" | "to_jsonb" => PgType::Jsonb,
+        "cutover_json_array"
+        | "cutover_json_object"
+        | "cutover_json_agg"
+        | "cutover_json_value"
+        | "cutover_to_json" => PgType::Json,
         "round" | "trunc" | "ceil" | "floor" => return arg(),
         "pg_try_advisory_lock" | "pg_advisory_unlock" => PgType::Bool,
         "pg_advisory_lock" | "pg_advisory_unlock_all" => PgType::Text,
@@ -921,15 +927,29 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
 }
 
 fn query_first_type(q: &Query, scope: &Scope) -> Option<PgType> {
-    match q.body.as_ref() {
-        SetExpr::Select(s) => match s.projection.first()? {
-            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-                expr_type(e, scope)
-            }
+    let SetExpr::Select(s) = q.body.as_ref() else {
+        return None;
+    };
+    let e = match s.projection.first()? {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+        _ => return None,
+    };
+    expr_type(e, scope).or_else(|| {
+        // A column of a subquery in FROM has the type of its expression.
+        let name = ident_parts(e)?.last()?.value.clone();
+        s.from.iter().find_map(|f| match &f.relation {
+            TableFactor::Derived { subquery, .. } => match subquery.body.as_ref() {
+                SetExpr::Select(inner) => inner.projection.iter().find_map(|item| match item {
+                    SelectItem::ExprWithAlias { expr, alias } if alias.value == name => {
+                        expr_type(expr, scope)
+                    }
+                    _ => None,
+                }),
+                _ => None,
+            },
             _ => None,
-        },
-        _ => None,
-    }
+        })
+    })
 }
 
 /// The types of the result columns the statement's own expressions give.
@@ -1226,6 +1246,27 @@ impl VisitorMut for Rewrite<'_, '_> {
                     }
                     _ => None,
                 };
+                if let Some(json) = json_function(&name) {
+                    // Each argument becomes JSON text the way PostgreSQL
+                    // renders its type; the functions only assemble.
+                    if let FunctionArguments::List(list) = &mut f.args {
+                        for arg in &mut list.args {
+                            if let FunctionArg::Unnamed(FunctionArgExpr::Expr(a)) = arg {
+                                let ty = expr_type(a, self.scope);
+                                let inner = std::mem::replace(a, Expr::value(Value::Null));
+                                *a = call2(
+                                    "cutover_to_json",
+                                    inner,
+                                    Expr::value(Value::SingleQuotedString(
+                                        ty.map(|t| t.name()).unwrap_or("unknown").to_string(),
+                                    )),
+                                );
+                            }
+                        }
+                    }
+                    f.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(json))]);
+                    return ControlFlow::Continue(());
+                }
                 if let Some(exact) = exact {
                     if f.over.is_some() {
                         return self
@@ -1261,6 +1302,17 @@ impl VisitorMut for Rewrite<'_, '_> {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// The engine's function for one of PostgreSQL's JSON constructors.
+fn json_function(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "json_build_array" | "jsonb_build_array" => "cutover_json_array",
+        "json_build_object" | "jsonb_build_object" => "cutover_json_object",
+        "json_agg" | "jsonb_agg" => "cutover_json_agg",
+        "to_json" | "to_jsonb" => "cutover_json_value",
+        _ => return None,
+    })
 }
 
 /// Functions SQLite or the engine provides with PostgreSQL's meaning.
@@ -1338,6 +1390,168 @@ fn order_nulls_as_postgresql(o: &mut OrderByExpr) {
     if o.options.nulls_first.is_none() {
         let descending = o.options.asc == Some(false);
         o.options.nulls_first = Some(descending);
+    }
+}
+
+/// `LEFT JOIN LATERAL (SELECT agg(...) ...) x ON true`, the shape ORMs
+/// (drizzle's relational queries) use to nest rows as JSON, has no SQLite
+/// spelling; a lateral subquery that yields one row is the same as scalar
+/// subqueries in place of its columns, which SQLite runs (correlated to
+/// the outer row). Laterals that may yield several rows are refused.
+fn unnest_laterals(statement: &mut Statement) -> Result<(), SqlError> {
+    struct Unnest {
+        error: Option<SqlError>,
+    }
+    impl VisitorMut for Unnest {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+            let SetExpr::Select(select) = q.body.as_mut() else {
+                return ControlFlow::Continue(());
+            };
+            let mut laterals: Vec<(String, Query)> = Vec::new();
+            for from in &mut select.from {
+                let mut kept = Vec::new();
+                for join in from.joins.drain(..) {
+                    let on_true = match &join.join_operator {
+                        sqlparser::ast::JoinOperator::Left(c)
+                        | sqlparser::ast::JoinOperator::LeftOuter(c)
+                        | sqlparser::ast::JoinOperator::Inner(c)
+                        | sqlparser::ast::JoinOperator::Join(c) => matches!(
+                            c,
+                            sqlparser::ast::JoinConstraint::On(Expr::Value(v)) if v.value == Value::Boolean(true)
+                        ),
+                        sqlparser::ast::JoinOperator::CrossJoin(_) => true,
+                        _ => false,
+                    };
+                    match join.relation {
+                        TableFactor::Derived {
+                            lateral: true,
+                            subquery,
+                            alias,
+                        } => {
+                            let Some(alias) = alias.filter(|_| on_true) else {
+                                self.error = Some(SqlError::unsupported(
+                                    "a LATERAL join other than ... ON true with an alias",
+                                ));
+                                return ControlFlow::Break(());
+                            };
+                            if !yields_one_row(&subquery) {
+                                self.error = Some(SqlError::unsupported(
+                                    "a LATERAL subquery that may return several rows",
+                                ));
+                                return ControlFlow::Break(());
+                            }
+                            laterals.push((alias.name.value.clone(), *subquery));
+                        }
+                        relation => kept.push(sqlparser::ast::Join { relation, ..join }),
+                    }
+                }
+                from.joins = kept;
+            }
+            if laterals.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            let mut replace = ReplaceLateral {
+                laterals: &laterals,
+            };
+            for item in &mut select.projection {
+                let _ = item.visit(&mut replace);
+            }
+            for e in [&mut select.selection, &mut select.having]
+                .into_iter()
+                .flatten()
+            {
+                let _ = e.visit(&mut replace);
+            }
+            if let Some(order) = &mut q.order_by {
+                let _ = order.visit(&mut replace);
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    struct ReplaceLateral<'l> {
+        laterals: &'l [(String, Query)],
+    }
+    impl VisitorMut for ReplaceLateral<'_> {
+        type Break = ();
+        fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+            if let Expr::CompoundIdentifier(parts) = e {
+                if let [table, column] = parts.as_slice() {
+                    if let Some((alias, sub)) =
+                        self.laterals.iter().find(|(a, _)| *a == table.value)
+                    {
+                        let sql = format!(
+                            "SELECT {} FROM ({sub}) AS {}",
+                            Ident::with_quote('"', column.value.clone()),
+                            Ident::with_quote('"', alias.clone())
+                        );
+                        if let Ok(mut parsed) = Parser::parse_sql(&PostgreSqlDialect {}, &sql) {
+                            if let Some(Statement::Query(q)) = parsed.pop() {
+                                *e = Expr::Subquery(q);
+                            }
+                        }
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut unnest = Unnest { error: None };
+    let _ = statement.visit(&mut unnest);
+    match unnest.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A query that returns at most one row: aggregates without GROUP BY, or
+/// LIMIT 1.
+fn yields_one_row(q: &Query) -> bool {
+    if let Some(sqlparser::ast::LimitClause::LimitOffset {
+        limit: Some(Expr::Value(v)),
+        ..
+    }) = &q.limit_clause
+    {
+        if v.value == Value::Number("1".to_string(), false) {
+            return true;
+        }
+    }
+    let SetExpr::Select(s) = q.body.as_ref() else {
+        return false;
+    };
+    let grouped =
+        !matches!(&s.group_by, sqlparser::ast::GroupByExpr::Expressions(e, _) if e.is_empty());
+    !grouped
+        && !s.projection.is_empty()
+        && s.projection.iter().all(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                is_aggregate(e)
+            }
+            _ => false,
+        })
+}
+
+fn is_aggregate(e: &Expr) -> bool {
+    match e {
+        Expr::Nested(inner) => is_aggregate(inner),
+        Expr::Cast { expr, .. } => is_aggregate(expr),
+        Expr::Function(f) => {
+            let name = last_part(&f.name).to_ascii_lowercase();
+            matches!(
+                name.as_str(),
+                "count"
+                    | "sum"
+                    | "avg"
+                    | "min"
+                    | "max"
+                    | "json_agg"
+                    | "jsonb_agg"
+                    | "string_agg"
+                    | "bool_and"
+                    | "bool_or"
+            ) || (matches!(name.as_str(), "coalesce") && first_arg(f).is_some_and(is_aggregate))
+        }
+        _ => false,
     }
 }
 
