@@ -1,9 +1,299 @@
-//! Object identifiers the engine gives the file's tables, so RowDescription
-//! names a table and column as PostgreSQL's does. Only built-in type OIDs
-//! are used; tables get OIDs from 16384 up (where PostgreSQL's user
-//! objects start), in the schema map's order.
+//! The system catalog drivers and ORMs read at connect and for
+//! introspection: `pg_catalog` (pg_namespace, pg_type, pg_class,
+//! pg_attribute) and `information_schema` (schemata, tables, columns),
+//! built from the schema map into in-memory databases attached to every
+//! session's connection, so their queries run as ordinary SQL. Only
+//! built-in type OIDs are used; the file's tables get OIDs from 16384 up
+//! (where PostgreSQL's user objects start), in the schema map's order.
+
+use crate::types::PgType;
+use cutover_sqlite::rusqlite::{self, params, Connection};
+use cutover_sqlite::{Codec, Column, Profile, SchemaMap, Table};
+
+const PG_CATALOG: i64 = 11;
+const PUBLIC: i64 = 2200;
+const INFORMATION_SCHEMA: i64 = 13_000;
 
 /// The OID of the schema map's `index`-th table.
 pub fn table_oid(index: usize) -> u32 {
     16384 + index as u32
+}
+
+/// Built-in types: (type, array type OID, category).
+const TYPES: &[(PgType, u32, &str)] = &[
+    (PgType::Bool, 1000, "B"),
+    (PgType::Int2, 1005, "N"),
+    (PgType::Int4, 1007, "N"),
+    (PgType::Int8, 1016, "N"),
+    (PgType::Numeric, 1231, "N"),
+    (PgType::Float8, 1022, "N"),
+    (PgType::Text, 1009, "S"),
+    (PgType::Varchar, 1015, "S"),
+    (PgType::Name, 1003, "S"),
+    (PgType::Char, 1002, "Z"),
+    (PgType::Oid, 1028, "N"),
+    (PgType::Date, 1182, "D"),
+    (PgType::Timestamp, 1115, "D"),
+    (PgType::Timestamptz, 1185, "D"),
+    (PgType::Json, 199, "U"),
+    (PgType::Jsonb, 3807, "U"),
+    (PgType::Bytea, 1001, "U"),
+    (PgType::Uuid, 2951, "U"),
+];
+
+/// A catalog table: its schema, name, and columns with their types.
+type Shape = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+/// The catalog's tables and their columns' types, for typing results.
+const SHAPES: &[Shape] = &[
+    (
+        "pg_catalog",
+        "pg_namespace",
+        &[("oid", "oid"), ("nspname", "name"), ("nspowner", "oid")],
+    ),
+    (
+        "pg_catalog",
+        "pg_type",
+        &[
+            ("oid", "oid"),
+            ("typname", "name"),
+            ("typnamespace", "oid"),
+            ("typowner", "oid"),
+            ("typlen", "smallint"),
+            ("typbyval", "boolean"),
+            ("typtype", "\"char\""),
+            ("typcategory", "\"char\""),
+            ("typisdefined", "boolean"),
+            ("typdelim", "\"char\""),
+            ("typrelid", "oid"),
+            ("typelem", "oid"),
+            ("typarray", "oid"),
+            ("typbasetype", "oid"),
+            ("typtypmod", "integer"),
+            ("typnotnull", "boolean"),
+            ("typndims", "integer"),
+            ("typcollation", "oid"),
+        ],
+    ),
+    (
+        "pg_catalog",
+        "pg_class",
+        &[
+            ("oid", "oid"),
+            ("relname", "name"),
+            ("relnamespace", "oid"),
+            ("reltype", "oid"),
+            ("relowner", "oid"),
+            ("relkind", "\"char\""),
+            ("relpersistence", "\"char\""),
+            ("relhasindex", "boolean"),
+            ("relispartition", "boolean"),
+            ("reltuples", "double precision"),
+            ("relnatts", "smallint"),
+        ],
+    ),
+    (
+        "pg_catalog",
+        "pg_attribute",
+        &[
+            ("attrelid", "oid"),
+            ("attname", "name"),
+            ("atttypid", "oid"),
+            ("attlen", "smallint"),
+            ("attnum", "smallint"),
+            ("atttypmod", "integer"),
+            ("attndims", "smallint"),
+            ("attnotnull", "boolean"),
+            ("atthasdef", "boolean"),
+            ("attidentity", "\"char\""),
+            ("attgenerated", "\"char\""),
+            ("attisdropped", "boolean"),
+        ],
+    ),
+    (
+        "information_schema",
+        "schemata",
+        &[
+            ("catalog_name", "name"),
+            ("schema_name", "name"),
+            ("schema_owner", "name"),
+        ],
+    ),
+    (
+        "information_schema",
+        "tables",
+        &[
+            ("table_catalog", "name"),
+            ("table_schema", "name"),
+            ("table_name", "name"),
+            ("table_type", "varchar"),
+            ("is_insertable_into", "varchar"),
+        ],
+    ),
+    (
+        "information_schema",
+        "columns",
+        &[
+            ("table_catalog", "name"),
+            ("table_schema", "name"),
+            ("table_name", "name"),
+            ("column_name", "name"),
+            ("ordinal_position", "integer"),
+            ("column_default", "varchar"),
+            ("is_nullable", "varchar"),
+            ("data_type", "varchar"),
+            ("character_maximum_length", "integer"),
+            ("numeric_precision", "integer"),
+            ("udt_name", "name"),
+            ("is_identity", "varchar"),
+        ],
+    ),
+];
+
+/// The catalog's tables as schema-map tables, so the translator types
+/// their columns as it types the file's.
+pub fn tables() -> Vec<Table> {
+    SHAPES
+        .iter()
+        .map(|(_, name, columns)| Table {
+            name: name.to_string(),
+            columns: columns
+                .iter()
+                .map(|(c, ty)| Column {
+                    name: c.to_string(),
+                    declared: String::new(),
+                    not_null: false,
+                    default: None,
+                    profile: Profile::default(),
+                    pg_type: ty.to_string(),
+                    codec: Codec::Native,
+                    pg_default: None,
+                    notes: Vec::new(),
+                })
+                .collect(),
+            primary_key: Vec::new(),
+            rowid_alias: None,
+            autoincrement: false,
+            without_rowid: false,
+            next_id: None,
+            bad_values: Vec::new(),
+            indexes: Vec::new(),
+            foreign_keys: Vec::new(),
+            checks: Vec::new(),
+        })
+        .collect()
+}
+
+fn varchar_len(pg_type: &str) -> Option<i64> {
+    pg_type
+        .strip_prefix("varchar(")?
+        .strip_suffix(')')?
+        .parse()
+        .ok()
+}
+
+/// Attaches and fills the catalog databases on `conn`.
+pub fn install(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Result<()> {
+    let mut ddl = String::new();
+    for schema in ["pg_catalog", "information_schema"] {
+        ddl.push_str(&format!("ATTACH DATABASE ':memory:' AS {schema};\n"));
+    }
+    for (schema, name, columns) in SHAPES {
+        let cols: Vec<String> = columns.iter().map(|(c, _)| format!("\"{c}\"")).collect();
+        ddl.push_str(&format!(
+            "CREATE TABLE {schema}.{name} ({});\n",
+            cols.join(", ")
+        ));
+    }
+    conn.execute_batch(&ddl)?;
+    let tx = conn.unchecked_transaction()?;
+    for (oid, name) in [
+        (PG_CATALOG, "pg_catalog"),
+        (PUBLIC, "public"),
+        (INFORMATION_SCHEMA, "information_schema"),
+    ] {
+        tx.execute(
+            "INSERT INTO pg_catalog.pg_namespace VALUES (?1, ?2, 10)",
+            params![oid, name],
+        )?;
+        tx.execute(
+            "INSERT INTO information_schema.schemata VALUES (?1, ?2, 'postgres')",
+            params![database, name],
+        )?;
+    }
+    for (ty, array, category) in TYPES {
+        let (byval, len) = (ty.size() > 0 && ty.size() <= 8, ty.size());
+        let name = ty.short_name();
+        tx.execute(
+            "INSERT INTO pg_catalog.pg_type VALUES (?1, ?2, 11, 10, ?3, ?4, 'b', ?5, 1, ',', 0, 0, ?6, 0, -1, 0, 0, 0)",
+            params![ty.oid(), name, len, byval, category, array],
+        )?;
+        tx.execute(
+            "INSERT INTO pg_catalog.pg_type VALUES (?1, ?2, 11, 10, -1, 0, 'b', 'A', 1, ',', 0, ?3, 0, 0, -1, 0, 0, 0)",
+            params![array, format!("_{name}"), ty.oid()],
+        )?;
+    }
+    for (i, table) in map.tables.iter().enumerate() {
+        let oid = table_oid(i);
+        tx.execute(
+            "INSERT INTO pg_catalog.pg_class VALUES (?1, ?2, 2200, 0, 10, 'r', 'p', ?3, 0, -1, ?4)",
+            params![
+                oid,
+                table.name,
+                !table.indexes.is_empty() || !table.primary_key.is_empty(),
+                table.columns.len() as i64
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO information_schema.tables VALUES (?1, 'public', ?2, 'BASE TABLE', 'YES')",
+            params![database, table.name],
+        )?;
+        for (n, c) in table.columns.iter().enumerate() {
+            let ty = PgType::of_column(&c.pg_type);
+            let identity = table.rowid_alias.as_deref() == Some(c.name.as_str());
+            let not_null = c.not_null || table.primary_key.contains(&c.name);
+            let typmod = varchar_len(&c.pg_type).map(|l| l + 4).unwrap_or(-1);
+            tx.execute(
+                "INSERT INTO pg_catalog.pg_attribute VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, '', 0)",
+                params![
+                    oid,
+                    c.name,
+                    ty.oid(),
+                    ty.size(),
+                    n as i64 + 1,
+                    typmod,
+                    not_null,
+                    c.pg_default.is_some(),
+                    if identity { "d" } else { "" },
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO information_schema.columns VALUES (?1, 'public', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    database,
+                    table.name,
+                    c.name,
+                    n as i64 + 1,
+                    c.pg_default,
+                    if not_null { "NO" } else { "YES" },
+                    ty.name(),
+                    varchar_len(&c.pg_type),
+                    match ty {
+                        PgType::Int2 => Some(16),
+                        PgType::Int4 => Some(32),
+                        PgType::Int8 => Some(64),
+                        PgType::Float8 => Some(53),
+                        _ => None,
+                    },
+                    ty.short_name(),
+                    if identity { "YES" } else { "NO" },
+                ],
+            )?;
+        }
+    }
+    tx.commit()
 }

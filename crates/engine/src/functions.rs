@@ -18,6 +18,8 @@ pub struct SessionClock {
     /// The transaction's start (microseconds since 1970), which `now()`
     /// returns for every statement of the transaction.
     pub transaction_start: AtomicI64,
+    /// The session's settings as `current_setting()` reads them.
+    pub settings: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 pub struct Identity {
@@ -258,6 +260,42 @@ pub fn install(
     })?;
     conn.create_aggregate_function("cutover_avg", 1, det, NumericAvg)?;
     conn.create_scalar_function("version", 0, det, |_| Ok(VERSION.to_string()))?;
+    for args in [1, 2] {
+        let clock = clock.clone();
+        conn.create_scalar_function("current_setting", args, nondet, move |ctx| {
+            let name: String = ctx.get(0)?;
+            let missing_ok = args == 2 && ctx.get::<bool>(1)?;
+            let settings = clock.settings.lock().unwrap_or_else(|p| p.into_inner());
+            match settings.iter().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
+                Some((_, v)) => Ok(Some(v.clone())),
+                None if missing_ok => Ok(None),
+                None => Err(err(format!(
+                    "unrecognized configuration parameter \"{name}\""
+                ))),
+            }
+        })?;
+    }
+    // Catalog helpers drivers and ORMs call while introspecting.
+    conn.create_scalar_function("pg_table_is_visible", 1, det, |_| Ok(true))?;
+    conn.create_scalar_function("pg_type_is_visible", 1, det, |_| Ok(true))?;
+    conn.create_scalar_function("has_table_privilege", -1, det, |_| Ok(true))?;
+    conn.create_scalar_function("has_schema_privilege", -1, det, |_| Ok(true))?;
+    conn.create_scalar_function("pg_get_userbyid", 1, det, |_| Ok("postgres".to_string()))?;
+    conn.create_scalar_function("obj_description", -1, det, |_| Ok(None::<String>))?;
+    conn.create_scalar_function("col_description", 2, det, |_| Ok(None::<String>))?;
+    conn.create_scalar_function("format_type", 2, det, |ctx| {
+        let oid: Option<i64> = ctx.get(0)?;
+        let typmod: Option<i64> = ctx.get(1)?;
+        Ok(
+            oid.map(|oid| match crate::types::PgType::from_oid(oid as u32) {
+                Some(crate::types::PgType::Varchar) if typmod.unwrap_or(-1) > 4 => {
+                    format!("character varying({})", typmod.unwrap_or(0) - 4)
+                }
+                Some(t) => t.name().to_string(),
+                None => "???".to_string(),
+            }),
+        )
+    })?;
     conn.create_scalar_function("current_schema", 0, det, |_| Ok("public".to_string()))?;
     let id = identity.clone();
     conn.create_scalar_function("current_database", 0, det, move |_| Ok(id.database.clone()))?;

@@ -44,6 +44,8 @@ pub(crate) struct Inner {
     path: PathBuf,
     pub(crate) database: String,
     pub(crate) map: Arc<SchemaMap>,
+    /// The file's tables and the catalog's, for typing statements.
+    pub(crate) typing: Arc<SchemaMap>,
     /// The writer lease: whoever holds it may write to the file. tokio's
     /// mutex queues waiters in order.
     pub(crate) writer: Arc<tokio::sync::Mutex<()>>,
@@ -90,11 +92,14 @@ impl Engine {
         }
         drop(conn);
         let map = SchemaMap::read_file(path, overrides, 2).map_err(|e| fail(e.to_string()))?;
+        let mut typing = map.clone();
+        typing.tables.extend(catalog::tables());
         Ok(Engine {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 database: database.to_string(),
                 map: Arc::new(map),
+                typing: Arc::new(typing),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
                 next_pid: AtomicI32::new(1),
                 sessions: Mutex::new(HashMap::new()),
@@ -182,7 +187,7 @@ impl Inner {
         {
             return Ok(c.clone());
         }
-        let command = Arc::new(translate::command(sql, &self.map)?);
+        let command = Arc::new(translate::command(sql, &self.typing)?);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
@@ -209,6 +214,7 @@ impl Inner {
         )?;
         conn.set_prepared_statement_cache_capacity(256);
         let pid = identity.pid;
+        catalog::install(&conn, &self.map, &self.database)?;
         functions::install(&conn, clock, identity)?;
         self.install_advisory(&conn, pid)?;
         Ok(conn)

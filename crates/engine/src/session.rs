@@ -222,6 +222,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(engine: Arc<Inner>, m
             }
         }
     }
+    session.publish_settings();
     authentication::ok(&mut session.out);
     for name in REPORTED {
         let value = session.settings.get(*name).cloned().unwrap_or_default();
@@ -365,6 +366,15 @@ impl Session {
             _ => return None,
         };
         (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    /// Makes the settings visible to `current_setting()`.
+    fn publish_settings(&self) {
+        *self
+            .clock
+            .settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = self.settings.clone();
     }
 
     fn idle_timeout(&self) -> Option<Duration> {
@@ -783,6 +793,7 @@ impl Session {
                         .cloned()
                         .unwrap_or_default();
                     self.settings = defaults(&user);
+                    self.publish_settings();
                     return Ok(Self::tagged("RESET"));
                 }
                 if name.is_empty() {
@@ -829,6 +840,7 @@ impl Session {
                     .cloned()
                     .unwrap_or_default();
                 self.settings = defaults(&user);
+                self.publish_settings();
                 self.statements.clear();
                 self.portals.clear();
                 self.listening.clear();
@@ -1232,7 +1244,7 @@ fn describe_columns(
                 let table = c.table_name()?;
                 let column = c.origin_name()?;
                 let (t_index, table) = engine
-                    .map
+                    .typing
                     .tables
                     .iter()
                     .enumerate()
@@ -1257,12 +1269,13 @@ fn describe_columns(
                     let ty = hint
                         .filter(|h| *h != ty && t.result_hints.len() == count)
                         .unwrap_or(ty);
-                    (
-                        ty,
-                        Some(col),
-                        crate::catalog::table_oid(ti),
-                        (ci + 1) as i16,
-                    )
+                    // The catalog's own tables are not the file's.
+                    let (oid, number) = if ti < engine.map.tables.len() {
+                        (crate::catalog::table_oid(ti), (ci + 1) as i16)
+                    } else {
+                        (0, 0)
+                    };
+                    (ty, Some(col), oid, number)
                 }
                 None => (hint.unwrap_or(PgType::Text), None, 0, 0),
             };

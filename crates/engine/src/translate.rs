@@ -901,7 +901,13 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         "min" | "max" | "coalesce" | "abs" | "nullif" | "greatest" | "least" => return arg(),
         "lower" | "upper" | "concat" | "trim" | "btrim" | "ltrim" | "rtrim" | "substr"
         | "substring" | "replace" | "version" | "string_agg" | "to_char" | "md5" => PgType::Text,
-        "current_database" | "current_schema" | "current_user" | "session_user" => PgType::Name,
+        "current_database" | "current_schema" | "current_user" | "session_user"
+        | "pg_get_userbyid" => PgType::Name,
+        "current_setting" | "format_type" | "obj_description" | "col_description" => PgType::Text,
+        "pg_table_is_visible"
+        | "pg_type_is_visible"
+        | "has_table_privilege"
+        | "has_schema_privilege" => PgType::Bool,
         "length" | "char_length" | "pg_backend_pid" | "strpos" | "position" => PgType::Int4,
         "now"
         | "current_timestamp"
@@ -1109,6 +1115,41 @@ impl VisitorMut for Rewrite<'_, '_> {
         ControlFlow::Continue(())
     }
 
+    /// `x = ANY(ARRAY[a, b])` is `x IN (a, b)` and `x <> ALL(ARRAY[...])`
+    /// is NOT IN, rewritten before the array itself is visited.
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        let listed = match e {
+            Expr::AnyOp {
+                compare_op: BinaryOperator::Eq,
+                right,
+                ..
+            }
+            | Expr::AllOp {
+                compare_op: BinaryOperator::NotEq,
+                right,
+                ..
+            } => {
+                matches!(right.as_ref(), Expr::Array(_))
+            }
+            _ => false,
+        };
+        if listed {
+            let negated = matches!(e, Expr::AllOp { .. });
+            if let Expr::AnyOp { left, right, .. } | Expr::AllOp { left, right, .. } =
+                std::mem::replace(e, Expr::value(Value::Null))
+            {
+                if let Expr::Array(array) = *right {
+                    *e = Expr::InList {
+                        expr: left,
+                        list: array.elem,
+                        negated,
+                    };
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
         match e {
             Expr::Value(v) => {
@@ -1152,7 +1193,9 @@ impl VisitorMut for Rewrite<'_, '_> {
                     PgType::Timestamptz | PgType::Timestamp => call("cutover_ts_text", inner),
                     PgType::Json | PgType::Jsonb => call("cutover_json", inner),
                     PgType::Numeric => call("cutover_numeric", inner),
-                    PgType::Date | PgType::Uuid | PgType::Bytea => inner,
+                    PgType::Date | PgType::Uuid | PgType::Bytea | PgType::Char | PgType::Oid => {
+                        inner
+                    }
                 };
             }
             Expr::ILike {
@@ -1237,6 +1280,14 @@ impl VisitorMut for Rewrite<'_, '_> {
             }
             Expr::Function(f) => {
                 let name = last_part(&f.name).to_ascii_lowercase();
+                // pg_catalog.version(): SQLite functions have no schema.
+                if f.name.0.len() == 2
+                    && f.name.0[0]
+                        .as_ident()
+                        .is_some_and(|i| i.value.eq_ignore_ascii_case("pg_catalog"))
+                {
+                    f.name.0.remove(0);
+                }
                 // sum and avg over numerics in exact decimal arithmetic.
                 let arg = first_arg(f).and_then(|a| expr_type(a, self.scope));
                 let exact = match (name.as_str(), arg) {
@@ -1315,64 +1366,81 @@ fn json_function(name: &str) -> Option<&'static str> {
     })
 }
 
-/// Functions SQLite or the engine provides with PostgreSQL's meaning.
+/// Whether a statement may call `name`.
 fn known_function(name: &str) -> bool {
-    matches!(
-        name,
-        "count"
-            | "sum"
-            | "avg"
-            | "min"
-            | "max"
-            | "coalesce"
-            | "nullif"
-            | "abs"
-            | "lower"
-            | "upper"
-            | "length"
-            | "replace"
-            | "trim"
-            | "ltrim"
-            | "rtrim"
-            | "round"
-            | "row_number"
-            | "rank"
-            | "dense_rank"
-            | "lag"
-            | "lead"
-            | "first_value"
-            | "last_value"
-            | "now"
-            | "current_timestamp"
-            | "version"
-            | "current_database"
-            | "current_schema"
-            | "pg_backend_pid"
-            | "gen_random_uuid"
-            | "random"
-            | "cutover_ts"
-            | "cutover_bool"
-            | "cutover_int"
-            | "cutover_ts_text"
-            | "cutover_json"
-            | "cutover_numeric"
-            | "cutover_store"
-            | "cutover_div"
-            | "cutover_sum_numeric"
-            | "cutover_avg"
-            | "greatest"
-            | "least"
-            | "concat"
-            | "current_user"
-            | "session_user"
-            | "transaction_timestamp"
-            | "statement_timestamp"
-            | "pg_try_advisory_lock"
-            | "pg_advisory_lock"
-            | "pg_advisory_unlock"
-            | "pg_advisory_unlock_all"
-    )
+    KNOWN_FUNCTIONS.contains(&name)
 }
+
+/// Functions SQLite or the engine provides with PostgreSQL's meaning
+/// (the engine's own `cutover_*` helpers included).
+const KNOWN_FUNCTIONS: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "coalesce",
+    "nullif",
+    "abs",
+    "lower",
+    "upper",
+    "length",
+    "replace",
+    "trim",
+    "ltrim",
+    "rtrim",
+    "round",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "now",
+    "current_timestamp",
+    "version",
+    "current_database",
+    "current_schema",
+    "current_user",
+    "session_user",
+    "pg_backend_pid",
+    "gen_random_uuid",
+    "random",
+    "greatest",
+    "least",
+    "concat",
+    "transaction_timestamp",
+    "statement_timestamp",
+    "pg_try_advisory_lock",
+    "pg_advisory_lock",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_all",
+    "current_setting",
+    "pg_table_is_visible",
+    "pg_type_is_visible",
+    "has_table_privilege",
+    "has_schema_privilege",
+    "pg_get_userbyid",
+    "obj_description",
+    "col_description",
+    "format_type",
+    "cutover_ts",
+    "cutover_bool",
+    "cutover_int",
+    "cutover_ts_text",
+    "cutover_json",
+    "cutover_numeric",
+    "cutover_store",
+    "cutover_div",
+    "cutover_sum_numeric",
+    "cutover_avg",
+    "cutover_to_json",
+    "cutover_json_array",
+    "cutover_json_object",
+    "cutover_json_agg",
+    "cutover_json_value",
+];
 
 fn strip_public(name: &mut ObjectName) {
     if name.0.len() == 2 {
@@ -1572,24 +1640,7 @@ fn column_name(e: &Expr) -> Option<String> {
         } => match column_name(expr) {
             Some(n) if n != "?column?" => n,
             _ => PgType::from_name(&data_type.to_string())
-                .map(|t| match t {
-                    PgType::Bool => "bool",
-                    PgType::Int2 => "int2",
-                    PgType::Int4 => "int4",
-                    PgType::Int8 => "int8",
-                    PgType::Numeric => "numeric",
-                    PgType::Float8 => "float8",
-                    PgType::Text => "text",
-                    PgType::Varchar => "varchar",
-                    PgType::Name => "name",
-                    PgType::Date => "date",
-                    PgType::Timestamp => "timestamp",
-                    PgType::Timestamptz => "timestamptz",
-                    PgType::Json => "json",
-                    PgType::Jsonb => "jsonb",
-                    PgType::Bytea => "bytea",
-                    PgType::Uuid => "uuid",
-                })
+                .map(PgType::short_name)
                 .unwrap_or("?column?")
                 .to_string(),
         },

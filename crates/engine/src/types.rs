@@ -22,6 +22,10 @@ pub enum PgType {
     Varchar,
     /// `name`: identifiers (current_database(), catalog names).
     Name,
+    /// `"char"`: the catalog's one-byte codes (relkind, typtype).
+    Char,
+    /// `oid`: the catalog's object identifiers.
+    Oid,
     Date,
     Timestamp,
     Timestamptz,
@@ -43,6 +47,8 @@ impl PgType {
             PgType::Text => 25,
             PgType::Varchar => 1043,
             PgType::Name => 19,
+            PgType::Char => 18,
+            PgType::Oid => 26,
             PgType::Date => 1082,
             PgType::Timestamp => 1114,
             PgType::Timestamptz => 1184,
@@ -64,6 +70,8 @@ impl PgType {
             PgType::Text,
             PgType::Varchar,
             PgType::Name,
+            PgType::Char,
+            PgType::Oid,
             PgType::Date,
             PgType::Timestamp,
             PgType::Timestamptz,
@@ -79,9 +87,9 @@ impl PgType {
     /// pg_type.typlen.
     pub fn size(self) -> i16 {
         match self {
-            PgType::Bool => 1,
+            PgType::Bool | PgType::Char => 1,
             PgType::Int2 => 2,
-            PgType::Int4 | PgType::Date => 4,
+            PgType::Int4 | PgType::Date | PgType::Oid => 4,
             PgType::Int8 | PgType::Float8 | PgType::Timestamp | PgType::Timestamptz => 8,
             PgType::Uuid => 16,
             PgType::Name => 64,
@@ -107,6 +115,8 @@ impl PgType {
             "float8" | "double precision" | "float" | "real" | "float4" => PgType::Float8,
             "text" => PgType::Text,
             "name" => PgType::Name,
+            "\"char\"" => PgType::Char,
+            "oid" | "regclass" | "regtype" => PgType::Oid,
             "varchar" | "character varying" | "char" | "character" | "bpchar" => PgType::Varchar,
             "date" => PgType::Date,
             "timestamp" | "timestamp without time zone" => PgType::Timestamp,
@@ -130,9 +140,35 @@ impl PgType {
             PgType::Text => "text",
             PgType::Varchar => "character varying",
             PgType::Name => "name",
+            PgType::Char => "\"char\"",
+            PgType::Oid => "oid",
             PgType::Date => "date",
             PgType::Timestamp => "timestamp without time zone",
             PgType::Timestamptz => "timestamp with time zone",
+            PgType::Json => "json",
+            PgType::Jsonb => "jsonb",
+            PgType::Bytea => "bytea",
+            PgType::Uuid => "uuid",
+        }
+    }
+
+    /// pg_type.typname.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            PgType::Bool => "bool",
+            PgType::Int2 => "int2",
+            PgType::Int4 => "int4",
+            PgType::Int8 => "int8",
+            PgType::Numeric => "numeric",
+            PgType::Float8 => "float8",
+            PgType::Text => "text",
+            PgType::Varchar => "varchar",
+            PgType::Name => "name",
+            PgType::Char => "char",
+            PgType::Oid => "oid",
+            PgType::Date => "date",
+            PgType::Timestamp => "timestamp",
+            PgType::Timestamptz => "timestamptz",
             PgType::Json => "json",
             PgType::Jsonb => "jsonb",
             PgType::Bytea => "bytea",
@@ -383,7 +419,14 @@ pub fn binary(ty: PgType, text: &str) -> Result<Vec<u8>, BadInput> {
             }
             b
         }
-        PgType::Text | PgType::Varchar | PgType::Name | PgType::Json => text.as_bytes().to_vec(),
+        PgType::Oid => text
+            .parse::<u32>()
+            .map_err(|_| bad())?
+            .to_be_bytes()
+            .to_vec(),
+        PgType::Text | PgType::Varchar | PgType::Name | PgType::Char | PgType::Json => {
+            text.as_bytes().to_vec()
+        }
     })
 }
 
@@ -511,7 +554,8 @@ pub fn param_text(ty: PgType, format: i16, bytes: &[u8]) -> Result<String, BadIn
             )
         }
         PgType::Numeric => numeric_from_binary(bytes).ok_or_else(bad)?,
-        PgType::Text | PgType::Varchar | PgType::Name | PgType::Json => {
+        PgType::Oid => u32::from_be_bytes(bytes.try_into().map_err(|_| bad())?).to_string(),
+        PgType::Text | PgType::Varchar | PgType::Name | PgType::Char | PgType::Json => {
             String::from_utf8(bytes.to_vec()).map_err(|_| bad())?
         }
         PgType::Uuid => return Err(bad()),
@@ -637,7 +681,10 @@ pub fn to_storage(ty: PgType, codec: Option<Codec>, text: &str) -> Result<Value,
             Some(h) => Value::Blob(unhex(h).ok_or_else(bad)?),
             None => Value::Blob(text.as_bytes().to_vec()),
         },
-        PgType::Text | PgType::Varchar | PgType::Name => Value::Text(text.to_string()),
+        PgType::Oid => Value::Integer(t.parse::<u32>().map_err(|_| bad())?.into()),
+        PgType::Text | PgType::Varchar | PgType::Name | PgType::Char => {
+            Value::Text(text.to_string())
+        }
     })
 }
 
