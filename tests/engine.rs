@@ -274,6 +274,8 @@ async fn parameters_are_typed_and_bound_as_postgresql_does() {
     let sides = sides(Style::Prisma).await;
     let (e, p) = sides.clients().await;
     let since = SystemTime::UNIX_EPOCH + Duration::from_secs(sqlite_app::EPOCH as u64 + 7200);
+    let ids: Vec<i64> = vec![5, 1, 3, 99];
+    let emails: Vec<&str> = vec!["user2@example.com", "nobody"];
     let cases: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = vec![
         (
             "SELECT id, title FROM {p} WHERE user_id = $1 ORDER BY id LIMIT $2",

@@ -73,6 +73,8 @@ async function nodePostgres() {
     ["SELECT count(*) AS n FROM users WHERE created_at > $1", ["2024-03-01T14:00:00Z"]],
     ["SELECT id FROM users WHERE is_admin = $1 ORDER BY id LIMIT 3", ["true"]],
     ["SELECT $2::int AS second, $1::text AS first", ["a", "2"]],
+    ["SELECT id, email FROM users WHERE id = ANY($1) ORDER BY id", [[3, 1, 2]]],
+    ["SELECT id FROM users WHERE email = ANY($1) ORDER BY id", [["user4@example.com", "x\"y", "user1@example.com"]]],
   ];
   for (const [text, values] of queries) {
     const r = await client.query(text, values);

@@ -19,26 +19,26 @@ pub fn table_oid(index: usize) -> u32 {
     16384 + index as u32
 }
 
-/// Built-in types: (type, array type OID, category).
-const TYPES: &[(PgType, u32, &str)] = &[
-    (PgType::Bool, 1000, "B"),
-    (PgType::Int2, 1005, "N"),
-    (PgType::Int4, 1007, "N"),
-    (PgType::Int8, 1016, "N"),
-    (PgType::Numeric, 1231, "N"),
-    (PgType::Float8, 1022, "N"),
-    (PgType::Text, 1009, "S"),
-    (PgType::Varchar, 1015, "S"),
-    (PgType::Name, 1003, "S"),
-    (PgType::Char, 1002, "Z"),
-    (PgType::Oid, 1028, "N"),
-    (PgType::Date, 1182, "D"),
-    (PgType::Timestamp, 1115, "D"),
-    (PgType::Timestamptz, 1185, "D"),
-    (PgType::Json, 199, "U"),
-    (PgType::Jsonb, 3807, "U"),
-    (PgType::Bytea, 1001, "U"),
-    (PgType::Uuid, 2951, "U"),
+/// Built-in types and their categories.
+const TYPES: &[(PgType, &str)] = &[
+    (PgType::Bool, "B"),
+    (PgType::Int2, "N"),
+    (PgType::Int4, "N"),
+    (PgType::Int8, "N"),
+    (PgType::Numeric, "N"),
+    (PgType::Float8, "N"),
+    (PgType::Text, "S"),
+    (PgType::Varchar, "S"),
+    (PgType::Name, "S"),
+    (PgType::Char, "Z"),
+    (PgType::Oid, "N"),
+    (PgType::Date, "D"),
+    (PgType::Timestamp, "D"),
+    (PgType::Timestamptz, "D"),
+    (PgType::Json, "U"),
+    (PgType::Jsonb, "U"),
+    (PgType::Bytea, "U"),
+    (PgType::Uuid, "U"),
 ];
 
 /// A catalog table: its schema, name, and columns with their types.
@@ -225,7 +225,8 @@ pub fn install(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
             params![database, name],
         )?;
     }
-    for (ty, array, category) in TYPES {
+    for (ty, category) in TYPES {
+        let array = ty.array_oid();
         let (byval, len) = (ty.size() > 0 && ty.size() <= 8, ty.size());
         let name = ty.short_name();
         tx.execute(

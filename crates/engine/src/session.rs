@@ -502,12 +502,13 @@ impl Session {
                     }
                     for (i, ty) in param_types.iter_mut().enumerate() {
                         if *ty == 0 {
-                            *ty = t
-                                .params
-                                .get(i)
-                                .and_then(|p| p.pg_type)
-                                .unwrap_or(PgType::Text)
-                                .oid();
+                            let param = t.params.get(i);
+                            let elem = param.and_then(|p| p.pg_type).unwrap_or(PgType::Text);
+                            *ty = if param.is_some_and(|p| p.array) {
+                                elem.array_oid()
+                            } else {
+                                elem.oid()
+                            };
                         }
                     }
                 }
@@ -551,10 +552,14 @@ impl Session {
         }
         let mut params = Vec::with_capacity(b.params.len());
         for (i, value) in b.params.iter().enumerate() {
-            let ty = PgType::from_oid(statement.param_types[i]).unwrap_or(PgType::Text);
-            let converted = match value {
-                None => Ok(Value::Null),
-                Some(bytes) => types::param_text(ty, b.param_formats[i], bytes)
+            let oid = statement.param_types[i];
+            let ty = PgType::from_oid(oid).unwrap_or(PgType::Text);
+            let converted = match (value, PgType::element_of(oid)) {
+                (None, _) => Ok(Value::Null),
+                (Some(bytes), Some(elem)) => {
+                    types::array_param_json(elem, b.param_formats[i], bytes).map(Value::Text)
+                }
+                (Some(bytes), None) => types::param_text(ty, b.param_formats[i], bytes)
                     .and_then(|text| types::to_storage(ty, None, &text)),
             };
             match converted {

@@ -100,6 +100,8 @@ pub struct Param {
     pub pg_type: Option<PgType>,
     /// Where the value goes: stored into this column in its codec.
     pub stored: Option<(String, String)>,
+    /// An array of `pg_type` (`x = ANY($1)`).
+    pub array: bool,
 }
 
 /// Splits a simple query into statements (outside quotes, dollar quotes
@@ -575,6 +577,20 @@ fn placeholder(e: &Expr) -> Option<usize> {
     }
 }
 
+/// The already rewritten placeholder (`?n`) an expression is.
+fn placeholder_text(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) if p.starts_with('?') || p.starts_with('$') => {
+                Some(format!("?{}", &p[1..]))
+            }
+            _ => None,
+        },
+        Expr::Nested(inner) => placeholder_text(inner),
+        _ => None,
+    }
+}
+
 fn set_param(params: &mut Vec<Param>, n: usize, param: Param) {
     if n == 0 {
         return;
@@ -589,6 +605,7 @@ fn set_param(params: &mut Vec<Param>, n: usize, param: Param) {
     if slot.stored.is_none() {
         slot.stored = param.stored;
     }
+    slot.array |= param.array;
 }
 
 /// Infers each `$n`'s type from what it is compared with, stored into or
@@ -602,6 +619,20 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
         type Break = ();
         fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
             match e {
+                Expr::AnyOp { left, right, .. } | Expr::AllOp { left, right, .. } => {
+                    if let Some(n) = placeholder(right) {
+                        let ty = expr_type(left, self.scope);
+                        set_param(
+                            self.params,
+                            n,
+                            Param {
+                                pg_type: ty,
+                                stored: None,
+                                array: true,
+                            },
+                        );
+                    }
+                }
                 Expr::BinaryOp { left, right, .. } => {
                     for (p, other) in [(left, right), (right, left)] {
                         if let Some(n) = placeholder(p) {
@@ -612,6 +643,7 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
                                 Param {
                                     pg_type: ty,
                                     stored: None,
+                                    array: false,
                                 },
                             );
                         }
@@ -628,6 +660,7 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
                             Param {
                                 pg_type: ty,
                                 stored: None,
+                                array: false,
                             },
                         );
                     }
@@ -641,6 +674,7 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
                                 Param {
                                     pg_type: Some(PgType::Text),
                                     stored: None,
+                                    array: false,
                                 },
                             );
                         }
@@ -656,6 +690,7 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
                                 Param {
                                     pg_type: ty,
                                     stored: None,
+                                    array: false,
                                 },
                             );
                         }
@@ -673,6 +708,7 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
                                 Param {
                                     pg_type: ty,
                                     stored: None,
+                                    array: false,
                                 },
                             );
                         }
@@ -697,6 +733,7 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
                             Param {
                                 pg_type: Some(PgType::Int8),
                                 stored: None,
+                                array: false,
                             },
                         );
                     }
@@ -770,6 +807,7 @@ fn stored_param(params: &mut Vec<Param>, n: usize, table: &Table, column: &str) 
             Param {
                 pg_type: Some(PgType::of_column(&c.pg_type)),
                 stored: Some((table.name.clone(), c.name.clone())),
+                array: false,
             },
         );
     }
@@ -1269,6 +1307,45 @@ impl VisitorMut for Rewrite<'_, '_> {
                 op: UnaryOperator::Not,
                 expr,
             } => self.truth(expr),
+            // x = ANY($1): the array arrives as JSON (see bind), and SQLite
+            // reads it with json_each.
+            Expr::AnyOp {
+                compare_op: BinaryOperator::Eq,
+                right,
+                ..
+            }
+            | Expr::AllOp {
+                compare_op: BinaryOperator::NotEq,
+                right,
+                ..
+            } if placeholder_text(right).is_some() => {
+                let negated = matches!(e, Expr::AllOp { .. });
+                let (Expr::AnyOp { left, right, .. } | Expr::AllOp { left, right, .. }) =
+                    std::mem::replace(e, Expr::value(Value::Null))
+                else {
+                    return ControlFlow::Continue(());
+                };
+                let Some(p) = placeholder_text(&right) else {
+                    return ControlFlow::Continue(());
+                };
+                let normal = self.codec_of(&left).and_then(|(ty, _)| normalizer(ty));
+                let (lhs, value) = match normal {
+                    Some(f) => (call(f, *left), format!("{f}(value)")),
+                    None => (*left, "value".to_string()),
+                };
+                let sql = format!("SELECT {value} FROM json_each({p})");
+                let Ok(Some(Statement::Query(q))) =
+                    Parser::parse_sql(&sqlparser::dialect::SQLiteDialect {}, &sql)
+                        .map(|mut v| v.pop())
+                else {
+                    return self.refuse("= ANY over this array");
+                };
+                *e = Expr::InSubquery {
+                    expr: Box::new(lhs),
+                    subquery: q,
+                    negated,
+                };
+            }
             Expr::AnyOp { .. } | Expr::AllOp { .. } => return self.refuse("= ANY/ALL over arrays"),
             Expr::Array(_) => return self.refuse("ARRAY values"),
             Expr::Interval(_) => return self.refuse("INTERVAL arithmetic"),

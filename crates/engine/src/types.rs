@@ -60,30 +60,33 @@ impl PgType {
     }
 
     pub fn from_oid(oid: u32) -> Option<PgType> {
-        [
-            PgType::Bool,
-            PgType::Int2,
-            PgType::Int4,
-            PgType::Int8,
-            PgType::Numeric,
-            PgType::Float8,
-            PgType::Text,
-            PgType::Varchar,
-            PgType::Name,
-            PgType::Char,
-            PgType::Oid,
-            PgType::Date,
-            PgType::Timestamp,
-            PgType::Timestamptz,
-            PgType::Json,
-            PgType::Jsonb,
-            PgType::Bytea,
-            PgType::Uuid,
-        ]
-        .into_iter()
-        .find(|t| t.oid() == oid)
+        ALL.iter().copied().find(|t| t.oid() == oid)
     }
+}
 
+/// Every type the engine knows.
+const ALL: &[PgType] = &[
+    PgType::Bool,
+    PgType::Int2,
+    PgType::Int4,
+    PgType::Int8,
+    PgType::Numeric,
+    PgType::Float8,
+    PgType::Text,
+    PgType::Varchar,
+    PgType::Name,
+    PgType::Char,
+    PgType::Oid,
+    PgType::Date,
+    PgType::Timestamp,
+    PgType::Timestamptz,
+    PgType::Json,
+    PgType::Jsonb,
+    PgType::Bytea,
+    PgType::Uuid,
+];
+
+impl PgType {
     /// pg_type.typlen.
     pub fn size(self) -> i16 {
         match self {
@@ -150,6 +153,35 @@ impl PgType {
             PgType::Bytea => "bytea",
             PgType::Uuid => "uuid",
         }
+    }
+
+    /// The OID of the array type of this type.
+    pub fn array_oid(self) -> u32 {
+        match self {
+            PgType::Bool => 1000,
+            PgType::Int2 => 1005,
+            PgType::Int4 => 1007,
+            PgType::Int8 => 1016,
+            PgType::Numeric => 1231,
+            PgType::Float8 => 1022,
+            PgType::Text => 1009,
+            PgType::Varchar => 1015,
+            PgType::Name => 1003,
+            PgType::Char => 1002,
+            PgType::Oid => 1028,
+            PgType::Date => 1182,
+            PgType::Timestamp => 1115,
+            PgType::Timestamptz => 1185,
+            PgType::Json => 199,
+            PgType::Jsonb => 3807,
+            PgType::Bytea => 1001,
+            PgType::Uuid => 2951,
+        }
+    }
+
+    /// The element type of an array type's OID.
+    pub fn element_of(array_oid: u32) -> Option<PgType> {
+        ALL.iter().copied().find(|t| t.array_oid() == array_oid)
     }
 
     /// pg_type.typname.
@@ -506,6 +538,102 @@ fn numeric_binary(text: &str) -> Option<Vec<u8>> {
         out.extend_from_slice(&g.to_be_bytes());
     }
     Some(out)
+}
+
+/// An array parameter (`= ANY($1)`) as a JSON array of its elements'
+/// SQLite values, for `json_each`. Text form `{a,"b c",NULL}` or binary.
+pub fn array_param_json(elem: PgType, format: i16, bytes: &[u8]) -> Result<String, BadInput> {
+    let bad = || BadInput {
+        pg_type: elem,
+        text: String::from_utf8_lossy(bytes).into_owned(),
+    };
+    let mut texts: Vec<Option<String>> = Vec::new();
+    if format == 0 {
+        let t = std::str::from_utf8(bytes).map_err(|_| bad())?.trim();
+        let inner = t
+            .strip_prefix('{')
+            .and_then(|t| t.strip_suffix('}'))
+            .ok_or_else(bad)?;
+        let mut chars = inner.chars().peekable();
+        while chars.peek().is_some() {
+            let mut item = String::new();
+            let quoted = chars.peek() == Some(&'"');
+            if quoted {
+                chars.next();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => item.extend(chars.next()),
+                        '"' => break,
+                        c => item.push(c),
+                    }
+                }
+                texts.push(Some(item));
+                while chars.peek().is_some_and(|c| *c != ',') {
+                    chars.next();
+                }
+            } else {
+                while let Some(c) = chars.peek().copied() {
+                    if c == ',' {
+                        break;
+                    }
+                    item.push(c);
+                    chars.next();
+                }
+                let item = item.trim();
+                if item.eq_ignore_ascii_case("null") {
+                    texts.push(None);
+                } else {
+                    texts.push(Some(item.to_string()));
+                }
+            }
+            chars.next();
+        }
+    } else {
+        let word = |at: usize| -> Result<i32, BadInput> {
+            Ok(i32::from_be_bytes(
+                bytes
+                    .get(at..at + 4)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            ))
+        };
+        let dims = word(0)?;
+        let mut at = 12;
+        let mut count = if dims == 0 { 0 } else { 1 };
+        for _ in 0..dims {
+            count *= word(at)?.max(0) as usize;
+            at += 8;
+        }
+        for _ in 0..count {
+            let len = word(at)?;
+            at += 4;
+            if len < 0 {
+                texts.push(None);
+                continue;
+            }
+            let len = len as usize;
+            let item = bytes.get(at..at + len).ok_or_else(bad)?;
+            texts.push(Some(param_text(elem, 1, item)?));
+            at += len;
+        }
+    }
+    let mut json = Vec::with_capacity(texts.len());
+    for t in texts {
+        json.push(match t {
+            None => serde_json::Value::Null,
+            Some(t) => match to_storage(elem, None, &t)? {
+                Value::Null => serde_json::Value::Null,
+                Value::Integer(i) => i.into(),
+                Value::Real(f) => serde_json::Number::from_f64(f)
+                    .map(Into::into)
+                    .unwrap_or(serde_json::Value::Null),
+                Value::Text(s) => s.into(),
+                Value::Blob(b) => hex(&b).into(),
+            },
+        });
+    }
+    Ok(serde_json::Value::Array(json).to_string())
 }
 
 /// A parameter as PostgreSQL input text of `ty`, from the client's text
