@@ -302,6 +302,14 @@ async fn parameters_are_typed_and_bound_as_postgresql_does() {
             "SELECT id FROM {p} ORDER BY id LIMIT $1 OFFSET $2",
             vec![&2i64, &3i64],
         ),
+        (
+            "SELECT id, email FROM {u} WHERE id = ANY($1) ORDER BY id",
+            vec![&ids],
+        ),
+        (
+            "SELECT id FROM {u} WHERE email <> ALL($1) AND id < 5 ORDER BY id",
+            vec![&emails],
+        ),
     ];
     for (sql, params) in cases {
         let sql = sides.sql(sql);
