@@ -77,6 +77,20 @@ impl Decimal {
         })
     }
 
+    pub fn negated(self) -> Decimal {
+        Decimal {
+            m: -self.m,
+            scale: self.scale,
+        }
+    }
+
+    pub fn mul(self, other: Decimal) -> Option<Decimal> {
+        Some(Decimal {
+            m: self.m.checked_mul(other.m)?,
+            scale: self.scale + other.scale,
+        })
+    }
+
     /// Base-10000 weight and leading digit of a nonzero value, as
     /// PostgreSQL's numeric stores it.
     fn weight_and_first_digit(self) -> (i32, i128) {

@@ -259,6 +259,7 @@ pub fn install(
         Ok(format!("{{{}}}", joined(pairs)))
     })?;
     conn.create_aggregate_function("cutover_avg", 1, det, NumericAvg)?;
+    install_time_and_numeric(conn, clock.clone())?;
     conn.create_scalar_function("version", 0, det, |_| Ok(VERSION.to_string()))?;
     for args in [1, 2] {
         let clock = clock.clone();
@@ -494,6 +495,120 @@ impl Aggregate<(Option<Decimal>, i64), Option<String>> for NumericAvg {
             _ => None,
         })
     }
+}
+
+/// A decimal result as the SQLite value that compares and sorts as the
+/// number it is (text would sort after every number).
+fn decimal_value(d: Decimal) -> Value {
+    let text = d.to_text();
+    match text.parse::<i64>() {
+        Ok(i) => Value::Integer(i),
+        Err(_) => Value::Real(text.parse::<f64>().unwrap_or(f64::NAN)),
+    }
+}
+
+fn install_time_and_numeric(conn: &Connection, clock: Arc<SessionClock>) -> rusqlite::Result<()> {
+    use crate::time;
+    let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+    for (name, op) in [
+        ("cutover_num_add", 0u8),
+        ("cutover_num_sub", 1),
+        ("cutover_num_mul", 2),
+    ] {
+        conn.create_scalar_function(name, 2, det, move |ctx| {
+            let (Some(a), Some(b)) = (decimal_of(ctx.get_raw(0))?, decimal_of(ctx.get_raw(1))?)
+            else {
+                return Ok(Value::Null);
+            };
+            let result = match op {
+                0 => a.add(b),
+                1 => a.add(b.negated()),
+                _ => a.mul(b),
+            };
+            Ok(decimal_value(result.ok_or_else(|| {
+                err("numeric value out of range".to_string())
+            })?))
+        })?;
+    }
+    let time_of = |v: ValueRef<'_>| {
+        micros_of(v).ok_or_else(|| {
+            err(format!(
+                "invalid input syntax for type timestamp with time zone: \"{}\"",
+                cutover_sqlite::value::raw(v)
+            ))
+        })
+    };
+    conn.create_scalar_function("cutover_ts_add", 3, det, move |ctx| {
+        if let ValueRef::Null = ctx.get_raw(0) {
+            return Ok(None);
+        }
+        let t = time_of(ctx.get_raw(0))?;
+        let text: String = ctx.get(1)?;
+        let sign: i64 = ctx.get(2)?;
+        let iv = time::Interval::parse(&text).ok_or_else(|| {
+            err(format!(
+                "invalid input syntax for type interval: \"{text}\""
+            ))
+        })?;
+        let iv = if sign < 0 { iv.negated() } else { iv };
+        Ok(Some(time::timestamp_text(time::add(t, iv))))
+    })?;
+    conn.create_scalar_function("cutover_date_add", 2, det, move |ctx| {
+        if let ValueRef::Null = ctx.get_raw(0) {
+            return Ok(None);
+        }
+        let days = time_of(ctx.get_raw(0))?.div_euclid(86_400_000_000);
+        let n: i64 = ctx.get(1)?;
+        Ok(Some(time::date_text(days + n)))
+    })?;
+    let today = clock.clone();
+    conn.create_scalar_function(
+        "cutover_current_date",
+        0,
+        FunctionFlags::SQLITE_UTF8,
+        move |_| {
+            Ok(time::date_text(
+                today
+                    .transaction_start
+                    .load(Ordering::Relaxed)
+                    .div_euclid(86_400_000_000),
+            ))
+        },
+    )?;
+    conn.create_scalar_function("cutover_date_trunc", 2, det, move |ctx| {
+        let unit: String = ctx.get(0)?;
+        if let ValueRef::Null = ctx.get_raw(1) {
+            return Ok(None);
+        }
+        let t = time_of(ctx.get_raw(1))?;
+        let truncated = time::trunc(&unit, t).ok_or_else(|| {
+            err(format!(
+                "unit \"{unit}\" not recognized for type timestamp with time zone"
+            ))
+        })?;
+        Ok(Some(time::timestamp_text(truncated)))
+    })?;
+    for (name, float) in [("cutover_extract", false), ("cutover_date_part", true)] {
+        conn.create_scalar_function(name, 3, det, move |ctx| {
+            let field: String = ctx.get(0)?;
+            if let ValueRef::Null = ctx.get_raw(1) {
+                return Ok(Value::Null);
+            }
+            let t = time_of(ctx.get_raw(1))?;
+            let date: bool = ctx.get(2)?;
+            let text = time::extract(&field, t, date).ok_or_else(|| {
+                err(format!(
+                    "unit \"{field}\" not recognized for type timestamp with time zone"
+                ))
+            })?;
+            Ok(if float {
+                Value::Real(text.parse().unwrap_or(f64::NAN))
+            } else {
+                Value::Text(text)
+            })
+        })?;
+    }
+    Ok(())
 }
 
 pub fn now_micros() -> i64 {

@@ -16,6 +16,7 @@ mod decimal;
 mod errors;
 mod functions;
 mod session;
+mod time;
 pub mod translate;
 pub mod types;
 

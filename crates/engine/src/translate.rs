@@ -577,6 +577,74 @@ fn placeholder(e: &Expr) -> Option<usize> {
     }
 }
 
+/// The text of an interval literal: `INTERVAL '7 days'`, `INTERVAL '7'
+/// DAY`, `'7 days'::interval`.
+fn interval_text(e: &Expr) -> Option<String> {
+    let literal = |v: &Expr| match v {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    match e {
+        Expr::Nested(inner) => interval_text(inner),
+        Expr::Interval(iv) => {
+            let text = literal(&iv.value)?;
+            Some(match &iv.leading_field {
+                Some(field) => format!("{text} {field}"),
+                None => text,
+            })
+        }
+        Expr::Cast {
+            expr,
+            data_type: DataType::Interval { .. },
+            ..
+        } => literal(expr),
+        _ => None,
+    }
+}
+
+/// Whether an expression yields a decimal as text (exact sums and
+/// averages, extract): compared as a number it must be read as one.
+fn decimal_text(e: &Expr) -> bool {
+    match e {
+        Expr::Nested(inner) => decimal_text(inner),
+        Expr::Function(f) => matches!(
+            last_part(&f.name).as_str(),
+            "cutover_sum_numeric" | "cutover_avg" | "cutover_extract"
+        ),
+        _ => false,
+    }
+}
+
+/// PostgreSQL's type category, which decides what compares with what.
+fn category(t: PgType) -> char {
+    match t {
+        PgType::Text | PgType::Varchar | PgType::Name | PgType::Char => 'S',
+        PgType::Int2
+        | PgType::Int4
+        | PgType::Int8
+        | PgType::Numeric
+        | PgType::Float8
+        | PgType::Oid => 'N',
+        PgType::Date | PgType::Timestamp | PgType::Timestamptz => 'D',
+        PgType::Bool => 'B',
+        PgType::Json => 'J',
+        PgType::Jsonb => 'j',
+        PgType::Uuid => 'U',
+        PgType::Bytea => 'X',
+    }
+}
+
+fn is_string_literal(e: &Expr) -> bool {
+    match e {
+        Expr::Nested(inner) => is_string_literal(inner),
+        Expr::Value(v) => matches!(v.value, Value::SingleQuotedString(_)),
+        _ => false,
+    }
+}
+
 /// The already rewritten placeholder (`?n`) an expression is.
 fn placeholder_text(e: &Expr) -> Option<String> {
     match e {
@@ -856,6 +924,11 @@ fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
             }
             BinaryOperator::Arrow => return expr_type(left, scope),
             BinaryOperator::LongArrow => PgType::Text,
+            BinaryOperator::Plus | BinaryOperator::Minus
+                if interval_text(left).is_some() || interval_text(right).is_some() =>
+            {
+                PgType::Timestamptz
+            }
             BinaryOperator::Plus
             | BinaryOperator::Minus
             | BinaryOperator::Multiply
@@ -884,6 +957,7 @@ fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
         | Expr::ILike { .. }
         | Expr::Exists { .. } => PgType::Bool,
         Expr::Function(f) => return function_type(f, scope),
+        Expr::Extract { .. } => PgType::Numeric,
         Expr::Case {
             conditions,
             else_result,
@@ -902,12 +976,14 @@ fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
 fn arithmetic(l: PgType, r: PgType) -> PgType {
     use PgType::*;
     match (l, r) {
+        (Date, Date) => Int4,
+        (Date, _) | (_, Date) => Date,
+        (Timestamptz, _) | (_, Timestamptz) => Timestamptz,
         (Float8, _) | (_, Float8) => Float8,
         (Numeric, _) | (_, Numeric) => Numeric,
         (Int8, _) | (_, Int8) => Int8,
         (Int4, _) | (_, Int4) => Int4,
         (Int2, Int2) => Int2,
-        (Timestamptz, _) | (_, Timestamptz) => Timestamptz,
         (a, _) => a,
     }
 }
@@ -952,6 +1028,18 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         | "statement_timestamp"
         | "transaction_timestamp"
         | "clock_timestamp" => PgType::Timestamptz,
+        "date_trunc" | "cutover_date_trunc" | "cutover_ts_add" => PgType::Timestamptz,
+        "current_date" | "cutover_current_date" | "cutover_date_add" => PgType::Date,
+        "date_part" | "cutover_date_part" => PgType::Float8,
+        "cutover_extract"
+        | "cutover_num_add"
+        | "cutover_num_sub"
+        | "cutover_num_mul"
+        | "cutover_sum_numeric"
+        | "cutover_avg"
+        | "cutover_numeric" => PgType::Numeric,
+        "cutover_ts" => PgType::Int8,
+        "cutover_bool" => PgType::Bool,
         "random" => PgType::Float8,
         "gen_random_uuid" => PgType::Uuid,
         "json_agg" | "json_build_object" | "json_build_array" | "to_json" | "json_object_agg" => {
@@ -1156,6 +1244,42 @@ impl VisitorMut for Rewrite<'_, '_> {
     /// `x = ANY(ARRAY[a, b])` is `x IN (a, b)` and `x <> ALL(ARRAY[...])`
     /// is NOT IN, rewritten before the array itself is visited.
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        // t ± interval: the interval has no SQLite form; the whole
+        // expression becomes one call before its parts are visited.
+        if let Expr::BinaryOp {
+            left,
+            op: op @ (BinaryOperator::Plus | BinaryOperator::Minus),
+            right,
+        } = e
+        {
+            let sign = if matches!(op, BinaryOperator::Minus) {
+                -1
+            } else {
+                1
+            };
+            let (time, text) = match (interval_text(left), interval_text(right)) {
+                (_, Some(t)) => (
+                    std::mem::replace(left.as_mut(), Expr::value(Value::Null)),
+                    t,
+                ),
+                (Some(t), None) if sign > 0 => (
+                    std::mem::replace(right.as_mut(), Expr::value(Value::Null)),
+                    t,
+                ),
+                _ => (Expr::value(Value::Null), String::new()),
+            };
+            if !text.is_empty() {
+                *e = call_with(
+                    "cutover_ts_add",
+                    vec![
+                        time,
+                        Expr::value(Value::SingleQuotedString(text)),
+                        Expr::value(Value::Number(sign.to_string(), false)),
+                    ],
+                );
+                return ControlFlow::Continue(());
+            }
+        }
         let listed = match e {
             Expr::AnyOp {
                 compare_op: BinaryOperator::Eq,
@@ -1273,12 +1397,111 @@ impl VisitorMut for Rewrite<'_, '_> {
                         | BinaryOperator::GtEq
                 );
                 if comparison {
+                    // Values of unrelated types do not compare in
+                    // PostgreSQL (text = integer is an error).
+                    let (lt, rt) = (expr_type(left, self.scope), expr_type(right, self.scope));
+                    if let (Some(l), Some(r)) = (lt, rt) {
+                        if !is_string_literal(left)
+                            && !is_string_literal(right)
+                            && category(l) != category(r)
+                        {
+                            if self.error.is_none() {
+                                self.error = Some(SqlError::new(
+                                    "42883",
+                                    format!(
+                                        "operator does not exist: {} {op} {}",
+                                        l.name(),
+                                        r.name()
+                                    ),
+                                ));
+                            }
+                            return ControlFlow::Break(());
+                        }
+                    }
                     let typed = self.codec_of(left).or_else(|| self.codec_of(right));
                     if let Some(f) = typed.and_then(|(ty, _)| normalizer(ty)) {
                         for side in [&mut **left, &mut **right] {
                             let inner = std::mem::replace(side, Expr::value(Value::Null));
                             *side = call(f, inner);
                         }
+                    } else {
+                        for side in [&mut **left, &mut **right] {
+                            if decimal_text(side) {
+                                let inner = std::mem::replace(side, Expr::value(Value::Null));
+                                *side = call("cutover_numeric", inner);
+                            }
+                        }
+                    }
+                }
+                let (lt, rt) = (expr_type(left, self.scope), expr_type(right, self.scope));
+                // Arithmetic on text, booleans or JSON is an error in
+                // PostgreSQL (SQLite would coerce); a quoted literal is
+                // still untyped there and adapts.
+                let arithmetic_op = matches!(
+                    op,
+                    BinaryOperator::Plus
+                        | BinaryOperator::Minus
+                        | BinaryOperator::Multiply
+                        | BinaryOperator::Divide
+                        | BinaryOperator::Modulo
+                );
+                let not_a_number = |t: Option<PgType>, side: &Expr| {
+                    !is_string_literal(side)
+                        && matches!(
+                            t,
+                            Some(
+                                PgType::Text
+                                    | PgType::Varchar
+                                    | PgType::Name
+                                    | PgType::Bool
+                                    | PgType::Json
+                                    | PgType::Jsonb
+                                    | PgType::Uuid
+                                    | PgType::Bytea
+                            )
+                        )
+                };
+                if arithmetic_op && (not_a_number(lt, left) || not_a_number(rt, right)) {
+                    let name = |t: Option<PgType>| t.map(PgType::name).unwrap_or("unknown");
+                    if self.error.is_none() {
+                        self.error = Some(SqlError::new(
+                            "42883",
+                            format!("operator does not exist: {} {op} {}", name(lt), name(rt)),
+                        ));
+                    }
+                    return ControlFlow::Break(());
+                }
+                let exact = match op {
+                    BinaryOperator::Plus => Some("cutover_num_add"),
+                    BinaryOperator::Minus => Some("cutover_num_sub"),
+                    BinaryOperator::Multiply => Some("cutover_num_mul"),
+                    _ => None,
+                };
+                // date ± integer is a date.
+                if lt == Some(PgType::Date) && rt.is_some_and(PgType::is_integer) {
+                    if let BinaryOperator::Plus | BinaryOperator::Minus = op {
+                        let l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
+                        let mut r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
+                        if matches!(op, BinaryOperator::Minus) {
+                            r = Expr::UnaryOp {
+                                op: UnaryOperator::Minus,
+                                expr: Box::new(Expr::Nested(Box::new(r))),
+                            };
+                        }
+                        *e = call2("cutover_date_add", l, r);
+                        return ControlFlow::Continue(());
+                    }
+                }
+                // numeric arithmetic in exact decimals (the file may hold
+                // the values as doubles: 0.1 + 0.2 must be 0.3).
+                if let Some(f) =
+                    exact.filter(|_| lt == Some(PgType::Numeric) || rt == Some(PgType::Numeric))
+                {
+                    if lt != Some(PgType::Float8) && rt != Some(PgType::Float8) {
+                        let l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
+                        let r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
+                        *e = call2(f, l, r);
+                        return ControlFlow::Continue(());
                     }
                 }
                 if matches!(op, BinaryOperator::Divide) {
@@ -1355,8 +1578,50 @@ impl VisitorMut for Rewrite<'_, '_> {
             {
                 *e = call_with("now", vec![]);
             }
+            Expr::Function(f)
+                if matches!(f.args, FunctionArguments::None)
+                    && last_part(&f.name).eq_ignore_ascii_case("current_date") =>
+            {
+                *e = call_with("cutover_current_date", vec![]);
+            }
+            Expr::Extract { field, expr, .. } => {
+                let date = expr_type(expr, self.scope) == Some(PgType::Date);
+                let inner = std::mem::replace(expr.as_mut(), Expr::value(Value::Null));
+                *e = call_with(
+                    "cutover_extract",
+                    vec![
+                        Expr::value(Value::SingleQuotedString(field.to_string())),
+                        inner,
+                        Expr::value(Value::Boolean(date)),
+                    ],
+                );
+            }
             Expr::Function(f) => {
                 let name = last_part(&f.name).to_ascii_lowercase();
+                if name == "date_trunc" {
+                    f.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(
+                        "cutover_date_trunc",
+                    ))]);
+                    return ControlFlow::Continue(());
+                }
+                if name == "date_part" {
+                    let is_date = match &f.args {
+                        FunctionArguments::List(list) => list.args.get(1).is_some_and(|a| {
+                            matches!(a, FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) if expr_type(x, self.scope) == Some(PgType::Date))
+                        }),
+                        _ => false,
+                    };
+                    if let FunctionArguments::List(list) = &mut f.args {
+                        list.args
+                            .push(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::value(
+                                Value::Boolean(is_date),
+                            ))));
+                    }
+                    f.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(
+                        "cutover_date_part",
+                    ))]);
+                    return ControlFlow::Continue(());
+                }
                 // pg_catalog.version(): SQLite functions have no schema.
                 if f.name.0.len() == 2
                     && f.name.0[0]
@@ -1517,6 +1782,15 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "cutover_json_object",
     "cutover_json_agg",
     "cutover_json_value",
+    "cutover_num_add",
+    "cutover_num_sub",
+    "cutover_num_mul",
+    "cutover_ts_add",
+    "cutover_date_add",
+    "cutover_current_date",
+    "cutover_date_trunc",
+    "cutover_extract",
+    "cutover_date_part",
 ];
 
 fn strip_public(name: &mut ObjectName) {

@@ -241,7 +241,11 @@ pub fn output_text(ty: PgType, column: Option<&Column>, value: ValueRef<'_>) -> 
         Some(c) => c.to_pg_text(value).ok().flatten(),
         None => None,
     };
-    let input = input.unwrap_or_else(|| natural_text(value));
+    let input = input.unwrap_or_else(|| match (ty, value) {
+        // A numeric computed as a double prints in positional notation.
+        (PgType::Numeric, ValueRef::Real(f)) if f.is_finite() => format!("{f}"),
+        _ => natural_text(value),
+    });
     Some(normalize_output(ty, &input))
 }
 
