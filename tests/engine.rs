@@ -249,6 +249,8 @@ const READS: &[&str] = &[
     "SELECT id, price * 3 AS triple, price + 0.1 AS more FROM {p} WHERE price IS NOT NULL ORDER BY id LIMIT 4",
     "SELECT count(*) FROM {p} WHERE published_at > '2024-03-01 00:00:00+00'::timestamptz + interval '2 days'",
     "SELECT sum(price) > 100 AS big, avg(views) < 1000000 AS small FROM {p}",
+    "SELECT DISTINCT ON (user_id) user_id, id, title FROM {p} ORDER BY user_id, views DESC, id LIMIT 5",
+    "SELECT DISTINCT ON (p.user_id) p.user_id AS author, u.email FROM {p} p JOIN {u} u ON u.id = p.user_id WHERE p.views > 1 ORDER BY p.user_id DESC, p.id",
     "SELECT nope FROM {u}",
     "SELECT * FROM no_such_table",
     "SELECT 1 / 0",

@@ -486,6 +486,7 @@ pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
     let mut params = Vec::new();
     infer_params(&statement, &scope, &mut params);
     let result_hints = result_hints(&statement, &scope);
+    distinct_on(&mut statement)?;
     let mut rewrite = Rewrite {
         scope: &scope,
         lock: None,
@@ -1194,11 +1195,6 @@ impl VisitorMut for Rewrite<'_, '_> {
                 None => Lock::Wait,
             });
         }
-        if let SetExpr::Select(s) = q.body.as_mut() {
-            if let Some(sqlparser::ast::Distinct::On(_)) = &s.distinct {
-                return self.refuse("SELECT DISTINCT ON");
-            }
-        }
         if let Some(order) = &mut q.order_by {
             if let sqlparser::ast::OrderByKind::Expressions(exprs) = &mut order.kind {
                 for o in exprs.iter_mut() {
@@ -1810,6 +1806,123 @@ fn order_nulls_as_postgresql(o: &mut OrderByExpr) {
         let descending = o.options.asc == Some(false);
         o.options.nulls_first = Some(descending);
     }
+}
+
+/// `SELECT DISTINCT ON (k) ... ORDER BY k, o` keeps the first row of each
+/// k in the ORDER BY's order; SQLite has no DISTINCT ON, so the same is
+/// asked with window functions: number the rows within each k in that
+/// order, keep the first, and keep the ORDER BY's order overall.
+fn distinct_on(statement: &mut Statement) -> Result<(), SqlError> {
+    let Statement::Query(q) = statement else {
+        return Ok(());
+    };
+    let SetExpr::Select(select) = q.body.as_mut() else {
+        return Ok(());
+    };
+    let Some(sqlparser::ast::Distinct::On(keys)) = select.distinct.take() else {
+        return Ok(());
+    };
+    let mut items = Vec::new();
+    for item in &select.projection {
+        match item {
+            SelectItem::ExprWithAlias { expr, alias } => {
+                items.push((expr.clone(), alias.value.clone()))
+            }
+            SelectItem::UnnamedExpr(e) => {
+                items.push((e.clone(), column_name(e).unwrap_or_default()))
+            }
+            _ => return Err(SqlError::unsupported("SELECT DISTINCT ON with *")),
+        }
+    }
+    // ORDER BY may name an output column; the window needs its expression.
+    let order: Vec<String> = match q.order_by.take() {
+        Some(order) => match order.kind {
+            sqlparser::ast::OrderByKind::Expressions(exprs) => exprs
+                .into_iter()
+                .map(|mut o| {
+                    if let Expr::Identifier(i) = &o.expr {
+                        if let Some((e, _)) = items.iter().find(|(_, name)| *name == i.value) {
+                            o.expr = e.clone();
+                        }
+                    }
+                    order_nulls_as_postgresql(&mut o);
+                    o.to_string()
+                })
+                .collect(),
+            _ => return Err(SqlError::unsupported("ORDER BY ALL with DISTINCT ON")),
+        },
+        None => Vec::new(),
+    };
+    let order_clause = if order.is_empty() {
+        String::new()
+    } else {
+        format!(" ORDER BY {}", order.join(", "))
+    };
+    let partition: Vec<String> = keys.iter().map(ToString::to_string).collect();
+    let mut inner = select.clone();
+    inner.projection = items
+        .iter()
+        .enumerate()
+        .map(|(i, (e, _))| SelectItem::ExprWithAlias {
+            expr: e.clone(),
+            alias: Ident::with_quote('"', format!("__c{i}")),
+        })
+        .collect();
+    let outer_columns: Vec<String> = items
+        .iter()
+        .enumerate()
+        .map(|(i, (_, name))| format!("\"__c{i}\" AS {}", Ident::with_quote('"', name.clone())))
+        .collect();
+    let tail = q
+        .limit_clause
+        .as_ref()
+        .map(|l| format!(" {l}"))
+        .unwrap_or_default();
+    let sql = format!(
+        "SELECT {} FROM (SELECT {}, row_number() OVER (PARTITION BY {}{order_clause}) AS \"__rn\", row_number() OVER ({}) AS \"__ord\" FROM {}) AS \"__d\" WHERE \"__rn\" = 1 ORDER BY \"__ord\"{tail}",
+        outer_columns.join(", "),
+        inner.projection.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        partition.join(", "),
+        order_clause.trim_start(),
+        inner_from(&inner),
+    );
+    let mut parsed = Parser::parse_sql(&PostgreSqlDialect {}, &sql).map_err(parse_error)?;
+    match parsed.pop() {
+        Some(rebuilt @ Statement::Query(_)) => {
+            *statement = rebuilt;
+            Ok(())
+        }
+        _ => Err(SqlError::unsupported("this SELECT DISTINCT ON")),
+    }
+}
+
+/// A SELECT's text from FROM on (FROM, WHERE, GROUP BY, HAVING).
+fn inner_from(select: &Select) -> String {
+    let mut s = select
+        .from
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Some(w) = &select.selection {
+        s.push_str(&format!(" WHERE {w}"));
+    }
+    if let sqlparser::ast::GroupByExpr::Expressions(exprs, _) = &select.group_by {
+        if !exprs.is_empty() {
+            s.push_str(&format!(
+                " GROUP BY {}",
+                exprs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    if let Some(h) = &select.having {
+        s.push_str(&format!(" HAVING {h}"));
+    }
+    s
 }
 
 /// `LEFT JOIN LATERAL (SELECT agg(...) ...) x ON true`, the shape ORMs
