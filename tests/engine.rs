@@ -762,7 +762,12 @@ fn same_output(what: &str, run: impl Fn(&str) -> String, sides: &Sides) {
     let (e, p) = (run(&engine_dsn), run(&pg_dsn));
     let (el, pl): (Vec<&str>, Vec<&str>) = (e.lines().collect(), p.lines().collect());
     for (i, (a, b)) in el.iter().zip(&pl).enumerate() {
-        assert_eq!(a, b, "{what}, line {}: engine vs PostgreSQL", i + 1);
+        assert_eq!(
+            a,
+            b,
+            "{what}, line {}: engine vs PostgreSQL\n--- engine:\n{e}\n--- PostgreSQL:\n{p}",
+            i + 1
+        );
     }
     assert_eq!(el.len(), pl.len(), "{what}: line counts\n{e}\n---\n{p}");
     assert!(el.len() > 10, "{what} printed its results:\n{e}");
@@ -805,4 +810,41 @@ async fn node_postgres_and_drizzle_see_the_same_as_on_postgresql() {
         )
     };
     tokio::task::block_in_place(|| same_output("node-postgres and drizzle-orm", run, &sides));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_in_and_out_match_postgresql_through_psql() {
+    let sides = sides(Style::Hand).await;
+    let psql = sides.pg.bindir().join("psql");
+    let run = |dsn: &str| {
+        let mut out = String::new();
+        for (sql, input) in [
+            ("COPY (SELECT * FROM users ORDER BY id LIMIT 8) TO STDOUT", ""),
+            ("COPY (SELECT id, email, is_admin, created_at, prefs FROM users ORDER BY id LIMIT 6) TO STDOUT WITH (FORMAT csv, HEADER)", ""),
+            ("COPY tags (name, slug) FROM STDIN", "tab\\there\tt-1\nnull slug\t\\N\nback\\\\slash\tt-2\n"),
+            ("COPY tags (name, slug) FROM STDIN WITH (FORMAT csv)", "\"comma, quoted\",c-1\n\"multi\nline\",c-2\nempty,\"\"\n"),
+            ("COPY (SELECT name, slug FROM tags WHERE slug LIKE 't-%' OR slug LIKE 'c-%' OR slug = '' OR slug IS NULL ORDER BY name) TO STDOUT WITH (FORMAT csv)", ""),
+            ("COPY tags (name, nope) FROM STDIN", ""),
+            ("COPY tags (name, slug) FROM STDIN", "only one field\n"),
+        ] {
+            let mut child = Command::new(&psql)
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=0", "-d", dsn, "-c", sql])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            let result = child.wait_with_output().unwrap();
+            out.push_str(&format!("== {sql}\n{}", String::from_utf8_lossy(&result.stdout)));
+            // Errors by their first line's SQLSTATE-bearing text only.
+            let err = String::from_utf8_lossy(&result.stderr);
+            if let Some(first) = err.lines().next() {
+                out.push_str(&format!("error: {}\n", first.split(':').next().unwrap_or("")));
+            }
+        }
+        out
+    };
+    tokio::task::block_in_place(|| same_output("COPY through psql", run, &sides));
 }

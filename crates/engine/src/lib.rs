@@ -12,6 +12,7 @@
 //! protocol; tests can also give it a TCP listener of its own.
 
 mod catalog;
+mod copy;
 mod decimal;
 mod errors;
 mod functions;

@@ -140,6 +140,8 @@ pub(crate) struct Session {
     /// After an error in the extended protocol, messages up to Sync are
     /// skipped.
     skipping: bool,
+    /// `COPY … FROM STDIN` under way: the plan and the data so far.
+    copy_in: Option<(Arc<Command>, Vec<u8>)>,
 }
 
 /// Runs a session over `stream` until the client leaves.
@@ -208,6 +210,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(engine: Arc<Inner>, m
         pending_notifies: Vec::new(),
         out,
         skipping: false,
+        copy_in: None,
     };
     for (k, v) in &params {
         match k.as_str() {
@@ -392,6 +395,9 @@ impl Session {
     }
 
     async fn handle(&mut self, tag: u8, body: BytesMut) {
+        if self.copy_in.is_some() {
+            return self.copy_message(tag, body).await;
+        }
         if self.skipping && tag != b'S' {
             return;
         }
@@ -399,8 +405,9 @@ impl Session {
             b'Q' => {
                 let sql =
                     String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(&body)).into_owned();
-                self.simple_query(&sql).await;
-                self.ready();
+                if self.simple_query(&sql).await {
+                    self.ready();
+                }
             }
             b'P' => match parse::decode(&body) {
                 Some(p) => self.parse(p),
@@ -450,32 +457,205 @@ impl Session {
         self.engine.command(sql).map_err(Failure::from)
     }
 
-    async fn simple_query(&mut self, sql: &str) {
+    /// Runs a simple query's statements; false when it ended in `COPY …
+    /// FROM STDIN`, whose ReadyForQuery comes after the data.
+    async fn simple_query(&mut self, sql: &str) -> bool {
         let statements = translate::split(sql);
         if statements.is_empty() {
             results::empty(&mut self.out, b'I');
-            return;
+            return true;
         }
-        for text in statements {
+        let last = statements.len() - 1;
+        for (i, text) in statements.into_iter().enumerate() {
             if self.aborted() && !ends_transaction(text) {
                 self.error(aborted());
-                return;
+                return true;
             }
             let command = match self.command(text) {
                 Ok(c) => c,
                 Err(e) => {
                     self.error(e);
-                    return;
+                    return true;
                 }
             };
+            if let Command::Copy(plan) = command.as_ref() {
+                if plan.query.is_none() {
+                    if i != last {
+                        self.error(Failure::new(
+                            "0A000",
+                            "COPY FROM STDIN must be the last statement of a query string in cutover's SQLite engine",
+                        ));
+                        return true;
+                    }
+                    results::copy_response(&mut self.out, b'G', plan.columns.len());
+                    self.copy_in = Some((command.clone(), Vec::new()));
+                    return false;
+                }
+            }
             match self.run(&command, Vec::new(), None, 0).await {
                 Ok(output) => self.send_output(output, true, 0),
                 Err(e) => {
                     self.error(e);
-                    return;
+                    return true;
                 }
             }
         }
+        true
+    }
+
+    /// A message while `COPY … FROM STDIN` runs.
+    async fn copy_message(&mut self, tag: u8, body: BytesMut) {
+        match tag {
+            b'd' => {
+                if let Some((_, data)) = &mut self.copy_in {
+                    data.extend_from_slice(&body);
+                }
+            }
+            b'c' => {
+                let Some((command, data)) = self.copy_in.take() else {
+                    return;
+                };
+                let Command::Copy(plan) = command.as_ref() else {
+                    return;
+                };
+                match self.copy_from(plan, data).await {
+                    Ok(n) => results::command_complete(&mut self.out, &format!("COPY {n}")),
+                    Err(e) => self.error(e),
+                }
+                self.ready();
+            }
+            b'f' => {
+                self.copy_in = None;
+                let reason =
+                    String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(&body)).into_owned();
+                self.error(Failure::new(
+                    "57014",
+                    format!("COPY from stdin failed: {reason}"),
+                ));
+                self.ready();
+            }
+            b'H' | b'S' => {}
+            other => {
+                self.copy_in = None;
+                self.error(Failure::new(
+                    "08P01",
+                    format!("unexpected message type 0x{other:02X} during COPY from stdin"),
+                ));
+                self.ready();
+            }
+        }
+    }
+
+    /// Writes COPY's rows in one statement-sized transaction (or the
+    /// open one), each value in its column's storage form.
+    async fn copy_from(
+        &mut self,
+        plan: &translate::CopyPlan,
+        data: Vec<u8>,
+    ) -> Result<u64, Failure> {
+        let text = String::from_utf8(data).map_err(|_| {
+            Failure::new(
+                "22021",
+                "invalid byte sequence for encoding \"UTF8\" in COPY data",
+            )
+        })?;
+        let rows = plan
+            .format
+            .read_rows(&text)
+            .map_err(|e| Failure::new("22P04", format!("bad COPY data: {e}")))?;
+        let table = self
+            .engine
+            .map
+            .tables
+            .iter()
+            .find(|t| t.name == plan.table)
+            .cloned()
+            .ok_or_else(|| {
+                Failure::new(
+                    "42P01",
+                    format!("relation \"{}\" does not exist", plan.table),
+                )
+            })?;
+        let columns: Vec<Column> = plan
+            .columns
+            .iter()
+            .filter_map(|c| table.columns.iter().find(|x| &x.name == c).cloned())
+            .collect();
+        let mut values = Vec::with_capacity(rows.len());
+        for (n, row) in rows.into_iter().enumerate() {
+            if row.len() != columns.len() {
+                let what = if row.len() < columns.len() {
+                    "missing data for a column"
+                } else {
+                    "extra data after last expected column"
+                };
+                return Err(Failure::new(
+                    "22P04",
+                    format!("COPY {}, line {}: {what}", plan.table, n + 1),
+                ));
+            }
+            let mut converted = Vec::with_capacity(row.len());
+            for (field, column) in row.into_iter().zip(&columns) {
+                converted.push(match field {
+                    None => Value::Null,
+                    Some(text) => types::to_storage(
+                        PgType::of_column(&column.pg_type),
+                        Some(column.codec),
+                        &text,
+                    )
+                    .map_err(|e| {
+                        Failure::new(
+                            "22P02",
+                            format!(
+                                "{e} (COPY {}, line {}, column {})",
+                                plan.table,
+                                n + 1,
+                                column.name
+                            ),
+                        )
+                    })?,
+                });
+            }
+            values.push(converted);
+        }
+        let autocommit = matches!(self.tx, Tx::Idle);
+        self.take_lease(None).await?;
+        let conn = self.conn.clone();
+        let engine = self.engine.clone();
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES ({})",
+            cutover_sqlite::schema_map::quote(&plan.table),
+            columns
+                .iter()
+                .map(|c| cutover_sqlite::schema_map::quote(&c.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (1..=columns.len())
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stmt = conn
+                .prepare_cached(&sql)
+                .map_err(|e| from_sqlite(&e, &engine.map))?;
+            for row in &values {
+                stmt.execute(rusqlite::params_from_iter(row.iter()))
+                    .map_err(|e| from_sqlite(&e, &engine.map))?;
+            }
+            Ok::<u64, Failure>(values.len() as u64)
+        })
+        .await
+        .unwrap_or_else(|_| Err(Failure::new("XX000", "the SQLite worker stopped")));
+        if autocommit {
+            if result.is_ok() {
+                self.finish(true).await?;
+            } else {
+                let _ = self.finish(false).await;
+            }
+        }
+        result
     }
 
     fn aborted(&self) -> bool {
@@ -900,6 +1080,37 @@ impl Session {
                 Ok(Self::tagged(tag))
             }
             Command::Sql(t) => self.run_sql(t, params, formats).await,
+            Command::Copy(plan) => {
+                let Some(query) = &plan.query else {
+                    return Err(Failure::new(
+                        "0A000",
+                        "COPY FROM STDIN runs only as a simple query",
+                    ));
+                };
+                let output = self.run_sql(query, Vec::new(), None).await?;
+                results::copy_response(&mut self.out, b'H', output.fields.len());
+                let mut copied = String::new();
+                if plan.format.header {
+                    let names: Vec<Option<&str>> = output
+                        .fields
+                        .iter()
+                        .map(|(f, _, _)| Some(f.name.as_str()))
+                        .collect();
+                    copied.push_str(&plan.format.write_row(&names));
+                }
+                for row in &output.rows {
+                    let values: Vec<Option<&str>> = row
+                        .iter()
+                        .map(|v| v.as_deref().map(|b| std::str::from_utf8(b).unwrap_or("")))
+                        .collect();
+                    copied.push_str(&plan.format.write_row(&values));
+                }
+                for line in copied.split_inclusive('\n') {
+                    results::copy_data(&mut self.out, line.as_bytes());
+                }
+                results::empty(&mut self.out, b'c');
+                Ok(Self::tagged(&format!("COPY {}", output.rows.len())))
+            }
         }
     }
 

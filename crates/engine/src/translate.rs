@@ -69,7 +69,19 @@ pub enum Command {
     },
     /// `CREATE … IF NOT EXISTS` of an object that exists: nothing to do.
     Noop(String),
+    Copy(Box<CopyPlan>),
     Sql(Box<Translated>),
+}
+
+/// `COPY … FROM STDIN` or `COPY … TO STDOUT`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyPlan {
+    /// COPY FROM: the table written and its columns, in the data's order.
+    pub table: String,
+    pub columns: Vec<String>,
+    /// COPY TO: what is read.
+    pub query: Option<Translated>,
+    pub format: crate::copy::Format,
 }
 
 /// How a locking read locks.
@@ -326,6 +338,7 @@ pub fn command(sql: &str, map: &SchemaMap) -> Result<Command, SqlError> {
             }
         }
         "CREATE" => create(text, map)?,
+        "COPY" => Command::Copy(Box::new(copy(text, map)?)),
         "SELECT" | "WITH" | "INSERT" | "UPDATE" | "DELETE" | "VALUES" | "TABLE" | "(" => {
             Command::Sql(Box::new(translate(text, map)?))
         }
@@ -409,6 +422,124 @@ fn set_command(rest: &str) -> Result<Command, SqlError> {
     Ok(Command::Set {
         name: name.trim().to_ascii_lowercase(),
         value,
+    })
+}
+
+fn copy(text: &str, map: &SchemaMap) -> Result<CopyPlan, SqlError> {
+    use sqlparser::ast::{CopyOption, CopySource, CopyTarget};
+    // sqlparser reads COPY FROM STDIN's data inline after the statement,
+    // up to `\.`: the data comes later here, so give it none.
+    let inline = if text.to_ascii_uppercase().contains("STDIN") {
+        format!("{};\n\\.\n", text.trim_end().trim_end_matches(';'))
+    } else {
+        text.to_string()
+    };
+    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, &inline).map_err(parse_error)?;
+    let Some(Statement::Copy {
+        source,
+        to,
+        target,
+        options,
+        legacy_options,
+        ..
+    }) = statements.pop()
+    else {
+        return Err(SqlError::new("42601", "syntax error in COPY"));
+    };
+    if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
+        return Err(SqlError::unsupported(
+            "COPY to or from a file or program (use STDIN/STDOUT, as psql's \\copy does)",
+        ));
+    }
+    let mut format = crate::copy::Format::text();
+    for o in &options {
+        match o {
+            CopyOption::Format(f) if f.value.eq_ignore_ascii_case("csv") => {
+                format = crate::copy::Format {
+                    header: format.header,
+                    ..crate::copy::Format::csv()
+                }
+            }
+            CopyOption::Format(f) if f.value.eq_ignore_ascii_case("text") => {}
+            CopyOption::Format(f) => {
+                return Err(SqlError::unsupported(format!("COPY format {}", f.value)))
+            }
+            CopyOption::Header(h) => format.header = *h,
+            CopyOption::Delimiter(d) => format.delimiter = *d,
+            CopyOption::Null(n) => format.null = n.clone(),
+            CopyOption::Quote(q) => format.quote = *q,
+            CopyOption::Encoding(e)
+                if e.eq_ignore_ascii_case("utf8") || e.eq_ignore_ascii_case("utf-8") => {}
+            other => return Err(SqlError::unsupported(format!("COPY option {other}"))),
+        }
+    }
+    for o in &legacy_options {
+        match o {
+            sqlparser::ast::CopyLegacyOption::Csv(_) => {
+                format = crate::copy::Format {
+                    header: format.header,
+                    ..crate::copy::Format::csv()
+                }
+            }
+            other => return Err(SqlError::unsupported(format!("COPY option {other}"))),
+        }
+    }
+    let (table, columns) = match source {
+        CopySource::Table {
+            table_name,
+            columns,
+        } => {
+            let name = last_part(&table_name);
+            let t = map.tables.iter().find(|t| t.name == name).ok_or_else(|| {
+                SqlError::new("42P01", format!("relation \"{name}\" does not exist"))
+            })?;
+            let columns: Vec<String> = if columns.is_empty() {
+                t.columns.iter().map(|c| c.name.clone()).collect()
+            } else {
+                columns.iter().map(|c| c.value.clone()).collect()
+            };
+            if let Some(c) = columns
+                .iter()
+                .find(|c| !t.columns.iter().any(|x| &x.name == *c))
+            {
+                return Err(SqlError::new(
+                    "42703",
+                    format!("column \"{c}\" of relation \"{name}\" does not exist"),
+                ));
+            }
+            (name, columns)
+        }
+        CopySource::Query(q) if to => {
+            return Ok(CopyPlan {
+                table: String::new(),
+                columns: Vec::new(),
+                query: Some(translate(&q.to_string(), map)?),
+                format,
+            })
+        }
+        CopySource::Query(_) => return Err(SqlError::new("42601", "COPY FROM needs a table")),
+    };
+    let query = if to {
+        let list: Vec<String> = columns
+            .iter()
+            .map(|c| Ident::with_quote('"', c.clone()).to_string())
+            .collect();
+        Some(translate(
+            &format!(
+                "SELECT {} FROM {}",
+                list.join(", "),
+                Ident::with_quote('"', table.clone())
+            ),
+            map,
+        )?)
+    } else {
+        None
+    };
+    Ok(CopyPlan {
+        table,
+        columns,
+        query,
+        format,
     })
 }
 

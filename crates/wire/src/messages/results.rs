@@ -77,3 +77,20 @@ pub fn notification(buf: &mut BytesMut, pid: i32, channel: &str, payload: &str) 
         put_cstr(b, payload.as_bytes());
     });
 }
+
+/// CopyInResponse ('G') or CopyOutResponse ('H') for `columns` text
+/// columns.
+pub fn copy_response(buf: &mut BytesMut, tag: u8, columns: usize) {
+    write_message(buf, tag, |b| {
+        b.put_i8(0);
+        b.put_i16(columns as i16);
+        for _ in 0..columns {
+            b.put_i16(0);
+        }
+    });
+}
+
+/// CopyData ('d').
+pub fn copy_data(buf: &mut BytesMut, data: &[u8]) {
+    write_message(buf, b'd', |b| b.put_slice(data));
+}
