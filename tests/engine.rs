@@ -848,3 +848,165 @@ async fn copy_in_and_out_match_postgresql_through_psql() {
     };
     tokio::task::block_in_place(|| same_output("COPY through psql", run, &sides));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_notify_time_out_cancel_and_refuse_as_postgresql() {
+    let file = scratch_file(
+        "session",
+        "CREATE TABLE parents (id INTEGER PRIMARY KEY);
+         CREATE TABLE kids (id INTEGER PRIMARY KEY, parent_id INTEGER NOT NULL REFERENCES parents(id));
+         INSERT INTO parents VALUES (1);",
+    );
+    let server = serve(&file).await;
+    let addr = server.proxy_addr;
+
+    // LISTEN/NOTIFY between sessions, delivered at the sender's commit.
+    let (listener, mut connection) = tokio_postgres::connect(
+        &support::conn_string(addr, support::APP_USER, support::APP_PASSWORD),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        use futures_util::StreamExt;
+        while let Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) = stream.next().await {
+            let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+        }
+    });
+    listener.batch_execute("LISTEN jobs").await.unwrap();
+    let sender = support::connect(addr).await;
+    sender
+        .batch_execute("BEGIN; NOTIFY jobs, 'in a transaction'; SELECT 1")
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), notes.recv())
+            .await
+            .is_err(),
+        "nothing is delivered before COMMIT"
+    );
+    sender.batch_execute("COMMIT").await.unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(note, ("jobs".to_string(), "in a transaction".to_string()));
+
+    // statement_timeout and CancelRequest interrupt a running statement.
+    let slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000000) SELECT count(*) FROM n";
+    let client = support::connect(addr).await;
+    client
+        .batch_execute("SET statement_timeout = '200ms'")
+        .await
+        .unwrap();
+    let err = client.query_one(slow, &[]).await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "57014", "{err}");
+    client
+        .batch_execute("SET statement_timeout = 0")
+        .await
+        .unwrap();
+    let cancel = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let err = client.query_one(slow, &[]).await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "57014", "{err}");
+    canceller.await.unwrap();
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+
+    // Constraint, syntax and unsupported-construct errors.
+    let err = client
+        .execute("INSERT INTO kids VALUES (1, 42)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "23503");
+    let err = client
+        .batch_execute("SELECT id FRO parents")
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42601");
+    let position = err.as_db_error().and_then(|d| d.position()).cloned();
+    assert!(
+        matches!(position, Some(tokio_postgres::error::ErrorPosition::Original(p)) if p > 1),
+        "{position:?}"
+    );
+    for (sql, construct) in [
+        ("PREPARE TRANSACTION 'x'", "two-phase commit"),
+        ("DROP TABLE kids", "DDL while the schema is frozen"),
+        (
+            "SELECT id FROM parents WHERE id ~ '1'",
+            "regular expression",
+        ),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE", "isolation level"),
+    ] {
+        let err = client.batch_execute(sql).await.unwrap_err();
+        assert_eq!(support::sqlstate(&err), "0A000", "{sql}");
+        assert!(
+            support::error_text(&err).contains(construct),
+            "{sql}: {err}"
+        );
+    }
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS parents (id INTEGER PRIMARY KEY)")
+        .await
+        .expect("CREATE ... IF NOT EXISTS of an existing table succeeds");
+    client
+        .batch_execute("INSERT INTO kids VALUES (1, 1); TRUNCATE kids")
+        .await
+        .unwrap();
+    let kids: i64 = client
+        .query_one("SELECT count(*) FROM kids", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kids, 0);
+
+    // NOWAIT when another transaction holds the writer.
+    let holder = support::connect(addr).await;
+    holder
+        .batch_execute("BEGIN; UPDATE parents SET id = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    let err = client
+        .query("SELECT id FROM parents FOR UPDATE NOWAIT", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "55P03");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    // Advisory locks between sessions.
+    let a: bool = client
+        .query_one("SELECT pg_try_advisory_lock(7)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let b: bool = holder
+        .query_one("SELECT pg_try_advisory_lock(7)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((a, b), (true, false));
+    client
+        .query_one("SELECT pg_advisory_unlock(7)", &[])
+        .await
+        .unwrap();
+    let b: bool = holder
+        .query_one("SELECT pg_try_advisory_lock(7)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(b);
+    server.shutdown().await;
+}

@@ -1080,6 +1080,25 @@ impl Session {
                 Ok(Self::tagged(tag))
             }
             Command::Sql(t) => self.run_sql(t, params, formats).await,
+            Command::Truncate(deletes) => {
+                let autocommit = matches!(self.tx, Tx::Idle);
+                self.take_lease(None).await?;
+                let mut result = Ok(());
+                for sql in deletes {
+                    result = self.sqlite_batch(sql.clone()).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                if autocommit {
+                    if result.is_ok() {
+                        self.finish(true).await?;
+                    } else {
+                        let _ = self.finish(false).await;
+                    }
+                }
+                result.map(|_| Self::tagged("TRUNCATE TABLE"))
+            }
             Command::Copy(plan) => {
                 let Some(query) = &plan.query else {
                     return Err(Failure::new(

@@ -70,6 +70,8 @@ pub enum Command {
     /// `CREATE … IF NOT EXISTS` of an object that exists: nothing to do.
     Noop(String),
     Copy(Box<CopyPlan>),
+    /// TRUNCATE: the DELETEs that empty the tables.
+    Truncate(Vec<String>),
     Sql(Box<Translated>),
 }
 
@@ -338,6 +340,14 @@ pub fn command(sql: &str, map: &SchemaMap) -> Result<Command, SqlError> {
             }
         }
         "CREATE" => create(text, map)?,
+        "DROP" | "ALTER" | "COMMENT" | "GRANT" | "REVOKE" | "REINDEX" | "CLUSTER" => {
+            return Err(SqlError::unsupported(format!(
+                "{} {} (DDL while the schema is frozen: the SQLite file's schema is served as it is)",
+                first,
+                second
+            )))
+        }
+        "TRUNCATE" => truncate(text, map)?,
         "COPY" => Command::Copy(Box::new(copy(text, map)?)),
         "SELECT" | "WITH" | "INSERT" | "UPDATE" | "DELETE" | "VALUES" | "TABLE" | "(" => {
             Command::Sql(Box::new(translate(text, map)?))
@@ -423,6 +433,47 @@ fn set_command(rest: &str) -> Result<Command, SqlError> {
         name: name.trim().to_ascii_lowercase(),
         value,
     })
+}
+
+/// TRUNCATE as the DELETE it amounts to, table by table (and with
+/// RESTART IDENTITY, the ids starting over as SQLite counts them).
+fn truncate(text: &str, map: &SchemaMap) -> Result<Command, SqlError> {
+    let mut statements =
+        Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error_in(text))?;
+    let Some(Statement::Truncate {
+        table_names,
+        identity,
+        ..
+    }) = statements.pop()
+    else {
+        return Err(SqlError::new("42601", "syntax error in TRUNCATE"));
+    };
+    let mut sql = Vec::new();
+    for t in &table_names {
+        let name = last_part(&t.name);
+        let Some(table) = map.tables.iter().find(|x| x.name == name) else {
+            return Err(SqlError::new(
+                "42P01",
+                format!("relation \"{name}\" does not exist"),
+            ));
+        };
+        sql.push(format!(
+            "DELETE FROM {}",
+            Ident::with_quote('"', name.clone())
+        ));
+        if table.autoincrement
+            && matches!(
+                identity,
+                Some(sqlparser::ast::TruncateIdentityOption::Restart)
+            )
+        {
+            sql.push(format!(
+                "DELETE FROM sqlite_sequence WHERE name = '{}'",
+                name.replace('\'', "''")
+            ));
+        }
+    }
+    Ok(Command::Truncate(sql))
 }
 
 fn copy(text: &str, map: &SchemaMap) -> Result<CopyPlan, SqlError> {
@@ -546,7 +597,8 @@ fn copy(text: &str, map: &SchemaMap) -> Result<CopyPlan, SqlError> {
 /// DDL runs only as `CREATE … IF NOT EXISTS` of something that exists:
 /// the schema is the file's, frozen while it is served.
 fn create(text: &str, map: &SchemaMap) -> Result<Command, SqlError> {
-    let statements = Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error)?;
+    let statements =
+        Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error_in(text))?;
     if let Some(Statement::CreateTable(t)) = statements.first() {
         let name = last_part(&t.name);
         if t.if_not_exists && map.tables.iter().any(|x| x.name == name) {
@@ -586,9 +638,35 @@ fn parse_error(e: sqlparser::parser::ParserError) -> SqlError {
     SqlError::new("42601", format!("syntax error: {message}"))
 }
 
+/// [`parse_error`] with the 1-based character position PostgreSQL gives,
+/// from sqlparser's line and column in `sql`.
+fn parse_error_in(sql: &str) -> impl Fn(sqlparser::parser::ParserError) -> SqlError + '_ {
+    move |e| {
+        let mut error = parse_error(e);
+        let at = |key: &str| -> Option<usize> {
+            let rest = &error.message[error.message.find(key)? + key.len()..];
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        if let (Some(line), Some(column)) = (at("Line:"), at("Column:")) {
+            let before: usize = sql
+                .split_inclusive('\n')
+                .take(line.saturating_sub(1))
+                .map(|l| l.chars().count())
+                .sum();
+            error.position = Some(before + column);
+        }
+        error
+    }
+}
+
 /// A read or write for SQLite, with its parameter and result types.
 pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
-    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error)?;
+    let mut statements =
+        Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error_in(text))?;
     if statements.len() != 1 {
         return Err(SqlError::new(
             "42601",
