@@ -136,6 +136,12 @@ impl Engine {
         }
     }
 
+    /// The translation sessions run for `sql`, from the engine's cache
+    /// (translated on first use).
+    pub fn translation(&self, sql: &str) -> Result<Arc<Command>, translate::SqlError> {
+        self.inner.command(sql)
+    }
+
     /// A CancelRequest for a session of this engine.
     pub fn cancel(&self, key: CancelKey) {
         self.inner.cancel(key);
