@@ -331,6 +331,45 @@ async fn parameters_are_typed_and_bound_as_postgresql_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prismas_statement_shapes_match_postgresql() {
+    let sides = sides(Style::Prisma).await;
+    let (e, p) = sides.clients().await;
+    let cases: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = vec![
+        (
+            r#"SELECT "public"."User"."id", "public"."User"."email", "public"."User"."is_admin" FROM "public"."User" WHERE ("public"."User"."id" >= $1 AND 1=1) ORDER BY "public"."User"."id" ASC LIMIT $2 OFFSET $3"#,
+            vec![&2i64, &3i64, &1i64],
+        ),
+        (
+            r#"SELECT COUNT(*) AS "_count._all" FROM (SELECT "public"."Post"."id" FROM "public"."Post" WHERE 1=1 OFFSET $1) AS "sub""#,
+            vec![&5i64],
+        ),
+        (
+            r#"SELECT "public"."Post"."user_id", COUNT("public"."Post"."id") AS "_count$id" FROM "public"."Post" WHERE "public"."Post"."views" > $1 GROUP BY "public"."Post"."user_id" ORDER BY "public"."Post"."user_id" ASC LIMIT $2"#,
+            vec![&2i64, &4i64],
+        ),
+        (
+            r#"INSERT INTO "public"."tags" ("name","slug") VALUES ($1,$2), ($3,$4) ON CONFLICT DO NOTHING"#,
+            vec![&"a", &"p-a", &"b", &"p-b"],
+        ),
+        (
+            r#"INSERT INTO "public"."tags" ("name","slug") VALUES ($1,$2), ($3,$4) ON CONFLICT DO NOTHING"#,
+            vec![&"a", &"p-a", &"c", &"p-c"],
+        ),
+        (
+            r#"SELECT "public"."tags"."name" FROM "public"."tags" WHERE "public"."tags"."slug" IN ($1,$2,$3) ORDER BY "public"."tags"."name""#,
+            vec![&"p-a", &"p-b", &"p-c"],
+        ),
+    ];
+    for (sql, params) in cases {
+        let (be, bp) = (
+            extended(&e, sql, &params).await,
+            extended(&p, sql, &params).await,
+        );
+        assert_eq!(be, bp, "{sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_keep_ids_constraints_and_the_files_conventions() {
     for style in [Style::Hand, Style::Drizzle, Style::Prisma] {
         let sides = sides(style).await;

@@ -122,9 +122,12 @@ impl Engine {
 
     /// A new session: the client's end of an in-memory stream whose other
     /// end the engine serves.
+    /// Each session runs on a thread of its own, so SQLite's calls block
+    /// only that session; call from within a tokio runtime (its timers
+    /// keep `statement_timeout`).
     pub fn connect(&self) -> tokio::io::DuplexStream {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(session::run(self.inner.clone(), server));
+        self.spawn_session(server);
         client
     }
 
@@ -132,7 +135,31 @@ impl Engine {
     pub async fn serve(self, listener: tokio::net::TcpListener) {
         while let Ok((tcp, _)) = listener.accept().await {
             let _ = tcp.set_nodelay(true);
-            tokio::spawn(session::run(self.inner.clone(), tcp));
+            self.spawn_session(tcp);
+        }
+    }
+
+    fn spawn_session<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let timers = tokio::runtime::Handle::current();
+        let spawned = std::thread::Builder::new()
+            .name("cutover-sqlite".to_string())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(session::run(inner, stream, timers)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a SQLite session's runtime")
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a SQLite session's thread");
         }
     }
 

@@ -103,6 +103,12 @@ enum Tx {
     },
 }
 
+/// What a statement text yields, kept per session.
+struct Shape {
+    fields: Vec<(Field, PgType, Option<Column>)>,
+    readonly: bool,
+}
+
 struct Prepared {
     command: Arc<Command>,
     /// What the client said, then what was inferred.
@@ -142,10 +148,18 @@ pub(crate) struct Session {
     skipping: bool,
     /// `COPY … FROM STDIN` under way: the plan and the data so far.
     copy_in: Option<(Arc<Command>, Vec<u8>)>,
+    shapes: HashMap<String, Arc<Shape>>,
+    /// The proxy's runtime, for timers that must fire while this
+    /// session's thread is inside SQLite.
+    timers: tokio::runtime::Handle,
 }
 
 /// Runs a session over `stream` until the client leaves.
-pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(engine: Arc<Inner>, mut stream: S) {
+pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    engine: Arc<Inner>,
+    mut stream: S,
+    timers: tokio::runtime::Handle,
+) {
     let mut buf = BytesMut::with_capacity(8192);
     let params = loop {
         match read_startup(&mut stream, &mut buf).await {
@@ -211,6 +225,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(engine: Arc<Inner>, m
         out,
         skipping: false,
         copy_in: None,
+        shapes: HashMap::new(),
+        timers,
     };
     for (k, v) in &params {
         match k.as_str() {
@@ -635,7 +651,7 @@ impl Session {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let result = tokio::task::spawn_blocking(move || {
+        let result = (|| {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             let mut stmt = conn
                 .prepare_cached(&sql)
@@ -645,9 +661,7 @@ impl Session {
                     .map_err(|e| from_sqlite(&e, &engine.map))?;
             }
             Ok::<u64, Failure>(values.len() as u64)
-        })
-        .await
-        .unwrap_or_else(|_| Err(Failure::new("XX000", "the SQLite worker stopped")));
+        })();
         if autocommit {
             if result.is_ok() {
                 self.finish(true).await?;
@@ -1309,34 +1323,43 @@ impl Session {
         self.engine.release_advisory(self.key.pid);
     }
 
+    /// Runs SQL that returns nothing. The session has a thread of its
+    /// own, so SQLite runs right here.
     async fn sqlite_batch(&self, sql: String) -> Result<(), Failure> {
-        let conn = self.conn.clone();
-        let map = self.engine.map.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            conn.execute_batch(&sql).map_err(|e| from_sqlite(&e, &map))
-        })
-        .await
-        .unwrap_or_else(|_| Err(Failure::new("XX000", "the SQLite worker stopped")))
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch(&sql)
+            .map_err(|e| from_sqlite(&e, &self.engine.map))
+    }
+
+    /// A statement's result columns and whether it only reads, worked
+    /// out once per statement text (the schema is frozen).
+    fn shape(&mut self, t: &Translated) -> Result<Arc<Shape>, Failure> {
+        if let Some(s) = self.shapes.get(&t.sql) {
+            return Ok(s.clone());
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let stmt = conn
+            .prepare_cached(&t.sql)
+            .map_err(|e| from_sqlite(&e, &self.engine.map))?;
+        let shape = Arc::new(Shape {
+            fields: describe_columns(&stmt, t, &self.engine),
+            readonly: stmt.readonly(),
+        });
+        drop(stmt);
+        drop(conn);
+        if self.shapes.len() >= 1024 {
+            self.shapes.clear();
+        }
+        self.shapes.insert(t.sql.clone(), shape.clone());
+        Ok(shape)
     }
 
     /// Result columns of a statement without running it.
     async fn columns(
-        &self,
+        &mut self,
         t: &Translated,
     ) -> Result<Vec<(Field, PgType, Option<Column>)>, Failure> {
-        let conn = self.conn.clone();
-        let engine = self.engine.clone();
-        let t = t.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            let stmt = conn
-                .prepare_cached(&t.sql)
-                .map_err(|e| from_sqlite(&e, &engine.map))?;
-            Ok(describe_columns(&stmt, &t, &engine))
-        })
-        .await
-        .unwrap_or_else(|_| Err(Failure::new("XX000", "the SQLite worker stopped")))
+        Ok(self.shape(t)?.fields.clone())
     }
 
     async fn run_sql(
@@ -1345,18 +1368,8 @@ impl Session {
         params: Vec<Value>,
         formats: Option<&bind::Bind>,
     ) -> Result<Output, Failure> {
-        let conn = self.conn.clone();
-        let engine = self.engine.clone();
-        let sql = t.sql.clone();
-        let readonly = tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            let stmt = conn
-                .prepare_cached(&sql)
-                .map_err(|e| from_sqlite(&e, &engine.map))?;
-            Ok::<_, Failure>(stmt.readonly())
-        })
-        .await
-        .unwrap_or_else(|_| Err(Failure::new("XX000", "the SQLite worker stopped")))?;
+        let shape = self.shape(t)?;
+        let readonly = shape.readonly;
         let writes = !readonly || t.lock.is_some();
         let autocommit = matches!(self.tx, Tx::Idle) && writes;
         if writes {
@@ -1374,7 +1387,7 @@ impl Session {
             }
             self.take_lease(t.lock).await?;
         }
-        let result = self.step(t, params, formats).await;
+        let result = self.step(t, &shape, params, formats);
         if autocommit {
             match &result {
                 Ok(_) => {
@@ -1388,35 +1401,27 @@ impl Session {
         result
     }
 
-    async fn step(
+    /// Runs a statement; `statement_timeout` is kept by a timer on the
+    /// proxy's runtime, since this thread is busy in SQLite meanwhile.
+    fn step(
         &self,
         t: &Translated,
+        shape: &Shape,
         params: Vec<Value>,
         formats: Option<&bind::Bind>,
     ) -> Result<Output, Failure> {
-        let conn = self.conn.clone();
-        let engine = self.engine.clone();
-        let t = t.clone();
-        let formats = formats.cloned();
         let timeout = self.millis("statement_timeout");
-        let interrupt = self
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_interrupt_handle();
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let timer = timeout.map(|d| {
-            tokio::spawn(async move {
+            let interrupt = conn.get_interrupt_handle();
+            self.timers.spawn(async move {
                 tokio::time::sleep(d).await;
                 interrupt.interrupt();
                 true
             })
         });
-        let result = tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            execute(&conn, &t, &params, formats.as_ref(), &engine)
-        })
-        .await
-        .unwrap_or_else(|_| Err(Failure::new("XX000", "the SQLite worker stopped")));
+        let result = execute(&conn, t, shape, &params, formats, &self.engine);
+        drop(conn);
         if let Some(timer) = timer {
             let fired = timer.is_finished();
             timer.abort();
@@ -1549,6 +1554,7 @@ fn varchar_len(pg_type: &str) -> Option<i32> {
 fn execute(
     conn: &Connection,
     t: &Translated,
+    shape: &Shape,
     params: &[Value],
     formats: Option<&bind::Bind>,
     engine: &Inner,
@@ -1557,7 +1563,7 @@ fn execute(
     let mut stmt = conn
         .prepare_cached(&t.sql)
         .map_err(|e| from_sqlite(&e, map))?;
-    let mut fields = describe_columns(&stmt, t, engine);
+    let mut fields = shape.fields.clone();
     for (i, (f, _, _)) in fields.iter_mut().enumerate() {
         f.format = formats.map(|b| b.result_format(i)).unwrap_or(0);
     }

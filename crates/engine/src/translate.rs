@@ -1397,6 +1397,16 @@ impl VisitorMut for Rewrite<'_, '_> {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+        // OFFSET without LIMIT (Prisma's count over a skipped page): SQLite
+        // wants a LIMIT, and -1 means none.
+        if let Some(sqlparser::ast::LimitClause::LimitOffset {
+            limit: limit @ None,
+            offset: Some(_),
+            ..
+        }) = &mut q.limit_clause
+        {
+            *limit = Some(Expr::value(Value::Number("-1".to_string(), false)));
+        }
         for lock in q.locks.drain(..) {
             self.lock = Some(match lock.nonblock {
                 Some(sqlparser::ast::NonBlock::Nowait) => Lock::NoWait,
