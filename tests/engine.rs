@@ -251,6 +251,7 @@ const READS: &[&str] = &[
     "SELECT sum(price) > 100 AS big, avg(views) < 1000000 AS small FROM {p}",
     "SELECT DISTINCT ON (user_id) user_id, id, title FROM {p} ORDER BY user_id, views DESC, id LIMIT 5",
     "SELECT DISTINCT ON (p.user_id) p.user_id AS author, u.email FROM {p} p JOIN {u} u ON u.id = p.user_id WHERE p.views > 1 ORDER BY p.user_id DESC, p.id",
+    "SELECT id, prefs || '{\"theme\": \"x\", \"new\": [1]}'::jsonb AS merged, prefs -> 'nested' AS nested, prefs ->> 'theme' AS theme FROM {u} WHERE prefs IS NOT NULL ORDER BY id LIMIT 3",
     "SELECT nope FROM {u}",
     "SELECT * FROM no_such_table",
     "SELECT 1 / 0",

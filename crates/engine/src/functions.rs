@@ -260,6 +260,40 @@ pub fn install(
     })?;
     conn.create_aggregate_function("cutover_avg", 1, det, NumericAvg)?;
     install_time_and_numeric(conn, clock.clone())?;
+    conn.create_scalar_function("cutover_jsonb_concat", 2, det, |ctx| {
+        let parse = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
+            match ctx.get_raw(i) {
+                ValueRef::Null => Ok(None),
+                v => {
+                    let text = cutover_sqlite::value::raw(v);
+                    serde_json::from_str(&text)
+                        .map(Some)
+                        .map_err(|_| err(format!("invalid input syntax for type json: \"{text}\"")))
+                }
+            }
+        };
+        let (Some(a), Some(b)) = (parse(0)?, parse(1)?) else {
+            return Ok(None);
+        };
+        use serde_json::Value as J;
+        let merged = match (a, b) {
+            (J::Object(mut a), J::Object(b)) => {
+                a.extend(b);
+                J::Object(a)
+            }
+            (J::Array(mut a), J::Array(b)) => {
+                a.extend(b);
+                J::Array(a)
+            }
+            (J::Array(mut a), b) => {
+                a.push(b);
+                J::Array(a)
+            }
+            (a, J::Array(b)) => J::Array(std::iter::once(a).chain(b).collect()),
+            (a, b) => J::Array(vec![a, b]),
+        };
+        Ok(Some(crate::types::jsonb_text(&merged)))
+    })?;
     conn.create_scalar_function("version", 0, det, |_| Ok(VERSION.to_string()))?;
     for args in [1, 2] {
         let clock = clock.clone();

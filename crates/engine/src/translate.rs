@@ -1249,6 +1249,7 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         | "cutover_avg"
         | "cutover_numeric" => PgType::Numeric,
         "cutover_ts" => PgType::Int8,
+        "cutover_jsonb_concat" => PgType::Jsonb,
         "cutover_bool" => PgType::Bool,
         "random" => PgType::Float8,
         "gen_random_uuid" => PgType::Uuid,
@@ -1719,6 +1720,16 @@ impl VisitorMut for Rewrite<'_, '_> {
                         return ControlFlow::Continue(());
                     }
                 }
+                // jsonb || jsonb merges objects and concatenates arrays;
+                // SQLite's || would join the texts.
+                if matches!(op, BinaryOperator::StringConcat)
+                    && (lt == Some(PgType::Jsonb) || rt == Some(PgType::Jsonb))
+                {
+                    let l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
+                    let r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
+                    *e = call2("cutover_jsonb_concat", l, r);
+                    return ControlFlow::Continue(());
+                }
                 if matches!(op, BinaryOperator::Divide) {
                     let l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
                     let r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
@@ -2006,6 +2017,7 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "cutover_date_trunc",
     "cutover_extract",
     "cutover_date_part",
+    "cutover_jsonb_concat",
 ];
 
 fn strip_public(name: &mut ObjectName) {
