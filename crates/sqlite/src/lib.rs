@@ -7,6 +7,7 @@
 //! stream and verify are meant to read values through this one map.
 
 pub mod canonical;
+pub mod capture;
 pub mod convert;
 pub mod schema_map;
 pub mod value;

@@ -629,6 +629,8 @@ fn list_tables(
     for row in rows {
         let (name, kind, sql) = row?;
         match kind.as_str() {
+            // cutover's own change log is not the app's data.
+            "table" if name == crate::capture::LOG_TABLE => {}
             "table" => names.push((name, sql.unwrap_or_default())),
             "virtual" => skipped.push((
                 name,
