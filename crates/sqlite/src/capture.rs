@@ -74,10 +74,14 @@ pub fn preconditions(conn: &Connection, map: &SchemaMap) -> Result<Vec<String>, 
 }
 
 /// A value of `column` of the NEW or OLD row as logged: its storage class
-/// and its value (blobs as hex).
+/// and its value (blobs as hex; reals as 17-digit text, since SQLite's JSON
+/// numbers keep only 15 digits and would not read back as the same double).
 fn logged(row: &str, column: &str) -> String {
     let c = format!("{row}.{}", quote(column));
-    format!("json_array(typeof({c}), CASE typeof({c}) WHEN 'blob' THEN hex({c}) ELSE {c} END)")
+    format!(
+        "json_array(typeof({c}), CASE typeof({c}) WHEN 'blob' THEN hex({c}) \
+         WHEN 'real' THEN printf('%!.17g', {c}) ELSE {c} END)"
+    )
 }
 
 fn logged_list<'a>(row: &str, columns: impl Iterator<Item = &'a String>) -> String {
@@ -202,8 +206,8 @@ fn decode_values(seq: i64, json: &str) -> Result<Vec<Value>, CaptureError> {
                 ("integer", serde_json::Value::Number(n)) => {
                     Value::Integer(n.as_i64().ok_or_else(|| bad("an integer out of range"))?)
                 }
-                ("real", serde_json::Value::Number(n)) => {
-                    Value::Real(n.as_f64().ok_or_else(|| bad("a real out of range"))?)
+                ("real", serde_json::Value::String(r)) => {
+                    Value::Real(r.parse().map_err(|_| bad("a real that is not a number"))?)
                 }
                 ("text", serde_json::Value::String(s)) => Value::Text(s),
                 ("blob", serde_json::Value::String(h)) => Value::Blob(
@@ -213,7 +217,7 @@ fn decode_values(seq: i64, json: &str) -> Result<Vec<Value>, CaptureError> {
                         .collect::<Result<_, _>>()
                         .map_err(|_| bad("a blob that is not hex"))?,
                 ),
-                (class, _) => return Err(bad(&format!("unknown storage class {class:?}"))),
+                (class, v) => return Err(bad(&format!("unknown storage class {class:?} ({v})"))),
             })
         })
         .collect()

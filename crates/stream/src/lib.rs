@@ -14,6 +14,7 @@ pub mod pgoutput;
 pub mod preconditions;
 pub mod replication;
 pub mod schema;
+pub mod sqlite_source;
 pub mod verify;
 
 use cutover_config::SslMode;

@@ -936,7 +936,7 @@ impl ToSql for TextParam<'_> {
 /// Prepared statements on the secondary connection, by SQL text, and the
 /// secondary's column types of the tables multi-row upserts write.
 #[derive(Default)]
-struct Statements {
+pub struct Statements {
     prepared: HashMap<String, Statement>,
     /// Multi-row upsert SQL by the single-row upsert's SQL.
     multi: HashMap<Arc<str>, Arc<str>>,
@@ -1205,6 +1205,24 @@ fn committed(shared: &Shared, applier: &mut Applier, applied: Applied) {
         s.applied_transactions += batch.transactions;
         s.applied_rows += batch.rows;
     });
+}
+
+/// Applies the applier's pending batch to `new` in one transaction that
+/// also records its position, for change sources other than the
+/// replication stream (the SQLite change log); the batch applied, if any.
+pub async fn apply_pending(
+    new: &tokio_postgres::Client,
+    applier: &mut Applier,
+    statements: &mut Statements,
+) -> Result<Option<applier::Batch>, StreamError> {
+    let Some(batch) = start_batch(new, applier, statements).await? else {
+        return Ok(None);
+    };
+    let applied = batch.done.await?;
+    if let Some(end) = applied.batch.end_lsn {
+        applier.committed(end);
+    }
+    Ok(Some(applied.batch))
 }
 
 /// Applies everything received: the batch in flight, then what is pending.

@@ -1,0 +1,219 @@
+//! The change stream's second source: a SQLite file's change log (see
+//! `cutover_sqlite::capture`). Each pass reads the changes after the
+//! applied position in one read transaction — a WAL snapshot, so only
+//! whole committed SQLite transactions — converts every value through the
+//! schema map exactly as the copy does, and hands them to the same
+//! [`Applier`] as pgoutput's changes: upserts and deletes by key, one
+//! PostgreSQL transaction per pass that also records the position (the
+//! log's `seq`) in `cutover.applied`. Log rows are trimmed only after
+//! PostgreSQL committed them, so a crash anywhere loses nothing and a
+//! resumed pass applies nothing twice.
+
+use crate::applier::{Applier, SCHEMA_SQL};
+use crate::mirror::{apply_pending, Statements};
+use crate::pgoutput::{Column, Datum, Logical, Lsn, Relation};
+use crate::StreamError;
+use cutover_sqlite::capture::{self, Change, Op};
+use cutover_sqlite::rusqlite::types::Value;
+use cutover_sqlite::rusqlite::Connection;
+use cutover_sqlite::SchemaMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The position's name in `cutover.applied`.
+pub const SLOT: &str = "sqlite";
+
+/// Reads a SQLite file's change log and applies it to PostgreSQL.
+pub struct SqliteSource {
+    path: PathBuf,
+    map: Arc<SchemaMap>,
+    conn: Arc<Mutex<Connection>>,
+    applier: Applier,
+    statements: Statements,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pass {
+    pub changes: usize,
+    /// The log position applied through.
+    pub position: i64,
+}
+
+fn sqlite(e: impl std::fmt::Display) -> StreamError {
+    StreamError::Precondition(format!("SQLite change log: {e}"))
+}
+
+impl SqliteSource {
+    /// Opens the file's log and reads where `new` says the stream stopped.
+    pub async fn open(
+        path: &Path,
+        map: Arc<SchemaMap>,
+        new: &tokio_postgres::Client,
+    ) -> Result<SqliteSource, StreamError> {
+        new.batch_execute(SCHEMA_SQL).await?;
+        let applied: i64 = match new
+            .query_opt(
+                "SELECT (lsn - '0/0'::pg_lsn)::bigint FROM cutover.applied WHERE slot = $1",
+                &[&SLOT],
+            )
+            .await?
+        {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        };
+        let conn = Connection::open(path).map_err(sqlite)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(sqlite)?;
+        let mut applier = Applier::new(SLOT, Lsn(applied as u64));
+        for (i, t) in map.tables.iter().enumerate() {
+            applier.feed(Logical::Relation(Relation {
+                oid: relation_oid(i),
+                schema: "public".to_string(),
+                name: t.name.clone(),
+                identity: b'd',
+                columns: t
+                    .columns
+                    .iter()
+                    .map(|c| Column {
+                        name: c.name.clone(),
+                        type_oid: 0,
+                        is_key: t.primary_key.contains(&c.name),
+                    })
+                    .collect(),
+                keyless_types: None,
+            }))?;
+        }
+        Ok(SqliteSource {
+            path: path.to_path_buf(),
+            map,
+            conn: Arc::new(Mutex::new(conn)),
+            applier,
+            statements: Statements::default(),
+        })
+    }
+
+    /// The log position PostgreSQL has applied through.
+    pub fn applied(&self) -> i64 {
+        self.applier.applied().0 as i64
+    }
+
+    /// Applies up to `limit` changes (whole SQLite transactions) and trims
+    /// them from the log once PostgreSQL committed them.
+    pub async fn pass(
+        &mut self,
+        new: &tokio_postgres::Client,
+        limit: usize,
+    ) -> Result<Pass, StreamError> {
+        let after = self.applied();
+        let conn = self.conn.clone();
+        let changes = tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            capture::read(&conn, after, limit)
+        })
+        .await
+        .map_err(|e| sqlite(e.to_string()))?
+        .map_err(sqlite)?;
+        let Some(last) = changes.last().map(|c| c.seq) else {
+            return Ok(Pass {
+                changes: 0,
+                position: after,
+            });
+        };
+        self.applier.feed(Logical::Begin {
+            final_lsn: Lsn(last as u64),
+            xid: 0,
+        })?;
+        for change in &changes {
+            let message = self.message(change)?;
+            self.applier.feed(message)?;
+        }
+        self.applier.feed(Logical::Commit {
+            commit_lsn: Lsn(last as u64),
+            end_lsn: Lsn(last as u64),
+        })?;
+        apply_pending(new, &mut self.applier, &mut self.statements).await?;
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            capture::trim(&conn, last)
+        })
+        .await
+        .map_err(|e| sqlite(e.to_string()))?
+        .map_err(sqlite)?;
+        Ok(Pass {
+            changes: changes.len(),
+            position: last,
+        })
+    }
+
+    /// Applies passes until the log holds nothing after the position.
+    pub async fn drain(&mut self, new: &tokio_postgres::Client) -> Result<i64, StreamError> {
+        while self.pass(new, 10_000).await?.changes > 0 {}
+        Ok(self.applied())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A captured change as the applier's message, its values converted
+    /// through the schema map.
+    fn message(&self, change: &Change) -> Result<Logical, StreamError> {
+        let (index, table) = self
+            .map
+            .tables
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.name == change.table)
+            .ok_or_else(|| {
+                StreamError::Precondition(format!(
+                    "the change log names table {:?}, which the schema map does not have (was it created after capture started?)",
+                    change.table
+                ))
+            })?;
+        let rel = relation_oid(index);
+        let datum = |column: &cutover_sqlite::Column,
+                     value: &Value|
+         -> Result<Datum, StreamError> {
+            match column.to_pg_text(value.into()) {
+                Ok(Some(text)) => Ok(Datum::Text(text)),
+                Ok(None) => Ok(Datum::Null),
+                Err(bad) => Err(StreamError::Precondition(format!(
+                    "change {} to {}: column {} holds {}, which is not a {} (give the column another type in [[schema.columns]])",
+                    change.seq, table.name, bad.column, bad.stored, bad.pg_type
+                ))),
+            }
+        };
+        Ok(match (change.op, &change.row) {
+            (Op::Insert | Op::Update, Some(row)) => Logical::Insert {
+                rel,
+                new: table
+                    .columns
+                    .iter()
+                    .zip(row)
+                    .map(|(c, v)| datum(c, v))
+                    .collect::<Result<_, _>>()?,
+            },
+            (Op::Delete, _) => {
+                let mut old = vec![Datum::Null; table.columns.len()];
+                for (key, value) in table.primary_key.iter().zip(&change.key) {
+                    if let Some(i) = table.columns.iter().position(|c| &c.name == key) {
+                        old[i] = datum(&table.columns[i], value)?;
+                    }
+                }
+                Logical::Delete { rel, old }
+            }
+            (_, None) => {
+                return Err(StreamError::Protocol(format!(
+                    "change {} to {} has no row image",
+                    change.seq, table.name
+                )))
+            }
+        })
+    }
+}
+
+fn relation_oid(index: usize) -> u32 {
+    index as u32 + 1
+}
