@@ -182,3 +182,93 @@ async fn captured_writes_stream_into_postgresql_and_compare_equal() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_under_concurrent_writes_and_the_stream_converge() {
+    let style = Style::Hand;
+    let dir = std::env::temp_dir().join(format!("cutover-sqlite-live-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    drop(sqlite_app::build(&file, style, 400));
+    let pg = support::cluster(HostAuth::ScramSha256);
+    let config_text = format!(
+        "[old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n{}",
+        file.display(),
+        pg.url(SUPERUSER, SUPERUSER_PASSWORD, support::DB),
+        style.column_settings()
+    );
+    let config = cutover_config::Config::from_toml(&config_text).unwrap();
+    let map = SchemaMap::read_file(&file, &config.schema_columns, 1).unwrap();
+    let keyed = Arc::new(SchemaMap {
+        tables: map
+            .tables
+            .into_iter()
+            .filter(|t| !t.primary_key.is_empty())
+            .collect(),
+        skipped: Vec::new(),
+    });
+    let app = Connection::open(&file).unwrap();
+    cutover_sqlite::capture::install(&app, &keyed).unwrap();
+
+    // The app keeps writing while the copy runs, in small chunks.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (file, stop) = (file.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let conn = Connection::open(&file).unwrap();
+            conn.busy_timeout(std::time::Duration::from_secs(30))
+                .unwrap();
+            conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+            let mut round = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && round < 60 {
+                writes(&conn, style, round);
+                round += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            round
+        })
+    };
+    let config_path = dir.join("convert.toml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    let out = Command::new(BIN)
+        .args(["convert", "--chunk-rows", "50", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        rounds > 2,
+        "the app wrote while the copy ran ({rounds} rounds)"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("change capture is installed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let new = control(&pg).await;
+    let mut source = SqliteSource::open(&file, keyed.clone(), &new)
+        .await
+        .unwrap();
+    source.drain(&new).await.unwrap();
+    let checks =
+        cutover_sqlite::convert::verify(&file, &keyed, &[control(&pg).await, control(&pg).await])
+            .await
+            .unwrap();
+    for check in &checks {
+        assert!(
+            check.clean(),
+            "{} differs: {:?}",
+            check.table,
+            check.differences
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -193,6 +193,19 @@ pub async fn convert(
             .await?)
     })
     .await?;
+    // Under capture the file keeps changing while it is copied: compare
+    // once the change stream has applied the log, not now.
+    let live = crate::capture::installed(&open(path)?)
+        .map_err(|e| ConvertError::Refused(e.to_string()))?;
+    if live {
+        warnings.push(
+            "change capture is installed: the copy read each table from its own snapshot and the change stream brings it up to date; verify after the stream has applied the log".to_string(),
+        );
+        return Ok(Converted {
+            checks: Vec::new(),
+            warnings,
+        });
+    }
     events(Event::Step("verify".to_string()));
     let checks = verify(path, map, pgs).await?;
     Ok(Converted { checks, warnings })
@@ -334,7 +347,8 @@ async fn prepare(
          CREATE TABLE IF NOT EXISTS cutover.convert_post_data (statement text NOT NULL);
          CREATE TABLE IF NOT EXISTS cutover.convert_progress (
              table_name text PRIMARY KEY, cursor text, rows bigint NOT NULL DEFAULT 0,
-             done boolean NOT NULL DEFAULT false)",
+             done boolean NOT NULL DEFAULT false);
+         ALTER TABLE cutover.convert_progress ADD COLUMN IF NOT EXISTS log_position bigint",
     )
     .await?;
     if let Some(row) = pg
@@ -401,6 +415,9 @@ struct Chunk {
     data: Vec<u8>,
     rows: u64,
     cursor: String,
+    /// On a table's first chunk, when capture is installed: the change
+    /// log's position in the snapshot the table is read from.
+    log_position: Option<i64>,
 }
 
 async fn copy_table(
@@ -412,14 +429,38 @@ async fn copy_table(
 ) -> Result<(), ConvertError> {
     let row = pg
         .query_one(
-            "SELECT cursor, rows, done FROM cutover.convert_progress WHERE table_name = $1",
+            "SELECT cursor, rows, done, log_position FROM cutover.convert_progress WHERE table_name = $1",
             &[&table.name],
         )
         .await?;
-    let (cursor, mut copied, done): (Option<String>, i64, bool) =
-        (row.get(0), row.get(1), row.get(2));
+    let (mut cursor, mut copied, done, position): (Option<String>, i64, bool, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     if done {
         return Ok(());
+    }
+    // Under capture a table is read from one snapshot whose log position
+    // the stream starts after; a table left half copied from an older
+    // snapshot is copied again whole, so no row is older than its position.
+    if cursor.is_some() && position.is_some() {
+        pg.batch_execute("BEGIN").await?;
+        let restarted = async {
+            pg.batch_execute(&format!("TRUNCATE {}", quote(&table.name)))
+                .await?;
+            pg.execute(
+                "UPDATE cutover.convert_progress SET cursor = NULL, rows = 0, log_position = NULL \
+                 WHERE table_name = $1",
+                &[&table.name],
+            )
+            .await?;
+            pg.batch_execute("COMMIT").await
+        }
+        .await;
+        if let Err(e) = restarted {
+            let _ = pg.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
+        cursor = None;
+        copied = 0;
     }
     let (tx, mut rx) = mpsc::channel::<Result<Chunk, ConvertError>>(2);
     let reader = {
@@ -445,8 +486,14 @@ async fn copy_table(
             sink.send(bytes::Bytes::from(chunk.data)).await?;
             sink.finish().await?;
             pg.execute(
-                "UPDATE cutover.convert_progress SET cursor = $1, rows = rows + $2 WHERE table_name = $3",
-                &[&chunk.cursor, &(chunk.rows as i64), &table.name],
+                "UPDATE cutover.convert_progress SET cursor = $1, rows = rows + $2, \
+                 log_position = coalesce($4, log_position) WHERE table_name = $3",
+                &[
+                    &chunk.cursor,
+                    &(chunk.rows as i64),
+                    &table.name,
+                    &chunk.log_position,
+                ],
             )
             .await?;
             pg.batch_execute("COMMIT").await
@@ -517,6 +564,19 @@ fn read_chunks(
         order.join(", ")
     );
     let keys = order.len();
+    // One read transaction for the whole table: one snapshot, and under
+    // capture the log position that snapshot is at.
+    conn.execute_batch("BEGIN")?;
+    let mut log_position =
+        if crate::capture::installed(&conn).map_err(|e| ConvertError::Refused(e.to_string()))? {
+            Some(conn.query_row(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0)",
+                [crate::capture::LOG_TABLE],
+                |r| r.get::<_, i64>(0),
+            )?)
+        } else {
+            None
+        };
     loop {
         let after: Vec<Value> = match &cursor {
             None => Vec::new(),
@@ -527,7 +587,8 @@ fn read_chunks(
         let mut chunk = Chunk {
             data: Vec::with_capacity(chunk_rows as usize * 64),
             rows: 0,
-            cursor: String::new(),
+            cursor: cursor.clone().unwrap_or_default(),
+            log_position: log_position.take(),
         };
         let mut last: Vec<Value> = Vec::new();
         while let Some(row) = rows.next()? {
@@ -558,6 +619,10 @@ fn read_chunks(
                 .collect::<Result<_, _>>()?;
         }
         if chunk.rows == 0 {
+            // An empty table (or end) still records its log position.
+            if chunk.log_position.is_some() {
+                let _ = tx.blocking_send(Ok(chunk));
+            }
             return Ok(());
         }
         let full = chunk.rows == u64::from(chunk_rows);

@@ -30,6 +30,10 @@ pub struct SqliteSource {
     conn: Arc<Mutex<Connection>>,
     applier: Applier,
     statements: Statements,
+    /// Each table's copy position: its changes at or before it are in the
+    /// copy already (the copy read the table from that log position's
+    /// snapshot), so only later ones are applied.
+    copied_at: std::collections::HashMap<String, i64>,
 }
 
 /// What one pass did.
@@ -52,6 +56,22 @@ impl SqliteSource {
         new: &tokio_postgres::Client,
     ) -> Result<SqliteSource, StreamError> {
         new.batch_execute(SCHEMA_SQL).await?;
+        let mut copied_at = std::collections::HashMap::new();
+        let progress: Option<String> = new
+            .query_one("SELECT to_regclass('cutover.convert_progress')::text", &[])
+            .await?
+            .try_get(0)?;
+        if progress.is_some() {
+            for row in new
+                .query(
+                    "SELECT table_name, log_position FROM cutover.convert_progress WHERE log_position IS NOT NULL",
+                    &[],
+                )
+                .await?
+            {
+                copied_at.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
+            }
+        }
         let applied: i64 = match new
             .query_opt(
                 "SELECT (lsn - '0/0'::pg_lsn)::bigint FROM cutover.applied WHERE slot = $1",
@@ -60,7 +80,8 @@ impl SqliteSource {
             .await?
         {
             Some(row) => row.try_get(0)?,
-            None => 0,
+            // Nothing applied yet: start at the oldest copy's position.
+            None => copied_at.values().copied().min().unwrap_or(0),
         };
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
@@ -90,6 +111,7 @@ impl SqliteSource {
             conn: Arc::new(Mutex::new(conn)),
             applier,
             statements: Statements::default(),
+            copied_at,
         })
     }
 
@@ -125,6 +147,13 @@ impl SqliteSource {
             xid: 0,
         })?;
         for change in &changes {
+            if self
+                .copied_at
+                .get(&change.table)
+                .is_some_and(|at| change.seq <= *at)
+            {
+                continue;
+            }
             let message = self.message(change)?;
             self.applier.feed(message)?;
         }
