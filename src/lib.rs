@@ -93,12 +93,13 @@ impl Daemon {
         }
     }
 
-    /// With a SQLite old, cutover serves the file but cannot migrate it
-    /// live yet: every migration step says so instead of failing later.
+    /// With a SQLite old, cutover mirrors the file and moves reads, but
+    /// cannot yet verify under load or promote (the reverse stream into the
+    /// file is not built): those steps say so instead of failing later.
     fn refuse_sqlite_migration(&self) -> Result<(), ApiError> {
         match self.config.old.url.sqlite_path() {
             Some(path) => Err(ApiError::conflict(format!(
-                "old is the SQLite file {}: cutover serves it through its SQLite engine, but migrating it live (capture, stream, copy, verify, dial, promote) is not built yet; `cutover convert` copies it to PostgreSQL offline",
+                "old is the SQLite file {}: cutover mirrors it to new and can move reads there, but verify under load, promote and finalize (the reverse stream into the file) are not built yet",
                 path.display()
             ))),
             None => Ok(()),
@@ -209,7 +210,12 @@ impl AdminSource for Daemon {
         transition: Transition,
     ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
         Box::pin(async move {
-            self.refuse_sqlite_migration()?;
+            if matches!(
+                transition,
+                Transition::Promote { .. } | Transition::Finalize
+            ) {
+                self.refuse_sqlite_migration()?;
+            }
             if self.ramp_running() {
                 return Err(ApiError::conflict(
                     "a guarded ramp is running and owns the dial; `cutover ramp --abort` stops it",
@@ -220,7 +226,6 @@ impl AdminSource for Daemon {
     }
 
     fn start_ramp(&self, request: RampRequest) -> Result<serde_json::Value, ApiError> {
-        self.refuse_sqlite_migration()?;
         match self.me.get().and_then(std::sync::Weak::upgrade) {
             Some(me) => me.start_ramp(&request),
             None => Err(ApiError::unavailable("cutover is shutting down")),

@@ -81,6 +81,18 @@ impl PrimaryPosition {
     }
 
     async fn query(&self, query: &mut Option<PositionQuery>) -> Result<u64, String> {
+        // A SQLite primary's position is its change log's newest entry.
+        if let Some(path) = self.url.sqlite_path() {
+            let path = path.to_path_buf();
+            return tokio::task::spawn_blocking(move || {
+                let conn = cutover_sqlite::open_read_only(&path).map_err(|e| e.to_string())?;
+                cutover_stream::sqlite_source::log_position(&conn)
+                    .map(|p| p as u64)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
         if query.as_ref().is_none_or(|q| q.client.is_closed()) {
             let client = cutover_stream::control_client(&self.url, "cutover-fence")
                 .await
@@ -183,6 +195,7 @@ impl Daemon {
             copy: self.config.mirror.clone(),
             fresh,
             clear_new,
+            schema_columns: self.config.schema_columns.clone(),
         })
     }
 

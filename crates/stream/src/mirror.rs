@@ -40,6 +40,7 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct MirrorSettings {
+    /// The source: a PostgreSQL server, or a SQLite file.
     pub old: BackendUrl,
     pub new: BackendUrl,
     /// Name of the slot and of the publication cutover owns.
@@ -53,6 +54,8 @@ pub struct MirrorSettings {
     /// A first start may empty tables on the secondary that hold rows
     /// cutover did not copy there (`mirror start --clear-new`).
     pub clear_new: bool,
+    /// `[[schema.columns]]`, for a SQLite source's schema map.
+    pub schema_columns: Vec<cutover_config::ColumnSetting>,
 }
 
 /// Where the mirroring task is.
@@ -321,8 +324,15 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
     let mut rebuild = false;
     let mut delay = RETRY_DELAY;
     loop {
+        let rebuilding = std::mem::take(&mut rebuild);
+        let attempt = async {
+            match settings.old.sqlite_path() {
+                Some(path) => sqlite_session(path, &settings, &shared).await,
+                None => session(&settings, &shared, rebuilding).await,
+            }
+        };
         let result = tokio::select! {
-            r = session(&settings, &shared, std::mem::take(&mut rebuild)) => r,
+            r = attempt => r,
             _ = stopped.wait_for(|s| *s) => return,
         };
         let ran = matches!(
@@ -367,6 +377,120 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
             _ = stopped.wait_for(|s| *s) => return,
         }
         delay = (delay * 2).min(MAX_RETRY_DELAY);
+    }
+}
+
+/// How often an idle SQLite stream looks at the change log again.
+const SQLITE_POLL: Duration = Duration::from_millis(5);
+
+/// Mirroring from a SQLite file: capture installed in the file, the copy
+/// (each table from its own snapshot, its log position recorded), then the
+/// change log applied pass after pass (see `sqlite_source`).
+async fn sqlite_session(
+    path: &std::path::Path,
+    settings: &MirrorSettings,
+    shared: &Shared,
+) -> Result<(), StreamError> {
+    use cutover_sqlite::{capture, convert, SchemaMap};
+    let new = control_client(&settings.new, "cutover-applier").await?;
+    let copier = control_client(&settings.new, "cutover-copy").await?;
+    let (map, problems) = {
+        let (path, columns) = (path.to_path_buf(), settings.schema_columns.clone());
+        tokio::task::spawn_blocking(move || {
+            let map = SchemaMap::read_file(&path, &columns, 2)
+                .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?;
+            let conn = cutover_sqlite::Connection::open(&path)
+                .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?;
+            conn.busy_timeout(Duration::from_secs(30))
+                .map_err(|e| StreamError::Precondition(e.to_string()))?;
+            let problems = capture::preconditions(&conn, &map)
+                .map_err(|e| StreamError::Precondition(e.to_string()))?;
+            if problems.is_empty() {
+                capture::install(&conn, &map)
+                    .map_err(|e| StreamError::Precondition(format!("installing capture: {e}")))?;
+            }
+            Ok::<_, StreamError>((map, problems))
+        })
+        .await
+        .map_err(|e| StreamError::Precondition(e.to_string()))??
+    };
+    if !problems.is_empty() {
+        return Err(StreamError::Precondition(problems.join("; ")));
+    }
+    let map = Arc::new(map);
+    shared.started.send_replace(Some(Ok(Lsn(0))));
+    shared.update(|s| {
+        s.copy = map
+            .tables
+            .iter()
+            .map(|t| TableCopy {
+                table: t.name.clone(),
+                rows: 0,
+                estimated_rows: t.rows(),
+                done: false,
+            })
+            .collect();
+    });
+    shared.set_state(StreamState::Copying, None);
+    let events = |event: convert::Event| {
+        if let convert::Event::TableDone { table, rows } = event {
+            shared
+                .metrics
+                .copy_rows
+                .with_label_values(&[table.as_str()])
+                .inc_by(rows);
+            shared.update(|s| {
+                if let Some(c) = s.copy.iter_mut().find(|c| c.table == table) {
+                    c.rows = rows;
+                    c.done = true;
+                }
+            });
+        }
+    };
+    let options = convert::Options {
+        chunk_rows: settings.copy.copy_chunk_rows,
+    };
+    let copied = convert::convert(
+        path,
+        &map,
+        &[copier, control_client(&settings.new, "cutover-copy").await?],
+        &options,
+        &events,
+    )
+    .await
+    .map_err(|e| StreamError::Precondition(format!("copying the SQLite file: {e}")))?;
+    for warning in copied.warnings {
+        tracing::warn!(%warning, "copy");
+    }
+    shared.update(|s| s.copy.iter_mut().for_each(|c| c.done = true));
+    let mut source = crate::sqlite_source::SqliteSource::open(path, map, &new).await?;
+    shared.set_state(StreamState::Streaming, None);
+    loop {
+        let pass = source.pass(&new, MAX_BATCH_ROWS as usize).await?;
+        let applied = source.applied();
+        let newest = source.last_seq().await?.max(applied);
+        shared.caught_up.send_if_modified(|lsn| {
+            let advanced = Lsn(applied as u64) > *lsn;
+            *lsn = (*lsn).max(Lsn(applied as u64));
+            advanced
+        });
+        if pass.changes > 0 {
+            shared.metrics.applied_rows.inc_by(pass.changes as u64);
+            shared.metrics.applied_transactions.inc();
+        }
+        shared.update(|s| {
+            s.applied_lsn = Some(Lsn(applied as u64).to_string());
+            s.caught_up_lsn = s.applied_lsn.clone();
+            s.primary_lsn = Some(Lsn(newest as u64).to_string());
+            s.lag_bytes = Some((newest - applied).max(0) as u64);
+            if pass.changes > 0 {
+                s.applied_transactions += 1;
+                s.applied_rows += pass.changes as u64;
+            }
+        });
+        if pass.changes == 0 {
+            tokio::time::sleep(SQLITE_POLL).await;
+        }
     }
 }
 

@@ -176,6 +176,18 @@ impl SqliteSource {
         })
     }
 
+    /// The newest position in the file's change log.
+    pub async fn last_seq(&self) -> Result<i64, StreamError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            log_position(&conn)
+        })
+        .await
+        .map_err(|e| sqlite(e.to_string()))?
+        .map_err(sqlite)
+    }
+
     /// Applies passes until the log holds nothing after the position.
     pub async fn drain(&mut self, new: &tokio_postgres::Client) -> Result<i64, StreamError> {
         while self.pass(new, 10_000).await?.changes > 0 {}
@@ -241,6 +253,16 @@ impl SqliteSource {
             }
         })
     }
+}
+
+/// The change log's newest position (kept by AUTOINCREMENT even when the
+/// log has been trimmed empty).
+pub fn log_position(conn: &Connection) -> Result<i64, cutover_sqlite::rusqlite::Error> {
+    conn.query_row(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0)",
+        [capture::LOG_TABLE],
+        |r| r.get(0),
+    )
 }
 
 fn relation_oid(index: usize) -> u32 {
