@@ -200,3 +200,183 @@ async fn a_live_sqlite_file_is_copied_streamed_and_read_from_postgresql() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_copy_and_mid_apply_loses_nothing() {
+    let style = Style::Hand;
+    let dir = std::env::temp_dir().join(format!("cutover-sqlite-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    drop(sqlite_app::build(&file, style, 1500));
+    {
+        let conn = Connection::open(&file).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE audit2 (id INTEGER PRIMARY KEY, \"Level\" TEXT, message TEXT, at TEXT);
+             INSERT INTO audit2 (\"Level\", message, at) SELECT \"Level\", message, at FROM \"AuditLog\";
+             DROP TABLE \"AuditLog\"; ALTER TABLE audit2 RENAME TO \"AuditLog\";",
+        )
+        .unwrap();
+    }
+    let pg = cluster(HostAuth::ScramSha256);
+    let (proxy, admin) = (free_addr(), free_addr());
+    let config = format!(
+        "[proxy]\nlisten = \"{proxy}\"\nshutdown_timeout_ms = 1000\n\n\
+         [auth]\nmethod = \"scram-sha-256\"\nusers = [{{ name = \"{APP_USER}\", password = \"{APP_PASSWORD}\" }}]\n\n\
+         [admin]\nlisten = \"{admin}\"\ntoken = \"{TOKEN}\"\n\n\
+         [cutover]\nstate_file = \"{}\"\n\n\
+         [old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n\n\
+         [mirror]\ncopy_chunk_rows = 20\nsync = false\n{}",
+        dir.join("state.json").display(),
+        file.display(),
+        pg.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+        style.column_settings()
+    );
+    let config_path = dir.join("cutover.toml");
+    std::fs::write(&config_path, &config).unwrap();
+
+    // Writers that reconnect when cutover goes away, counting what was
+    // acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(client) = connect_as(proxy, APP_USER, APP_PASSWORD).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let slug = format!("k{w}-{i}");
+                    match client
+                        .execute(
+                            "INSERT INTO tags (name, slug) VALUES ('kill', $1)",
+                            &[&slug],
+                        )
+                        .await
+                    {
+                        Ok(_) => acknowledged.lock().unwrap().push(slug),
+                        Err(_) => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }
+        }));
+    }
+
+    let daemon = spawn_daemon(&config_path, admin);
+    let status = |path: &str| {
+        cutover::cli_http::request(&format!("http://{admin}"), "GET", path, None, None)
+            .map(|r| serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    let start = cutover::cli_http::request(
+        &format!("http://{admin}"),
+        "POST",
+        "/v1/mirror/start",
+        Some("{}"),
+        Some(TOKEN),
+    )
+    .unwrap();
+    assert_eq!(start.status, 200, "{}", start.body);
+    // Killed while the copy has done some tables and not others.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status("/v1/status");
+        let copy = &s["mirror"]["copy"];
+        let done = copy
+            .as_array()
+            .map(|c| c.iter().filter(|t| t["done"] == true).count())
+            .unwrap_or(0);
+        if done >= 1 || s["mirror"]["state"] == "streaming" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy never progressed: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(daemon);
+    let daemon = spawn_daemon(&config_path, admin);
+    // Killed again while streaming.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status("/v1/status")["mirror"]["state"] != "streaming" {
+        assert!(
+            Instant::now() < deadline,
+            "no stream after the restart: {}",
+            status("/v1/status")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(daemon);
+    let _daemon = spawn_daemon(&config_path, admin);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let target = {
+            let conn = cutover_sqlite::open_read_only(&file).unwrap();
+            cutover_stream::sqlite_source::log_position(&conn).unwrap_or(0)
+        };
+        let m = status("/v1/status")["mirror"].clone();
+        let applied = m["applied_lsn"].as_str().map(lsn).unwrap_or(0);
+        if m["state"] == "streaming" && applied >= target as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream did not drain after the restarts: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "writes went on ({})",
+        acknowledged.len()
+    );
+    let on_new: i64 = pg
+        .psql(DB, "SELECT count(*) FROM tags WHERE name = 'kill'")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        on_new as usize >= acknowledged.len(),
+        "every acknowledged write reached PostgreSQL"
+    );
+    let map = SchemaMap::read_file(
+        &file,
+        &cutover_config::Config::from_toml(&config)
+            .unwrap()
+            .schema_columns,
+        1,
+    )
+    .unwrap();
+    let control = || async {
+        let (client, connection) = tokio_postgres::connect(
+            &conn_string(direct_addr(&pg), SUPERUSER, SUPERUSER_PASSWORD),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let checks = cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
+        .await
+        .unwrap();
+    for check in &checks {
+        assert!(
+            check.clean(),
+            "{} differs: {:?}",
+            check.table,
+            check.differences
+        );
+    }
+}

@@ -146,11 +146,21 @@ pub async fn convert(
             "another cutover convert is running against this database".to_string(),
         ));
     }
-    let ddl = format!(
-        "{}\n{}",
-        map.table_ddl().join(";\n"),
-        map.post_data_ddl().join(";\n")
-    );
+    // The tables' DDL identifies an earlier convert of the same file. What
+    // changes as the file is written is left out: the comments (counts of
+    // stored values) and the statements after the data (identity restarts
+    // past the current largest id).
+    let ddl = map
+        .table_ddl()
+        .iter()
+        .map(|t| {
+            t.lines()
+                .map(|l| l.split("  -- ").next().unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect::<Vec<_>>()
+        .join(";\n");
     let post_data_done = prepare(pg, map, &ddl, path).await?;
     let mut warnings = Vec::new();
     // A chunk's rows and its progress commit together, so a crash of
