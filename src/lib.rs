@@ -93,13 +93,12 @@ impl Daemon {
         }
     }
 
-    /// With a SQLite old, cutover mirrors the file and moves reads, but
-    /// cannot yet verify under load or promote (the reverse stream into the
-    /// file is not built): those steps say so instead of failing later.
+    /// With a SQLite old, verify under load is not built yet (`cutover
+    /// convert`'s verify compares a quiet file): it says so.
     fn refuse_sqlite_migration(&self) -> Result<(), ApiError> {
         match self.config.old.url.sqlite_path() {
             Some(path) => Err(ApiError::conflict(format!(
-                "old is the SQLite file {}: cutover mirrors it to new and can move reads there, but verify under load, promote and finalize (the reverse stream into the file) are not built yet",
+                "old is the SQLite file {}: verify under load is not built for a SQLite old yet; compare a quiet file with `cutover convert`'s verify, and promote with --force",
                 path.display()
             ))),
             None => Ok(()),
@@ -210,12 +209,6 @@ impl AdminSource for Daemon {
         transition: Transition,
     ) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
         Box::pin(async move {
-            if matches!(
-                transition,
-                Transition::Promote { .. } | Transition::Finalize
-            ) {
-                self.refuse_sqlite_migration()?;
-            }
             if self.ramp_running() {
                 return Err(ApiError::conflict(
                     "a guarded ramp is running and owns the dial; `cutover ramp --abort` stops it",

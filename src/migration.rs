@@ -337,8 +337,39 @@ impl Daemon {
                 }
                 self.publish(next);
                 let mut dropped = Vec::new();
+                // A SQLite old keeps no slot: its capture comes out of the file.
+                if let Some(path) = self.config.old.url.sqlite_path() {
+                    let file = path.to_path_buf();
+                    let removed = tokio::task::spawn_blocking(move || {
+                        let conn =
+                            cutover_sqlite::Connection::open(&file).map_err(|e| e.to_string())?;
+                        conn.busy_timeout(Duration::from_secs(30))
+                            .map_err(|e| e.to_string())?;
+                        let map = cutover_sqlite::SchemaMap::read(&conn, &[])
+                            .map_err(|e| e.to_string())?;
+                        cutover_sqlite::capture::remove(&conn, &map).map_err(|e| e.to_string())?;
+                        conn.execute_batch(&format!(
+                            "DROP TABLE IF EXISTS {}",
+                            cutover_stream::sqlite_target::APPLIED_TABLE
+                        ))
+                        .map_err(|e| e.to_string())
+                    })
+                    .await;
+                    match removed {
+                        Ok(Ok(())) => dropped.push("old:capture".to_string()),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "could not remove capture from the SQLite file; drop the _cutover_ triggers and tables by hand")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not remove capture from the SQLite file")
+                        }
+                    }
+                }
                 for (backend, slot) in [(Backend::New, REVERSE_SLOT), (Backend::Old, FORWARD_SLOT)]
                 {
+                    if self.url(backend).is_some_and(|u| u.sqlite_path().is_some()) {
+                        continue;
+                    }
                     if let Some(url) = self.url(backend) {
                         match cutover_stream::drop_slot(url, slot).await {
                             Ok(()) => dropped.push(format!("{}:{slot}", backend.name())),

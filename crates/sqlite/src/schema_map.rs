@@ -629,8 +629,8 @@ fn list_tables(
     for row in rows {
         let (name, kind, sql) = row?;
         match kind.as_str() {
-            // cutover's own change log is not the app's data.
-            "table" if name == crate::capture::LOG_TABLE => {}
+            // cutover's own change log and positions are not the app's data.
+            "table" if name.starts_with("_cutover_") => {}
             "table" => names.push((name, sql.unwrap_or_default())),
             "virtual" => skipped.push((
                 name,

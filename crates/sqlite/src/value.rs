@@ -109,6 +109,84 @@ impl Column {
     }
 }
 
+impl Column {
+    /// PostgreSQL output text of this column's type as the value to store
+    /// in the file, in the column's codec (epoch s/ms, ISO text, 0/1,
+    /// 'true'/'false', JSON text): what the reverse stream writes, so the
+    /// file keeps its own conventions.
+    pub fn from_pg_text(&self, text: &str) -> Result<rusqlite::types::Value, BadValue> {
+        use crate::schema_map::{Codec, TimeCodec};
+        use rusqlite::types::Value;
+        let bad = || BadValue {
+            column: self.name.clone(),
+            pg_type: self.pg_type.clone(),
+            stored: text.to_string(),
+        };
+        let t = text.trim();
+        Ok(match self.pg_type.as_str() {
+            "bigint" | "integer" | "smallint" => Value::Integer(t.parse().map_err(|_| bad())?),
+            "double precision" => Value::Real(match t {
+                "NaN" => f64::NAN,
+                "Infinity" => f64::INFINITY,
+                "-Infinity" => f64::NEG_INFINITY,
+                t => t.parse().map_err(|_| bad())?,
+            }),
+            "numeric" => match t.parse::<i64>() {
+                Ok(i) => Value::Integer(i),
+                Err(_) => Value::Real(t.parse().map_err(|_| bad())?),
+            },
+            "boolean" => {
+                let b = match t {
+                    "t" | "true" => true,
+                    "f" | "false" => false,
+                    _ => return Err(bad()),
+                };
+                match self.codec {
+                    Codec::BoolText => Value::Text(if b { "true" } else { "false" }.to_string()),
+                    _ => Value::Integer(i64::from(b)),
+                }
+            }
+            "timestamptz" | "timestamp" => {
+                let micros = crate::canonical::timestamp_micros(t).ok_or_else(bad)?;
+                match self.codec {
+                    Codec::Time(TimeCodec::UnixMillis) => Value::Integer(micros.div_euclid(1000)),
+                    Codec::Time(TimeCodec::UnixSeconds) => {
+                        Value::Integer(micros.div_euclid(1_000_000))
+                    }
+                    _ => Value::Text(iso_millis(micros)),
+                }
+            }
+            "bytea" => {
+                let h = t.strip_prefix("\\x").ok_or_else(bad)?;
+                Value::Blob(
+                    (0..h.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(h.get(i..i + 2).unwrap_or("zz"), 16))
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad())?,
+                )
+            }
+            _ => Value::Text(text.to_string()),
+        })
+    }
+}
+
+/// A time as ISO-8601 UTC text with milliseconds, as JavaScript's
+/// `toISOString` writes it (the form ORMs leave in SQLite files), or with
+/// microseconds when the time has them (PostgreSQL's `now()` does), so
+/// nothing is cut off.
+fn iso_millis(micros: i64) -> String {
+    let seconds = micros.div_euclid(1_000_000);
+    let text = epoch_text(seconds, 0);
+    let date_time = text.trim_end_matches("+00").replacen(' ', "T", 1);
+    let fraction = micros.rem_euclid(1_000_000);
+    if fraction % 1000 == 0 {
+        format!("{date_time}.{:03}Z", fraction / 1000)
+    } else {
+        format!("{date_time}.{fraction:06}Z")
+    }
+}
+
 fn is_text(pg_type: &str) -> bool {
     pg_type == "text" || pg_type.starts_with("varchar")
 }

@@ -15,6 +15,7 @@ pub mod preconditions;
 pub mod replication;
 pub mod schema;
 pub mod sqlite_source;
+pub mod sqlite_target;
 pub mod verify;
 
 use cutover_config::SslMode;

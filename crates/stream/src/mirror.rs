@@ -326,9 +326,10 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
     loop {
         let rebuilding = std::mem::take(&mut rebuild);
         let attempt = async {
-            match settings.old.sqlite_path() {
-                Some(path) => sqlite_session(path, &settings, &shared).await,
-                None => session(&settings, &shared, rebuilding).await,
+            match (settings.old.sqlite_path(), settings.new.sqlite_path()) {
+                (Some(path), _) => sqlite_session(path, &settings, &shared).await,
+                (None, Some(path)) => sqlite_reverse_session(path, &settings, &shared).await,
+                (None, None) => session(&settings, &shared, rebuilding).await,
             }
         };
         let result = tokio::select! {
@@ -380,6 +381,10 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
     }
 }
 
+/// How often the reverse stream looks for writes made to the SQLite file
+/// directly.
+const FOREIGN_WRITES_CHECK: Duration = Duration::from_secs(1);
+
 /// How often an idle SQLite stream looks at the change log again.
 const SQLITE_POLL: Duration = Duration::from_millis(5);
 
@@ -418,6 +423,21 @@ async fn sqlite_session(
         return Err(StreamError::Precondition(problems.join("; ")));
     }
     let map = Arc::new(map);
+    let fresh = settings.fresh && !shared.fresh_done.load(Ordering::Relaxed);
+    if fresh {
+        // Started at a swap (rollback): both sides are the same, nothing to
+        // copy; the stream starts at the log's end, or before the changes
+        // written to the file directly while it was not the primary, which
+        // PostgreSQL must now get.
+        let mut source =
+            crate::sqlite_source::SqliteSource::start_fresh(path, map.clone(), &new).await?;
+        shared.fresh_done.store(true, Ordering::Relaxed);
+        shared
+            .started
+            .send_replace(Some(Ok(Lsn(source.applied() as u64))));
+        shared.set_state(StreamState::Streaming, None);
+        return sqlite_stream(shared, &new, &mut source).await;
+    }
     shared.started.send_replace(Some(Ok(Lsn(0))));
     shared.update(|s| {
         s.copy = map
@@ -465,8 +485,17 @@ async fn sqlite_session(
     shared.update(|s| s.copy.iter_mut().for_each(|c| c.done = true));
     let mut source = crate::sqlite_source::SqliteSource::open(path, map, &new).await?;
     shared.set_state(StreamState::Streaming, None);
+    sqlite_stream(shared, &new, &mut source).await
+}
+
+/// Applies the SQLite change log pass after pass, publishing the position.
+async fn sqlite_stream(
+    shared: &Shared,
+    new: &tokio_postgres::Client,
+    source: &mut crate::sqlite_source::SqliteSource,
+) -> Result<(), StreamError> {
     loop {
-        let pass = source.pass(&new, MAX_BATCH_ROWS as usize).await?;
+        let pass = source.pass(new, MAX_BATCH_ROWS as usize).await?;
         let applied = source.applied();
         let newest = source.last_seq().await?.max(applied);
         shared.caught_up.send_if_modified(|lsn| {
@@ -490,6 +519,173 @@ async fn sqlite_session(
         });
         if pass.changes == 0 {
             tokio::time::sleep(SQLITE_POLL).await;
+        }
+    }
+}
+
+/// The reverse stream into a SQLite file (after promotion): a slot on the
+/// PostgreSQL primary, created fresh at the promotion (both sides are
+/// identical then, so nothing is copied), its transactions written into
+/// the file by [`crate::sqlite_target::SqliteTarget`], the position kept in
+/// the file. Writes made to the file directly meanwhile are reported.
+async fn sqlite_reverse_session(
+    path: &std::path::Path,
+    settings: &MirrorSettings,
+    shared: &Shared,
+) -> Result<(), StreamError> {
+    use crate::sqlite_target::SqliteTarget;
+    let old = control_client(&settings.old, "cutover-control").await?;
+    let map = {
+        let (file, columns) = (path.to_path_buf(), settings.schema_columns.clone());
+        tokio::task::spawn_blocking(move || {
+            cutover_sqlite::SchemaMap::read_file(&file, &columns, 2)
+        })
+        .await
+        .map_err(|e| StreamError::Precondition(e.to_string()))?
+        .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?
+    };
+    let target = Arc::new(Mutex::new(SqliteTarget::open(path, map)?));
+    fn lock(
+        t: &Arc<Mutex<crate::sqlite_target::SqliteTarget>>,
+    ) -> Result<std::sync::MutexGuard<'_, crate::sqlite_target::SqliteTarget>, StreamError> {
+        t.lock()
+            .map_err(|_| StreamError::Protocol("the SQLite writer failed".to_string()))
+    }
+    let slot_exists = old
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&settings.slot],
+        )
+        .await?
+        .is_some();
+    let fresh = settings.fresh && !shared.fresh_done.load(Ordering::Relaxed);
+    let mut repl = ReplicationConnection::connect(&settings.old, &shared.scram).await?;
+    let recorded = lock(&target)?.applied(&settings.slot)?;
+    let start = match recorded {
+        Some(lsn) if slot_exists && !fresh => lsn,
+        _ => {
+            if !fresh {
+                return Err(StreamError::Precondition(format!(
+                    "the reverse stream's slot {} is gone; it cannot resume without losing changes",
+                    settings.slot
+                )));
+            }
+            preconditions::check_source(&old, &settings.old, &settings.slot).await?;
+            let slot = applier::quote_ident(&settings.slot);
+            if slot_exists {
+                old.execute("SELECT pg_drop_replication_slot($1)", &[&settings.slot])
+                    .await?;
+            }
+            old.batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {slot}; CREATE PUBLICATION {slot} FOR ALL TABLES"
+            ))
+            .await?;
+            let (start, _) = create_slot(&mut repl, &slot, false).await?;
+            lock(&target)?.record(&settings.slot, start)?;
+            shared.fresh_done.store(true, Ordering::Relaxed);
+            start
+        }
+    };
+    repl.start(&settings.slot, &settings.slot, start).await?;
+    shared.started.send_replace(Some(Ok(start)));
+    shared.caught_up.send_if_modified(|lsn| {
+        let advanced = start > *lsn;
+        *lsn = (*lsn).max(start);
+        advanced
+    });
+    shared.set_state(StreamState::Streaming, None);
+    let mut in_transaction = false;
+    let mut primary_end = start;
+    let mut reported = 0i64;
+    let mut last_check = Instant::now();
+    loop {
+        // Writes made to the file directly are looked for every second,
+        // busy or idle.
+        if last_check.elapsed() >= FOREIGN_WRITES_CHECK {
+            last_check = Instant::now();
+            let (count, range) = lock(&target)?.foreign_writes()?;
+            if count > 0 && count != reported {
+                reported = count;
+                let (a, b) = range.unwrap_or((0, 0));
+                let message = format!(
+                    "the SQLite file was written directly after promotion: {count} row changes (change log {a}..{b}) that PostgreSQL does not have; they are kept and reach PostgreSQL only if the migration rolls back"
+                );
+                tracing::error!(%message, "write to the old database after promotion");
+                shared.metrics.failed.set(1);
+                shared.update(|s| s.error = Some(message));
+            }
+        }
+        let next = tokio::time::timeout(IDLE_PROBE, repl.next_copy_data()).await;
+        let payload = match next {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => {
+                return Err(StreamError::Lost(
+                    "the primary ended the stream".to_string(),
+                ))
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                let caught_up = *shared.caught_up.borrow();
+                repl.send_status(caught_up, true).await?;
+                continue;
+            }
+        };
+        match decode_replication(&payload).map_err(|e| StreamError::Protocol(e.to_string()))? {
+            ReplicationMessage::XLogData { end, data, .. } => {
+                primary_end = primary_end.max(end);
+                let msg = decode_logical(data).map_err(|e| StreamError::Protocol(e.to_string()))?;
+                match &msg {
+                    Logical::Begin { .. } => in_transaction = true,
+                    Logical::Commit { .. } => in_transaction = false,
+                    _ => {}
+                }
+                // Only a commit touches the file; it runs off the runtime.
+                let applied = if matches!(msg, Logical::Commit { .. }) {
+                    let (target, slot) = (target.clone(), settings.slot.clone());
+                    tokio::task::spawn_blocking(move || lock(&target)?.feed(&slot, msg))
+                        .await
+                        .map_err(|e| StreamError::Protocol(e.to_string()))??
+                } else {
+                    lock(&target)?.feed(&settings.slot, msg)?
+                };
+                if let Some(end) = applied {
+                    shared.caught_up.send_if_modified(|lsn| {
+                        let advanced = end > *lsn;
+                        *lsn = (*lsn).max(end);
+                        advanced
+                    });
+                    shared.metrics.applied_transactions.inc();
+                    shared.update(|s| {
+                        s.applied_lsn = Some(end.to_string());
+                        s.applied_transactions += 1;
+                    });
+                    if !repl.has_buffered_message() {
+                        repl.send_status(end, false).await?;
+                    }
+                }
+            }
+            ReplicationMessage::Keepalive {
+                end,
+                reply_requested,
+            } => {
+                primary_end = primary_end.max(end);
+                if !in_transaction {
+                    shared.caught_up.send_if_modified(|lsn| {
+                        let advanced = end > *lsn;
+                        *lsn = (*lsn).max(end);
+                        advanced
+                    });
+                }
+                let caught_up = *shared.caught_up.borrow();
+                shared.update(|s| {
+                    s.caught_up_lsn = Some(caught_up.to_string());
+                    s.primary_lsn = Some(primary_end.to_string());
+                    s.lag_bytes = Some(primary_end.0.saturating_sub(caught_up.0));
+                });
+                if reply_requested {
+                    repl.send_status(caught_up, false).await?;
+                }
+            }
         }
     }
 }
@@ -740,9 +936,63 @@ pub async fn drop_slot(url: &BackendUrl, slot: &str) -> Result<(), StreamError> 
 /// Brings every sequence on `to` forward to its value on `from` (promote
 /// and rollback run this while writes are paused).
 pub async fn carry_sequences(from: &BackendUrl, to: &BackendUrl) -> Result<(), StreamError> {
+    // A SQLite file continues its ids past its largest by itself.
+    if to.sqlite_path().is_some() {
+        return Ok(());
+    }
+    if let Some(path) = from.sqlite_path() {
+        return carry_sqlite_ids(path, to).await;
+    }
     let from = control_client(from, "cutover-control").await?;
     let to = control_client(to, "cutover-control").await?;
     sync_sequences(&from, &to).await
+}
+
+/// A SQLite file's next ids (past its largest id and AUTOINCREMENT's
+/// memory of deleted newest ones) onto PostgreSQL's identities, never
+/// moving one back.
+async fn carry_sqlite_ids(path: &std::path::Path, to: &BackendUrl) -> Result<(), StreamError> {
+    let file = path.to_path_buf();
+    let ids: Vec<(String, String, i64)> = tokio::task::spawn_blocking(move || {
+        let conn = cutover_sqlite::open_read_only(&file).map_err(|e| e.to_string())?;
+        let map = cutover_sqlite::SchemaMap::read(&conn, &[]).map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        for t in &map.tables {
+            let Some(alias) = &t.rowid_alias else { continue };
+            let max: i64 = conn.query_row(
+                &format!(
+                    "SELECT max(coalesce((SELECT max({}) FROM {}), 0), coalesce((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0))",
+                    cutover_sqlite::schema_map::quote(alias),
+                    cutover_sqlite::schema_map::quote(&t.name)
+                ),
+                [&t.name],
+                |r| r.get(0),
+            ).or_else(|_| conn.query_row(
+                &format!("SELECT coalesce(max({}), 0) FROM {}", cutover_sqlite::schema_map::quote(alias), cutover_sqlite::schema_map::quote(&t.name)),
+                [],
+                |r| r.get(0),
+            )).map_err(|e| e.to_string())?;
+            ids.push((t.name.clone(), alias.clone(), max));
+        }
+        Ok::<_, String>(ids)
+    })
+    .await
+    .map_err(|e| StreamError::Precondition(e.to_string()))?
+    .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?;
+    let to = control_client(to, "cutover-control").await?;
+    for (table, column, max) in ids {
+        if max < 1 {
+            continue;
+        }
+        to.execute(
+            "SELECT setval(s, greatest($3, (SELECT last_value FROM pg_sequences \
+               WHERE format('%I.%I', schemaname, sequencename) = s::text)), true) \
+             FROM (SELECT pg_get_serial_sequence(quote_ident($1), $2)::regclass AS s) q WHERE s IS NOT NULL",
+            &[&table, &column, &max],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Moves every sequence on the secondary forward to the primary's value.

@@ -115,6 +115,38 @@ impl SqliteSource {
         })
     }
 
+    /// A stream started at a swap, when both sides hold the same rows:
+    /// from the log's end, or from before the oldest change still in the
+    /// log (written to the file directly while PostgreSQL was the
+    /// primary), recorded in PostgreSQL at once.
+    pub async fn start_fresh(
+        path: &Path,
+        map: Arc<SchemaMap>,
+        new: &tokio_postgres::Client,
+    ) -> Result<SqliteSource, StreamError> {
+        let conn = Connection::open(path).map_err(sqlite)?;
+        let start: i64 = conn
+            .query_row(
+                &format!(
+                    "SELECT coalesce((SELECT min(seq) - 1 FROM {}), (SELECT seq FROM sqlite_sequence WHERE name = ?1), 0)",
+                    capture::LOG_TABLE
+                ),
+                [capture::LOG_TABLE],
+                |r| r.get(0),
+            )
+            .map_err(sqlite)?;
+        new.batch_execute(SCHEMA_SQL).await?;
+        new.execute(
+            "INSERT INTO cutover.applied (slot, lsn) VALUES ($1, ('0/0'::pg_lsn + $2::text::numeric)) \
+             ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = now()",
+            &[&SLOT, &(start.to_string())],
+        )
+        .await?;
+        let mut source = SqliteSource::open(path, map, new).await?;
+        source.copied_at.clear();
+        Ok(source)
+    }
+
     /// The log position PostgreSQL has applied through.
     pub fn applied(&self) -> i64 {
         self.applier.applied().0 as i64
