@@ -93,16 +93,89 @@ impl Daemon {
         }
     }
 
-    /// With a SQLite old, verify under load is not built yet (`cutover
-    /// convert`'s verify compares a quiet file): it says so.
-    fn refuse_sqlite_migration(&self) -> Result<(), ApiError> {
-        match self.config.old.url.sqlite_path() {
-            Some(path) => Err(ApiError::conflict(format!(
-                "old is the SQLite file {}: verify under load is not built for a SQLite old yet; compare a quiet file with `cutover convert`'s verify, and promote with --force",
-                path.display()
-            ))),
-            None => Ok(()),
+    /// Verify with a SQLite old: every table (or those asked for) compared
+    /// at one position of the running stream from the file, in a task;
+    /// progress and the verdict in `/v1/status` as for PostgreSQL.
+    fn start_sqlite_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
+        let (Some(path), Some(new_url)) = (
+            self.config
+                .old
+                .url
+                .sqlite_path()
+                .map(std::path::Path::to_path_buf),
+            self.config.new.as_ref().map(|n| n.url.clone()),
+        ) else {
+            return Err(ApiError::conflict(
+                "no [new] backend is configured; add [new] url = ... and restart cutover",
+            ));
+        };
+        let verifier = {
+            let running = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+            running
+                .as_ref()
+                .filter(|s| s.from == Backend::Old)
+                .map(|s| s.mirror.sqlite_verifier())
+        };
+        let Some(verifier) = verifier else {
+            return Err(ApiError::conflict(
+                "verify compares the file with new at positions of the change stream from the file; run `cutover mirror start` first (after promotion, roll back to verify)",
+            ));
+        };
+        {
+            let mut doc = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+            if doc.as_ref().is_some_and(|v| v["state"] == "running") {
+                return Err(ApiError::conflict(
+                    "a verify run is already in progress; see /v1/status for its progress",
+                ));
+            }
+            *doc = Some(serde_json::json!({ "state": "running" }));
         }
+        let doc = self.verify.clone();
+        let columns = self.config.schema_columns.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let file = path.clone();
+                let mut map = tokio::task::spawn_blocking(move || {
+                    cutover_sqlite::SchemaMap::read_file(&file, &columns, 2)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                if !request.tables.is_empty() {
+                    map.tables.retain(|t| request.tables.contains(&t.name));
+                }
+                let pg = cutover_stream::control_client(&new_url, "cutover-verify")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                verifier
+                    .verify_sqlite(&path, &map, &pg)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            if let Some(v) = doc.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                match result {
+                    Ok(checks) => {
+                        let clean = checks.iter().all(|c| c.clean());
+                        v["state"] = if clean { "clean" } else { "differences" }.into();
+                        v["report"] = serde_json::json!({
+                            "clean": clean,
+                            "tables": checks.iter().map(|c| serde_json::json!({
+                                "table": c.table,
+                                "sqlite_rows": c.sqlite_rows,
+                                "postgres_rows": c.postgres_rows,
+                                "differences": c.differences,
+                            })).collect::<Vec<_>>(),
+                        });
+                    }
+                    Err(e) => {
+                        v["state"] = "failed".into();
+                        v["error"] = e.into();
+                    }
+                }
+            }
+        });
+        Ok(serde_json::json!({ "verify": "started", "at_stream_position": true }))
     }
 
     fn mirror_settings(&self) -> Option<MirrorSettings> {
@@ -230,7 +303,9 @@ impl AdminSource for Daemon {
     }
 
     fn start_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
-        self.refuse_sqlite_migration()?;
+        if self.config.old.url.sqlite_path().is_some() {
+            return self.start_sqlite_verify(request);
+        }
         if self.config.new.is_none() {
             return Err(ApiError::conflict(
                 "no [new] backend is configured; add [new] url = ... and restart cutover",

@@ -162,11 +162,44 @@ async fn a_live_sqlite_file_is_copied_streamed_and_read_from_postgresql() {
     let on_new = metric(&metrics, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0);
     assert!(on_new >= 20.0, "reads went to PostgreSQL ({on_new})\n");
 
-    let (code, body) = admin_call(&server, "POST", "/v1/promote", "{}", Some(TOKEN));
-    assert_eq!(code, 409, "{body}");
-    // Without a verify under load for SQLite yet, promote asks for --force.
-    assert!(body.to_string().contains("--force"), "{body}");
-
+    // Verify under the load: exact, so clean; then a row changed on
+    // PostgreSQL behind cutover's back is found by key.
+    let run_verify = || async {
+        admin_ok(&server, "POST", "/v1/verify", "{}", Some(TOKEN));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = status_doc(&server)["verify"].clone();
+            if v["state"] != "running" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "verify did not finish: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let verdict = run_verify().await;
+    assert_eq!(verdict["state"], "clean", "{verdict}");
+    pg.psql(
+        DB,
+        "UPDATE tags SET name = 'tampered' WHERE id = (SELECT min(id) FROM tags)",
+    )
+    .unwrap();
+    let verdict = run_verify().await;
+    assert_eq!(verdict["state"], "differences", "{verdict}");
+    assert!(verdict.to_string().contains("tampered"), "{verdict}");
+    // (Repair for a SQLite old is not built: the planted row is put back.)
+    let original: String = Connection::open(&file)
+        .unwrap()
+        .query_row(
+            "SELECT name FROM tags WHERE id = (SELECT min(id) FROM tags)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    pg.psql(
+        DB,
+        &format!("UPDATE tags SET name = '{original}' WHERE id = (SELECT min(id) FROM tags)"),
+    )
+    .unwrap();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();

@@ -817,7 +817,41 @@ pub async fn verify(
     map: &SchemaMap,
     pgs: &[Client],
 ) -> Result<Vec<TableCheck>, ConvertError> {
-    each_table(pgs, map, |pg, table| verify_table(path, table, pg)).await
+    each_table(pgs, map, |pg, table| {
+        verify_table(Reader::File(path.to_path_buf()), table, pg)
+    })
+    .await
+}
+
+/// One table compared with the file read through `conn`: a connection
+/// inside a read transaction, so the file is seen at one snapshot (the
+/// live migration's verify holds the stream at that snapshot's position).
+pub async fn verify_table_at(
+    conn: std::sync::Arc<std::sync::Mutex<Connection>>,
+    table: &Table,
+    pg: &Client,
+) -> Result<TableCheck, ConvertError> {
+    verify_table(Reader::Snapshot(conn), table, pg).await
+}
+
+/// Where verify reads the file: a connection of its own per read, or one
+/// held in a read transaction.
+#[derive(Clone)]
+enum Reader {
+    File(std::path::PathBuf),
+    Snapshot(std::sync::Arc<std::sync::Mutex<Connection>>),
+}
+
+impl Reader {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, ConvertError>,
+    ) -> Result<T, ConvertError> {
+        match self {
+            Reader::File(path) => f(&open(path)?),
+            Reader::Snapshot(conn) => f(&conn.lock().unwrap_or_else(|p| p.into_inner())),
+        }
+    }
 }
 
 /// Count, hash and problems of one side.
@@ -838,7 +872,11 @@ impl Side {
     }
 }
 
-async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCheck, ConvertError> {
+async fn verify_table(
+    reader: Reader,
+    table: &Table,
+    pg: &Client,
+) -> Result<TableCheck, ConvertError> {
     let key_at: Vec<usize> = table
         .primary_key
         .iter()
@@ -846,10 +884,10 @@ async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCh
         .collect();
     // Both sides at once: the file on a blocking thread, PostgreSQL here.
     let sqlite = {
-        let (path, table) = (path.to_path_buf(), table.clone());
+        let (reader, table) = (reader.clone(), table.clone());
         tokio::task::spawn_blocking(move || {
             let mut side = Side::default();
-            let bad = sqlite_side(&path, &table, &mut |values| {
+            let bad = sqlite_side(&reader, &table, &mut |values| {
                 side.add(digest(&table, values), "SQLite")
             })?;
             side.problems.extend(bad);
@@ -874,7 +912,7 @@ async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCh
         differences: ours.problems,
     };
     if !check.clean() && !key_at.is_empty() {
-        check.differences = drill_down(path, table, &key_at, pg).await?;
+        check.differences = drill_down(reader, table, &key_at, pg).await?;
         if check.differences.is_empty() {
             check
                 .differences
@@ -893,11 +931,18 @@ async fn verify_table(path: &Path, table: &Table, pg: &Client) -> Result<TableCh
 /// the schema map; a value that does not convert is handed over as NULL
 /// and named in the returned problems.
 fn sqlite_side(
-    path: &Path,
+    reader: &Reader,
     table: &Table,
     each: &mut dyn FnMut(&[Option<String>]),
 ) -> Result<Vec<String>, ConvertError> {
-    let conn = open(path)?;
+    reader.with(|conn| sqlite_rows(conn, table, each))
+}
+
+fn sqlite_rows(
+    conn: &Connection,
+    table: &Table,
+    each: &mut dyn FnMut(&[Option<String>]),
+) -> Result<Vec<String>, ConvertError> {
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let mut stmt = conn.prepare(&format!(
         "SELECT {} FROM {}",
@@ -959,7 +1004,7 @@ async fn postgres_side(
 /// Compares a keyed table row by row: PostgreSQL's rows by key, then the
 /// file's against them.
 async fn drill_down(
-    path: &Path,
+    reader: Reader,
     table: &Table,
     key_at: &[usize],
     pg: &Client,
@@ -970,7 +1015,7 @@ async fn drill_down(
         theirs.insert(key, row);
     })
     .await?;
-    let (path, table) = (path.to_path_buf(), table.clone());
+    let table = table.clone();
     let key_at = key_at.to_vec();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -988,7 +1033,7 @@ async fn drill_down(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let problems = sqlite_side(&path, &table, &mut |values| {
+        let problems = sqlite_side(&reader, &table, &mut |values| {
             let (key, row) = canonical_row(&table, &key_at, values);
             match theirs.remove(&key) {
                 None => note(format!("key ({}): only in SQLite", show(&key))),

@@ -115,6 +115,10 @@ pub struct MirrorStatus {
 }
 
 struct Shared {
+    /// A SQLite source's stream and its connection to new, taken for each
+    /// pass; verify holds it to compare a table at one log position.
+    sqlite:
+        tokio::sync::Mutex<Option<(crate::sqlite_source::SqliteSource, tokio_postgres::Client)>>,
     status: Mutex<MirrorStatus>,
     metrics: StreamMetrics,
     /// Everything at or before this position is on the secondary.
@@ -168,6 +172,7 @@ impl Mirror {
         let (wanted, _) = watch::channel(Lsn(0));
         let (started, _) = watch::channel(None);
         let shared = Arc::new(Shared {
+            sqlite: tokio::sync::Mutex::new(None),
             wanted,
             started,
             fresh_done: AtomicBool::new(false),
@@ -180,6 +185,14 @@ impl Mirror {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(settings, shared.clone(), stopped));
         Mirror { shared, stop, task }
+    }
+
+    /// A handle that verifies a SQLite source against new while this
+    /// stream runs.
+    pub fn sqlite_verifier(&self) -> SqliteVerifier {
+        SqliteVerifier {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn status(&self) -> MirrorStatus {
@@ -224,6 +237,60 @@ impl Mirror {
 }
 
 /// Waits for a mirror's setup to finish.
+/// Verifies a SQLite source while its stream runs (see
+/// [`Mirror::sqlite_verifier`]).
+#[derive(Clone)]
+pub struct SqliteVerifier {
+    shared: Arc<Shared>,
+}
+
+impl SqliteVerifier {
+    /// Compares every table of a SQLite source with new, each at one
+    /// position of the change log: the stream is held while a table is
+    /// compared, applied exactly up to the position of the snapshot the
+    /// file's side is read from, so a write racing the compare cannot show
+    /// as a difference. With sync commits on, commits wait (up to
+    /// `mirror.sync_timeout_ms`) while a table is being compared.
+    pub async fn verify_sqlite(
+        &self,
+        path: &std::path::Path,
+        map: &cutover_sqlite::SchemaMap,
+        pg: &tokio_postgres::Client,
+    ) -> Result<Vec<cutover_sqlite::convert::TableCheck>, StreamError> {
+        let mut checks = Vec::new();
+        for table in &map.tables {
+            let mut held = self.shared.sqlite.lock().await;
+            let Some((source, new)) = held.as_mut() else {
+                return Err(StreamError::Precondition(
+                    "the SQLite change stream is not running yet; wait for `cutover status` to show it streaming".to_string(),
+                ));
+            };
+            let file = path.to_path_buf();
+            let (conn, position) = tokio::task::spawn_blocking(move || {
+                let conn = cutover_sqlite::open_read_only(&file)?;
+                conn.execute_batch("BEGIN")?;
+                let position = crate::sqlite_source::log_position(&conn)?;
+                Ok::<_, cutover_sqlite::rusqlite::Error>((conn, position))
+            })
+            .await
+            .map_err(|e| StreamError::Precondition(e.to_string()))?
+            .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?;
+            while source.applied() < position {
+                source
+                    .pass_until(new, MAX_BATCH_ROWS as usize, position)
+                    .await?;
+            }
+            let check =
+                cutover_sqlite::convert::verify_table_at(Arc::new(Mutex::new(conn)), table, pg)
+                    .await
+                    .map_err(|e| StreamError::Precondition(format!("verify: {e}")))?;
+            drop(held);
+            checks.push(check);
+        }
+        Ok(checks)
+    }
+}
+
 pub struct Started {
     shared: Arc<Shared>,
 }
@@ -429,14 +496,15 @@ async fn sqlite_session(
         // copy; the stream starts at the log's end, or before the changes
         // written to the file directly while it was not the primary, which
         // PostgreSQL must now get.
-        let mut source =
+        let source =
             crate::sqlite_source::SqliteSource::start_fresh(path, map.clone(), &new).await?;
         shared.fresh_done.store(true, Ordering::Relaxed);
         shared
             .started
             .send_replace(Some(Ok(Lsn(source.applied() as u64))));
         shared.set_state(StreamState::Streaming, None);
-        return sqlite_stream(shared, &new, &mut source).await;
+        *shared.sqlite.lock().await = Some((source, new));
+        return sqlite_stream(shared).await;
     }
     shared.started.send_replace(Some(Ok(Lsn(0))));
     shared.update(|s| {
@@ -483,21 +551,26 @@ async fn sqlite_session(
         tracing::warn!(%warning, "copy");
     }
     shared.update(|s| s.copy.iter_mut().for_each(|c| c.done = true));
-    let mut source = crate::sqlite_source::SqliteSource::open(path, map, &new).await?;
+    let source = crate::sqlite_source::SqliteSource::open(path, map, &new).await?;
     shared.set_state(StreamState::Streaming, None);
-    sqlite_stream(shared, &new, &mut source).await
+    *shared.sqlite.lock().await = Some((source, new));
+    sqlite_stream(shared).await
 }
 
 /// Applies the SQLite change log pass after pass, publishing the position.
-async fn sqlite_stream(
-    shared: &Shared,
-    new: &tokio_postgres::Client,
-    source: &mut crate::sqlite_source::SqliteSource,
-) -> Result<(), StreamError> {
+async fn sqlite_stream(shared: &Shared) -> Result<(), StreamError> {
     loop {
-        let pass = source.pass(new, MAX_BATCH_ROWS as usize).await?;
-        let applied = source.applied();
-        let newest = source.last_seq().await?.max(applied);
+        let (pass, applied, newest) = {
+            let mut held = shared.sqlite.lock().await;
+            let Some((source, new)) = held.as_mut() else {
+                return Err(StreamError::Lost(
+                    "the SQLite stream was taken away".to_string(),
+                ));
+            };
+            let pass = source.pass(new, MAX_BATCH_ROWS as usize).await?;
+            let applied = source.applied();
+            (pass, applied, source.last_seq().await?.max(applied))
+        };
         shared.caught_up.send_if_modified(|lsn| {
             let advanced = Lsn(applied as u64) > *lsn;
             *lsn = (*lsn).max(Lsn(applied as u64));

@@ -159,6 +159,16 @@ impl SqliteSource {
         new: &tokio_postgres::Client,
         limit: usize,
     ) -> Result<Pass, StreamError> {
+        self.pass_until(new, limit, i64::MAX).await
+    }
+
+    /// [`SqliteSource::pass`] over changes up to `upto` only.
+    pub async fn pass_until(
+        &mut self,
+        new: &tokio_postgres::Client,
+        limit: usize,
+        upto: i64,
+    ) -> Result<Pass, StreamError> {
         let after = self.applied();
         let conn = self.conn.clone();
         let changes = tokio::task::spawn_blocking(move || {
@@ -168,6 +178,7 @@ impl SqliteSource {
         .await
         .map_err(|e| sqlite(e.to_string()))?
         .map_err(sqlite)?;
+        let changes: Vec<Change> = changes.into_iter().filter(|c| c.seq <= upto).collect();
         let Some(last) = changes.last().map(|c| c.seq) else {
             return Ok(Pass {
                 changes: 0,
