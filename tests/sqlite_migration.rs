@@ -640,3 +640,81 @@ async fn promote_rollback_promote_finalize_under_load_lose_nothing() {
     assert_eq!(leftovers, 0, "capture is gone from the file");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgresql_stopped_and_restarted_under_load_catches_up() {
+    let style = Style::Hand;
+    let dir = std::env::temp_dir().join(format!("cutover-sqlite-pgdown-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    drop(sqlite_app::build(&file, style, 100));
+    {
+        let conn = Connection::open(&file).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE audit2 (id INTEGER PRIMARY KEY, \"Level\" TEXT, message TEXT, at TEXT);
+             INSERT INTO audit2 (\"Level\", message, at) SELECT \"Level\", message, at FROM \"AuditLog\";
+             DROP TABLE \"AuditLog\"; ALTER TABLE audit2 RENAME TO \"AuditLog\";",
+        )
+        .unwrap();
+    }
+    let pg = cluster(HostAuth::ScramSha256);
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout_ms = 1000\n\n\
+         [auth]\nmethod = \"scram-sha-256\"\nusers = [{{ name = \"{APP_USER}\", password = \"{APP_PASSWORD}\" }}]\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
+         [old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n\n[mirror]\nsync_timeout_ms = 200\n{}",
+        file.display(),
+        pg.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+        style.column_settings()
+    );
+    let server = start_proxy_with(&config).await;
+    admin_ok(&server, "POST", "/v1/mirror/start", "{}", Some(TOKEN));
+    wait_streaming_and_drained(&server, &file).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let client = connect(server.proxy_addr).await;
+        let (stop, written) = (stop.clone(), written.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                client
+                    .execute(
+                        "INSERT INTO tags (name, slug) VALUES ('down', $1)",
+                        &[&format!("d-{i}")],
+                    )
+                    .await
+                    .expect("writes to the SQLite primary go on while new is down");
+                written.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.stop().unwrap();
+    let before = written.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        written.load(Ordering::Relaxed) > before,
+        "writes went on with new down"
+    );
+    pg.restart().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_streaming_and_drained(&server, &file).await;
+    let on_new: u64 = pg
+        .psql(DB, "SELECT count(*) FROM tags WHERE name = 'down'")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        on_new,
+        written.load(Ordering::Relaxed),
+        "every write reached new after its restart"
+    );
+    server.shutdown().await;
+}
