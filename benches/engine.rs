@@ -21,56 +21,13 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{pgbench, DB};
+use support::{pgbench, sqlite_pgbench, DB};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// pgbench's tables at `scale` in a SQLite file (WAL), as `pgbench -i`
-/// fills them.
-fn sqlite_pgbench(path: &Path, scale: u64) {
-    let scale = scale as i64;
-    let _ = std::fs::remove_file(path);
-    let mut conn = Connection::open(path).expect("create the SQLite file");
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.execute_batch(
-        "CREATE TABLE pgbench_branches (bid INTEGER PRIMARY KEY, bbalance INTEGER NOT NULL, filler TEXT);
-         CREATE TABLE pgbench_tellers (tid INTEGER PRIMARY KEY, bid INTEGER, tbalance INTEGER NOT NULL, filler TEXT);
-         CREATE TABLE pgbench_accounts (aid INTEGER PRIMARY KEY, bid INTEGER, abalance INTEGER NOT NULL, filler TEXT);
-         CREATE TABLE pgbench_history (tid INTEGER, bid INTEGER, aid INTEGER, delta INTEGER, mtime TIMESTAMP, filler TEXT);",
-    )
-    .unwrap();
-    let tx = conn.transaction().unwrap();
-    for b in 1..=scale {
-        tx.execute(
-            "INSERT INTO pgbench_branches VALUES (?1, 0, NULL)",
-            params![b],
-        )
-        .unwrap();
-    }
-    for t in 1..=scale * 10 {
-        tx.execute(
-            "INSERT INTO pgbench_tellers VALUES (?1, ?2, 0, NULL)",
-            params![t, (t - 1) / 10 + 1],
-        )
-        .unwrap();
-    }
-    {
-        let filler = " ".repeat(84);
-        let mut insert = tx
-            .prepare("INSERT INTO pgbench_accounts VALUES (?1, ?2, 0, ?3)")
-            .unwrap();
-        for a in 1..=scale * 100_000 {
-            insert
-                .execute(params![a, (a - 1) / 100_000 + 1, filler])
-                .unwrap();
-        }
-    }
-    tx.commit().unwrap();
 }
 
 fn server_config(old_url: &str) -> Config {
