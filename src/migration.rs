@@ -31,6 +31,8 @@ pub const REVERSE_SLOT: &str = "cutover_reverse";
 /// each query is one round trip.
 pub struct PrimaryPosition {
     url: BackendUrl,
+    /// A SQLite primary's read connection, kept between questions.
+    sqlite: Arc<std::sync::Mutex<Option<cutover_sqlite::Connection>>>,
     /// The connection with its statement, and the last answer with the
     /// ticket it covers.
     slot: tokio::sync::Mutex<(Option<PositionQuery>, u64, u64)>,
@@ -50,6 +52,7 @@ impl PrimaryPosition {
     pub fn new(url: BackendUrl) -> PrimaryPosition {
         PrimaryPosition {
             url,
+            sqlite: Arc::new(std::sync::Mutex::new(None)),
             slot: tokio::sync::Mutex::new((None, 0, 0)),
             asked: AtomicU64::new(0),
         }
@@ -83,12 +86,19 @@ impl PrimaryPosition {
     async fn query(&self, query: &mut Option<PositionQuery>) -> Result<u64, String> {
         // A SQLite primary's position is its change log's newest entry.
         if let Some(path) = self.url.sqlite_path() {
-            let path = path.to_path_buf();
+            let (path, cached) = (path.to_path_buf(), self.sqlite.clone());
             return tokio::task::spawn_blocking(move || {
-                let conn = cutover_sqlite::open_read_only(&path).map_err(|e| e.to_string())?;
-                cutover_stream::sqlite_source::log_position(&conn)
-                    .map(|p| p as u64)
-                    .map_err(|e| e.to_string())
+                let mut cached = cached.lock().unwrap_or_else(|p| p.into_inner());
+                if cached.is_none() {
+                    *cached =
+                        Some(cutover_sqlite::open_read_only(&path).map_err(|e| e.to_string())?);
+                }
+                let conn = cached.as_ref().ok_or("no connection")?;
+                let position = cutover_stream::sqlite_source::log_position(conn);
+                if position.is_err() {
+                    *cached = None;
+                }
+                position.map(|p| p as u64).map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| e.to_string())?;

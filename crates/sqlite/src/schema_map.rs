@@ -598,6 +598,40 @@ fn comment(c: &Column) -> String {
 
 /// A PostgreSQL identifier, always quoted (mixed case and reserved words
 /// come through as they are).
+/// Each table's rowid alias (`id INTEGER PRIMARY KEY`), from the
+/// declarations alone: cheap enough for a promotion's pause.
+pub fn rowid_aliases(conn: &Connection) -> Result<Vec<(String, String)>, SqliteError> {
+    let mut tables = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
+         AND name NOT LIKE '\\_cutover\\_%' ESCAPE '\\' AND sql NOT LIKE '%WITHOUT ROWID%'",
+    )?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for name in names {
+        let mut info = conn.prepare("SELECT name, type, pk FROM pragma_table_info(?1)")?;
+        let keys: Vec<(String, String)> = info
+            .query_map([&name], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .filter_map(|r| r.ok())
+            .filter(|(_, _, pk)| *pk > 0)
+            .map(|(c, ty, _)| (c, ty))
+            .collect();
+        if let [(column, ty)] = keys.as_slice() {
+            if ty.eq_ignore_ascii_case("INTEGER") {
+                tables.push((name.clone(), column.clone()));
+            }
+        }
+    }
+    Ok(tables)
+}
+
 pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

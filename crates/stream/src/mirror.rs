@@ -453,7 +453,7 @@ async fn run(settings: MirrorSettings, shared: Arc<Shared>, mut stopped: watch::
 const FOREIGN_WRITES_CHECK: Duration = Duration::from_secs(1);
 
 /// How often an idle SQLite stream looks at the change log again.
-const SQLITE_POLL: Duration = Duration::from_millis(5);
+const SQLITE_POLL: Duration = Duration::from_millis(20);
 
 /// Mirroring from a SQLite file: capture installed in the file, the copy
 /// (each table from its own snapshot, its log position recorded), then the
@@ -465,6 +465,15 @@ async fn sqlite_session(
 ) -> Result<(), StreamError> {
     use cutover_sqlite::{capture, convert, SchemaMap};
     let new = control_client(&settings.new, "cutover-applier").await?;
+    let fresh = settings.fresh && !shared.fresh_done.load(Ordering::Relaxed);
+    if fresh {
+        // Started at a swap (rollback): both sides are the same, nothing to
+        // copy. The position is recorded before the schema map is read, so
+        // the pause does not wait for profiling the file.
+        let start = crate::sqlite_source::SqliteSource::record_fresh_start(path, &new).await?;
+        shared.fresh_done.store(true, Ordering::Relaxed);
+        shared.started.send_replace(Some(Ok(Lsn(start as u64))));
+    }
     let copier = control_client(&settings.new, "cutover-copy").await?;
     let (map, problems) = {
         let (path, columns) = (path.to_path_buf(), settings.schema_columns.clone());
@@ -490,18 +499,8 @@ async fn sqlite_session(
         return Err(StreamError::Precondition(problems.join("; ")));
     }
     let map = Arc::new(map);
-    let fresh = settings.fresh && !shared.fresh_done.load(Ordering::Relaxed);
-    if fresh {
-        // Started at a swap (rollback): both sides are the same, nothing to
-        // copy; the stream starts at the log's end, or before the changes
-        // written to the file directly while it was not the primary, which
-        // PostgreSQL must now get.
-        let source =
-            crate::sqlite_source::SqliteSource::start_fresh(path, map.clone(), &new).await?;
-        shared.fresh_done.store(true, Ordering::Relaxed);
-        shared
-            .started
-            .send_replace(Some(Ok(Lsn(source.applied() as u64))));
+    if settings.fresh {
+        let source = crate::sqlite_source::SqliteSource::open(path, map.clone(), &new).await?;
         shared.set_state(StreamState::Streaming, None);
         *shared.sqlite.lock().await = Some((source, new));
         return sqlite_stream(shared).await;
@@ -559,6 +558,7 @@ async fn sqlite_session(
 
 /// Applies the SQLite change log pass after pass, publishing the position.
 async fn sqlite_stream(shared: &Shared) -> Result<(), StreamError> {
+    let mut wanted = shared.wanted.subscribe();
     loop {
         let (pass, applied, newest) = {
             let mut held = shared.sqlite.lock().await;
@@ -591,7 +591,11 @@ async fn sqlite_stream(shared: &Shared) -> Result<(), StreamError> {
             }
         });
         if pass.changes == 0 {
-            tokio::time::sleep(SQLITE_POLL).await;
+            // Idle: look again soon, or at once when a commit waits.
+            tokio::select! {
+                _ = tokio::time::sleep(SQLITE_POLL) => {}
+                _ = wanted.changed() => {}
+            }
         }
     }
 }
@@ -608,16 +612,7 @@ async fn sqlite_reverse_session(
 ) -> Result<(), StreamError> {
     use crate::sqlite_target::SqliteTarget;
     let old = control_client(&settings.old, "cutover-control").await?;
-    let map = {
-        let (file, columns) = (path.to_path_buf(), settings.schema_columns.clone());
-        tokio::task::spawn_blocking(move || {
-            cutover_sqlite::SchemaMap::read_file(&file, &columns, 2)
-        })
-        .await
-        .map_err(|e| StreamError::Precondition(e.to_string()))?
-        .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?
-    };
-    let target = Arc::new(Mutex::new(SqliteTarget::open(path, map)?));
+    let target = Arc::new(Mutex::new(SqliteTarget::open(path)?));
     fn lock(
         t: &Arc<Mutex<crate::sqlite_target::SqliteTarget>>,
     ) -> Result<std::sync::MutexGuard<'_, crate::sqlite_target::SqliteTarget>, StreamError> {
@@ -661,6 +656,18 @@ async fn sqlite_reverse_session(
     };
     repl.start(&settings.slot, &settings.slot, start).await?;
     shared.started.send_replace(Some(Ok(start)));
+    // The map after the start: PostgreSQL keeps the changes in the slot
+    // meanwhile, and a promotion's pause does not wait for the profiling.
+    let map = {
+        let (file, columns) = (path.to_path_buf(), settings.schema_columns.clone());
+        tokio::task::spawn_blocking(move || {
+            cutover_sqlite::SchemaMap::read_file(&file, &columns, 2)
+        })
+        .await
+        .map_err(|e| StreamError::Precondition(e.to_string()))?
+        .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?
+    };
+    lock(&target)?.set_map(map);
     shared.caught_up.send_if_modified(|lsn| {
         let advanced = start > *lsn;
         *lsn = (*lsn).max(start);
@@ -1028,24 +1035,34 @@ async fn carry_sqlite_ids(path: &std::path::Path, to: &BackendUrl) -> Result<(),
     let file = path.to_path_buf();
     let ids: Vec<(String, String, i64)> = tokio::task::spawn_blocking(move || {
         let conn = cutover_sqlite::open_read_only(&file).map_err(|e| e.to_string())?;
-        let map = cutover_sqlite::SchemaMap::read(&conn, &[]).map_err(|e| e.to_string())?;
+        // The rowid aliases from the declarations alone (no profiling: this
+        // runs inside a promotion's pause).
+        let aliases = cutover_sqlite::schema_map::rowid_aliases(&conn).map_err(|e| e.to_string())?;
         let mut ids = Vec::new();
-        for t in &map.tables {
-            let Some(alias) = &t.rowid_alias else { continue };
-            let max: i64 = conn.query_row(
-                &format!(
-                    "SELECT max(coalesce((SELECT max({}) FROM {}), 0), coalesce((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0))",
-                    cutover_sqlite::schema_map::quote(alias),
-                    cutover_sqlite::schema_map::quote(&t.name)
-                ),
-                [&t.name],
-                |r| r.get(0),
-            ).or_else(|_| conn.query_row(
-                &format!("SELECT coalesce(max({}), 0) FROM {}", cutover_sqlite::schema_map::quote(alias), cutover_sqlite::schema_map::quote(&t.name)),
-                [],
-                |r| r.get(0),
-            )).map_err(|e| e.to_string())?;
-            ids.push((t.name.clone(), alias.clone(), max));
+        for (table, alias) in aliases {
+            let max: i64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT max(coalesce((SELECT max({}) FROM {}), 0), coalesce((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0))",
+                        cutover_sqlite::schema_map::quote(&alias),
+                        cutover_sqlite::schema_map::quote(&table)
+                    ),
+                    [&table],
+                    |r| r.get(0),
+                )
+                .or_else(|_| {
+                    conn.query_row(
+                        &format!(
+                            "SELECT coalesce(max({}), 0) FROM {}",
+                            cutover_sqlite::schema_map::quote(&alias),
+                            cutover_sqlite::schema_map::quote(&table)
+                        ),
+                        [],
+                        |r| r.get(0),
+                    )
+                })
+                .map_err(|e| e.to_string())?;
+            ids.push((table, alias, max));
         }
         Ok::<_, String>(ids)
     })

@@ -115,18 +115,19 @@ impl SqliteSource {
         })
     }
 
-    /// A stream started at a swap, when both sides hold the same rows:
-    /// from the log's end, or from before the oldest change still in the
-    /// log (written to the file directly while PostgreSQL was the
-    /// primary), recorded in PostgreSQL at once.
-    pub async fn start_fresh(
+    /// The start of a stream started at a swap, when both sides hold the
+    /// same rows: the log's end, or before the oldest change still in the
+    /// log (written to the file directly while PostgreSQL was the primary,
+    /// which PostgreSQL must now get); recorded in PostgreSQL at once, so
+    /// [`SqliteSource::open`] starts there.
+    pub async fn record_fresh_start(
         path: &Path,
-        map: Arc<SchemaMap>,
         new: &tokio_postgres::Client,
-    ) -> Result<SqliteSource, StreamError> {
-        let conn = Connection::open(path).map_err(sqlite)?;
-        let start: i64 = conn
-            .query_row(
+    ) -> Result<i64, StreamError> {
+        let file = path.to_path_buf();
+        let start: i64 = tokio::task::spawn_blocking(move || {
+            let conn = cutover_sqlite::open_read_only(&file)?;
+            conn.query_row(
                 &format!(
                     "SELECT coalesce((SELECT min(seq) - 1 FROM {}), (SELECT seq FROM sqlite_sequence WHERE name = ?1), 0)",
                     capture::LOG_TABLE
@@ -134,7 +135,10 @@ impl SqliteSource {
                 [capture::LOG_TABLE],
                 |r| r.get(0),
             )
-            .map_err(sqlite)?;
+        })
+        .await
+        .map_err(|e| sqlite(e.to_string()))?
+        .map_err(sqlite)?;
         new.batch_execute(SCHEMA_SQL).await?;
         new.execute(
             "INSERT INTO cutover.applied (slot, lsn) VALUES ($1, ('0/0'::pg_lsn + $2::text::numeric)) \
@@ -142,9 +146,7 @@ impl SqliteSource {
             &[&SLOT, &(start.to_string())],
         )
         .await?;
-        let mut source = SqliteSource::open(path, map, new).await?;
-        source.copied_at.clear();
-        Ok(source)
+        Ok(start)
     }
 
     /// The log position PostgreSQL has applied through.

@@ -29,14 +29,16 @@ fn sqlite(e: impl std::fmt::Display) -> StreamError {
 /// Writes PostgreSQL's transactions into the file.
 pub struct SqliteTarget {
     conn: Connection,
-    map: SchemaMap,
+    /// Read after the stream has started (profiling a large file takes a
+    /// while, and a promotion's pause should not wait for it).
+    map: Option<SchemaMap>,
     relations: HashMap<u32, Relation>,
     /// The transaction being received.
     pending: Vec<Logical>,
 }
 
 impl SqliteTarget {
-    pub fn open(path: &std::path::Path, map: SchemaMap) -> Result<SqliteTarget, StreamError> {
+    pub fn open(path: &std::path::Path) -> Result<SqliteTarget, StreamError> {
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(sqlite)?;
@@ -49,10 +51,14 @@ impl SqliteTarget {
         .map_err(sqlite)?;
         Ok(SqliteTarget {
             conn,
-            map,
+            map: None,
             relations: HashMap::new(),
             pending: Vec::new(),
         })
+    }
+
+    pub fn set_map(&mut self, map: SchemaMap) {
+        self.map = Some(map);
     }
 
     /// The position recorded for `slot`, if any.
@@ -132,8 +138,11 @@ impl SqliteTarget {
             .relations
             .get(&oid)
             .ok_or_else(|| StreamError::Protocol(format!("change for unknown relation {oid}")))?;
-        let table = self
+        let map = self
             .map
+            .as_ref()
+            .ok_or_else(|| StreamError::Protocol("the schema map is not read yet".to_string()))?;
+        let table = map
             .tables
             .iter()
             .find(|t| t.name == rel.name)
