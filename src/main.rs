@@ -326,6 +326,7 @@ fn verify_in_daemon(check: &CheckArgs, target: &AdminTarget) -> anyhow::Result<(
                 "verify failed: {}",
                 v["error"].as_str().unwrap_or("no reason given")
             ),
+            _ if v["report"]["tables"].is_array() => return print_sqlite_verify(&v["report"]),
             _ => {
                 let report: cutover_stream::VerifyReport =
                     serde_json::from_value(v["report"].clone())
@@ -333,6 +334,34 @@ fn verify_in_daemon(check: &CheckArgs, target: &AdminTarget) -> anyhow::Result<(
                 return check.print(&report);
             }
         }
+    }
+}
+
+/// A SQLite old's verify report: each table's row counts and differences.
+fn print_sqlite_verify(report: &serde_json::Value) -> anyhow::Result<()> {
+    let tables = report["tables"].as_array().cloned().unwrap_or_default();
+    for t in &tables {
+        let differences = t["differences"].as_array().cloned().unwrap_or_default();
+        println!(
+            "{}: {} rows in SQLite, {} in PostgreSQL{}",
+            t["table"].as_str().unwrap_or("?"),
+            t["sqlite_rows"],
+            t["postgres_rows"],
+            if differences.is_empty() {
+                ", equal"
+            } else {
+                ":"
+            }
+        );
+        for d in differences {
+            println!("  {}", d.as_str().unwrap_or_default());
+        }
+    }
+    if report["clean"] == true {
+        println!("clean: every table equal at one position of the change stream");
+        Ok(())
+    } else {
+        anyhow::bail!("differences found")
     }
 }
 

@@ -481,7 +481,20 @@ async fn promote_rollback_promote_finalize_under_load_lose_nothing() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Promote: PostgreSQL is the primary, the file follows it.
+    // Verify under the load (clean), then promote (--force: under
+    // continuous writes the stream is rarely at lag 0 at the instant
+    // promote checks): PostgreSQL is the primary, the file follows it.
+    admin_ok(&server, "POST", "/v1/verify", "{}", Some(TOKEN));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = status_doc(&server)["verify"].clone();
+        if v["state"] != "running" {
+            assert_eq!(v["state"], "clean", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "verify did not finish: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let promoted = admin_ok(
         &server,
         "POST",
