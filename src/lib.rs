@@ -159,6 +159,7 @@ impl Daemon {
                         let clean = checks.iter().all(|c| c.clean());
                         v["state"] = if clean { "clean" } else { "differences" }.into();
                         v["report"] = serde_json::json!({
+                            "source": "sqlite",
                             "clean": clean,
                             "tables": checks.iter().map(|c| serde_json::json!({
                                 "table": c.table,

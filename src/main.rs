@@ -326,7 +326,7 @@ fn verify_in_daemon(check: &CheckArgs, target: &AdminTarget) -> anyhow::Result<(
                 "verify failed: {}",
                 v["error"].as_str().unwrap_or("no reason given")
             ),
-            _ if v["report"]["tables"].is_array() => return print_sqlite_verify(&v["report"]),
+            _ if v["report"]["source"] == "sqlite" => return print_sqlite_verify(&v["report"]),
             _ => {
                 let report: cutover_stream::VerifyReport =
                     serde_json::from_value(v["report"].clone())
