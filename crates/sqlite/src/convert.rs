@@ -766,10 +766,24 @@ fn canonical_or_marked<'a>(
     text: &'a str,
     problem: &mut Option<String>,
 ) -> Cow<'a, str> {
-    canonical(&column.pg_type, text).unwrap_or_else(|e| {
+    let value = canonical(&column.pg_type, text).unwrap_or_else(|e| {
         problem.get_or_insert_with(|| format!("column {}: {e}", quote(&column.name)));
         Cow::Owned(format!("\u{1}{text}"))
-    })
+    });
+    // A time the file stores as epoch seconds or milliseconds holds no
+    // finer part: compare at that precision (PostgreSQL's `now()` written
+    // back into the file keeps what the file can hold).
+    let unit = match column.codec {
+        crate::Codec::Time(crate::TimeCodec::UnixSeconds) => 1_000_000,
+        crate::Codec::Time(crate::TimeCodec::UnixMillis) => 1_000,
+        _ => return value,
+    };
+    match value.parse::<i64>() {
+        Ok(micros) if column.pg_type.starts_with("timestamp") => {
+            Cow::Owned(micros.div_euclid(unit).saturating_mul(unit).to_string())
+        }
+        _ => value,
+    }
 }
 
 /// The hash of a row's canonical values (the same for a row whichever
