@@ -751,3 +751,151 @@ async fn postgresql_stopped_and_restarted_under_load_catches_up() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_while_promoted_resumes_the_reverse_stream() {
+    let style = Style::Prisma;
+    let dir = std::env::temp_dir().join(format!(
+        "cutover-sqlite-kill-promoted-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    drop(sqlite_app::build(&file, style, 100));
+    give_keys(&file, style);
+    let pg = cluster(HostAuth::ScramSha256);
+    let (proxy, admin) = (free_addr(), free_addr());
+    let config = format!(
+        "[proxy]\nlisten = \"{proxy}\"\nshutdown_timeout_ms = 1000\n\n\
+         [auth]\nmethod = \"scram-sha-256\"\nusers = [{{ name = \"{APP_USER}\", password = \"{APP_PASSWORD}\" }}]\n\n\
+         [admin]\nlisten = \"{admin}\"\ntoken = \"{TOKEN}\"\n\n\
+         [cutover]\nstate_file = \"{}\"\n\n\
+         [old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n{}",
+        dir.join("state.json").display(),
+        file.display(),
+        pg.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+        style.column_settings()
+    );
+    let config_path = dir.join("cutover.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let call = |method: &str, path: &str, body: Option<&str>| {
+        cutover::cli_http::request(&format!("http://{admin}"), method, path, body, Some(TOKEN))
+            .map(|r| {
+                (
+                    r.status,
+                    serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default(),
+                )
+            })
+            .unwrap_or((0, serde_json::Value::Null))
+    };
+    let daemon = spawn_daemon(&config_path, admin);
+    assert_eq!(call("POST", "/v1/mirror/start", Some("{}")).0, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while call("GET", "/v1/status", None).1["mirror"]["state"] != "streaming" {
+        assert!(Instant::now() < deadline, "no stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pg.psql(DB, &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {APP_USER}; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {APP_USER}"))
+        .unwrap();
+    let (code, body) = call("POST", "/v1/promote", Some("{\"force\": true}"));
+    assert_eq!(code, 200, "{body}");
+
+    // Writers on PostgreSQL now; the file follows through the reverse stream.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(client) = connect_as(proxy, APP_USER, APP_PASSWORD).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let slug = format!("r{w}-{i}");
+                    match client
+                        .execute("INSERT INTO tags (name, slug) VALUES ('rev', $1)", &[&slug])
+                        .await
+                    {
+                        Ok(_) => acknowledged.lock().unwrap().push(slug),
+                        Err(_) => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(4)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(daemon);
+    let _daemon = spawn_daemon(&config_path, admin);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let status = call("GET", "/v1/status", None).1;
+    assert_eq!(status["phase"], "promoted", "{status}");
+    // The file catches up with everything PostgreSQL has.
+    let target = lsn(&pg.psql(DB, "SELECT pg_current_wal_lsn()").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = call("GET", "/v1/status", None).1["mirror"].clone();
+        if m["caught_up_lsn"].as_str().map(lsn).unwrap_or(0) >= target && m["state"] == "streaming"
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reverse stream did not catch up after the restart: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "writes went on ({})",
+        acknowledged.len()
+    );
+    let conn = Connection::open(&file).unwrap();
+    for slug in &acknowledged {
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM tags WHERE slug = ?1", [slug], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, 1, "acknowledged write {slug} is in the file once");
+    }
+    let map = SchemaMap::read_file(
+        &file,
+        &cutover_config::Config::from_toml(&config)
+            .unwrap()
+            .schema_columns,
+        1,
+    )
+    .unwrap();
+    let control = || async {
+        let (client, connection) = tokio_postgres::connect(
+            &conn_string(direct_addr(&pg), SUPERUSER, SUPERUSER_PASSWORD),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let checks = cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
+        .await
+        .unwrap();
+    for check in &checks {
+        assert!(
+            check.clean(),
+            "{} differs: {:?}",
+            check.table,
+            check.differences
+        );
+    }
+}
