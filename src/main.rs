@@ -464,7 +464,7 @@ async fn convert(path: PathBuf, chunk_rows: u32, jobs: usize) -> anyhow::Result<
                 bar.suspend(|| eprintln!("cutover: resuming with {done} of {total} rows copied"));
             }
         }
-        cutover_sqlite::convert::Event::Rows { rows } => bar.inc(rows),
+        cutover_sqlite::convert::Event::Rows { rows, .. } => bar.inc(rows),
         cutover_sqlite::convert::Event::TableDone { table, rows } => {
             bar.suspend(|| eprintln!("cutover: copied {table} ({rows} rows) at {:.1}s", at()));
         }
@@ -477,7 +477,10 @@ async fn convert(path: PathBuf, chunk_rows: u32, jobs: usize) -> anyhow::Result<
         &file,
         &map,
         &pgs,
-        &cutover_sqlite::convert::Options { chunk_rows },
+        &cutover_sqlite::convert::Options {
+            chunk_rows,
+            throttle: cutover_sqlite::convert::Throttle::new(0),
+        },
         &events,
     )
     .await;

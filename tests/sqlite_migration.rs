@@ -899,3 +899,57 @@ async fn sigkill_while_promoted_resumes_the_reverse_stream() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_keeps_to_its_rate_and_shows_progress() {
+    let style = Style::Hand;
+    let dir = std::env::temp_dir().join(format!("cutover-sqlite-throttle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    drop(sqlite_app::build(&file, style, 40));
+    give_keys(&file, style);
+    let rows: u64 = {
+        let map = SchemaMap::read_file(&file, &[], 1).unwrap();
+        map.tables.iter().map(|t| t.rows()).sum()
+    };
+    let pg = cluster(HostAuth::ScramSha256);
+    let rate = 400;
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\n\
+         [auth]\nmethod = \"scram-sha-256\"\nusers = [{{ name = \"{APP_USER}\", password = \"{APP_PASSWORD}\" }}]\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
+         [old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n\n\
+         [mirror]\ncopy_chunk_rows = 20\ncopy_max_rows_per_second = {rate}\n",
+        file.display(),
+        pg.url(SUPERUSER, SUPERUSER_PASSWORD, DB),
+    );
+    let server = start_proxy_with(&config).await;
+    let started = Instant::now();
+    admin_ok(&server, "POST", "/v1/mirror/start", "{}", Some(TOKEN));
+    let mut saw_partial = false;
+    loop {
+        let m = mirror_status_at(server.admin_addr);
+        if m["state"] == "streaming" {
+            break;
+        }
+        let copied: u64 = m["copy"]
+            .as_array()
+            .map(|c| c.iter().map(|t| t["rows"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        saw_partial |= copied > 0 && copied < rows;
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "copy never finished: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let least = rows as f64 / rate as f64 * 0.8;
+    assert!(
+        took >= least,
+        "{rows} rows at {rate}/s took {took:.2} s (at least {least:.2} s)"
+    );
+    assert!(saw_partial, "status showed the copy's progress");
+    server.shutdown().await;
+}

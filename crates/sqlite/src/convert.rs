@@ -60,8 +60,8 @@ pub fn postgres_message(e: &tokio_postgres::Error) -> String {
 pub enum Event {
     /// The copy starts (or resumes) with `done` of `total` rows in.
     Started { total: u64, done: u64 },
-    /// `rows` more rows committed.
-    Rows { rows: u64 },
+    /// `rows` more rows of `table` committed.
+    Rows { table: String, rows: u64 },
     /// A table is copied whole.
     TableDone { table: String, rows: u64 },
     /// A step after the copy.
@@ -72,6 +72,42 @@ pub enum Event {
 pub struct Options {
     /// Rows per chunk, each one PostgreSQL transaction.
     pub chunk_rows: u32,
+    /// A ceiling on rows per second across all tables.
+    pub throttle: Throttle,
+}
+
+/// Paces the copy to at most `rate` rows per second over all tables
+/// (`mirror.copy_max_rows_per_second`; 0 or none: as fast as it goes).
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    rate: u64,
+    started: std::time::Instant,
+    rows: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Throttle {
+    pub fn new(rows_per_second: u64) -> Throttle {
+        Throttle {
+            rate: rows_per_second,
+            started: std::time::Instant::now(),
+            rows: Default::default(),
+        }
+    }
+
+    /// Counts `rows` copied and waits until the rate allows them.
+    pub async fn pace(&self, rows: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let total = self
+            .rows
+            .fetch_add(rows, std::sync::atomic::Ordering::Relaxed)
+            + rows;
+        let due = std::time::Duration::from_secs_f64(total as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 /// What one table's verify found.
@@ -518,7 +554,11 @@ async fn copy_table(
             )));
         }
         copied += chunk.rows as i64;
-        events(Event::Rows { rows: chunk.rows });
+        events(Event::Rows {
+            table: table.name.clone(),
+            rows: chunk.rows,
+        });
+        options.throttle.pace(chunk.rows).await;
     }
     reader
         .await

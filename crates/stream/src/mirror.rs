@@ -520,6 +520,13 @@ async fn sqlite_session(
     });
     shared.set_state(StreamState::Copying, None);
     let events = |event: convert::Event| {
+        if let convert::Event::Rows { table, rows } = &event {
+            shared.update(|s| {
+                if let Some(c) = s.copy.iter_mut().find(|c| &c.table == table) {
+                    c.rows += rows;
+                }
+            });
+        }
         if let convert::Event::TableDone { table, rows } = event {
             shared
                 .metrics
@@ -536,6 +543,7 @@ async fn sqlite_session(
     };
     let options = convert::Options {
         chunk_rows: settings.copy.copy_chunk_rows,
+        throttle: convert::Throttle::new(settings.copy.copy_max_rows_per_second),
     };
     let copied = convert::convert(
         path,
