@@ -204,6 +204,9 @@ enum MirrorAction {
         /// copy there (every row in them is deleted first).
         #[arg(long)]
         clear_new: bool,
+        /// Follow the copy with a progress bar until the stream runs.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         target: AdminTarget,
     },
@@ -612,8 +615,13 @@ fn main() -> ExitCode {
             jobs,
         } => report(runtime(2).and_then(|rt| rt.block_on(convert(config, chunk_rows, jobs)))),
         Command::Mirror {
-            action: MirrorAction::Start { clear_new, target },
-        } => report(mirror_start(&target, clear_new)),
+            action:
+                MirrorAction::Start {
+                    clear_new,
+                    wait,
+                    target,
+                },
+        } => report(mirror_start(&target, clear_new, wait)),
         Command::Reads {
             percent,
             target,
@@ -854,18 +862,61 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mirror_start(target: &AdminTarget, clear_new: bool) -> anyhow::Result<()> {
+fn mirror_start(target: &AdminTarget, clear_new: bool, wait: bool) -> anyhow::Result<()> {
     let doc = call(
         target,
         "POST",
         "/v1/mirror/start",
         &format!(r#"{{"clear_new": {clear_new}}}"#),
     )?;
-    println!(
-        "mirroring started at {}; the copy runs now, follow it with `cutover status`",
-        doc["start_lsn"].as_str().unwrap_or("?")
+    if !wait {
+        println!(
+            "mirroring started at {}; the copy runs now, follow it with `cutover status`",
+            doc["start_lsn"].as_str().unwrap_or("?")
+        );
+        return Ok(());
+    }
+    // The copy's progress from /v1/status until the stream runs.
+    let (base, _) = target.resolve()?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "copy [{bar:30}] {pos}/{len} rows {per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
-    Ok(())
+    loop {
+        let response = cli_http::request(&base, "GET", "/v1/status", None, None)?;
+        let status: serde_json::Value =
+            serde_json::from_str(&response.body).context("reading /v1/status")?;
+        let mirror = &status["mirror"];
+        let tables = mirror["copy"].as_array().cloned().unwrap_or_default();
+        let sum = |key: &str| -> u64 { tables.iter().map(|t| t[key].as_u64().unwrap_or(0)).sum() };
+        let (rows, estimated) = (sum("rows"), sum("estimated_rows"));
+        bar.set_length(estimated.max(rows));
+        bar.set_position(rows);
+        let left = tables.iter().filter(|t| t["done"] != true).count();
+        bar.set_message(format!("{left} tables left"));
+        match mirror["state"].as_str() {
+            Some("streaming") => {
+                bar.finish_and_clear();
+                println!(
+                    "copied {rows} rows of {} tables; the change stream runs",
+                    tables.len()
+                );
+                return Ok(());
+            }
+            Some("failed") => {
+                bar.abandon();
+                anyhow::bail!(
+                    "mirroring failed: {}",
+                    mirror["error"].as_str().unwrap_or("no reason given")
+                );
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(250)),
+        }
+    }
 }
 
 /// Calls a mutating endpoint; a refusal is an error carrying its reason.

@@ -926,7 +926,18 @@ async fn the_copy_keeps_to_its_rate_and_shows_progress() {
     );
     let server = start_proxy_with(&config).await;
     let started = Instant::now();
-    admin_ok(&server, "POST", "/v1/mirror/start", "{}", Some(TOKEN));
+    // The CLI follows the copy to the stream with its progress bar.
+    let cli = {
+        let admin = format!("http://{}", server.admin_addr);
+        std::thread::spawn(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+                .args([
+                    "mirror", "start", "--wait", "--admin", &admin, "--token", TOKEN,
+                ])
+                .output()
+                .unwrap()
+        })
+    };
     let mut saw_partial = false;
     loop {
         let m = mirror_status_at(server.admin_addr);
@@ -951,5 +962,16 @@ async fn the_copy_keeps_to_its_rate_and_shows_progress() {
         "{rows} rows at {rate}/s took {took:.2} s (at least {least:.2} s)"
     );
     assert!(saw_partial, "status showed the copy's progress");
+    let out = cli.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the change stream runs"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     server.shutdown().await;
 }
