@@ -96,7 +96,11 @@ impl Daemon {
     /// Verify with a SQLite old: every table (or those asked for) compared
     /// at one position of the running stream from the file, in a task;
     /// progress and the verdict in `/v1/status` as for PostgreSQL.
-    fn start_sqlite_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
+    fn start_sqlite_verify(
+        &self,
+        request: VerifyRequest,
+        repair: bool,
+    ) -> Result<serde_json::Value, ApiError> {
         let (Some(path), Some(new_url)) = (
             self.config
                 .old
@@ -147,10 +151,12 @@ impl Daemon {
                 let pg = cutover_stream::control_client(&new_url, "cutover-verify")
                     .await
                     .map_err(|e| e.to_string())?;
-                verifier
-                    .verify_sqlite(&path, &map, &pg)
-                    .await
-                    .map_err(|e| e.to_string())
+                let checks = if repair {
+                    verifier.repair_sqlite(&path, &map, &pg).await
+                } else {
+                    verifier.verify_sqlite(&path, &map, &pg).await
+                };
+                checks.map_err(|e| e.to_string())
             }
             .await;
             if let Some(v) = doc.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
@@ -176,7 +182,10 @@ impl Daemon {
                 }
             }
         });
-        Ok(serde_json::json!({ "verify": "started", "at_stream_position": true }))
+        Ok(serde_json::json!({
+            (if repair { "repair" } else { "verify" }): "started",
+            "at_stream_position": true
+        }))
     }
 
     fn mirror_settings(&self) -> Option<MirrorSettings> {
@@ -303,9 +312,18 @@ impl AdminSource for Daemon {
         Box::pin(Daemon::abort_ramp(self))
     }
 
+    fn start_repair(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
+        if self.config.old.url.sqlite_path().is_some() {
+            return self.start_sqlite_verify(request, true);
+        }
+        Err(ApiError::conflict(
+            "repair of a PostgreSQL old runs with `cutover repair --config FILE`",
+        ))
+    }
+
     fn start_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
         if self.config.old.url.sqlite_path().is_some() {
-            return self.start_sqlite_verify(request);
+            return self.start_sqlite_verify(request, false);
         }
         if self.config.new.is_none() {
             return Err(ApiError::conflict(

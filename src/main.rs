@@ -252,6 +252,12 @@ impl CheckArgs {
             .as_deref()
             .context("--config FILE is needed to reach [old] and [new] directly")?;
         let config = Config::load(path)?;
+        if let Some(file) = config.old.url.sqlite_path() {
+            anyhow::bail!(
+                "old is the SQLite file {}: verify and repair run in the daemon, at positions of its change stream (`cutover verify --admin URL`, POST /v1/repair)",
+                file.display()
+            );
+        }
         let new = config
             .new
             .as_ref()

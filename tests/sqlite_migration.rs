@@ -186,20 +186,21 @@ async fn a_live_sqlite_file_is_copied_streamed_and_read_from_postgresql() {
     let verdict = run_verify().await;
     assert_eq!(verdict["state"], "differences", "{verdict}");
     assert!(verdict.to_string().contains("tampered"), "{verdict}");
-    // (Repair for a SQLite old is not built: the planted row is put back.)
-    let original: String = Connection::open(&file)
-        .unwrap()
-        .query_row(
-            "SELECT name FROM tags WHERE id = (SELECT min(id) FROM tags)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    pg.psql(
-        DB,
-        &format!("UPDATE tags SET name = '{original}' WHERE id = (SELECT min(id) FROM tags)"),
-    )
-    .unwrap();
+    // Repair copies the differing table again at a held position, under
+    // the load, and verify is clean after it.
+    admin_ok(&server, "POST", "/v1/repair", "{}", Some(TOKEN));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let repaired = loop {
+        let v = status_doc(&server)["verify"].clone();
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "repair did not finish: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(repaired["state"], "clean", "{repaired}");
+    let verdict = run_verify().await;
+    assert_eq!(verdict["state"], "clean", "{verdict}");
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();

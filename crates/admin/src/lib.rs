@@ -27,6 +27,13 @@ pub trait AdminSource: Send + Sync + 'static {
     fn token(&self) -> Option<&str>;
     /// Starts a verify run in the background.
     fn start_verify(&self, request: VerifyRequest) -> Result<serde_json::Value, ApiError>;
+    /// Starts a repair run in the background: verify, then the differing
+    /// tables copied again. Only a SQLite old's runs in the daemon.
+    fn start_repair(&self, _request: VerifyRequest) -> Result<serde_json::Value, ApiError> {
+        Err(ApiError::conflict(
+            "repair of a PostgreSQL old runs with `cutover repair --config FILE`",
+        ))
+    }
     /// Changes the control state (read dial, promote, rollback, finalize).
     fn transition(
         &self,
@@ -168,6 +175,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/mirror/start", post(mirror_start))
         .route("/v1/verify", post(verify_start))
+        .route("/v1/repair", post(repair_start))
         .route("/v1/reads", axum::routing::put(reads))
         .route("/v1/promote", post(promote))
         .route("/v1/rollback", post(rollback))
@@ -249,6 +257,17 @@ async fn verify_start(
         _ => Ok(r),
     });
     reply(request.and_then(|r| source.start_verify(r)))
+}
+
+async fn repair_start(
+    State(source): State<Arc<dyn AdminSource>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(e) = authorize(source.as_ref(), &headers) {
+        return e.into_response();
+    }
+    reply(typed_body::<VerifyRequest>(&body, "repair").and_then(|r| source.start_repair(r)))
 }
 
 async fn ramp_start(
@@ -365,7 +384,7 @@ async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         Json(json!({
             "error": "not found",
-            "reason": "no such endpoint; try /healthz, /readyz, /metrics, /v1/status, PUT /v1/reads, POST /v1/mirror/start, /v1/verify, /v1/ramp, /v1/ramp/abort, /v1/promote, /v1/rollback or /v1/finalize"
+            "reason": "no such endpoint; try /healthz, /readyz, /metrics, /v1/status, PUT /v1/reads, POST /v1/mirror/start, /v1/verify, /v1/repair, /v1/ramp, /v1/ramp/abort, /v1/promote, /v1/rollback or /v1/finalize"
         })),
     )
         .into_response()

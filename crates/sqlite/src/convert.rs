@@ -888,6 +888,76 @@ pub async fn verify_table_at(
     verify_table(Reader::Snapshot(conn), table, pg).await
 }
 
+/// Copies one table again from the file read through `conn` (a
+/// connection inside a read transaction): PostgreSQL's rows are replaced
+/// by the snapshot's in one transaction, with `session_replication_role =
+/// replica` as the applier writes (the rows carry their effects). What
+/// repair does to a table verify found different, while the stream is
+/// held at the snapshot's position.
+pub async fn recopy_table_at(
+    conn: std::sync::Arc<std::sync::Mutex<Connection>>,
+    table: &Table,
+    pg: &Client,
+) -> Result<u64, ConvertError> {
+    let data = {
+        let table = table.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let mut data = Vec::new();
+            let mut rows = 0u64;
+            let problems = sqlite_rows(&conn, &table, &mut |values| {
+                for (i, v) in values.iter().enumerate() {
+                    if i > 0 {
+                        data.push(b'\t');
+                    }
+                    match v {
+                        None => data.extend_from_slice(b"\\N"),
+                        Some(text) => escape_copy(text, &mut data),
+                    }
+                }
+                data.push(b'\n');
+                rows += 1;
+            })?;
+            if let Some(p) = problems.first() {
+                return Err(ConvertError::BadValues(vec![p.clone()]));
+            }
+            Ok::<_, ConvertError>((data, rows))
+        })
+        .await
+        .map_err(|e| ConvertError::Refused(format!("repair stopped: {e}")))??
+    };
+    let (data, rows) = data;
+    let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+    pg.batch_execute(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {}",
+        quote(&table.name)
+    ))
+    .await?;
+    let written = async {
+        let sink = pg
+            .copy_in::<_, bytes::Bytes>(&format!(
+                "COPY {} ({}) FROM STDIN",
+                quote(&table.name),
+                columns.join(", ")
+            ))
+            .await?;
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from(data)).await?;
+        sink.finish().await?;
+        pg.batch_execute("COMMIT").await
+    }
+    .await;
+    if let Err(e) = written {
+        let _ = pg.batch_execute("ROLLBACK").await;
+        return Err(ConvertError::Postgres(format!(
+            "repairing {}: {}",
+            quote(&table.name),
+            postgres_message(&e)
+        )));
+    }
+    Ok(rows)
+}
+
 /// Where verify reads the file: a connection of its own per read, or one
 /// held in a read transaction.
 #[derive(Clone)]

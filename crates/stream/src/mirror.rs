@@ -257,6 +257,28 @@ impl SqliteVerifier {
         map: &cutover_sqlite::SchemaMap,
         pg: &tokio_postgres::Client,
     ) -> Result<Vec<cutover_sqlite::convert::TableCheck>, StreamError> {
+        self.check_sqlite(path, map, pg, false).await
+    }
+
+    /// [`SqliteVerifier::verify_sqlite`], and each table found different
+    /// copied again from the same snapshot (the stream still held), then
+    /// compared again: the checks after repair.
+    pub async fn repair_sqlite(
+        &self,
+        path: &std::path::Path,
+        map: &cutover_sqlite::SchemaMap,
+        pg: &tokio_postgres::Client,
+    ) -> Result<Vec<cutover_sqlite::convert::TableCheck>, StreamError> {
+        self.check_sqlite(path, map, pg, true).await
+    }
+
+    async fn check_sqlite(
+        &self,
+        path: &std::path::Path,
+        map: &cutover_sqlite::SchemaMap,
+        pg: &tokio_postgres::Client,
+        repair: bool,
+    ) -> Result<Vec<cutover_sqlite::convert::TableCheck>, StreamError> {
         let mut checks = Vec::new();
         for table in &map.tables {
             let mut held = self.shared.sqlite.lock().await;
@@ -280,10 +302,18 @@ impl SqliteVerifier {
                     .pass_until(new, MAX_BATCH_ROWS as usize, position)
                     .await?;
             }
-            let check =
-                cutover_sqlite::convert::verify_table_at(Arc::new(Mutex::new(conn)), table, pg)
+            let conn = Arc::new(Mutex::new(conn));
+            let mut check = cutover_sqlite::convert::verify_table_at(conn.clone(), table, pg)
+                .await
+                .map_err(|e| StreamError::Precondition(format!("verify: {e}")))?;
+            if repair && !check.clean() {
+                cutover_sqlite::convert::recopy_table_at(conn.clone(), table, pg)
                     .await
-                    .map_err(|e| StreamError::Precondition(format!("verify: {e}")))?;
+                    .map_err(|e| StreamError::Precondition(format!("repair: {e}")))?;
+                check = cutover_sqlite::convert::verify_table_at(conn, table, pg)
+                    .await
+                    .map_err(|e| StreamError::Precondition(format!("verify after repair: {e}")))?;
+            }
             drop(held);
             checks.push(check);
         }
