@@ -687,6 +687,20 @@ async fn sqlite_reverse_session(
             ))
             .await?;
             let (start, _) = create_slot(&mut repl, &slot, false).await?;
+            // What the forward stream applied but left in the log is not a
+            // write PostgreSQL lacks.
+            let forward: Option<i64> = old
+                .query_opt(
+                    "SELECT (lsn - '0/0'::pg_lsn)::bigint FROM cutover.applied WHERE slot = $1",
+                    &[&crate::sqlite_source::SLOT],
+                )
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.try_get(0).ok());
+            if let Some(applied) = forward {
+                lock(&target)?.trim_applied(applied)?;
+            }
             lock(&target)?.record(&settings.slot, start)?;
             shared.fresh_done.store(true, Ordering::Relaxed);
             start

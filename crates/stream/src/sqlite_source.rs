@@ -23,6 +23,10 @@ use std::sync::{Arc, Mutex};
 /// The position's name in `cutover.applied`.
 pub const SLOT: &str = "sqlite";
 
+/// Applied changes are trimmed from the log after this many, or this long.
+const TRIM_EVERY_CHANGES: i64 = 20_000;
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Reads a SQLite file's change log and applies it to PostgreSQL.
 pub struct SqliteSource {
     path: PathBuf,
@@ -34,6 +38,9 @@ pub struct SqliteSource {
     /// copy already (the copy read the table from that log position's
     /// snapshot), so only later ones are applied.
     copied_at: std::collections::HashMap<String, i64>,
+    /// Up to where the log has been trimmed, and when.
+    trimmed: i64,
+    last_trim: std::time::Instant,
 }
 
 /// What one pass did.
@@ -112,6 +119,8 @@ impl SqliteSource {
             applier,
             statements: Statements::default(),
             copied_at,
+            trimmed: applied,
+            last_trim: std::time::Instant::now(),
         })
     }
 
@@ -207,14 +216,20 @@ impl SqliteSource {
             end_lsn: Lsn(last as u64),
         })?;
         apply_pending(new, &mut self.applier, &mut self.statements).await?;
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            capture::trim(&conn, last)
-        })
-        .await
-        .map_err(|e| sqlite(e.to_string()))?
-        .map_err(sqlite)?;
+        // Trimming takes the file's write lock, which the app's writers
+        // need too: once in a while, not after every pass.
+        if last - self.trimmed >= TRIM_EVERY_CHANGES || self.last_trim.elapsed() >= TRIM_EVERY {
+            let conn = self.conn.clone();
+            tokio::task::spawn_blocking(move || {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                capture::trim(&conn, last)
+            })
+            .await
+            .map_err(|e| sqlite(e.to_string()))?
+            .map_err(sqlite)?;
+            self.trimmed = last;
+            self.last_trim = std::time::Instant::now();
+        }
         Ok(Pass {
             changes: changes.len(),
             position: last,
@@ -236,7 +251,16 @@ impl SqliteSource {
     /// Applies passes until the log holds nothing after the position.
     pub async fn drain(&mut self, new: &tokio_postgres::Client) -> Result<i64, StreamError> {
         while self.pass(new, 10_000).await?.changes > 0 {}
-        Ok(self.applied())
+        let (conn, applied) = (self.conn.clone(), self.applied());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            capture::trim(&conn, applied)
+        })
+        .await
+        .map_err(|e| sqlite(e.to_string()))?
+        .map_err(sqlite)?;
+        self.trimmed = applied;
+        Ok(applied)
     }
 
     pub fn path(&self) -> &Path {

@@ -92,6 +92,14 @@ impl SqliteTarget {
         Ok(())
     }
 
+    /// Removes the log rows the forward stream applied to PostgreSQL but had
+    /// not trimmed yet when it stopped, so what remains is only what
+    /// PostgreSQL does not have.
+    pub fn trim_applied(&self, upto: i64) -> Result<(), StreamError> {
+        capture::trim(&self.conn, upto).map_err(sqlite)?;
+        Ok(())
+    }
+
     /// Changes in the file's change log not made by this stream: writes
     /// to the file by someone else since promotion.
     pub fn foreign_writes(&self) -> Result<(i64, Option<(i64, i64)>), StreamError> {
