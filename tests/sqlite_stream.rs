@@ -37,7 +37,12 @@ fn writes(conn: &Connection, style: Style, round: i64) {
     let created: cutover_sqlite::rusqlite::types::Value = match style {
         Style::Drizzle => (1_750_000_000 + round).into(),
         Style::Prisma => (1_750_000_000_000 + round).into(),
-        _ => format!("2025-06-15T15:06:4{round}.000Z").into(),
+        _ => format!(
+            "2025-06-15T15:{:02}:{:02}.000Z",
+            round / 60 % 60,
+            round % 60
+        )
+        .into(),
     };
     conn.execute(
         &format!("INSERT INTO \"{u}\" (email, name, is_admin, active, created_at, balance) VALUES (?1, 'N', 1, 1, ?2, 7)"),
