@@ -120,6 +120,16 @@ async fn a_live_sqlite_file_is_copied_streamed_and_read_from_postgresql() {
                     cutover_sqlite::rusqlite::params![format!("cron {i}"), i % 100 + 1],
                 )
                 .unwrap();
+                // A REPLACE that removes another row holding the slug: no
+                // delete trigger fires for that row.
+                conn.execute(
+                    "REPLACE INTO tags (name, slug) VALUES (?1, ?2)",
+                    cutover_sqlite::rusqlite::params![
+                        format!("cron {i}"),
+                        format!("cron-{}", i % 3)
+                    ],
+                )
+                .unwrap();
                 std::thread::sleep(Duration::from_millis(10));
             }
         })

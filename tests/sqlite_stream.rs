@@ -58,6 +58,9 @@ fn writes(conn: &Connection, style: Style, round: i64) {
          INSERT INTO tags (name, slug) VALUES ('t{round}', 's{round}') ON CONFLICT (slug) DO UPDATE SET name = excluded.name;
          INSERT INTO tags (name, slug) VALUES ('t{round} again', 's{round}') ON CONFLICT (slug) DO UPDATE SET name = excluded.name;
          REPLACE INTO emptied (id, note) VALUES (1, 'replaced {round}');
+         REPLACE INTO tags (name, slug) VALUES ('r{round}', 's{round}');
+         INSERT INTO tags (name, slug) VALUES ('q{round}', 'q{round}');
+         REPLACE INTO tags (id, name, slug) SELECT id, 'moved {round}', 'k{round}' FROM tags WHERE slug = 'q{round}';
          UPDATE \"{u}\" SET avatar = x'deadbeef00' WHERE id = 6;
          BEGIN; SAVEPOINT s; DELETE FROM tags; ROLLBACK TO s; RELEASE s; COMMIT;
          DELETE FROM post_tags WHERE post_id = {};",

@@ -359,6 +359,55 @@ impl Applier {
         self.applied = self.applied.max(end);
     }
 
+    /// Adds to the transaction being received a delete of every row of
+    /// `rel` other than `new`'s own (by key) that holds `new`'s values in
+    /// `unique`: the rows a unique constraint on those columns would make
+    /// the upsert of `new` collide with. For a source whose log misses the
+    /// rows a write removed to keep a unique constraint (SQLite's REPLACE
+    /// deletes without firing delete triggers). A NULL in `new` matches
+    /// nothing, as NULLs never collide.
+    pub fn evict_collisions(
+        &mut self,
+        rel: u32,
+        new: &[Datum],
+        unique: &[String],
+    ) -> Result<(), StreamError> {
+        let r = self.relation(rel)?;
+        check_width(r, new)?;
+        let mut parts = Vec::new();
+        let mut params = Vec::new();
+        for name in unique {
+            let i = r
+                .columns
+                .iter()
+                .position(|c| &c.name == name)
+                .ok_or_else(|| {
+                    StreamError::Protocol(format!("{} has no column {name}", table(r)))
+                })?;
+            match &new[i] {
+                Datum::Text(t) => {
+                    params.push(Some(t.clone()));
+                    parts.push(format!("{} = ${}", quote_ident(name), params.len()));
+                }
+                Datum::Null | Datum::Unchanged => return Ok(()),
+            }
+        }
+        let (own, key_params) = key_match(r, new, params.len() + 1)?;
+        params.extend(key_params);
+        let op = Op {
+            sql: format!(
+                "DELETE FROM {} WHERE {} AND NOT ({own})",
+                table(r),
+                parts.join(" AND ")
+            )
+            .into(),
+            params,
+            kind: OpKind::Row { table: table(r) },
+        };
+        self.current.push(op);
+        Ok(())
+    }
+
     fn is_own(&self, oid: u32) -> bool {
         self.relations.get(&oid).is_some_and(|r| r.schema == SCHEMA)
     }
@@ -656,6 +705,32 @@ mod tests {
 
     fn upsert(a: &mut Applier, rel: u32, id: &str) -> Op {
         a.upsert(rel, &[text(id), text("b"), Datum::Null]).unwrap()
+    }
+
+    #[test]
+    fn collisions_are_evicted_by_unique_values_sparing_the_row_itself() {
+        let mut a = applier_with_relations();
+        a.feed(Logical::Begin {
+            final_lsn: Lsn(1),
+            xid: 1,
+        })
+        .unwrap();
+        let row = [text("7"), text("slug"), text("3")];
+        a.evict_collisions(1, &row, &["body".into(), "n".into()])
+            .unwrap();
+        // A NULL never collides: nothing to evict.
+        a.evict_collisions(1, &[text("8"), Datum::Null, text("3")], &["body".into()])
+            .unwrap();
+        assert_eq!(a.current.len(), 1);
+        assert_eq!(
+            &*a.current[0].sql,
+            r#"DELETE FROM "public"."it's" WHERE "body" = $1 AND "n" = $2 AND NOT ("id" = $3)"#
+        );
+        assert_eq!(
+            a.current[0].params,
+            vec![Some("slug".into()), Some("3".into()), Some("7".into())]
+        );
+        assert!(a.evict_collisions(1, &row, &["nope".into()]).is_err());
     }
 
     #[test]

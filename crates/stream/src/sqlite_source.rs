@@ -34,6 +34,10 @@ pub struct SqliteSource {
     conn: Arc<Mutex<Connection>>,
     applier: Applier,
     statements: Statements,
+    /// Per table (in the schema map's order), the column lists of its
+    /// unique constraints other than the key, for [`Self::pass_until`]'s
+    /// second attempt.
+    uniques: Vec<Vec<Vec<String>>>,
     /// Each table's copy position: its changes at or before it are in the
     /// copy already (the copy read the table from that log position's
     /// snapshot), so only later ones are applied.
@@ -114,6 +118,7 @@ impl SqliteSource {
         }
         Ok(SqliteSource {
             path: path.to_path_buf(),
+            uniques: map.tables.iter().map(unique_columns).collect(),
             map,
             conn: Arc::new(Mutex::new(conn)),
             applier,
@@ -196,26 +201,22 @@ impl SqliteSource {
                 position: after,
             });
         };
-        self.applier.feed(Logical::Begin {
-            final_lsn: Lsn(last as u64),
-            xid: 0,
-        })?;
-        for change in &changes {
-            if self
-                .copied_at
-                .get(&change.table)
-                .is_some_and(|at| change.seq <= *at)
-            {
-                continue;
+        // A REPLACE that removed *another* row to keep a unique constraint
+        // other than the key left no trace in the log (SQLite fires no
+        // delete trigger for it), and no trigger can tell a REPLACE from an
+        // INSERT OR IGNORE or an upsert beforehand. Its upsert then collides
+        // on PostgreSQL with the row SQLite removed: the batch rolls back
+        // whole and is applied again removing, before each upsert, the rows
+        // it collides with. That is exact, as SQLite checks unique
+        // constraints row by row: at that point in the log the file held
+        // no such other row.
+        match self.apply(new, &changes, last, false).await {
+            Err(StreamError::Server { code, message, .. }) if code == "23505" => {
+                tracing::info!(%message, "a change collided on a unique constraint (a REPLACE removed the other row in the file); applying the batch again with the removals");
+                self.apply(new, &changes, last, true).await?;
             }
-            let message = self.message(change)?;
-            self.applier.feed(message)?;
+            other => other?,
         }
-        self.applier.feed(Logical::Commit {
-            commit_lsn: Lsn(last as u64),
-            end_lsn: Lsn(last as u64),
-        })?;
-        apply_pending(new, &mut self.applier, &mut self.statements).await?;
         // Trimming takes the file's write lock, which the app's writers
         // need too: once in a while, not after every pass.
         if last - self.trimmed >= TRIM_EVERY_CHANGES || self.last_trim.elapsed() >= TRIM_EVERY {
@@ -234,6 +235,44 @@ impl SqliteSource {
             changes: changes.len(),
             position: last,
         })
+    }
+
+    /// Applies `changes` (through `last`) in one PostgreSQL transaction;
+    /// with `evict`, each upsert first removes the rows it collides with
+    /// on a unique constraint other than the key.
+    async fn apply(
+        &mut self,
+        new: &tokio_postgres::Client,
+        changes: &[Change],
+        last: i64,
+        evict: bool,
+    ) -> Result<(), StreamError> {
+        self.applier.feed(Logical::Begin {
+            final_lsn: Lsn(last as u64),
+            xid: 0,
+        })?;
+        for change in changes {
+            if self
+                .copied_at
+                .get(&change.table)
+                .is_some_and(|at| change.seq <= *at)
+            {
+                continue;
+            }
+            let (index, message) = self.message(change)?;
+            if let (true, Logical::Insert { rel, new: row }) = (evict, &message) {
+                for unique in &self.uniques[index] {
+                    self.applier.evict_collisions(*rel, row, unique)?;
+                }
+            }
+            self.applier.feed(message)?;
+        }
+        self.applier.feed(Logical::Commit {
+            commit_lsn: Lsn(last as u64),
+            end_lsn: Lsn(last as u64),
+        })?;
+        apply_pending(new, &mut self.applier, &mut self.statements).await?;
+        Ok(())
     }
 
     /// The newest position in the file's change log.
@@ -268,8 +307,8 @@ impl SqliteSource {
     }
 
     /// A captured change as the applier's message, its values converted
-    /// through the schema map.
-    fn message(&self, change: &Change) -> Result<Logical, StreamError> {
+    /// through the schema map, with its table's place in the map.
+    fn message(&self, change: &Change) -> Result<(usize, Logical), StreamError> {
         let (index, table) = self
             .map
             .tables
@@ -295,33 +334,49 @@ impl SqliteSource {
                 ))),
             }
         };
-        Ok(match (change.op, &change.row) {
-            (Op::Insert | Op::Update, Some(row)) => Logical::Insert {
-                rel,
-                new: table
-                    .columns
-                    .iter()
-                    .zip(row)
-                    .map(|(c, v)| datum(c, v))
-                    .collect::<Result<_, _>>()?,
-            },
-            (Op::Delete, _) => {
-                let mut old = vec![Datum::Null; table.columns.len()];
-                for (key, value) in table.primary_key.iter().zip(&change.key) {
-                    if let Some(i) = table.columns.iter().position(|c| &c.name == key) {
-                        old[i] = datum(&table.columns[i], value)?;
+        Ok((
+            index,
+            match (change.op, &change.row) {
+                (Op::Insert | Op::Update, Some(row)) => Logical::Insert {
+                    rel,
+                    new: table
+                        .columns
+                        .iter()
+                        .zip(row)
+                        .map(|(c, v)| datum(c, v))
+                        .collect::<Result<_, _>>()?,
+                },
+                (Op::Delete, _) => {
+                    let mut old = vec![Datum::Null; table.columns.len()];
+                    for (key, value) in table.primary_key.iter().zip(&change.key) {
+                        if let Some(i) = table.columns.iter().position(|c| &c.name == key) {
+                            old[i] = datum(&table.columns[i], value)?;
+                        }
                     }
+                    Logical::Delete { rel, old }
                 }
-                Logical::Delete { rel, old }
-            }
-            (_, None) => {
-                return Err(StreamError::Protocol(format!(
-                    "change {} to {} has no row image",
-                    change.seq, table.name
-                )))
-            }
-        })
+                (_, None) => {
+                    return Err(StreamError::Protocol(format!(
+                        "change {} to {} has no row image",
+                        change.seq, table.name
+                    )))
+                }
+            },
+        ))
     }
+}
+
+/// The column lists of a table's unique constraints and unique indexes,
+/// other than its key. Partial and expression indexes are left out: a row
+/// collides on them only under their condition, which the applier does
+/// not evaluate (README names the limitation).
+fn unique_columns(table: &cutover_sqlite::Table) -> Vec<Vec<String>> {
+    table
+        .indexes
+        .iter()
+        .filter(|i| i.unique && i.partial.is_none())
+        .filter_map(|i| i.columns.iter().map(|(c, _)| c.clone()).collect())
+        .collect()
 }
 
 /// The change log's newest position (kept by AUTOINCREMENT even when the
