@@ -151,10 +151,11 @@ impl Daemon {
                 let pg = cutover_stream::control_client(&new_url, "cutover-verify")
                     .await
                     .map_err(|e| e.to_string())?;
+                let chunk_rows = request.chunk_rows.unwrap_or(10_000).max(1) as usize;
                 let checks = if repair {
-                    verifier.repair_sqlite(&path, &map, &pg).await
+                    verifier.repair_sqlite(&path, &map, &pg, chunk_rows).await
                 } else {
-                    verifier.verify_sqlite(&path, &map, &pg).await
+                    verifier.verify_sqlite(&path, &map, &pg, chunk_rows).await
                 };
                 checks.map_err(|e| e.to_string())
             }
@@ -162,16 +163,17 @@ impl Daemon {
             if let Some(v) = doc.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 match result {
                     Ok(checks) => {
-                        let clean = checks.iter().all(|c| c.clean());
+                        let clean = checks.iter().all(|c| c.check.clean());
                         v["state"] = if clean { "clean" } else { "differences" }.into();
                         v["report"] = serde_json::json!({
                             "source": "sqlite",
                             "clean": clean,
                             "tables": checks.iter().map(|c| serde_json::json!({
-                                "table": c.table,
-                                "sqlite_rows": c.sqlite_rows,
-                                "postgres_rows": c.postgres_rows,
-                                "differences": c.differences,
+                                "table": c.check.table,
+                                "sqlite_rows": c.check.sqlite_rows,
+                                "postgres_rows": c.check.postgres_rows,
+                                "differences": c.check.differences,
+                                "repaired_rows": c.repaired,
                             })).collect::<Vec<_>>(),
                         });
                     }

@@ -365,6 +365,9 @@ fn print_sqlite_verify(report: &serde_json::Value) -> anyhow::Result<()> {
         for d in differences {
             println!("  {}", d.as_str().unwrap_or_default());
         }
+        if let Some(n) = t["repaired_rows"].as_u64().filter(|n| *n > 0) {
+            println!("  repaired {n} rows from the file");
+        }
     }
     if report["clean"] == true {
         println!("clean: every table equal at one position of the change stream");

@@ -172,44 +172,68 @@ async fn a_live_sqlite_file_is_copied_streamed_and_read_from_postgresql() {
     let on_new = metric(&metrics, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0);
     assert!(on_new >= 20.0, "reads went to PostgreSQL ({on_new})\n");
 
-    // Verify under the load: exact, so clean; then a row changed on
-    // PostgreSQL behind cutover's back is found by key.
-    let run_verify = || async {
-        admin_ok(&server, "POST", "/v1/verify", "{}", Some(TOKEN));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let v = status_doc(&server)["verify"].clone();
-            if v["state"] != "running" {
-                return v;
+    // Verify under the load, in ranges of 50 keys (each at its own held
+    // stream position): exact, so clean; then rows changed, removed and
+    // added on PostgreSQL behind cutover's back are found by key.
+    let run = |path: &'static str| {
+        let server = &server;
+        async move {
+            admin_ok(server, "POST", path, r#"{"chunk_rows": 50}"#, Some(TOKEN));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let v = status_doc(server)["verify"].clone();
+                if v["state"] != "running" {
+                    return v;
+                }
+                assert!(Instant::now() < deadline, "{path} did not finish: {v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(Instant::now() < deadline, "verify did not finish: {v}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let verdict = run_verify().await;
+    let verdict = run("/v1/verify").await;
     assert_eq!(verdict["state"], "clean", "{verdict}");
     pg.psql(
         DB,
-        "UPDATE tags SET name = 'tampered' WHERE id = (SELECT min(id) FROM tags)",
+        "UPDATE tags SET name = 'tampered' WHERE id = (SELECT min(id) FROM tags);
+         DELETE FROM post_tags WHERE (post_id, tag_id) = (SELECT post_id, tag_id FROM post_tags ORDER BY 1, 2 LIMIT 1);
+         SET session_replication_role = replica;
+         DELETE FROM users WHERE id = 150;
+         INSERT INTO users (id, email, name) VALUES (987654, 'ghost@example.com', 'ghost');",
     )
     .unwrap();
-    let verdict = run_verify().await;
+    let verdict = run("/v1/verify").await;
     assert_eq!(verdict["state"], "differences", "{verdict}");
-    assert!(verdict.to_string().contains("tampered"), "{verdict}");
-    // Repair copies the differing table again at a held position, under
-    // the load, and verify is clean after it.
-    admin_ok(&server, "POST", "/v1/repair", "{}", Some(TOKEN));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let repaired = loop {
-        let v = status_doc(&server)["verify"].clone();
-        if v["state"] != "running" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "repair did not finish: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let said = verdict.to_string();
+    for expected in [
+        "tampered",
+        "key (150): only in SQLite",
+        "key (987654): only in PostgreSQL",
+    ] {
+        assert!(said.contains(expected), "{expected}: {verdict}");
+    }
+    // Repair writes the differing keys again from the snapshot each range
+    // was read at, under the load, and verify is clean after it.
+    let repaired = run("/v1/repair").await;
     assert_eq!(repaired["state"], "clean", "{repaired}");
-    let verdict = run_verify().await;
+    let mut fixed: Vec<(String, u64)> = repaired["report"]["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["repaired_rows"].as_u64() > Some(0))
+        .map(|t| {
+            (
+                t["table"].as_str().unwrap().to_string(),
+                t["repaired_rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    fixed.sort();
+    let expected = [("post_tags", 1), ("tags", 1), ("users", 2)].map(|(t, n)| (t.to_string(), n));
+    assert_eq!(
+        fixed, expected,
+        "only the differing keys are written: {repaired}"
+    );
+    let verdict = run("/v1/verify").await;
     assert_eq!(verdict["state"], "clean", "{verdict}");
     stop.store(true, Ordering::Relaxed);
     for t in tasks {

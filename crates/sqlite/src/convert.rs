@@ -796,8 +796,11 @@ fn unescape_copy(field: &[u8]) -> Option<Cow<'_, str>> {
     Some(Cow::Owned(String::from_utf8_lossy(&out).into_owned()))
 }
 
+/// A row's values (or its key's), as text; None for NULL.
+type Values = Vec<Option<String>>;
+
 /// A row in canonical values: the key's and every column's.
-type CanonicalRow = (Vec<Option<String>>, Vec<Option<String>>);
+type CanonicalRow = (Values, Values);
 
 /// The canonical form of a value, or the value marked so it differs from
 /// every canonical one, with why it could not be read.
@@ -872,68 +875,206 @@ pub async fn verify(
     pgs: &[Client],
 ) -> Result<Vec<TableCheck>, ConvertError> {
     each_table(pgs, map, |pg, table| {
-        verify_table(Reader::File(path.to_path_buf()), table, pg)
+        let reader = Reader::File(path.to_path_buf());
+        async move {
+            let (check, _) = verify_table(reader, table, pg, KeyRange::default()).await?;
+            Ok(check)
+        }
     })
     .await
 }
 
-/// One table compared with the file read through `conn`: a connection
-/// inside a read transaction, so the file is seen at one snapshot (the
-/// live migration's verify holds the stream at that snapshot's position).
-pub async fn verify_table_at(
-    conn: std::sync::Arc<std::sync::Mutex<Connection>>,
-    table: &Table,
-    pg: &Client,
-) -> Result<TableCheck, ConvertError> {
-    verify_table(Reader::Snapshot(conn), table, pg).await
+/// A slice of a table by its integer key, `after < key <= upto`, either
+/// end open; the whole table when both are, or when the table has no
+/// [`range_key`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyRange {
+    pub after: Option<i64>,
+    pub upto: Option<i64>,
 }
 
-/// Copies one table again from the file read through `conn` (a
-/// connection inside a read transaction): PostgreSQL's rows are replaced
-/// by the snapshot's in one transaction, with `session_replication_role =
-/// replica` as the applier writes (the rows carry their effects). What
-/// repair does to a table verify found different, while the stream is
-/// held at the snapshot's position.
-pub async fn recopy_table_at(
+impl KeyRange {
+    /// ` WHERE …` selecting the range on either side (both order integers
+    /// alike), or nothing for the whole table.
+    fn filter(&self, table: &Table) -> String {
+        let Some(key) = range_key(table) else {
+            return String::new();
+        };
+        let key = quote(key);
+        match (self.after, self.upto) {
+            (None, None) => String::new(),
+            (Some(a), None) => format!(" WHERE {key} > {a}"),
+            (None, Some(b)) => format!(" WHERE {key} <= {b}"),
+            (Some(a), Some(b)) => format!(" WHERE {key} > {a} AND {key} <= {b}"),
+        }
+    }
+}
+
+/// The column a table is verified by in key ranges: its only key column,
+/// of an integer type and declared with INTEGER affinity (so SQLite holds
+/// every key as an integer and orders keys as PostgreSQL does). Other
+/// tables are compared whole.
+pub fn range_key(table: &Table) -> Option<&str> {
+    let [key] = table.primary_key.as_slice() else {
+        return None;
+    };
+    let column = table.columns.iter().find(|c| &c.name == key)?;
+    let integer = matches!(column.pg_type.as_str(), "smallint" | "integer" | "bigint");
+    (integer && column.declared.to_ascii_uppercase().contains("INT")).then_some(key.as_str())
+}
+
+/// The range of the next `rows` keys after `after` in the file read
+/// through `conn`; open-ended when fewer remain (and for a table compared
+/// whole).
+pub fn next_range(
+    conn: &Connection,
+    table: &Table,
+    after: Option<i64>,
+    rows: usize,
+) -> Result<KeyRange, ConvertError> {
+    let Some(key) = range_key(table) else {
+        return Ok(KeyRange::default());
+    };
+    let upto: Option<i64> = conn
+        .query_row(
+            &format!(
+                "SELECT {k} FROM {t} WHERE {k} > ?1 ORDER BY {k} LIMIT 1 OFFSET ?2",
+                k = quote(key),
+                t = quote(&table.name)
+            ),
+            rusqlite::params![after.unwrap_or(i64::MIN), rows.max(1) as i64 - 1],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    Ok(KeyRange { after, upto })
+}
+
+/// One range of a table compared with the file read through `conn`: a
+/// connection inside a read transaction, so the file is seen at one
+/// snapshot (the live migration's verify holds the stream at that
+/// snapshot's position). With `repair`, the rows found different are
+/// written again from the snapshot — PostgreSQL's row of each differing
+/// key deleted and the file's written, in one transaction with
+/// `session_replication_role = replica` as the applier writes (the rows
+/// carry their effects) — and the range compared again: the check after
+/// repair, and the rows repaired.
+pub async fn check_range_at(
     conn: std::sync::Arc<std::sync::Mutex<Connection>>,
     table: &Table,
     pg: &Client,
+    range: KeyRange,
+    repair: bool,
+) -> Result<(TableCheck, u64), ConvertError> {
+    let reader = Reader::Snapshot(conn);
+    let (check, fixes) = verify_table(reader.clone(), table, pg, range).await?;
+    if !repair || check.clean() {
+        return Ok((check, 0));
+    }
+    let repaired = write_fixes(&reader, table, pg, range, fixes).await?;
+    let (check, _) = verify_table(reader, table, pg, range).await?;
+    Ok((check, repaired))
+}
+
+/// What repair writes: the differing rows by key (None where the file has
+/// no row for the key), or, for a table without a key, the range whole.
+enum Fixes {
+    Rows(Vec<Fix>),
+    Whole,
+}
+
+/// One differing key: its values as PostgreSQL input, and the file's row.
+struct Fix {
+    key: Vec<Option<String>>,
+    row: Option<Vec<Option<String>>>,
+}
+
+/// Writes the file's rows over PostgreSQL's for `fixes`; the rows written
+/// or deleted.
+async fn write_fixes(
+    reader: &Reader,
+    table: &Table,
+    pg: &Client,
+    range: KeyRange,
+    fixes: Fixes,
 ) -> Result<u64, ConvertError> {
-    let data = {
-        let table = table.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            let mut data = Vec::new();
-            let mut rows = 0u64;
-            let problems = sqlite_rows(&conn, &table, &mut |values| {
-                for (i, v) in values.iter().enumerate() {
-                    if i > 0 {
-                        data.push(b'\t');
-                    }
-                    match v {
-                        None => data.extend_from_slice(b"\\N"),
-                        Some(text) => escape_copy(text, &mut data),
-                    }
+    let (deletes, rows, repaired): (Vec<String>, Vec<Vec<Option<String>>>, u64) = match fixes {
+        Fixes::Rows(fixes) => {
+            let keys: Vec<String> = table.primary_key.iter().map(|k| quote(k)).collect();
+            let deletes = fixes
+                .chunks(1000)
+                .map(|chunk| {
+                    let tuples: Vec<String> = chunk
+                        .iter()
+                        .map(|f| {
+                            let values: Vec<String> =
+                                f.key.iter().map(|v| literal(v.as_deref())).collect();
+                            format!("({})", values.join(", "))
+                        })
+                        .collect();
+                    format!(
+                        "DELETE FROM {} WHERE ({}) IN ({})",
+                        quote(&table.name),
+                        keys.join(", "),
+                        tuples.join(", ")
+                    )
+                })
+                .collect();
+            let repaired = fixes.len() as u64;
+            (
+                deletes,
+                fixes.into_iter().filter_map(|f| f.row).collect(),
+                repaired,
+            )
+        }
+        Fixes::Whole => {
+            let (reader, t) = (reader.clone(), table.clone());
+            let rows = tokio::task::spawn_blocking(move || {
+                let mut rows = Vec::new();
+                let problems =
+                    sqlite_side(&reader, &t, range, &mut |values| rows.push(values.to_vec()))?;
+                match problems.first() {
+                    Some(p) => Err(ConvertError::BadValues(vec![p.clone()])),
+                    None => Ok(rows),
                 }
-                data.push(b'\n');
-                rows += 1;
-            })?;
-            if let Some(p) = problems.first() {
-                return Err(ConvertError::BadValues(vec![p.clone()]));
-            }
-            Ok::<_, ConvertError>((data, rows))
-        })
-        .await
-        .map_err(|e| ConvertError::Refused(format!("repair stopped: {e}")))??
+            })
+            .await
+            .map_err(|e| ConvertError::Refused(format!("repair stopped: {e}")))??;
+            let repaired = rows.len() as u64;
+            (
+                vec![format!(
+                    "DELETE FROM {}{}",
+                    quote(&table.name),
+                    range.filter(table)
+                )],
+                rows,
+                repaired,
+            )
+        }
     };
-    let (data, rows) = data;
+    let mut data = Vec::new();
+    for row in &rows {
+        for (i, v) in row.iter().enumerate() {
+            if i > 0 {
+                data.push(b'\t');
+            }
+            match v {
+                None => data.extend_from_slice(b"\\N"),
+                Some(text) => escape_copy(text, &mut data),
+            }
+        }
+        data.push(b'\n');
+    }
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
-    pg.batch_execute(&format!(
-        "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {}",
-        quote(&table.name)
-    ))
-    .await?;
-    let written = async {
+    let result = async {
+        pg.batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
+            .await?;
+        for delete in &deletes {
+            pg.batch_execute(delete).await?;
+        }
         let sink = pg
             .copy_in::<_, bytes::Bytes>(&format!(
                 "COPY {} ({}) FROM STDIN",
@@ -947,7 +1088,7 @@ pub async fn recopy_table_at(
         pg.batch_execute("COMMIT").await
     }
     .await;
-    if let Err(e) = written {
+    if let Err(e) = result {
         let _ = pg.batch_execute("ROLLBACK").await;
         return Err(ConvertError::Postgres(format!(
             "repairing {}: {}",
@@ -955,7 +1096,15 @@ pub async fn recopy_table_at(
             postgres_message(&e)
         )));
     }
-    Ok(rows)
+    Ok(repaired)
+}
+
+/// A SQL literal (or NULL) PostgreSQL coerces to the column's type.
+fn literal(value: Option<&str>) -> String {
+    match value {
+        None => "NULL".to_string(),
+        Some(v) => format!("'{}'", v.replace('\'', "''")),
+    }
 }
 
 /// Where verify reads the file: a connection of its own per read, or one
@@ -996,11 +1145,14 @@ impl Side {
     }
 }
 
+/// Compares one range of a table: counts and hashes, then key by key when
+/// they differ; the check, and what repair would write.
 async fn verify_table(
     reader: Reader,
     table: &Table,
     pg: &Client,
-) -> Result<TableCheck, ConvertError> {
+    range: KeyRange,
+) -> Result<(TableCheck, Fixes), ConvertError> {
     let key_at: Vec<usize> = table
         .primary_key
         .iter()
@@ -1011,7 +1163,7 @@ async fn verify_table(
         let (reader, table) = (reader.clone(), table.clone());
         tokio::task::spawn_blocking(move || {
             let mut side = Side::default();
-            let bad = sqlite_side(&reader, &table, &mut |values| {
+            let bad = sqlite_side(&reader, &table, range, &mut |values| {
                 side.add(digest(&table, values), "SQLite")
             })?;
             side.problems.extend(bad);
@@ -1019,7 +1171,7 @@ async fn verify_table(
         })
     };
     let mut theirs = Side::default();
-    let postgres = postgres_side(pg, table, |values| {
+    let postgres = postgres_side(pg, table, range, |values| {
         theirs.add(digest(table, values), "PostgreSQL")
     });
     let (ours, postgres) = tokio::join!(sqlite, postgres);
@@ -1035,20 +1187,26 @@ async fn verify_table(
         postgres_hash: theirs.hash,
         differences: ours.problems,
     };
-    if !check.clean() && !key_at.is_empty() {
-        check.differences = drill_down(reader, table, &key_at, pg).await?;
-        if check.differences.is_empty() {
-            check
-                .differences
-                .push("the content hashes differ".to_string());
-        }
-    } else if !check.clean() && check.differences.is_empty() {
-        check.differences.push(format!(
-            "the table has no key; {} rows in SQLite and {} in PostgreSQL, content hashes {:016x} and {:016x}",
-            check.sqlite_rows, check.postgres_rows, check.sqlite_hash, check.postgres_hash
-        ));
+    if check.clean() {
+        return Ok((check, Fixes::Rows(Vec::new())));
     }
-    Ok(check)
+    if key_at.is_empty() {
+        if check.differences.is_empty() {
+            check.differences.push(format!(
+                "the table has no key; {} rows in SQLite and {} in PostgreSQL, content hashes {:016x} and {:016x}",
+                check.sqlite_rows, check.postgres_rows, check.sqlite_hash, check.postgres_hash
+            ));
+        }
+        return Ok((check, Fixes::Whole));
+    }
+    let (differences, fixes) = drill_down(reader, table, &key_at, pg, range).await?;
+    check.differences = differences;
+    if check.differences.is_empty() {
+        check
+            .differences
+            .push("the content hashes differ".to_string());
+    }
+    Ok((check, Fixes::Rows(fixes)))
 }
 
 /// Hands every row of the file to `each` as PostgreSQL input text through
@@ -1057,21 +1215,24 @@ async fn verify_table(
 fn sqlite_side(
     reader: &Reader,
     table: &Table,
+    range: KeyRange,
     each: &mut dyn FnMut(&[Option<String>]),
 ) -> Result<Vec<String>, ConvertError> {
-    reader.with(|conn| sqlite_rows(conn, table, each))
+    reader.with(|conn| sqlite_rows(conn, table, range, each))
 }
 
 fn sqlite_rows(
     conn: &Connection,
     table: &Table,
+    range: KeyRange,
     each: &mut dyn FnMut(&[Option<String>]),
 ) -> Result<Vec<String>, ConvertError> {
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let mut stmt = conn.prepare(&format!(
-        "SELECT {} FROM {}",
+        "SELECT {} FROM {}{}",
         columns.join(", "),
-        quote(&table.name)
+        quote(&table.name),
+        range.filter(table)
     ))?;
     let mut cursor = stmt.query([])?;
     let mut problems = Vec::new();
@@ -1098,14 +1259,16 @@ fn sqlite_rows(
 async fn postgres_side(
     pg: &Client,
     table: &Table,
+    range: KeyRange,
     mut each: impl FnMut(&[Option<Cow<'_, str>>]),
 ) -> Result<(), ConvertError> {
     let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let stream = pg
         .copy_out(&format!(
-            "COPY (SELECT {} FROM {}) TO STDOUT",
+            "COPY (SELECT {} FROM {}{}) TO STDOUT",
             columns.join(", "),
-            quote(&table.name)
+            quote(&table.name),
+            range.filter(table)
         ))
         .await?;
     futures_util::pin_mut!(stream);
@@ -1125,24 +1288,33 @@ async fn postgres_side(
     Ok(())
 }
 
-/// Compares a keyed table row by row: PostgreSQL's rows by key, then the
-/// file's against them.
+/// Compares a keyed table's range row by row: PostgreSQL's rows by key,
+/// then the file's against them. The differences said, and the fix of
+/// each differing key (none when a value of the file does not convert:
+/// repair would write it as NULL).
 async fn drill_down(
     reader: Reader,
     table: &Table,
     key_at: &[usize],
     pg: &Client,
-) -> Result<Vec<String>, ConvertError> {
-    let mut theirs: HashMap<Vec<Option<String>>, Vec<Option<String>>> = HashMap::new();
-    postgres_side(pg, table, |values| {
+    range: KeyRange,
+) -> Result<(Vec<String>, Vec<Fix>), ConvertError> {
+    // Canonical key → (the key as PostgreSQL wrote it, canonical row).
+    let mut theirs: HashMap<Values, (Values, Values)> = HashMap::new();
+    postgres_side(pg, table, range, |values| {
         let (key, row) = canonical_row(table, key_at, values);
-        theirs.insert(key, row);
+        let written = key_at
+            .iter()
+            .map(|&i| values[i].as_ref().map(|v| v.to_string()))
+            .collect();
+        theirs.insert(key, (written, row));
     })
     .await?;
     let table = table.clone();
     let key_at = key_at.to_vec();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
+        let mut fixes = Vec::new();
         let mut more = 0usize;
         let mut note = |line: String| {
             if out.len() < MAX_REPORTED {
@@ -1157,13 +1329,21 @@ async fn drill_down(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let problems = sqlite_side(&reader, &table, &mut |values| {
+        let problems = sqlite_side(&reader, &table, range, &mut |values| {
             let (key, row) = canonical_row(&table, &key_at, values);
             match theirs.remove(&key) {
-                None => note(format!("key ({}): only in SQLite", show(&key))),
-                Some(other) => {
+                None => {
+                    note(format!("key ({}): only in SQLite", show(&key)));
+                    fixes.push(Fix {
+                        key: key_at.iter().map(|&i| values[i].clone()).collect(),
+                        row: Some(values.to_vec()),
+                    });
+                }
+                Some((written, other)) => {
+                    let mut differs = false;
                     for (c, (a, b)) in table.columns.iter().zip(row.iter().zip(other.iter())) {
                         if a != b {
+                            differs = true;
                             note(format!(
                                 "key ({}), column {}: SQLite {:?}, PostgreSQL {:?}",
                                 show(&key),
@@ -1173,19 +1353,33 @@ async fn drill_down(
                             ));
                         }
                     }
+                    if differs {
+                        fixes.push(Fix {
+                            key: written,
+                            row: Some(values.to_vec()),
+                        });
+                    }
                 }
             }
         })?;
+        let unreadable = !problems.is_empty();
         for p in problems {
             note(p);
         }
-        for key in theirs.keys() {
-            note(format!("key ({}): only in PostgreSQL", show(key)));
+        for (key, (written, _)) in theirs {
+            note(format!("key ({}): only in PostgreSQL", show(&key)));
+            fixes.push(Fix {
+                key: written,
+                row: None,
+            });
+        }
+        if unreadable {
+            fixes.clear();
         }
         if more > 0 {
             out.push(format!("... and {more} more differences"));
         }
-        Ok(out)
+        Ok((out, fixes))
     })
     .await
     .map_err(|e| ConvertError::Refused(format!("verify stopped: {e}")))?

@@ -256,20 +256,23 @@ impl SqliteVerifier {
         path: &std::path::Path,
         map: &cutover_sqlite::SchemaMap,
         pg: &tokio_postgres::Client,
-    ) -> Result<Vec<cutover_sqlite::convert::TableCheck>, StreamError> {
-        self.check_sqlite(path, map, pg, false).await
+        chunk_rows: usize,
+    ) -> Result<Vec<SqliteCheck>, StreamError> {
+        self.check_sqlite(path, map, pg, chunk_rows, false).await
     }
 
-    /// [`SqliteVerifier::verify_sqlite`], and each table found different
-    /// copied again from the same snapshot (the stream still held), then
-    /// compared again: the checks after repair.
+    /// [`SqliteVerifier::verify_sqlite`], and in each range found
+    /// different the differing keys written again from the same snapshot
+    /// (the stream still held), then the range compared again: the checks
+    /// after repair.
     pub async fn repair_sqlite(
         &self,
         path: &std::path::Path,
         map: &cutover_sqlite::SchemaMap,
         pg: &tokio_postgres::Client,
-    ) -> Result<Vec<cutover_sqlite::convert::TableCheck>, StreamError> {
-        self.check_sqlite(path, map, pg, true).await
+        chunk_rows: usize,
+    ) -> Result<Vec<SqliteCheck>, StreamError> {
+        self.check_sqlite(path, map, pg, chunk_rows, true).await
     }
 
     async fn check_sqlite(
@@ -277,48 +280,107 @@ impl SqliteVerifier {
         path: &std::path::Path,
         map: &cutover_sqlite::SchemaMap,
         pg: &tokio_postgres::Client,
+        chunk_rows: usize,
         repair: bool,
-    ) -> Result<Vec<cutover_sqlite::convert::TableCheck>, StreamError> {
+    ) -> Result<Vec<SqliteCheck>, StreamError> {
         let mut checks = Vec::new();
         for table in &map.tables {
-            let mut held = self.shared.sqlite.lock().await;
-            let Some((source, new)) = held.as_mut() else {
-                return Err(StreamError::Precondition(
-                    "the SQLite change stream is not running yet; wait for `cutover status` to show it streaming".to_string(),
-                ));
+            let mut total = cutover_sqlite::convert::TableCheck {
+                table: table.name.clone(),
+                sqlite_rows: 0,
+                postgres_rows: 0,
+                sqlite_hash: 0,
+                postgres_hash: 0,
+                differences: Vec::new(),
             };
-            let file = path.to_path_buf();
-            let (conn, position) = tokio::task::spawn_blocking(move || {
-                let conn = cutover_sqlite::open_read_only(&file)?;
-                conn.execute_batch("BEGIN")?;
-                let position = crate::sqlite_source::log_position(&conn)?;
-                Ok::<_, cutover_sqlite::rusqlite::Error>((conn, position))
-            })
-            .await
-            .map_err(|e| StreamError::Precondition(e.to_string()))?
-            .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?;
-            while source.applied() < position {
-                source
-                    .pass_until(new, MAX_BATCH_ROWS as usize, position)
+            let (mut after, mut repaired) = (None, 0);
+            loop {
+                let (check, range, fixed) = self
+                    .check_range(path, table, pg, after, chunk_rows, repair)
                     .await?;
+                repaired += fixed;
+                total.sqlite_rows += check.sqlite_rows;
+                total.postgres_rows += check.postgres_rows;
+                total.sqlite_hash = total.sqlite_hash.wrapping_add(check.sqlite_hash);
+                total.postgres_hash = total.postgres_hash.wrapping_add(check.postgres_hash);
+                let room =
+                    cutover_sqlite::convert::MAX_REPORTED.saturating_sub(total.differences.len());
+                total
+                    .differences
+                    .extend(check.differences.into_iter().take(room));
+                match range.upto {
+                    Some(upto) => after = Some(upto),
+                    None => break,
+                }
             }
-            let conn = Arc::new(Mutex::new(conn));
-            let mut check = cutover_sqlite::convert::verify_table_at(conn.clone(), table, pg)
-                .await
-                .map_err(|e| StreamError::Precondition(format!("verify: {e}")))?;
-            if repair && !check.clean() {
-                cutover_sqlite::convert::recopy_table_at(conn.clone(), table, pg)
-                    .await
-                    .map_err(|e| StreamError::Precondition(format!("repair: {e}")))?;
-                check = cutover_sqlite::convert::verify_table_at(conn, table, pg)
-                    .await
-                    .map_err(|e| StreamError::Precondition(format!("verify after repair: {e}")))?;
-            }
-            drop(held);
-            checks.push(check);
+            checks.push(SqliteCheck {
+                check: total,
+                repaired,
+            });
         }
         Ok(checks)
     }
+
+    /// Compares (and with `repair`, repairs) the range of `chunk_rows`
+    /// keys of `table` after `after`, holding the stream at the position
+    /// of the snapshot the file is read from; the check, the range, and
+    /// the rows repaired.
+    async fn check_range(
+        &self,
+        path: &std::path::Path,
+        table: &cutover_sqlite::Table,
+        pg: &tokio_postgres::Client,
+        after: Option<i64>,
+        chunk_rows: usize,
+        repair: bool,
+    ) -> Result<
+        (
+            cutover_sqlite::convert::TableCheck,
+            cutover_sqlite::convert::KeyRange,
+            u64,
+        ),
+        StreamError,
+    > {
+        let mut held = self.shared.sqlite.lock().await;
+        let Some((source, new)) = held.as_mut() else {
+            return Err(StreamError::Precondition(
+                "the SQLite change stream is not running yet; wait for `cutover status` to show it streaming".to_string(),
+            ));
+        };
+        let (file, t) = (path.to_path_buf(), table.clone());
+        let (conn, position, range) = tokio::task::spawn_blocking(move || {
+            let conn = cutover_sqlite::open_read_only(&file)?;
+            conn.execute_batch("BEGIN")?;
+            let position = crate::sqlite_source::log_position(&conn)
+                .map_err(cutover_sqlite::convert::ConvertError::from)?;
+            let range = cutover_sqlite::convert::next_range(&conn, &t, after, chunk_rows)?;
+            Ok::<_, cutover_sqlite::convert::ConvertError>((conn, position, range))
+        })
+        .await
+        .map_err(|e| StreamError::Precondition(e.to_string()))?
+        .map_err(|e| StreamError::Precondition(format!("{}: {e}", path.display())))?;
+        while source.applied() < position {
+            source
+                .pass_until(new, MAX_BATCH_ROWS as usize, position)
+                .await?;
+        }
+        let conn = Arc::new(Mutex::new(conn));
+        let (check, repaired) =
+            cutover_sqlite::convert::check_range_at(conn, table, pg, range, repair)
+                .await
+                .map_err(|e| StreamError::Precondition(format!("verify: {e}")))?;
+        if repaired > 0 {
+            tracing::info!(table = %table.name, rows = repaired, ?range, "repaired rows from the SQLite file");
+        }
+        Ok((check, range, repaired))
+    }
+}
+
+/// One table of a SQLite verify or repair: the check (after repair, for
+/// a repair) and the rows repair wrote or deleted.
+pub struct SqliteCheck {
+    pub check: cutover_sqlite::convert::TableCheck,
+    pub repaired: u64,
 }
 
 pub struct Started {
