@@ -788,7 +788,7 @@ async fn postgresql_stopped_and_restarted_under_load_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_while_promoted_resumes_the_reverse_stream() {
+async fn sigkill_in_each_phase_after_promote_loses_nothing() {
     let style = Style::Prisma;
     let dir = std::env::temp_dir().join(format!(
         "cutover-sqlite-kill-promoted-{}",
@@ -837,36 +837,10 @@ async fn sigkill_while_promoted_resumes_the_reverse_stream() {
     assert_eq!(code, 200, "{body}");
 
     // Writers on PostgreSQL now; the file follows through the reverse stream.
-    let stop = Arc::new(AtomicBool::new(false));
-    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let mut writers = Vec::new();
-    for w in 0..2 {
-        let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
-        writers.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(client) = connect_as(proxy, APP_USER, APP_PASSWORD).await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    i += 1;
-                    let slug = format!("r{w}-{i}");
-                    match client
-                        .execute("INSERT INTO tags (name, slug) VALUES ('rev', $1)", &[&slug])
-                        .await
-                    {
-                        Ok(_) => acknowledged.lock().unwrap().push(slug),
-                        Err(_) => break,
-                    }
-                    tokio::time::sleep(Duration::from_millis(4)).await;
-                }
-            }
-        }));
-    }
+    let (stop, acknowledged, writers) = tag_writers(proxy, "r");
     tokio::time::sleep(Duration::from_millis(600)).await;
     drop(daemon);
-    let _daemon = spawn_daemon(&config_path, admin);
+    let daemon = spawn_daemon(&config_path, admin);
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -933,6 +907,156 @@ async fn sigkill_while_promoted_resumes_the_reverse_stream() {
             check.differences
         );
     }
+
+    // Rolled back: the file is the primary again; SIGKILL under the writes
+    // and the forward stream resumes; PostgreSQL gets every acknowledged
+    // write once.
+    let (stop, acknowledged, writers) = tag_writers(proxy, "b");
+    let (code, body) = call("POST", "/v1/rollback", Some("{}"));
+    assert_eq!(code, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(daemon);
+    let daemon = spawn_daemon(&config_path, admin);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let status = call("GET", "/v1/status", None).1;
+    assert_eq!(status["primary"], "old", "{status}");
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "writes went on ({})",
+        acknowledged.len()
+    );
+    // (A write the SIGKILL cut off after its commit is in the file without
+    // its acknowledgement: it must reach PostgreSQL too.)
+    let conn = Connection::open(&file).unwrap();
+    let in_file: std::collections::BTreeSet<String> = conn
+        .prepare("SELECT slug FROM tags WHERE slug LIKE 'b%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for slug in &acknowledged {
+        assert!(
+            in_file.contains(slug),
+            "acknowledged write {slug} is in the file"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let on_new: std::collections::BTreeSet<String> = pg
+            .psql(
+                DB,
+                "SELECT string_agg(slug, ',') FROM tags WHERE slug LIKE 'b%'",
+            )
+            .unwrap()
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        if on_new == in_file {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL holds {} of the file's {} writes after the restart",
+            on_new.len(),
+            in_file.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for check in cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
+        .await
+        .unwrap()
+    {
+        assert!(
+            check.clean(),
+            "{} differs: {:?}",
+            check.table,
+            check.differences
+        );
+    }
+
+    // Promoted again and finalized; a restart keeps the finalized phase,
+    // writes go to PostgreSQL and the file holds no capture.
+    let (code, body) = call("POST", "/v1/promote", Some("{\"force\": true}"));
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = call("POST", "/v1/finalize", Some("{}"));
+    assert_eq!(code, 200, "{body}");
+    drop(daemon);
+    let _daemon = spawn_daemon(&config_path, admin);
+    let status = call("GET", "/v1/status", None).1;
+    assert_eq!(status["phase"], "finalized", "{status}");
+    let client = connect_as(proxy, APP_USER, APP_PASSWORD).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO tags (name, slug) VALUES ('after', 'after-finalize')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        pg.psql(
+            DB,
+            "SELECT count(*) FROM tags WHERE slug = 'after-finalize'"
+        )
+        .unwrap(),
+        "1"
+    );
+    let capture: i64 = Connection::open(&file)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE '\\_cutover\\_%' ESCAPE '\\'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(capture, 0, "capture removed from the file");
+}
+
+/// Two writers inserting tags with slugs `{prefix}{w}-{i}` through cutover
+/// (reconnecting across restarts): their stop flag, the acknowledged
+/// slugs, and the tasks.
+#[allow(clippy::type_complexity)]
+fn tag_writers(
+    proxy: std::net::SocketAddr,
+    prefix: &'static str,
+) -> (
+    Arc<AtomicBool>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(client) = connect_as(proxy, APP_USER, APP_PASSWORD).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let slug = format!("{prefix}{w}-{i}");
+                    match client
+                        .execute("INSERT INTO tags (name, slug) VALUES ('rev', $1)", &[&slug])
+                        .await
+                    {
+                        Ok(_) => acknowledged.lock().unwrap().push(slug),
+                        Err(_) => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(4)).await;
+                }
+            }
+        }));
+    }
+    (stop, acknowledged, writers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
