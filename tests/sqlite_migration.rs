@@ -451,6 +451,65 @@ async fn sigkill_mid_copy_and_mid_apply_loses_nothing() {
             check.differences
         );
     }
+
+    // With async commits (`sync = false`) the dial still gives each
+    // session its own writes: a read right after the session's commit,
+    // before the stream passed it, is served by the file (a
+    // `behind_session` fallback); once the stream passed it, reads go to
+    // PostgreSQL.
+    pg.psql(
+        DB,
+        &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {APP_USER}"),
+    )
+    .unwrap();
+    let dial = cutover::cli_http::request(
+        &format!("http://{admin}"),
+        "PUT",
+        "/v1/reads",
+        Some("{\"percent\": 100}"),
+        Some(TOKEN),
+    )
+    .unwrap();
+    assert_eq!(dial.status, 200, "{}", dial.body);
+    let reads_on_new = || {
+        let metrics =
+            cutover::cli_http::request(&format!("http://{admin}"), "GET", "/metrics", None, None)
+                .unwrap()
+                .body;
+        metric(&metrics, "cutover_reads_total{backend=\"new\"}").unwrap_or(0.0)
+    };
+    let client = connect_as(proxy, APP_USER, APP_PASSWORD).await.unwrap();
+    for i in 0..30 {
+        let slug = format!("async-ryw-{i}");
+        client
+            .execute("INSERT INTO tags (name, slug) VALUES ('ryw', $1)", &[&slug])
+            .await
+            .unwrap();
+        let name: String = client
+            .query_one("SELECT name FROM tags WHERE slug = $1", &[&slug])
+            .await
+            .expect("the session reads its own write")
+            .get(0);
+        assert_eq!(name, "ryw");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = reads_on_new();
+    for i in 0..10 {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM tags WHERE slug = $1",
+                &[&format!("async-ryw-{i}")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+    let on_new = reads_on_new() - before;
+    assert!(
+        on_new >= 10.0,
+        "reads after the stream passed the session's writes go to PostgreSQL ({on_new})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -761,15 +820,23 @@ async fn postgresql_stopped_and_restarted_under_load_catches_up() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    pg.stop().unwrap();
-    let before = written.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        written.load(Ordering::Relaxed) > before,
-        "writes went on with new down"
-    );
-    pg.restart().unwrap();
+    // Stopped cleanly, then crashed (`-m immediate`: passes committed
+    // but not yet flushed there are taken back, and applied again).
+    for crash in [false, true] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if crash {
+            pg.kill().unwrap();
+        } else {
+            pg.stop().unwrap();
+        }
+        let before = written.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            written.load(Ordering::Relaxed) > before,
+            "writes went on with new down"
+        );
+        pg.restart().unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();

@@ -58,6 +58,8 @@ fn writes(conn: &Connection, style: Style, round: i64) {
          INSERT INTO tags (name, slug) VALUES ('t{round}', 's{round}') ON CONFLICT (slug) DO UPDATE SET name = excluded.name;
          INSERT INTO tags (name, slug) VALUES ('t{round} again', 's{round}') ON CONFLICT (slug) DO UPDATE SET name = excluded.name;
          REPLACE INTO emptied (id, note) VALUES (1, 'replaced {round}');
+         INSERT INTO handles (handle, deleted_at) VALUES ('h{round}', NULL), ('h{round}', '2024-01-01T00:00:00.000Z');
+         REPLACE INTO handles (handle) VALUES ('h{round}');
          REPLACE INTO tags (name, slug) VALUES ('r{round}', 's{round}');
          INSERT INTO tags (name, slug) VALUES ('q{round}', 'q{round}');
          REPLACE INTO tags (id, name, slug) SELECT id, 'moved {round}', 'k{round}' FROM tags WHERE slug = 'q{round}';
@@ -68,6 +70,20 @@ fn writes(conn: &Connection, style: Style, round: i64) {
         20 + round
     ))
     .unwrap();
+}
+
+/// A table with a partial unique index, as soft-deleting apps have: one
+/// live row per handle, any number of deleted ones.
+fn add_handles(file: &std::path::Path) {
+    Connection::open(file)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE handles (id INTEGER PRIMARY KEY, handle TEXT NOT NULL, deleted_at TEXT);
+             CREATE UNIQUE INDEX handles_live ON handles (handle) WHERE deleted_at IS NULL;
+             INSERT INTO handles (handle, deleted_at) VALUES
+               ('a', NULL), ('a', '2024-01-01T00:00:00.000Z'), ('b', NULL);",
+        )
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,6 +98,7 @@ async fn captured_writes_stream_into_postgresql_and_compare_equal() {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("app.db");
         drop(sqlite_app::build(&file, style, 40));
+        add_handles(&file);
         let pg = support::cluster(HostAuth::ScramSha256);
         let config_text = format!(
             "[old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n{}",
@@ -199,6 +216,7 @@ async fn a_copy_under_concurrent_writes_and_the_stream_converge() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("app.db");
     drop(sqlite_app::build(&file, style, 400));
+    add_handles(&file);
     let pg = support::cluster(HostAuth::ScramSha256);
     let config_text = format!(
         "[old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n{}",

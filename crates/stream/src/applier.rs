@@ -62,6 +62,23 @@ pub struct Op {
     pub kind: OpKind,
 }
 
+/// A unique index of a relation, for [`Applier::evict_collisions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unique {
+    /// Its columns, unquoted.
+    pub columns: Vec<String>,
+    pub partial: Option<Partial>,
+}
+
+/// A partial index's predicate, in PostgreSQL's syntax over the
+/// relation's column names, and every column's type (to read a row image
+/// the predicate can be evaluated on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    pub predicate: String,
+    pub types: Vec<String>,
+}
+
 /// What an op touches, which decides how a batch may be regrouped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpKind {
@@ -361,22 +378,23 @@ impl Applier {
 
     /// Adds to the transaction being received a delete of every row of
     /// `rel` other than `new`'s own (by key) that holds `new`'s values in
-    /// `unique`: the rows a unique constraint on those columns would make
-    /// the upsert of `new` collide with. For a source whose log misses the
-    /// rows a write removed to keep a unique constraint (SQLite's REPLACE
-    /// deletes without firing delete triggers). A NULL in `new` matches
-    /// nothing, as NULLs never collide.
+    /// `unique`'s columns (and, for a partial index, where both rows meet
+    /// its predicate): the rows that unique index would make the upsert of
+    /// `new` collide with. For a source whose log misses the rows a write
+    /// removed to keep a unique constraint (SQLite's REPLACE deletes
+    /// without firing delete triggers). A NULL in `new` matches nothing,
+    /// as NULLs never collide.
     pub fn evict_collisions(
         &mut self,
         rel: u32,
         new: &[Datum],
-        unique: &[String],
+        unique: &Unique,
     ) -> Result<(), StreamError> {
         let r = self.relation(rel)?;
         check_width(r, new)?;
         let mut parts = Vec::new();
         let mut params = Vec::new();
-        for name in unique {
+        for name in &unique.columns {
             let i = r
                 .columns
                 .iter()
@@ -394,13 +412,35 @@ impl Applier {
         }
         let (own, key_params) = key_match(r, new, params.len() + 1)?;
         params.extend(key_params);
+        parts.push(format!("NOT ({own})"));
+        if let Some(partial) = &unique.partial {
+            if partial.types.len() != r.columns.len() {
+                return Err(StreamError::Protocol(format!(
+                    "the partial index on {} names {} column types for {} columns",
+                    table(r),
+                    partial.types.len(),
+                    r.columns.len()
+                )));
+            }
+            // The predicate on the row evicted, and on `new` (its values
+            // as a row of the same column names, which the predicate's
+            // names find first).
+            let mut values = Vec::new();
+            for (d, ty) in new.iter().zip(&partial.types) {
+                params.push(text_of(d));
+                values.push(format!("${}::{ty}", params.len()));
+            }
+            let names: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
+            parts.push(format!("({})", partial.predicate));
+            parts.push(format!(
+                "EXISTS (SELECT FROM (VALUES ({})) AS \"new\" ({}) WHERE {})",
+                values.join(", "),
+                names.join(", "),
+                partial.predicate
+            ));
+        }
         let op = Op {
-            sql: format!(
-                "DELETE FROM {} WHERE {} AND NOT ({own})",
-                table(r),
-                parts.join(" AND ")
-            )
-            .into(),
+            sql: format!("DELETE FROM {} WHERE {}", table(r), parts.join(" AND ")).into(),
             params,
             kind: OpKind::Row { table: table(r) },
         };
@@ -716,10 +756,14 @@ mod tests {
         })
         .unwrap();
         let row = [text("7"), text("slug"), text("3")];
-        a.evict_collisions(1, &row, &["body".into(), "n".into()])
+        let unique = |columns: &[&str]| Unique {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            partial: None,
+        };
+        a.evict_collisions(1, &row, &unique(&["body", "n"]))
             .unwrap();
         // A NULL never collides: nothing to evict.
-        a.evict_collisions(1, &[text("8"), Datum::Null, text("3")], &["body".into()])
+        a.evict_collisions(1, &[text("8"), Datum::Null, text("3")], &unique(&["body"]))
             .unwrap();
         assert_eq!(a.current.len(), 1);
         assert_eq!(
@@ -730,7 +774,22 @@ mod tests {
             a.current[0].params,
             vec![Some("slug".into()), Some("3".into()), Some("7".into())]
         );
-        assert!(a.evict_collisions(1, &row, &["nope".into()]).is_err());
+        assert!(a.evict_collisions(1, &row, &unique(&["nope"])).is_err());
+        // A partial index: the predicate holds for the row evicted and for
+        // the new row, read from its image.
+        let partial = Unique {
+            columns: vec!["body".into()],
+            partial: Some(Partial {
+                predicate: r#""n" > 0"#.into(),
+                types: vec!["integer".into(), "text".into(), "integer".into()],
+            }),
+        };
+        a.evict_collisions(1, &row, &partial).unwrap();
+        assert_eq!(
+            &*a.current[1].sql,
+            r#"DELETE FROM "public"."it's" WHERE "body" = $1 AND NOT ("id" = $2) AND ("n" > 0) AND EXISTS (SELECT FROM (VALUES ($3::integer, $4::text, $5::integer)) AS "new" ("id", "body", "n") WHERE "n" > 0)"#
+        );
+        assert_eq!(a.current[1].params.len(), 5);
     }
 
     #[test]

@@ -659,6 +659,12 @@ async fn sqlite_session(
 /// Applies the SQLite change log pass after pass, publishing the position.
 async fn sqlite_stream(shared: &Shared) -> Result<(), StreamError> {
     let mut wanted = shared.wanted.subscribe();
+    // Where PostgreSQL is now, even behind what an earlier session
+    // reported: a PostgreSQL crash takes back passes not yet flushed (see
+    // `sqlite_source`), and reads must not be sent there as if it held them.
+    if let Some((source, _)) = shared.sqlite.lock().await.as_ref() {
+        shared.caught_up.send_replace(Lsn(source.applied() as u64));
+    }
     loop {
         let (pass, applied, newest) = {
             let mut held = shared.sqlite.lock().await;

@@ -6,10 +6,17 @@
 //! [`Applier`] as pgoutput's changes: upserts and deletes by key, one
 //! PostgreSQL transaction per pass that also records the position (the
 //! log's `seq`) in `cutover.applied`. Log rows are trimmed only after
-//! PostgreSQL committed them, so a crash anywhere loses nothing and a
-//! resumed pass applies nothing twice.
+//! PostgreSQL committed them durably, so a crash anywhere loses nothing
+//! and a resumed pass applies nothing twice.
+//!
+//! Passes commit with `synchronous_commit = off`: the file is the primary
+//! and keeps every change in its log until PostgreSQL has flushed it, so a
+//! PostgreSQL crash can only take back whole passes together with their
+//! recorded position, which the resumed stream applies again. Before each
+//! trim one small transaction commits with `synchronous_commit = on`,
+//! which flushes every pass before it.
 
-use crate::applier::{Applier, SCHEMA_SQL};
+use crate::applier::{Applier, Partial, Unique, SCHEMA_SQL};
 use crate::mirror::{apply_pending, Statements};
 use crate::pgoutput::{Column, Datum, Logical, Lsn, Relation};
 use crate::StreamError;
@@ -34,10 +41,9 @@ pub struct SqliteSource {
     conn: Arc<Mutex<Connection>>,
     applier: Applier,
     statements: Statements,
-    /// Per table (in the schema map's order), the column lists of its
-    /// unique constraints other than the key, for [`Self::pass_until`]'s
-    /// second attempt.
-    uniques: Vec<Vec<Vec<String>>>,
+    /// Per table (in the schema map's order), its unique indexes other
+    /// than the key, for [`Self::pass_until`]'s second attempt.
+    uniques: Vec<Vec<Unique>>,
     /// Each table's copy position: its changes at or before it are in the
     /// copy already (the copy read the table from that log position's
     /// snapshot), so only later ones are applied.
@@ -94,6 +100,7 @@ impl SqliteSource {
             // Nothing applied yet: start at the oldest copy's position.
             None => copied_at.values().copied().min().unwrap_or(0),
         };
+        new.batch_execute("SET synchronous_commit = off").await?;
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(sqlite)?;
@@ -118,7 +125,7 @@ impl SqliteSource {
         }
         Ok(SqliteSource {
             path: path.to_path_buf(),
-            uniques: map.tables.iter().map(unique_columns).collect(),
+            uniques: map.tables.iter().map(uniques).collect(),
             map,
             conn: Arc::new(Mutex::new(conn)),
             applier,
@@ -220,6 +227,7 @@ impl SqliteSource {
         // Trimming takes the file's write lock, which the app's writers
         // need too: once in a while, not after every pass.
         if last - self.trimmed >= TRIM_EVERY_CHANGES || self.last_trim.elapsed() >= TRIM_EVERY {
+            flush(new).await?;
             let conn = self.conn.clone();
             tokio::task::spawn_blocking(move || {
                 let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -290,6 +298,7 @@ impl SqliteSource {
     /// Applies passes until the log holds nothing after the position.
     pub async fn drain(&mut self, new: &tokio_postgres::Client) -> Result<i64, StreamError> {
         while self.pass(new, 10_000).await?.changes > 0 {}
+        flush(new).await?;
         let (conn, applied) = (self.conn.clone(), self.applied());
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -366,17 +375,42 @@ impl SqliteSource {
     }
 }
 
-/// The column lists of a table's unique constraints and unique indexes,
-/// other than its key. Partial and expression indexes are left out: a row
-/// collides on them only under their condition, which the applier does
-/// not evaluate (README names the limitation).
-fn unique_columns(table: &cutover_sqlite::Table) -> Vec<Vec<String>> {
+/// A table's unique constraints and unique indexes other than its key,
+/// partial ones with their predicate. Expression indexes are left out (the
+/// convert does not carry them).
+fn uniques(table: &cutover_sqlite::Table) -> Vec<Unique> {
+    let types: Vec<String> = table.columns.iter().map(|c| c.pg_type.clone()).collect();
     table
         .indexes
         .iter()
-        .filter(|i| i.unique && i.partial.is_none())
-        .filter_map(|i| i.columns.iter().map(|(c, _)| c.clone()).collect())
+        .filter(|i| i.unique)
+        .filter_map(|i| {
+            let columns = i
+                .columns
+                .iter()
+                .map(|(c, _)| c.clone())
+                .collect::<Option<_>>()?;
+            Some(Unique {
+                columns,
+                partial: i.partial.as_ref().map(|predicate| Partial {
+                    predicate: predicate.clone(),
+                    types: types.clone(),
+                }),
+            })
+        })
         .collect()
+}
+
+/// Waits until every pass committed on `new` is durable there: a commit
+/// with `synchronous_commit = on` flushes the WAL up to its own record,
+/// past every earlier commit.
+async fn flush(new: &tokio_postgres::Client) -> Result<(), StreamError> {
+    new.batch_execute(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = on; \
+         UPDATE cutover.applied SET applied_at = applied_at WHERE slot = '{SLOT}'; COMMIT"
+    ))
+    .await?;
+    Ok(())
 }
 
 /// The change log's newest position (kept by AUTOINCREMENT even when the
