@@ -72,6 +72,15 @@ fn writes(conn: &Connection, style: Style, round: i64) {
     .unwrap();
 }
 
+/// The tables without a key, which capture refuses, as skipped ones.
+fn keyless(map: &SchemaMap) -> Vec<(String, String)> {
+    map.tables
+        .iter()
+        .filter(|t| t.primary_key.is_empty())
+        .map(|t| (t.name.clone(), "no key".to_string()))
+        .collect()
+}
+
 /// A table with a partial unique index, as soft-deleting apps have: one
 /// live row per handle, any number of deleted ones.
 fn add_handles(file: &std::path::Path) {
@@ -118,11 +127,11 @@ async fn captured_writes_stream_into_postgresql_and_compare_equal() {
             .unwrap();
         app.pragma_update(None, "foreign_keys", "ON").unwrap();
         let problems = cutover_sqlite::capture::preconditions(&app, &map).unwrap();
-        let keyless: Vec<&String> = problems
+        let unkeyed = problems
             .iter()
             .filter(|p| p.contains("no primary key"))
-            .collect();
-        assert_eq!(keyless.len(), problems.len(), "{problems:?}");
+            .count();
+        assert_eq!(unkeyed, problems.len(), "{problems:?}");
         let keyed = Arc::new(SchemaMap {
             tables: map
                 .tables
@@ -130,7 +139,8 @@ async fn captured_writes_stream_into_postgresql_and_compare_equal() {
                 .filter(|t| !t.primary_key.is_empty())
                 .cloned()
                 .collect(),
-            skipped: Vec::new(),
+            // (The keyless table stays out of this test's capture.)
+            skipped: keyless(&map),
         });
         writes(&app, style, 1);
         cutover_sqlite::capture::install(&app, &keyed).unwrap();
@@ -227,12 +237,12 @@ async fn a_copy_under_concurrent_writes_and_the_stream_converge() {
     let config = cutover_config::Config::from_toml(&config_text).unwrap();
     let map = SchemaMap::read_file(&file, &config.schema_columns, 1).unwrap();
     let keyed = Arc::new(SchemaMap {
+        skipped: keyless(&map),
         tables: map
             .tables
             .into_iter()
             .filter(|t| !t.primary_key.is_empty())
             .collect(),
-        skipped: Vec::new(),
     });
     let app = Connection::open(&file).unwrap();
     cutover_sqlite::capture::install(&app, &keyed).unwrap();
@@ -297,4 +307,106 @@ async fn a_copy_under_concurrent_writes_and_the_stream_converge() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A schema change in the file while capture runs (a new table, whose
+/// writes no trigger logs; a new column, whose values the triggers leave
+/// out) stops the stream naming it, before anything after it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_in_the_file_stops_the_stream_naming_it() {
+    let style = Style::Hand;
+    let dir = std::env::temp_dir().join(format!("cutover-sqlite-drift-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.db");
+    drop(sqlite_app::build(&file, style, 20));
+    let pg = support::cluster(HostAuth::ScramSha256);
+    let map = SchemaMap::read_file(&file, &[], 1).unwrap();
+    let keyed = Arc::new(SchemaMap {
+        skipped: keyless(&map),
+        tables: map
+            .tables
+            .into_iter()
+            .filter(|t| !t.primary_key.is_empty())
+            .collect(),
+    });
+    let app = Connection::open(&file).unwrap();
+    cutover_sqlite::capture::install(&app, &keyed).unwrap();
+    let config_path = dir.join("convert.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[old]\nurl = \"sqlite://{}\"\n\n[new]\nurl = \"{}\"\n",
+            file.display(),
+            pg.url(SUPERUSER, SUPERUSER_PASSWORD, support::DB)
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["convert", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = control(&pg).await;
+    let mut source = SqliteSource::open(&file, keyed.clone(), &new)
+        .await
+        .unwrap();
+
+    // An index is no drift: the stream goes on.
+    app.execute_batch(
+        "CREATE INDEX tags_name ON tags (name); INSERT INTO tags (name, slug) VALUES ('i', 'i');",
+    )
+    .unwrap();
+    assert_eq!(source.pass(&new, 100).await.unwrap().changes, 1);
+    let applied = source.applied();
+
+    app.execute_batch(
+        "INSERT INTO tags (name, slug) VALUES ('before', 'before');
+         ALTER TABLE tags ADD COLUMN color TEXT;
+         INSERT INTO tags (name, slug, color) VALUES ('after', 'after', 'red');",
+    )
+    .unwrap();
+    let err = source.pass(&new, 100).await.unwrap_err().to_string();
+    assert!(
+        err.contains(
+            r#"table "tags" has columns (id, name, slug, color) now; capture logs (id, name, slug)"#
+        ),
+        "{err}"
+    );
+    assert_eq!(source.applied(), applied, "nothing applied past the change");
+    // A restarted stream refuses too, and so does a new table.
+    app.execute_batch(
+        "ALTER TABLE tags DROP COLUMN color; CREATE TABLE later (id INTEGER PRIMARY KEY);",
+    )
+    .unwrap();
+    let err = SqliteSource::open(&file, keyed.clone(), &new)
+        .await
+        .err()
+        .expect("a new table is refused")
+        .to_string();
+    assert!(
+        err.contains(r#"table "later" was created after capture started"#)
+            && err.contains("start the migration again"),
+        "{err}"
+    );
+    // Undone, the stream goes on from where it stopped, losing nothing.
+    app.execute_batch("DROP TABLE later").unwrap();
+    let mut source = SqliteSource::open(&file, keyed.clone(), &new)
+        .await
+        .unwrap();
+    source.drain(&new).await.unwrap();
+    let names = new
+        .query_one(
+            "SELECT string_agg(name, ',' ORDER BY id) FROM tags WHERE name IN ('i', 'before', 'after')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(names, "i,before,after");
 }

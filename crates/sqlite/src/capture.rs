@@ -73,6 +73,63 @@ pub fn preconditions(conn: &Connection, map: &SchemaMap) -> Result<Vec<String>, 
     Ok(problems)
 }
 
+/// How the file's schema differs from the one capture was installed for,
+/// one sentence each: tables created or dropped since, and tables whose
+/// columns changed. Capture logs the columns its triggers were made for,
+/// so a new table's writes and a new column's values would not reach
+/// PostgreSQL; the stream stops on any of these rather than lose them.
+pub fn drift(conn: &Connection, map: &SchemaMap) -> Result<Vec<String>, CaptureError> {
+    let mut problems = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
+         AND name NOT LIKE '\\_cutover\\_%' ESCAPE '\\' ORDER BY name",
+    )?;
+    let tables: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for name in &tables {
+        let known = map.tables.iter().any(|t| &t.name == name)
+            || map.skipped.iter().any(|(s, _)| s == name);
+        if !known {
+            problems.push(format!(
+                "table \"{name}\" was created after capture started (its writes are not captured)"
+            ));
+        }
+    }
+    for t in &map.tables {
+        if !tables.contains(&t.name) {
+            problems.push(format!(
+                "table \"{}\" was dropped or renamed after capture started",
+                t.name
+            ));
+            continue;
+        }
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", quote(&t.name)))?;
+        let now: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(1))?
+            .collect::<Result<_, _>>()?;
+        let captured: Vec<&String> = t.columns.iter().map(|c| &c.name).collect();
+        if now.iter().collect::<Vec<_>>() != captured {
+            problems.push(format!(
+                "table \"{}\" has columns ({}) now; capture logs ({})",
+                t.name,
+                now.join(", "),
+                captured
+                    .iter()
+                    .map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// The file's schema cookie, which SQLite changes with every schema change.
+pub fn schema_version(conn: &Connection) -> Result<i64, CaptureError> {
+    Ok(conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?)
+}
+
 /// A value of `column` of the NEW or OLD row as logged: its storage class
 /// and its value (blobs as hex; reals as 17-digit text, since SQLite's JSON
 /// numbers keep only 15 digits and would not read back as the same double).

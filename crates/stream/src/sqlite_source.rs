@@ -48,6 +48,9 @@ pub struct SqliteSource {
     /// copy already (the copy read the table from that log position's
     /// snapshot), so only later ones are applied.
     copied_at: std::collections::HashMap<String, i64>,
+    /// The file's schema cookie the map was checked against (see
+    /// [`capture::drift`]).
+    schema_version: i64,
     /// Up to where the log has been trimmed, and when.
     trimmed: i64,
     last_trim: std::time::Instant,
@@ -104,6 +107,11 @@ impl SqliteSource {
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(sqlite)?;
+        let drift = capture::drift(&conn, &map).map_err(sqlite)?;
+        if !drift.is_empty() {
+            return Err(schema_changed(&drift));
+        }
+        let schema_version = capture::schema_version(&conn).map_err(sqlite)?;
         let mut applier = Applier::new(SLOT, Lsn(applied as u64));
         for (i, t) in map.tables.iter().enumerate() {
             applier.feed(Logical::Relation(Relation {
@@ -131,6 +139,7 @@ impl SqliteSource {
             applier,
             statements: Statements::default(),
             copied_at,
+            schema_version,
             trimmed: applied,
             last_trim: std::time::Instant::now(),
         })
@@ -193,14 +202,29 @@ impl SqliteSource {
         upto: i64,
     ) -> Result<Pass, StreamError> {
         let after = self.applied();
-        let conn = self.conn.clone();
-        let changes = tokio::task::spawn_blocking(move || {
+        let (conn, map, known) = (self.conn.clone(), self.map.clone(), self.schema_version);
+        // The schema cookie is read after the changes: a schema change
+        // that came after them shows now, before any is applied.
+        let (changes, version, drift) = tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            capture::read(&conn, after, limit)
+            let changes = capture::read(&conn, after, limit)?;
+            let version = capture::schema_version(&conn)?;
+            let drift = if version == known {
+                Vec::new()
+            } else {
+                capture::drift(&conn, &map)?
+            };
+            Ok::<_, capture::CaptureError>((changes, version, drift))
         })
         .await
         .map_err(|e| sqlite(e.to_string()))?
         .map_err(sqlite)?;
+        if !drift.is_empty() {
+            return Err(schema_changed(&drift));
+        }
+        // A change that moves nothing the capture depends on (an index, a
+        // view, a trigger of the app's own).
+        self.schema_version = version;
         let changes: Vec<Change> = changes.into_iter().filter(|c| c.seq <= upto).collect();
         let Some(last) = changes.last().map(|c| c.seq) else {
             return Ok(Pass {
@@ -399,6 +423,18 @@ fn uniques(table: &cutover_sqlite::Table) -> Vec<Unique> {
             })
         })
         .collect()
+}
+
+/// The stream's refusal to go on after the file's schema changed.
+fn schema_changed(drift: &[String]) -> StreamError {
+    StreamError::Precondition(format!(
+        "the SQLite file's schema changed while capture runs: {}. cutover does not carry schema changes, \
+         and the stream stopped here so that no write of the changed tables is lost unseen (the changes \
+         stay in the file's log). To go on, start the migration again into an empty new database (drop \
+         the converted tables and the cutover schema there, then `cutover mirror start`), or undo the \
+         change in the file",
+        drift.join("; ")
+    ))
 }
 
 /// Waits until every pass committed on `new` is durable there: a commit
