@@ -443,6 +443,16 @@ async fn transactions_behave_as_in_postgresql() {
         "SELECT count(*) FROM tags WHERE slug = 't1'",
         "",
         "SAVEPOINT outside",
+        // One query string is one implicit transaction: the failing second
+        // insert takes back the first.
+        "INSERT INTO tags (name, slug) VALUES ('m1', 'm1'); INSERT INTO tags (name, slug) VALUES ('m1', 'm1')",
+        "SELECT count(*) FROM tags WHERE slug = 'm1'",
+        "INSERT INTO tags (name, slug) VALUES ('m2', 'm2'); SELECT count(*) FROM tags WHERE slug = 'm2'; SELECT now() = statement_timestamp()",
+        "SELECT count(*) FROM tags WHERE slug = 'm2'",
+        "BEGIN; INSERT INTO tags (name, slug) VALUES ('m3', 'm3'); COMMIT; INSERT INTO tags (name, slug) VALUES ('m3', 'm3')",
+        "SELECT count(*) FROM tags WHERE slug = 'm3'",
+        "UPDATE tags SET name = 'm4' WHERE slug = 'm2'; SELECT 1/0",
+        "SELECT name FROM tags WHERE slug = 'm2'",
     ];
     for sql in script {
         let (te, tp) = (

@@ -128,6 +128,21 @@ async def asyncpg_run():
             await conn.execute("UPDATE posts SET views = views + 10 WHERE id = 5")
         out(label, "views", enc(await conn.fetchval("SELECT views FROM posts WHERE id = 5")))
         out(label, "show", await conn.fetchval("SHOW transaction_isolation"))
+        # executemany outside a transaction: all rows or none (the
+        # extended protocol's implicit transaction up to Sync).
+        try:
+            await conn.executemany(
+                "INSERT INTO tags (name, slug) VALUES ($1, $2)",
+                [("many", "many-1"), ("many", "many-2"), ("many", "many-1")],
+            )
+        except asyncpg.PostgresError as e:
+            out(label, "executemany", e.sqlstate)
+        out(label, "after executemany", enc(await conn.fetchval("SELECT count(*) FROM tags WHERE name = 'many'")))
+        await conn.executemany(
+            "INSERT INTO tags (name, slug) VALUES ($1, $2)",
+            [("many", "many-3"), ("many", "many-4")],
+        )
+        out(label, "after executemany", enc(await conn.fetchval("SELECT count(*) FROM tags WHERE name = 'many'")))
     finally:
         await conn.close()
 

@@ -18,6 +18,9 @@ pub struct SessionClock {
     /// The transaction's start (microseconds since 1970), which `now()`
     /// returns for every statement of the transaction.
     pub transaction_start: AtomicI64,
+    /// When the client's latest command message (a query string, an
+    /// Execute) arrived, which `statement_timestamp()` returns.
+    pub statement_start: AtomicI64,
     /// The session's settings as `current_setting()` reads them.
     pub settings: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
@@ -226,8 +229,12 @@ pub fn install(
             ))
         })?;
     }
-    conn.create_scalar_function("statement_timestamp", 0, nondet, |_| {
-        Ok(format_timestamp(now_micros(), true))
+    let statement = clock.clone();
+    conn.create_scalar_function("statement_timestamp", 0, nondet, move |_| {
+        Ok(format_timestamp(
+            statement.statement_start.load(Ordering::Relaxed),
+            true,
+        ))
     })?;
     conn.create_aggregate_function("cutover_sum_numeric", 1, det, NumericSum)?;
     conn.create_aggregate_function("cutover_json_agg", 1, det, JsonAgg)?;

@@ -138,6 +138,9 @@ pub(crate) struct Session {
     clock: Arc<SessionClock>,
     settings: BTreeMap<String, String>,
     tx: Tx,
+    /// The open transaction is the implicit one of extended-protocol
+    /// messages, which ends at the next Sync.
+    implicit: bool,
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     listening: HashSet<String>,
@@ -218,6 +221,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         clock,
         settings: defaults(&user),
         tx: Tx::Idle,
+        implicit: false,
         statements: HashMap::new(),
         portals: HashMap::new(),
         listening: HashSet::new(),
@@ -455,6 +459,12 @@ impl Session {
             b'S' => {
                 self.skipping = false;
                 self.portals.retain(|name, _| !name.is_empty());
+                if std::mem::take(&mut self.implicit) {
+                    let commit = !self.aborted();
+                    if let Err(e) = self.finish(commit).await {
+                        self.error(e);
+                    }
+                }
                 self.ready();
             }
             b'H' => {}
@@ -481,7 +491,26 @@ impl Session {
             results::empty(&mut self.out, b'I');
             return true;
         }
+        self.clock
+            .statement_start
+            .store(now_micros(), Ordering::Relaxed);
         let last = statements.len() - 1;
+        // PostgreSQL runs the statements of one query string as one
+        // implicit transaction (unless they manage transactions
+        // themselves): a statement that fails takes back those before it.
+        let implicit = last > 0
+            && matches!(self.tx, Tx::Idle)
+            && !statements.iter().any(|s| manages_transaction(s));
+        if implicit {
+            self.clock.transaction_start.store(
+                self.clock.statement_start.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            self.tx = Tx::Block {
+                failed: false,
+                lease: None,
+            };
+        }
         for (i, text) in statements.into_iter().enumerate() {
             if self.aborted() && !ends_transaction(text) {
                 self.error(aborted());
@@ -491,6 +520,9 @@ impl Session {
                 Ok(c) => c,
                 Err(e) => {
                     self.error(e);
+                    if implicit {
+                        let _ = self.finish(false).await;
+                    }
                     return true;
                 }
             };
@@ -512,8 +544,16 @@ impl Session {
                 Ok(output) => self.send_output(output, true, 0),
                 Err(e) => {
                     self.error(e);
+                    if implicit {
+                        let _ = self.finish(false).await;
+                    }
                     return true;
                 }
+            }
+        }
+        if implicit {
+            if let Err(e) = self.finish(true).await {
+                self.error(e);
             }
         }
         true
@@ -852,6 +892,23 @@ impl Session {
             self.skipping = true;
             return;
         }
+        self.clock
+            .statement_start
+            .store(now_micros(), Ordering::Relaxed);
+        // As in PostgreSQL, the statements executed up to a Sync outside a
+        // transaction block are one implicit transaction (asyncpg's
+        // executemany relies on it: all rows or none).
+        if matches!(self.tx, Tx::Idle) && !manages(portal.statement.command.as_ref()) {
+            self.clock.transaction_start.store(
+                self.clock.statement_start.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            self.tx = Tx::Block {
+                failed: false,
+                lease: None,
+            };
+            self.implicit = true;
+        }
         let output = match portal.pending.take() {
             Some(o) => Ok(o),
             None => {
@@ -923,14 +980,19 @@ impl Session {
         _limit: i32,
     ) -> Result<Output, Failure> {
         if matches!(self.tx, Tx::Idle) {
-            self.clock
-                .transaction_start
-                .store(now_micros(), Ordering::Relaxed);
+            self.clock.transaction_start.store(
+                self.clock.statement_start.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
         }
         match command {
             Command::Empty => Ok(Self::tagged("")),
             Command::Begin => {
-                if matches!(self.tx, Tx::Idle) {
+                if std::mem::take(&mut self.implicit) {
+                    // BEGIN inside the extended protocol's implicit
+                    // transaction makes it an explicit one, as in
+                    // PostgreSQL.
+                } else if matches!(self.tx, Tx::Idle) {
                     self.tx = Tx::Block {
                         failed: false,
                         lease: None,
@@ -1438,6 +1500,46 @@ impl Session {
         }
         result
     }
+}
+
+/// A command that controls the transaction itself, or COPY (whose data
+/// outlives its Execute): run outside any implicit transaction.
+fn manages(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Begin
+            | Command::Commit
+            | Command::Rollback
+            | Command::Savepoint(_)
+            | Command::Release(_)
+            | Command::RollbackTo(_)
+            | Command::Copy(_)
+    )
+}
+
+/// A statement that controls the transaction itself (or, as COPY FROM
+/// STDIN, outlives its query string): a query string holding one runs
+/// statement by statement.
+fn manages_transaction(sql: &str) -> bool {
+    let first = sql
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(';')
+        .to_ascii_uppercase();
+    matches!(
+        first.as_str(),
+        "BEGIN"
+            | "START"
+            | "COMMIT"
+            | "END"
+            | "ROLLBACK"
+            | "ABORT"
+            | "SAVEPOINT"
+            | "RELEASE"
+            | "PREPARE"
+            | "COPY"
+    )
 }
 
 fn ends_transaction(sql: &str) -> bool {
