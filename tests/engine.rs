@@ -453,6 +453,25 @@ async fn transactions_behave_as_in_postgresql() {
         "SELECT count(*) FROM tags WHERE slug = 'm3'",
         "UPDATE tags SET name = 'm4' WHERE slug = 'm2'; SELECT 1/0",
         "SELECT name FROM tags WHERE slug = 'm2'",
+        // Settings end with their transaction: SET LOCAL at its end, any
+        // SET at a rollback (reported parameters reported again).
+        "BEGIN",
+        "SET LOCAL statement_timeout = '5s'",
+        "SHOW statement_timeout",
+        "COMMIT",
+        "SHOW statement_timeout",
+        "BEGIN",
+        "SET statement_timeout = '7s'",
+        "SET application_name = 'rolled back'",
+        "ROLLBACK",
+        "SHOW statement_timeout",
+        "SHOW application_name",
+        "BEGIN",
+        "SET application_name = 'kept'",
+        "COMMIT",
+        "SHOW application_name",
+        "SET LOCAL statement_timeout = '1s'",
+        "SHOW statement_timeout",
     ];
     for sql in script {
         let (te, tp) = (

@@ -141,6 +141,10 @@ pub(crate) struct Session {
     /// The open transaction is the implicit one of extended-protocol
     /// messages, which ends at the next Sync.
     implicit: bool,
+    /// The settings when the transaction began, restored when it rolls
+    /// back, and the names SET LOCAL changed, restored when it ends.
+    saved_settings: Option<BTreeMap<String, String>>,
+    local_settings: Vec<String>,
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     listening: HashSet<String>,
@@ -222,6 +226,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         settings: defaults(&user),
         tx: Tx::Idle,
         implicit: false,
+        saved_settings: None,
+        local_settings: Vec::new(),
         statements: HashMap::new(),
         portals: HashMap::new(),
         listening: HashSet::new(),
@@ -506,10 +512,7 @@ impl Session {
                 self.clock.statement_start.load(Ordering::Relaxed),
                 Ordering::Relaxed,
             );
-            self.tx = Tx::Block {
-                failed: false,
-                lease: None,
-            };
+            self.open_block();
         }
         for (i, text) in statements.into_iter().enumerate() {
             if self.aborted() && !ends_transaction(text) {
@@ -903,10 +906,7 @@ impl Session {
                 self.clock.statement_start.load(Ordering::Relaxed),
                 Ordering::Relaxed,
             );
-            self.tx = Tx::Block {
-                failed: false,
-                lease: None,
-            };
+            self.open_block();
             self.implicit = true;
         }
         let output = match portal.pending.take() {
@@ -993,10 +993,7 @@ impl Session {
                     // transaction makes it an explicit one, as in
                     // PostgreSQL.
                 } else if matches!(self.tx, Tx::Idle) {
-                    self.tx = Tx::Block {
-                        failed: false,
-                        lease: None,
-                    };
+                    self.open_block();
                 } else {
                     self.notice("25001", "there is already a transaction in progress");
                 }
@@ -1062,6 +1059,16 @@ impl Session {
                 }
                 self.set(name, value.clone())?;
                 Ok(Self::tagged(if value.is_some() { "SET" } else { "RESET" }))
+            }
+            Command::SetLocal { name, value } => {
+                if matches!(self.tx, Tx::Idle) {
+                    self.notice("25P01", "SET LOCAL can only be used in transaction blocks");
+                    return Ok(Self::tagged("SET"));
+                }
+                self.set(name, value.clone())?;
+                let key = setting_name(&self.settings, name);
+                self.local_settings.push(key);
+                Ok(Self::tagged("SET"))
             }
             Command::Show(name) => {
                 let value = if name == "all" {
@@ -1362,6 +1369,7 @@ impl Session {
         let Tx::Block { lease, .. } = tx else {
             return Ok(false);
         };
+        self.end_settings(commit);
         if lease.is_some() {
             let sql = if commit { "COMMIT" } else { "ROLLBACK" };
             if let Err(e) = self.sqlite_batch(sql.to_string()).await {
@@ -1378,6 +1386,50 @@ impl Session {
             }
         }
         Ok(true)
+    }
+
+    /// Opens a transaction block, remembering the settings it began with.
+    fn open_block(&mut self) {
+        self.tx = Tx::Block {
+            failed: false,
+            lease: None,
+        };
+        self.saved_settings = Some(self.settings.clone());
+        self.local_settings.clear();
+    }
+
+    /// The settings after a transaction: all as they were when it began if
+    /// it rolled back, else those SET LOCAL changed; reported parameters
+    /// that change are sent to the client again.
+    fn end_settings(&mut self, commit: bool) {
+        let Some(saved) = self.saved_settings.take() else {
+            return;
+        };
+        let locals = std::mem::take(&mut self.local_settings);
+        let mut restored = self.settings.clone();
+        if commit {
+            for key in locals {
+                match saved.get(&key) {
+                    Some(v) => restored.insert(key, v.clone()),
+                    None => restored.remove(&key),
+                };
+            }
+        } else {
+            restored = saved;
+        }
+        if restored == self.settings {
+            return;
+        }
+        for key in REPORTED {
+            if let Some(v) = restored
+                .get(*key)
+                .filter(|v| self.settings.get(*key) != Some(*v))
+            {
+                parameter_status::encode(&mut self.out, key, v);
+            }
+        }
+        self.settings = restored;
+        self.publish_settings();
     }
 
     async fn end(&mut self) {

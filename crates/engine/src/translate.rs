@@ -57,6 +57,11 @@ pub enum Command {
         name: String,
         value: Option<String>,
     },
+    /// SET LOCAL: until the transaction ends.
+    SetLocal {
+        name: String,
+        value: Option<String>,
+    },
     Show(String),
     /// DISCARD ALL, DEALLOCATE, UNLISTEN: reset the named state.
     Discard,
@@ -383,11 +388,24 @@ fn strip_comments(sql: &str) -> String {
 
 fn set_command(rest: &str) -> Result<Command, SqlError> {
     let mut rest = rest.trim();
+    let mut local = false;
     for prefix in ["SESSION ", "session ", "LOCAL ", "local "] {
         if let Some(r) = rest.strip_prefix(prefix) {
             rest = r.trim();
+            local |= prefix.eq_ignore_ascii_case("LOCAL ");
         }
     }
+    let command = set_value(rest)?;
+    Ok(match command {
+        Command::Set { name, value } if local && !name.is_empty() => {
+            Command::SetLocal { name, value }
+        }
+        other => other,
+    })
+}
+
+/// SET's name and value, after SESSION or LOCAL.
+fn set_value(rest: &str) -> Result<Command, SqlError> {
     let upper = rest.to_ascii_uppercase();
     if upper.starts_with("TIME ZONE") {
         let value = unquote_literal(&rest[9..]);
