@@ -257,6 +257,10 @@ const READS: &[&str] = &[
     "SELECT 1 / 0",
     "SHOW transaction_isolation",
     "SHOW standard_conforming_strings",
+    "SHOW TRANSACTION ISOLATION LEVEL",
+    "SELECT s.who, s.total, s.total + 1 AS more FROM (SELECT user_id AS who, sum(views) AS total FROM {p} GROUP BY user_id) AS s ORDER BY s.who LIMIT 3",
+    "SELECT v.n * 2 AS twice, v.label FROM (VALUES (1, 'a'), (2, 'b')) AS v (n, label) ORDER BY v.n DESC",
+    "SELECT s.who, s.total FROM (SELECT user_id, sum(views) FROM {p} GROUP BY user_id) AS s (who, total) ORDER BY s.who LIMIT 3",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,7 +770,7 @@ fn python_with_drivers() -> PathBuf {
                 );
             }
             let ready = Command::new(&python)
-                .args(["-c", "import psycopg, asyncpg"])
+                .args(["-c", "import psycopg, asyncpg, sqlalchemy"])
                 .status()
                 .is_ok_and(|s| s.success());
             if !ready {
@@ -778,8 +782,9 @@ fn python_with_drivers() -> PathBuf {
                         "-q",
                         "psycopg[binary]==3.3.9",
                         "asyncpg==0.32.0",
+                        "sqlalchemy==2.1.9",
                     ]),
-                    "pip install psycopg asyncpg",
+                    "pip install psycopg asyncpg sqlalchemy",
                 );
             }
             python
@@ -843,7 +848,7 @@ fn same_output(what: &str, run: impl Fn(&str) -> String, sides: &Sides) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn psycopg_and_asyncpg_see_the_same_as_on_postgresql() {
+async fn psycopg_asyncpg_and_sqlalchemy_see_the_same_as_on_postgresql() {
     let python = tokio::task::spawn_blocking(python_with_drivers)
         .await
         .unwrap();
@@ -855,7 +860,7 @@ async fn psycopg_and_asyncpg_see_the_same_as_on_postgresql() {
             "tests/drivers/app.py",
         )
     };
-    tokio::task::block_in_place(|| same_output("psycopg and asyncpg", run, &sides));
+    tokio::task::block_in_place(|| same_output("psycopg, asyncpg and SQLAlchemy", run, &sides));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

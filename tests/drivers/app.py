@@ -1,4 +1,5 @@
-"""One app's queries through psycopg 3 (text and binary) and asyncpg,
+"""One app's queries through psycopg 3 (text and binary), asyncpg and
+SQLAlchemy 2's ORM over psycopg,
 printed as JSON lines with each value's Python type, so a run against
 cutover's SQLite engine can be compared line for line with a run against
 the converted PostgreSQL.
@@ -147,6 +148,46 @@ async def asyncpg_run():
         await conn.close()
 
 
+def sqlalchemy_run():
+    """SQLAlchemy's connect (SHOW TRANSACTION ISOLATION LEVEL, psycopg's
+    TypeInfo query for hstore) and ORM unit of work, whose multi-object
+    INSERT is `INSERT ... SELECT ... FROM (VALUES ...) AS imp_sen (...)
+    ORDER BY sen_counter RETURNING ...`."""
+    from sqlalchemy import create_engine, func, inspect, select
+    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str]
+        slug: Mapped[str | None]
+
+    label = "sqlalchemy"
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(DSN))
+    out(label, "has_table", inspect(engine).has_table("tags"), inspect(engine).has_table("nope"))
+    with Session(engine) as s:
+        tags = [Tag(name="sa", slug=f"sa-{i}") for i in range(3)] + [Tag(name="sa", slug=None)]
+        s.add_all(tags)
+        s.commit()
+        # (Relative: a PostgreSQL sequence skips the ids of the failed
+        # inserts above, SQLite does not; README names it.)
+        first = tags[0].id
+        out(label, "ids", [t.id - first for t in tags])
+        rows = s.scalars(select(Tag).where(Tag.name == "sa").order_by(Tag.id)).all()
+        out(label, "rows", [[t.id - first, t.name, t.slug] for t in rows])
+        rows[0].name = "sa renamed"
+        s.commit()
+        out(label, "count", s.scalar(select(func.count()).select_from(Tag).where(Tag.name.like("sa%"))))
+        s.delete(rows[1])
+        s.commit()
+        out(label, "left", s.scalars(select(Tag.slug).where(Tag.name.like("sa%")).order_by(Tag.id)).all())
+    engine.dispose()
+
+
 psycopg_run(binary=False)
 psycopg_run(binary=True)
 asyncio.run(asyncpg_run())
+sqlalchemy_run()

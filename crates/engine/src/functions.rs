@@ -338,6 +338,12 @@ pub fn install(
             }),
         )
     })?;
+    // psycopg's TypeInfo.fetch (SQLAlchemy asks it for hstore at connect):
+    // the oid of a type name, NULL for a type the engine does not have.
+    conn.create_scalar_function("to_regtype", 1, det, |ctx| {
+        let name: Option<String> = ctx.get(0)?;
+        Ok(name.and_then(|name| type_oid_by_name(&name)))
+    })?;
     conn.create_scalar_function("current_schema", 0, det, |_| Ok("public".to_string()))?;
     let id = identity.clone();
     conn.create_scalar_function("current_database", 0, det, move |_| Ok(id.database.clone()))?;
@@ -657,4 +663,20 @@ pub fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// The oid of a built-in type spelled as `to_regtype` takes it (`int4`,
+/// `integer`, `pg_catalog.text`, `text[]`, `_int4`); None for others.
+fn type_oid_by_name(name: &str) -> Option<i64> {
+    let name = name.trim();
+    let name = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    let (base, array) = match name.strip_suffix("[]") {
+        Some(base) => (base, true),
+        None => match name.strip_prefix('_') {
+            Some(base) => (base, true),
+            None => (name, false),
+        },
+    };
+    let ty = crate::types::PgType::from_name(base)?;
+    Some(i64::from(if array { ty.array_oid() } else { ty.oid() }))
 }

@@ -311,7 +311,7 @@ pub fn command(sql: &str, map: &SchemaMap) -> Result<Command, SqlError> {
                 value: None,
             }
         }
-        "SHOW" => Command::Show(rest_after(1).to_ascii_lowercase()),
+        "SHOW" => Command::Show(show_name(&rest_after(1))),
         "DISCARD" => Command::Discard,
         "DEALLOCATE" => {
             let rest = rest_after(1);
@@ -383,6 +383,23 @@ fn strip_comments(sql: &str) -> String {
         } else {
             return rest.to_string();
         }
+    }
+}
+
+/// The parameter SHOW names, lowercased; the SQL-standard spellings
+/// (`SHOW TRANSACTION ISOLATION LEVEL`, SQLAlchemy's first query, `SHOW
+/// TIME ZONE`, `SHOW SESSION AUTHORIZATION`) as the parameters they are.
+fn show_name(rest: &str) -> String {
+    let words: Vec<String> = rest
+        .split_whitespace()
+        .map(|w| w.trim_end_matches(';').to_ascii_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect();
+    match words.join(" ").as_str() {
+        "transaction isolation level" => "transaction_isolation".to_string(),
+        "time zone" => "timezone".to_string(),
+        "session authorization" => "session_authorization".to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -739,8 +756,14 @@ pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
 /// The tables a statement names, by alias and by name.
 struct Scope<'a> {
     tables: Vec<(String, &'a Table)>,
+    /// Subqueries in FROM, under their alias: each column's name and the
+    /// type its expression gives.
+    derived: Vec<(String, Vec<DerivedColumn>)>,
     map: &'a SchemaMap,
 }
+
+/// A column of a subquery in FROM: its name, and its type when known.
+type DerivedColumn = (String, Option<PgType>);
 
 impl<'a> Scope<'a> {
     fn of(statement: &Statement, map: &'a SchemaMap) -> Scope<'a> {
@@ -751,12 +774,25 @@ impl<'a> Scope<'a> {
                 tables.push((alias.map(|a| a.value.clone()).unwrap_or(n), t));
             }
         };
-        struct Names<'f, F: FnMut(&ObjectName, Option<&Ident>)>(&'f mut F);
+        type Subquery = (String, Query, Vec<String>);
+        struct Names<'f, F: FnMut(&ObjectName, Option<&Ident>)>(&'f mut F, Vec<Subquery>);
         impl<F: FnMut(&ObjectName, Option<&Ident>)> sqlparser::ast::Visitor for Names<'_, F> {
             type Break = ();
             fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
-                if let TableFactor::Table { name, alias, .. } = f {
-                    (self.0)(name, alias.as_ref().map(|a| &a.name));
+                match f {
+                    TableFactor::Table { name, alias, .. } => {
+                        (self.0)(name, alias.as_ref().map(|a| &a.name));
+                    }
+                    TableFactor::Derived {
+                        subquery,
+                        alias: Some(alias),
+                        ..
+                    } => self.1.push((
+                        alias.name.value.clone(),
+                        (**subquery).clone(),
+                        alias.columns.iter().map(|c| c.name.value.clone()).collect(),
+                    )),
+                    _ => {}
                 }
                 ControlFlow::Continue(())
             }
@@ -766,8 +802,29 @@ impl<'a> Scope<'a> {
                 add(name, i.table_alias.as_ref());
             }
         }
-        let _ = sqlparser::ast::Visit::visit(statement, &mut Names(&mut add));
-        Scope { tables, map }
+        let mut names = Names(&mut add, Vec::new());
+        let _ = sqlparser::ast::Visit::visit(statement, &mut names);
+        let subqueries = names.1;
+        let derived = subqueries
+            .into_iter()
+            .map(|(alias, query, columns)| (alias, derived_columns(query, &columns, map)))
+            .collect();
+        Scope {
+            tables,
+            derived,
+            map,
+        }
+    }
+
+    /// The type of a column of a subquery in FROM an identifier names.
+    fn derived_type(&self, parts: &[Ident]) -> Option<PgType> {
+        let name = &parts.last()?.value;
+        let qualifier = parts.len().checked_sub(2).map(|i| &parts[i].value);
+        self.derived
+            .iter()
+            .filter(|(alias, _)| qualifier.is_none_or(|q| q == alias))
+            .find_map(|(_, columns)| columns.iter().find(|(n, _)| n == name))
+            .and_then(|(_, ty)| *ty)
     }
 
     /// The column an identifier names, if it names one.
@@ -782,6 +839,49 @@ impl<'a> Scope<'a> {
 
     fn table(&self, name: &str) -> Option<&'a Table> {
         self.map.tables.iter().find(|t| t.name == name)
+    }
+}
+
+/// The columns of a subquery in FROM (named by the alias's column list
+/// when it has one) with the types their expressions give.
+fn derived_columns(
+    query: Query,
+    names: &[String],
+    map: &SchemaMap,
+) -> Vec<DerivedColumn> {
+    let body = query.body.clone();
+    let inner = Scope::of(&Statement::Query(Box::new(query)), map);
+    let named = |i: usize, own: String| names.get(i).cloned().unwrap_or(own);
+    match *body {
+        SetExpr::Select(select) => select
+            .projection
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                let (expr, own) = match item {
+                    SelectItem::ExprWithAlias { expr, alias } => (expr, alias.value.clone()),
+                    SelectItem::UnnamedExpr(expr) => (
+                        expr,
+                        ident_parts(expr)
+                            .and_then(|p| p.last().map(|l| l.value.clone()))
+                            .unwrap_or_else(|| "?column?".to_string()),
+                    ),
+                    _ => return None,
+                };
+                Some((named(i, own), expr_type(expr, &inner)))
+            })
+            .collect(),
+        SetExpr::Values(values) => values
+            .rows
+            .first()
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .map(|(i, e)| (named(i, format!("column{}", i + 1)), expr_type(e, &inner)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
     }
 }
 
@@ -1114,7 +1214,8 @@ fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
     if let Some(parts) = ident_parts(e) {
         return scope
             .column(&parts)
-            .map(|(_, c)| PgType::of_column(&c.pg_type));
+            .map(|(_, c)| PgType::of_column(&c.pg_type))
+            .or_else(|| scope.derived_type(&parts));
     }
     Some(match e {
         Expr::Nested(inner) => return expr_type(inner, scope),
@@ -1251,6 +1352,7 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         | "has_table_privilege"
         | "has_schema_privilege" => PgType::Bool,
         "length" | "char_length" | "pg_backend_pid" | "strpos" | "position" => PgType::Int4,
+        "to_regtype" => PgType::Oid,
         "now"
         | "current_timestamp"
         | "statement_timestamp"
@@ -1451,6 +1553,76 @@ impl VisitorMut for Rewrite<'_, '_> {
 
     fn pre_visit_relation(&mut self, name: &mut ObjectName) -> ControlFlow<()> {
         strip_public(name);
+        ControlFlow::Continue(())
+    }
+
+    /// `(subquery) AS t (a, b)`: SQLite takes no column list on an alias.
+    /// The names go onto the subquery's own columns instead: VALUES
+    /// (whose columns SQLite calls column1, column2, ...) is selected from
+    /// under those names, and a SELECT's items are aliased in order.
+    /// (SQLAlchemy 2 inserts ORM objects with `INSERT ... SELECT p0, ...
+    /// FROM (VALUES ...) AS imp_sen (p0, ..., sen_counter)`.)
+    fn pre_visit_table_factor(&mut self, f: &mut TableFactor) -> ControlFlow<()> {
+        let TableFactor::Derived {
+            subquery,
+            alias: Some(alias),
+            ..
+        } = f
+        else {
+            return ControlFlow::Continue(());
+        };
+        if alias.columns.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        let names: Vec<Ident> = alias.columns.drain(..).map(|c| c.name).collect();
+        match subquery.body.as_mut() {
+            SetExpr::Values(values)
+                if values.rows.first().is_some_and(|r| r.len() == names.len()) =>
+            {
+                let items: Vec<String> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| format!("column{} AS {n}", i + 1))
+                    .collect();
+                let sql = format!("SELECT {} FROM ({subquery})", items.join(", "));
+                match Parser::parse_sql(&PostgreSqlDialect {}, &sql).map(|mut s| s.pop()) {
+                    Ok(Some(Statement::Query(q))) => *subquery = q,
+                    _ => {
+                        self.error =
+                            Some(SqlError::unsupported("this column list on a VALUES alias"));
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            SetExpr::Select(select)
+                if select.projection.len() == names.len()
+                    && select.projection.iter().all(|item| {
+                        matches!(
+                            item,
+                            SelectItem::UnnamedExpr(_) | SelectItem::ExprWithAlias { .. }
+                        )
+                    }) =>
+            {
+                for (item, name) in select.projection.iter_mut().zip(names) {
+                    let expr =
+                        match std::mem::replace(item, SelectItem::Wildcard(Default::default())) {
+                            SelectItem::UnnamedExpr(e)
+                            | SelectItem::ExprWithAlias { expr: e, .. } => e,
+                            other => {
+                                *item = other;
+                                continue;
+                            }
+                        };
+                    *item = SelectItem::ExprWithAlias { expr, alias: name };
+                }
+            }
+            _ => {
+                self.error = Some(SqlError::unsupported(
+                    "a column list on the alias of a subquery with * or of another width",
+                ));
+                return ControlFlow::Break(());
+            }
+        }
         ControlFlow::Continue(())
     }
 
@@ -2011,6 +2183,7 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "obj_description",
     "col_description",
     "format_type",
+    "to_regtype",
     "cutover_ts",
     "cutover_bool",
     "cutover_int",
