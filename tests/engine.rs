@@ -258,6 +258,8 @@ const READS: &[&str] = &[
     "SHOW transaction_isolation",
     "SHOW standard_conforming_strings",
     "SHOW TRANSACTION ISOLATION LEVEL",
+    // Prisma's relationJoins: nested subqueries in FROM under a one-row LATERAL.
+    r#"SELECT "t1"."id", "t1"."email", "User_posts"."__prisma_data__" AS "posts" FROM {u} AS "t1" LEFT JOIN LATERAL (SELECT COALESCE(JSONB_AGG("__prisma_data__"), '[]') AS "__prisma_data__" FROM (SELECT "t4"."__prisma_data__" FROM (SELECT JSONB_BUILD_OBJECT('id', "t3"."id", 'title', "t3"."title") AS "__prisma_data__", "t3"."id" FROM (SELECT "t2".* FROM {p} AS "t2" WHERE "t1"."id" = "t2"."user_id") AS "t3") AS "t4" ORDER BY "t4"."id" ASC) AS "t5") AS "User_posts" ON true WHERE "t1"."id" <= 3 ORDER BY "t1"."id""#,
     "SELECT s.who, s.total, s.total + 1 AS more FROM (SELECT user_id AS who, sum(views) AS total FROM {p} GROUP BY user_id) AS s ORDER BY s.who LIMIT 3",
     "SELECT v.n * 2 AS twice, v.label FROM (VALUES (1, 'a'), (2, 'b')) AS v (n, label) ORDER BY v.n DESC",
     "SELECT s.who, s.total FROM (SELECT user_id, sum(views) FROM {p} GROUP BY user_id) AS s (who, total) ORDER BY s.who LIMIT 3",
