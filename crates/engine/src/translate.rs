@@ -844,11 +844,7 @@ impl<'a> Scope<'a> {
 
 /// The columns of a subquery in FROM (named by the alias's column list
 /// when it has one) with the types their expressions give.
-fn derived_columns(
-    query: Query,
-    names: &[String],
-    map: &SchemaMap,
-) -> Vec<DerivedColumn> {
+fn derived_columns(query: Query, names: &[String], map: &SchemaMap) -> Vec<DerivedColumn> {
     let body = query.body.clone();
     let inner = Scope::of(&Statement::Query(Box::new(query)), map);
     let named = |i: usize, own: String| names.get(i).cloned().unwrap_or(own);
