@@ -772,7 +772,7 @@ fn python_with_drivers() -> PathBuf {
                 );
             }
             let ready = Command::new(&python)
-                .args(["-c", "import psycopg, asyncpg, sqlalchemy"])
+                .args(["-c", "import psycopg, asyncpg, sqlalchemy, django"])
                 .status()
                 .is_ok_and(|s| s.success());
             if !ready {
@@ -785,8 +785,9 @@ fn python_with_drivers() -> PathBuf {
                         "psycopg[binary]==3.3.9",
                         "asyncpg==0.32.0",
                         "sqlalchemy==2.1.9",
+                        "django==5.2.19",
                     ]),
-                    "pip install psycopg asyncpg sqlalchemy",
+                    "pip install psycopg asyncpg sqlalchemy django",
                 );
             }
             python
@@ -863,6 +864,22 @@ async fn psycopg_asyncpg_and_sqlalchemy_see_the_same_as_on_postgresql() {
         )
     };
     tokio::task::block_in_place(|| same_output("psycopg, asyncpg and SQLAlchemy", run, &sides));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_django_app_sees_the_same_as_on_postgresql() {
+    let python = tokio::task::spawn_blocking(python_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/django_app.py");
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new(&python).arg(&script).arg(dsn),
+            "tests/drivers/django_app.py",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("Django", run, &sides));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1024,6 +1041,11 @@ async fn sessions_notify_time_out_cancel_and_refuse_as_postgresql() {
             "regular expression",
         ),
         ("BEGIN ISOLATION LEVEL SERIALIZABLE", "isolation level"),
+        ("SELECT * FROM unnest('{1,2}'::int[])", "UNNEST in FROM"),
+        (
+            "SELECT id FROM parents WHERE id #- '{a}' IS NULL",
+            "the operator #-",
+        ),
     ] {
         let err = client.batch_execute(sql).await.unwrap_err();
         assert_eq!(support::sqlstate(&err), "0A000", "{sql}");

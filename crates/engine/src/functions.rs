@@ -338,6 +338,83 @@ pub fn install(
             }),
         )
     })?;
+    // jsonb's path, containment and key operators (Django's JSONField
+    // lookups): `#>`, `#>>`, `@>`, `<@`, `?`, `?|`, `?&`.
+    conn.create_scalar_function("cutover_json_path", 3, det, |ctx| {
+        let (doc, path, as_text): (Option<String>, Option<String>, bool) =
+            (ctx.get(0)?, ctx.get(1)?, ctx.get(2)?);
+        let (Some(doc), Some(path)) = (doc, path) else {
+            return Ok(None);
+        };
+        let doc: serde_json::Value = serde_json::from_str(&doc)
+            .map_err(|_| err(format!("invalid input syntax for type json: \"{doc}\"")))?;
+        let Some(path) = text_list(&path) else {
+            return Err(err(format!("malformed array literal: \"{path}\"")));
+        };
+        let mut at = &doc;
+        for key in &path {
+            let Some(key) = key else {
+                return Ok(None);
+            };
+            let next = match at {
+                serde_json::Value::Object(o) => o.get(key.as_str()),
+                serde_json::Value::Array(a) => key.parse::<i64>().ok().and_then(|i| {
+                    let i = if i < 0 { a.len() as i64 + i } else { i };
+                    usize::try_from(i).ok().and_then(|i| a.get(i))
+                }),
+                _ => None,
+            };
+            match next {
+                Some(v) => at = v,
+                None => return Ok(None),
+            }
+        }
+        Ok(match (as_text, at) {
+            (true, serde_json::Value::Null) => None,
+            (true, serde_json::Value::String(s)) => Some(s.clone()),
+            (_, v) => Some(v.to_string()),
+        })
+    })?;
+    conn.create_scalar_function("cutover_jsonb_contains", 2, det, |ctx| {
+        let (a, b): (Option<String>, Option<String>) = (ctx.get(0)?, ctx.get(1)?);
+        let (Some(a), Some(b)) = (a, b) else {
+            return Ok(None);
+        };
+        let parse = |t: &str| {
+            serde_json::from_str::<serde_json::Value>(t)
+                .map_err(|_| err(format!("invalid input syntax for type json: \"{t}\"")))
+        };
+        Ok(Some(json_contains(&parse(&a)?, &parse(&b)?, true)))
+    })?;
+    conn.create_scalar_function("cutover_jsonb_exists", 3, det, |ctx| {
+        let (doc, keys, mode): (Option<String>, Option<String>, String) =
+            (ctx.get(0)?, ctx.get(1)?, ctx.get(2)?);
+        let (Some(doc), Some(keys)) = (doc, keys) else {
+            return Ok(None);
+        };
+        let doc: serde_json::Value = serde_json::from_str(&doc)
+            .map_err(|_| err(format!("invalid input syntax for type json: \"{doc}\"")))?;
+        let keys: Vec<String> = if mode == "one" {
+            vec![keys]
+        } else {
+            text_list(&keys)
+                .ok_or_else(|| err(format!("malformed array literal: \"{keys}\"")))?
+                .into_iter()
+                .flatten()
+                .collect()
+        };
+        let has = |key: &String| match &doc {
+            serde_json::Value::Object(o) => o.contains_key(key.as_str()),
+            serde_json::Value::Array(a) => a.iter().any(|v| v.as_str() == Some(key.as_str())),
+            serde_json::Value::String(s) => s == key,
+            _ => false,
+        };
+        Ok(Some(if mode == "all" {
+            keys.iter().all(has)
+        } else {
+            keys.iter().any(has)
+        }))
+    })?;
     // psycopg's TypeInfo.fetch (SQLAlchemy asks it for hstore at connect):
     // the oid of a type name, NULL for a type the engine does not have.
     conn.create_scalar_function("to_regtype", 1, det, |ctx| {
@@ -679,4 +756,44 @@ fn type_oid_by_name(name: &str) -> Option<i64> {
     };
     let ty = crate::types::PgType::from_name(base)?;
     Some(i64::from(if array { ty.array_oid() } else { ty.oid() }))
+}
+
+/// A text[] as `#>`, `?|` and `?&` take it: a bound array parameter
+/// (which arrives as a JSON array) or PostgreSQL's array text (a literal).
+fn text_list(value: &str) -> Option<Vec<Option<String>>> {
+    let json = if value.trim_start().starts_with('{') {
+        crate::types::array_param_json(crate::types::PgType::Text, 0, value.as_bytes()).ok()?
+    } else {
+        value.to_string()
+    };
+    let list: Vec<serde_json::Value> = serde_json::from_str(&json).ok()?;
+    Some(
+        list.into_iter()
+            .map(|v| match v {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(s),
+                other => Some(other.to_string()),
+            })
+            .collect(),
+    )
+}
+
+/// jsonb's `a @> b`: objects contain the pairs of `b` (recursively),
+/// arrays every element of `b` somewhere, scalars are equal (numbers by
+/// value); at the top, an array contains a scalar it holds.
+fn json_contains(a: &serde_json::Value, b: &serde_json::Value, top: bool) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => b
+            .iter()
+            .all(|(k, bv)| a.get(k).is_some_and(|av| json_contains(av, bv, false))),
+        (Value::Array(a), Value::Array(b)) => b
+            .iter()
+            .all(|bv| a.iter().any(|av| json_contains(av, bv, false))),
+        (Value::Array(a), b) if top && !b.is_object() => {
+            a.iter().any(|av| json_contains(av, b, false))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
+    }
 }

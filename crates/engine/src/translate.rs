@@ -731,6 +731,7 @@ pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
     infer_params(&statement, &scope, &mut params);
     let result_hints = result_hints(&statement, &scope);
     distinct_on(&mut statement)?;
+    unnest_insert(&mut statement)?;
     let mut rewrite = Rewrite {
         scope: &scope,
         lock: None,
@@ -839,6 +840,118 @@ impl<'a> Scope<'a> {
 
     fn table(&self, name: &str) -> Option<&'a Table> {
         self.map.tables.iter().find(|t| t.name == name)
+    }
+}
+
+/// `INSERT … SELECT * FROM UNNEST($1::t1[], …, $n::tn[])`, Django's
+/// bulk_create: each array parameter arrives as JSON (see bind), is read
+/// with json_each, and the arrays are zipped by position, in order (the
+/// RETURNING rows follow the arrays' order, as the ids are handed back to
+/// the objects in it). Other UNNEST is refused by the rewrite.
+fn unnest_insert(statement: &mut Statement) -> Result<(), SqlError> {
+    let Statement::Insert(insert) = statement else {
+        return Ok(());
+    };
+    let Some(source) = insert.source.as_mut() else {
+        return Ok(());
+    };
+    let SetExpr::Select(select) = source.body.as_ref() else {
+        return Ok(());
+    };
+    let [from] = select.from.as_slice() else {
+        return Ok(());
+    };
+    let TableFactor::UNNEST {
+        array_exprs,
+        with_offset: false,
+        with_ordinality: false,
+        ..
+    } = &from.relation
+    else {
+        return Ok(());
+    };
+    if !from.joins.is_empty()
+        || !matches!(select.projection.as_slice(), [SelectItem::Wildcard(_)])
+        || select.selection.is_some()
+    {
+        return Ok(());
+    }
+    // Each array: a parameter (server-side binding), or an array literal
+    // under casts (psycopg's client-side binding, Django's default:
+    // `('{1,2}'::int2[])::bigint[]`), read as the outermost cast's type.
+    let mut arrays = Vec::new();
+    for e in array_exprs {
+        let mut elem = None;
+        let mut core = e;
+        loop {
+            match core {
+                Expr::Nested(inner) => core = inner,
+                Expr::Cast {
+                    expr, data_type, ..
+                } => {
+                    if let (
+                        None,
+                        DataType::Array(
+                            sqlparser::ast::ArrayElemTypeDef::SquareBracket(t, _)
+                            | sqlparser::ast::ArrayElemTypeDef::AngleBracket(t),
+                        ),
+                    ) = (elem, data_type)
+                    {
+                        elem = PgType::from_name(&t.to_string());
+                    }
+                    core = expr;
+                }
+                _ => break,
+            }
+        }
+        let unsupported = || {
+            SqlError::unsupported(
+                "INSERT … SELECT FROM UNNEST of anything but arrays of built-in types",
+            )
+        };
+        let source = match (placeholder(core), core) {
+            (Some(n), _) => format!("${n}"),
+            (
+                None,
+                Expr::Value(sqlparser::ast::ValueWithSpan {
+                    value: Value::SingleQuotedString(text),
+                    ..
+                }),
+            ) => {
+                let elem = elem.ok_or_else(unsupported)?;
+                let json =
+                    crate::types::array_param_json(elem, 0, text.as_bytes()).map_err(|bad| {
+                        SqlError::new(
+                            "22P02",
+                            format!("malformed array literal: \"{}\"", bad.text),
+                        )
+                    })?;
+                format!("'{}'", json.replace('\'', "''"))
+            }
+            _ => return Err(unsupported()),
+        };
+        arrays.push(source);
+    }
+    let Some(first) = arrays.first() else {
+        return Ok(());
+    };
+    let items: Vec<String> = (0..arrays.len()).map(|i| format!("u{i}.value")).collect();
+    let mut from_sql = format!("json_each({first}) AS u0");
+    for (i, a) in arrays.iter().enumerate().skip(1) {
+        from_sql.push_str(&format!(
+            " JOIN json_each({a}) AS u{i} ON u{i}.key = u0.key"
+        ));
+    }
+    let sql = format!(
+        "SELECT {} FROM {from_sql} ORDER BY u0.key",
+        items.join(", ")
+    );
+    match Parser::parse_sql(&PostgreSqlDialect {}, &sql).map(|mut s| s.pop()) {
+        Ok(Some(Statement::Query(q))) => {
+            **source = *q;
+            Ok(())
+        }
+        _ => Err(SqlError::unsupported("this INSERT … SELECT FROM UNNEST")),
     }
 }
 
@@ -1045,14 +1158,21 @@ fn infer_params(statement: &Statement, scope: &Scope, params: &mut Vec<Param>) {
                     expr, data_type, ..
                 } => {
                     if let Some(n) = placeholder(expr) {
-                        let ty = PgType::from_name(&data_type.to_string());
+                        // `$1::bigint[]`: an array of bigints.
+                        let (ty, array) = match data_type {
+                            DataType::Array(
+                                sqlparser::ast::ArrayElemTypeDef::SquareBracket(elem, _)
+                                | sqlparser::ast::ArrayElemTypeDef::AngleBracket(elem),
+                            ) => (PgType::from_name(&elem.to_string()), true),
+                            other => (PgType::from_name(&other.to_string()), false),
+                        };
                         set_param(
                             self.params,
                             n,
                             Param {
                                 pg_type: ty,
                                 stored: None,
-                                array: false,
+                                array,
                             },
                         );
                     }
@@ -1247,8 +1367,13 @@ fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
                     PgType::Text
                 }
             }
-            BinaryOperator::Arrow => return expr_type(left, scope),
-            BinaryOperator::LongArrow => PgType::Text,
+            BinaryOperator::Arrow | BinaryOperator::HashArrow => return expr_type(left, scope),
+            BinaryOperator::LongArrow | BinaryOperator::HashLongArrow => PgType::Text,
+            BinaryOperator::AtArrow
+            | BinaryOperator::ArrowAt
+            | BinaryOperator::Question
+            | BinaryOperator::QuestionAnd
+            | BinaryOperator::QuestionPipe => PgType::Bool,
             BinaryOperator::Plus | BinaryOperator::Minus
                 if interval_text(left).is_some() || interval_text(right).is_some() =>
             {
@@ -1559,6 +1684,11 @@ impl VisitorMut for Rewrite<'_, '_> {
     /// (SQLAlchemy 2 inserts ORM objects with `INSERT ... SELECT p0, ...
     /// FROM (VALUES ...) AS imp_sen (p0, ..., sen_counter)`.)
     fn pre_visit_table_factor(&mut self, f: &mut TableFactor) -> ControlFlow<()> {
+        if matches!(f, TableFactor::UNNEST { .. }) {
+            return self.refuse(
+                "UNNEST in FROM (other than INSERT … SELECT * FROM UNNEST of array parameters)",
+            );
+        }
         let TableFactor::Derived {
             subquery,
             alias: Some(alias),
@@ -1937,6 +2067,60 @@ impl VisitorMut for Rewrite<'_, '_> {
                 ) {
                     return self.refuse("regular expression matching (~)");
                 }
+                // jsonb's path, containment and key operators.
+                let json = match op {
+                    BinaryOperator::HashArrow => Some(("cutover_json_path", Some("0"))),
+                    BinaryOperator::HashLongArrow => Some(("cutover_json_path", Some("1"))),
+                    BinaryOperator::AtArrow | BinaryOperator::ArrowAt => {
+                        Some(("cutover_jsonb_contains", None))
+                    }
+                    BinaryOperator::Question => Some(("cutover_jsonb_exists", Some("'one'"))),
+                    BinaryOperator::QuestionPipe => Some(("cutover_jsonb_exists", Some("'any'"))),
+                    BinaryOperator::QuestionAnd => Some(("cutover_jsonb_exists", Some("'all'"))),
+                    _ => None,
+                };
+                if let Some((f, extra)) = json {
+                    let mut l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
+                    let mut r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
+                    if matches!(op, BinaryOperator::ArrowAt) {
+                        std::mem::swap(&mut l, &mut r);
+                    }
+                    let mut args = vec![l, r];
+                    if let Some(extra) = extra {
+                        match Parser::new(&PostgreSqlDialect {})
+                            .try_with_sql(extra)
+                            .and_then(|mut p| p.parse_expr())
+                        {
+                            Ok(x) => args.push(x),
+                            Err(_) => return self.refuse("a jsonb operator"),
+                        }
+                    }
+                    *e = call_with(f, args);
+                    return ControlFlow::Continue(());
+                }
+                if matches!(
+                    op,
+                    BinaryOperator::HashMinus
+                        | BinaryOperator::AtQuestion
+                        | BinaryOperator::AtAt
+                        | BinaryOperator::PGOverlap
+                        | BinaryOperator::PGStartsWith
+                        | BinaryOperator::PGExp
+                        | BinaryOperator::PGBitwiseXor
+                        | BinaryOperator::PGCustomBinaryOperator(_)
+                        | BinaryOperator::Custom(_)
+                        | BinaryOperator::Spaceship
+                        | BinaryOperator::Xor
+                        | BinaryOperator::Overlaps
+                        | BinaryOperator::DoubleHash
+                        | BinaryOperator::LtDashGt
+                        | BinaryOperator::AndLt
+                        | BinaryOperator::AndGt
+                        | BinaryOperator::LtLtPipe
+                        | BinaryOperator::PipeGtGt
+                ) {
+                    return self.refuse(&format!("the operator {op}"));
+                }
             }
             Expr::UnaryOp {
                 op: UnaryOperator::Not,
@@ -2180,6 +2364,9 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "col_description",
     "format_type",
     "to_regtype",
+    "cutover_json_path",
+    "cutover_jsonb_contains",
+    "cutover_jsonb_exists",
     "cutover_ts",
     "cutover_bool",
     "cutover_int",
@@ -2625,14 +2812,31 @@ fn store_in_codecs(statement: &mut Statement, scope: &Scope) {
                 insert.columns.iter().map(|c| c.value.clone()).collect()
             };
             if let Some(source) = &mut insert.source {
-                if let SetExpr::Values(values) = source.body.as_mut() {
-                    for row in &mut values.rows {
-                        for (i, e) in row.iter_mut().enumerate() {
+                match source.body.as_mut() {
+                    SetExpr::Values(values) => {
+                        for row in &mut values.rows {
+                            for (i, e) in row.iter_mut().enumerate() {
+                                if let Some(col) = columns.get(i) {
+                                    wrap(e, table, col);
+                                }
+                            }
+                        }
+                    }
+                    // INSERT … SELECT: each selected expression goes into
+                    // its column (a `*` is left as SQLite expands it).
+                    SetExpr::Select(select) => {
+                        for (i, item) in select.projection.iter_mut().enumerate() {
+                            let (SelectItem::UnnamedExpr(e)
+                            | SelectItem::ExprWithAlias { expr: e, .. }) = item
+                            else {
+                                continue;
+                            };
                             if let Some(col) = columns.get(i) {
                                 wrap(e, table, col);
                             }
                         }
                     }
+                    _ => {}
                 }
             }
             if let Some(sqlparser::ast::OnInsert::OnConflict(oc)) = &mut insert.on {
