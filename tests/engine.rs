@@ -382,6 +382,12 @@ async fn writes_keep_ids_constraints_and_the_files_conventions() {
         let sides = sides(style).await;
         let (e, p) = sides.clients().await;
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        let (emails, names, admins, times) = (
+            vec!["u1@example.com", "u2@example.com"],
+            vec!["U1", "U2"],
+            vec![true, false],
+            vec![at, at],
+        );
         let cases: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = vec![
             ("INSERT INTO tags (name, slug) VALUES ($1, $2) RETURNING id, name, slug", vec![&"Rust", &"rust"]),
             ("INSERT INTO tags (name, slug) VALUES ($1, $2) RETURNING id", vec![&"Dup", &"rust"]),
@@ -393,6 +399,9 @@ async fn writes_keep_ids_constraints_and_the_files_conventions() {
             ("DELETE FROM tags WHERE slug = $1", vec![&"rust"]),
             ("DELETE FROM {p} WHERE id = $1 RETURNING id", vec![&1i32]),
             ("SELECT count(*) FROM post_tags", vec![]),
+            // INSERT ... SELECT (SQLAlchemy's and Django's multi-row forms).
+            ("INSERT INTO {u} (email, name, is_admin, created_at, balance) SELECT e, 'Sel', a, c, 0 FROM (VALUES ($1::text, $2::boolean, $3::timestamptz)) AS v (e, a, c) RETURNING id, is_admin, created_at", vec![&"selected@example.com", &true, &at]),
+            ("INSERT INTO {u} (email, name, is_admin, created_at) SELECT * FROM UNNEST($1::text[], $2::text[], $3::boolean[], $4::timestamptz[]) RETURNING id, email, is_admin, created_at", vec![&emails, &names, &admins, &times]),
         ];
         for (sql, params) in cases {
             let sql = sides.sql(sql);
@@ -422,6 +431,17 @@ async fn writes_keep_ids_constraints_and_the_files_conventions() {
             _ => Value::Text("2025-06-15T15:06:40.000Z".to_string()),
         };
         assert_eq!(created, expected_created, "{}", style.name());
+        for email in ["selected@example.com", "u1@example.com"] {
+            let (admin, created): (Value, Value) = file
+                .query_row(
+                    &sides.sql("SELECT is_admin, created_at FROM {u} WHERE email = ?1"),
+                    [email],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(admin, Value::Integer(1), "{} {email}", style.name());
+            assert_eq!(created, expected_created, "{} {email}", style.name());
+        }
     }
 }
 
