@@ -821,7 +821,7 @@ fn node_with_drivers() -> PathBuf {
     static NODE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     NODE.get_or_init(|| {
         let dir = tools_dir().join("drivers-node");
-        if !dir.join("node_modules/drizzle-orm/package.json").exists() {
+        if !dir.join("node_modules/sequelize/package.json").exists() {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("package.json"), "{\"private\": true}\n").unwrap();
             run_ok(
@@ -833,9 +833,10 @@ fn node_with_drivers() -> PathBuf {
                         "--silent",
                         "pg@8.16.3",
                         "drizzle-orm@0.45.4",
+                        "sequelize@6.37.8",
                     ])
                     .current_dir(&dir),
-                "npm install pg drizzle-orm",
+                "npm install pg drizzle-orm sequelize",
             );
         }
         dir
@@ -923,6 +924,27 @@ async fn node_postgres_and_drizzle_see_the_same_as_on_postgresql() {
         )
     };
     tokio::task::block_in_place(|| same_output("node-postgres and drizzle-orm", run, &sides));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sequelize_app_sees_the_same_as_on_postgresql() {
+    let node_dir = tokio::task::spawn_blocking(node_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    let script = node_dir.join("sequelize_app.js");
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/sequelize_app.js"),
+        &script,
+    )
+    .unwrap();
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new("node").arg(&script).arg(dsn),
+            "tests/drivers/sequelize_app.js",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("Sequelize", run, &sides));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

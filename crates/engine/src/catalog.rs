@@ -114,6 +114,29 @@ const SHAPES: &[Shape] = &[
             ("attisdropped", "boolean"),
         ],
     ),
+    // No range or enum types: empty, for the drivers that read them at
+    // connect (Sequelize joins pg_range to pg_type).
+    (
+        "pg_catalog",
+        "pg_range",
+        &[
+            ("rngtypid", "oid"),
+            ("rngsubtype", "oid"),
+            ("rngmultitypid", "oid"),
+            ("rngcollation", "oid"),
+            ("rngsubopc", "oid"),
+        ],
+    ),
+    (
+        "pg_catalog",
+        "pg_enum",
+        &[
+            ("oid", "oid"),
+            ("enumtypid", "oid"),
+            ("enumsortorder", "double precision"),
+            ("enumlabel", "name"),
+        ],
+    ),
     (
         "information_schema",
         "schemata",

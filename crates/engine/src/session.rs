@@ -1273,6 +1273,9 @@ impl Session {
                     "zulu",
                     "+00",
                     "00:00",
+                    "+00:00",
+                    "-00:00",
+                    "0",
                     "universal",
                 ];
                 if !utc.contains(&value.to_ascii_lowercase().as_str()) {

@@ -425,7 +425,30 @@ fn set_command(rest: &str) -> Result<Command, SqlError> {
 fn set_value(rest: &str) -> Result<Command, SqlError> {
     let upper = rest.to_ascii_uppercase();
     if upper.starts_with("TIME ZONE") {
-        let value = unquote_literal(&rest[9..]);
+        let zone = rest[9..].trim();
+        // `SET TIME ZONE INTERVAL '+00:00' HOUR TO MINUTE` (Sequelize's
+        // connect): an offset from UTC.
+        let value = match zone.get(..8) {
+            Some(word) if word.eq_ignore_ascii_case("INTERVAL") => {
+                let offset = unquote_literal(
+                    zone[8..]
+                        .trim()
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default(),
+                );
+                let zero = offset
+                    .trim_start_matches(['+', '-'])
+                    .chars()
+                    .all(|c| c == '0' || c == ':' || c == '.');
+                if zero {
+                    "UTC".to_string()
+                } else {
+                    format!("INTERVAL '{offset}'")
+                }
+            }
+            _ => unquote_literal(zone),
+        };
         return Ok(Command::Set {
             name: "timezone".to_string(),
             value: Some(value),
