@@ -430,13 +430,8 @@ fn set_value(rest: &str) -> Result<Command, SqlError> {
         // connect): an offset from UTC.
         let value = match zone.get(..8) {
             Some(word) if word.eq_ignore_ascii_case("INTERVAL") => {
-                let offset = unquote_literal(
-                    zone[8..]
-                        .trim()
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default(),
-                );
+                let offset =
+                    unquote_literal(zone[8..].split_whitespace().next().unwrap_or_default());
                 let zero = offset
                     .trim_start_matches(['+', '-'])
                     .chars()
