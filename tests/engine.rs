@@ -815,13 +815,13 @@ fn python_with_drivers() -> PathBuf {
         .clone()
 }
 
-/// A directory whose node_modules holds node-postgres and drizzle-orm,
-/// installed once from npm.
+/// A directory whose node_modules holds node-postgres, drizzle-orm,
+/// Sequelize, TypeORM and Knex, installed once from npm.
 fn node_with_drivers() -> PathBuf {
     static NODE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     NODE.get_or_init(|| {
         let dir = tools_dir().join("drivers-node");
-        if !dir.join("node_modules/sequelize/package.json").exists() {
+        if !dir.join("node_modules/knex/package.json").exists() {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("package.json"), "{\"private\": true}\n").unwrap();
             run_ok(
@@ -834,9 +834,12 @@ fn node_with_drivers() -> PathBuf {
                         "pg@8.16.3",
                         "drizzle-orm@0.45.4",
                         "sequelize@6.37.8",
+                        "typeorm@1.1.1",
+                        "reflect-metadata@0.2.2",
+                        "knex@3.3.0",
                     ])
                     .current_dir(&dir),
-                "npm install pg drizzle-orm sequelize",
+                "npm install pg drizzle-orm sequelize typeorm reflect-metadata knex",
             );
         }
         dir
@@ -945,6 +948,27 @@ async fn a_sequelize_app_sees_the_same_as_on_postgresql() {
         )
     };
     tokio::task::block_in_place(|| same_output("Sequelize", run, &sides));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn typeorm_and_knex_apps_see_the_same_as_on_postgresql() {
+    let node_dir = tokio::task::spawn_blocking(node_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    let script = node_dir.join("typeorm_knex_app.js");
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/typeorm_knex_app.js"),
+        &script,
+    )
+    .unwrap();
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new("node").arg(&script).arg(dsn),
+            "tests/drivers/typeorm_knex_app.js",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("TypeORM and Knex", run, &sides));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -760,7 +760,7 @@ pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
         return Err(e);
     }
     if let Statement::Insert(insert) = &mut statement {
-        drop_default_columns(insert)?;
+        drop_default_columns(insert, &scope)?;
     }
     store_in_codecs(&mut statement, &scope);
     Ok(Translated {
@@ -1706,6 +1706,48 @@ impl VisitorMut for Rewrite<'_, '_> {
             return self.refuse(
                 "UNNEST in FROM (other than INSERT … SELECT * FROM UNNEST of array parameters)",
             );
+        }
+        // A session function in FROM (TypeORM's `SELECT * FROM
+        // current_schema()`): one row, one column named as the function.
+        if let TableFactor::Table {
+            name,
+            args: Some(args),
+            alias,
+            ..
+        } = f
+        {
+            let function = last_part(name).to_ascii_lowercase();
+            if args.args.is_empty()
+                && matches!(
+                    function.as_str(),
+                    "current_schema"
+                        | "current_database"
+                        | "current_user"
+                        | "session_user"
+                        | "version"
+                        | "pg_backend_pid"
+                        | "now"
+                )
+            {
+                let alias = alias
+                    .as_ref()
+                    .map(|a| a.name.clone())
+                    .unwrap_or_else(|| Ident::with_quote('"', function.clone()));
+                let sql = format!("SELECT {function}() AS \"{function}\"");
+                if let Ok(Some(Statement::Query(q))) =
+                    Parser::parse_sql(&PostgreSqlDialect {}, &sql).map(|mut s| s.pop())
+                {
+                    *f = TableFactor::Derived {
+                        lateral: false,
+                        subquery: q,
+                        alias: Some(sqlparser::ast::TableAlias {
+                            name: alias,
+                            columns: Vec::new(),
+                        }),
+                    };
+                }
+                return ControlFlow::Continue(());
+            }
         }
         let TableFactor::Derived {
             subquery,
@@ -2878,9 +2920,36 @@ fn store_in_codecs(statement: &mut Statement, scope: &Scope) {
     }
 }
 
+/// A column's default as the file declares it, as an expression SQLite
+/// evaluates (NULL when it declares none).
+fn file_default(declared: Option<&str>) -> Result<Expr, SqlError> {
+    let Some(declared) = declared else {
+        return Ok(Expr::Value(sqlparser::ast::Value::Null.into()));
+    };
+    let dialect = sqlparser::dialect::SQLiteDialect {};
+    Parser::new(&dialect)
+        .try_with_sql(declared)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|_| {
+            SqlError::unsupported(format!(
+                "DEFAULT in some rows of a multi-row VALUES into a column whose default ({declared}) cutover cannot read"
+            ))
+        })
+}
+
 /// `VALUES (DEFAULT, $1)`: SQLite has no DEFAULT there, so a column that
-/// is DEFAULT in every row is left out of the INSERT.
-fn drop_default_columns(insert: &mut sqlparser::ast::Insert) -> Result<(), SqlError> {
+/// is DEFAULT in every row is left out of the INSERT, and a column that is
+/// DEFAULT in some rows only (TypeORM's multi-row save) gets the file's
+/// default expression there, or NULL without one (a rowid alias then takes
+/// the next id, as SQLite gives it).
+fn drop_default_columns(
+    insert: &mut sqlparser::ast::Insert,
+    scope: &Scope<'_>,
+) -> Result<(), SqlError> {
+    let table = match &insert.table {
+        sqlparser::ast::TableObject::TableName(n) => scope.table(&last_part(n)),
+        _ => None,
+    };
     let Some(source) = &mut insert.source else {
         return Ok(());
     };
@@ -2899,9 +2968,27 @@ fn drop_default_columns(insert: &mut sqlparser::ast::Insert) -> Result<(), SqlEr
         if defaults == values.rows.len() {
             drop.push(col);
         } else if defaults > 0 {
-            return Err(SqlError::unsupported(
-                "DEFAULT in some rows of a multi-row VALUES but not others",
-            ));
+            let name = match insert.columns.get(col) {
+                Some(c) => Some(c.value.as_str()),
+                None if insert.columns.is_empty() => table
+                    .and_then(|t| t.columns.get(col))
+                    .map(|c| c.name.as_str()),
+                None => None,
+            };
+            let column = table
+                .zip(name)
+                .and_then(|(t, n)| t.columns.iter().find(|c| c.name == n))
+                .ok_or_else(|| {
+                    SqlError::unsupported(
+                        "DEFAULT in some rows of a multi-row VALUES into a column cutover cannot name",
+                    )
+                })?;
+            let default = file_default(column.default.as_deref())?;
+            for row in &mut values.rows {
+                if let Some(e) = row.get_mut(col).filter(|e| is_default(e)) {
+                    *e = default.clone();
+                }
+            }
         }
     }
     if drop.is_empty() {
