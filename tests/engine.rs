@@ -1174,3 +1174,92 @@ async fn sessions_notify_time_out_cancel_and_refuse_as_postgresql() {
     assert!(b);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migration_run_on_the_file_by_another_process_is_served_at_once() {
+    let file = scratch_file(
+        "follow",
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL);
+         INSERT INTO users (email) VALUES ('a@example.com');",
+    );
+    let server = serve(&file).await;
+    let client = support::connect(server.proxy_addr).await;
+    // A session that has not run a statement since the change, too.
+    let idle = support::connect(server.proxy_addr).await;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let _ = idle.query_one("SELECT 1", &[]).await.unwrap();
+
+    // The app's migration tool, writing SQLite's dialect straight into the
+    // file while cutover serves it.
+    let other = cutover_sqlite::rusqlite::Connection::open(&file).unwrap();
+    other
+        .execute_batch(
+            "CREATE TABLE orders (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 user_id INTEGER NOT NULL REFERENCES users(id),
+                 total NUMERIC(10,2), paid BOOLEAN NOT NULL DEFAULT 0,
+                 placed_at DATETIME DEFAULT CURRENT_TIMESTAMP);
+             ALTER TABLE users ADD COLUMN active BOOLEAN NOT NULL DEFAULT 1;
+             INSERT INTO orders (user_id, total) VALUES (1, 9.5);",
+        )
+        .unwrap();
+
+    // The same session: the new column typed from the file, `*` with it.
+    let row = client
+        .query_one("SELECT * FROM users WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let names: Vec<&str> = row.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["id", "email", "active"]);
+    assert_eq!(row.columns()[2].type_(), &tokio_postgres::types::Type::BOOL);
+    assert!(row.get::<_, bool>(2));
+    // The new table, with parameters typed by its columns and values
+    // stored in the file's forms.
+    for c in [&client, &idle] {
+        let row = c
+            .query_one(
+                "INSERT INTO orders (user_id, paid) VALUES ($1, $2) RETURNING id, paid",
+                &[&1i64, &true],
+            )
+            .await
+            .unwrap();
+        assert!(row.get::<_, bool>(1));
+    }
+    let stored: Vec<i64> = other
+        .prepare("SELECT paid FROM orders ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored, [0, 1, 1], "booleans stored as the file's 0/1");
+    let columns: Vec<String> = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'orders' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(columns, ["id", "user_id", "total", "paid", "placed_at"]);
+
+    // Dropped again: the errors PostgreSQL gives for what is gone.
+    other
+        .execute_batch("ALTER TABLE users DROP COLUMN active; DROP TABLE orders;")
+        .unwrap();
+    let e = client
+        .query("SELECT active FROM users", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42703", "{e}");
+    let e = idle.query("SELECT * FROM orders", &[]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42P01", "{e}");
+    let row = client.query_one("SELECT * FROM users", &[]).await.unwrap();
+    assert_eq!(row.columns().len(), 2);
+}

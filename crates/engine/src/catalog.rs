@@ -207,6 +207,7 @@ pub fn tables() -> Vec<Table> {
             indexes: Vec::new(),
             foreign_keys: Vec::new(),
             checks: Vec::new(),
+            sql: String::new(),
         })
         .collect()
 }
@@ -261,6 +262,31 @@ pub fn install(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
             params![array, format!("_{name}"), ty.oid()],
         )?;
     }
+    fill_tables(&tx, map, database)?;
+    tx.commit()
+}
+
+/// Fills the catalog's rows for the file's tables, in place of those there
+/// (after a schema change; inside the session's transaction when it has
+/// one, so they roll back with it).
+pub fn refresh(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "SAVEPOINT cutover_catalog;
+         DELETE FROM pg_catalog.pg_class;
+         DELETE FROM pg_catalog.pg_attribute;
+         DELETE FROM information_schema.tables;
+         DELETE FROM information_schema.columns;",
+    )?;
+    match fill_tables(conn, map, database) {
+        Ok(()) => conn.execute_batch("RELEASE cutover_catalog"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO cutover_catalog; RELEASE cutover_catalog");
+            Err(e)
+        }
+    }
+}
+
+fn fill_tables(tx: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Result<()> {
     for (i, table) in map.tables.iter().enumerate() {
         let oid = table_oid(i);
         tx.execute(
@@ -319,5 +345,5 @@ pub fn install(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
             )?;
         }
     }
-    tx.commit()
+    Ok(())
 }

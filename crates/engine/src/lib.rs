@@ -45,9 +45,12 @@ pub struct Engine {
 pub(crate) struct Inner {
     path: PathBuf,
     pub(crate) database: String,
-    pub(crate) map: Arc<SchemaMap>,
-    /// The file's tables and the catalog's, for typing statements.
-    pub(crate) typing: Arc<SchemaMap>,
+    overrides: Vec<ColumnSetting>,
+    /// The file's schema as last read; sessions follow the file's
+    /// `schema_version` and read it again when it moves.
+    schema: Mutex<Arc<Schema>>,
+    /// Held while the schema is read again, so it is read once.
+    rereading: Mutex<()>,
     /// The writer lease: whoever holds it may write to the file. tokio's
     /// mutex queues waiters in order.
     pub(crate) writer: Arc<tokio::sync::Mutex<()>>,
@@ -55,9 +58,55 @@ pub(crate) struct Inner {
     sessions: Mutex<HashMap<i32, (i32, Option<InterruptHandle>)>>,
     /// NOTIFY between sessions: (sender pid, channel, payload).
     pub(crate) notify: tokio::sync::broadcast::Sender<(i32, String, String)>,
+    advisory: Arc<AdvisoryLocks>,
+}
+
+/// The file's schema at one `schema_version`, and what depends on it.
+pub(crate) struct Schema {
+    pub(crate) version: i64,
+    pub(crate) map: Arc<SchemaMap>,
+    /// The file's tables and the catalog's, for typing statements.
+    pub(crate) typing: Arc<SchemaMap>,
     /// Translations by statement text.
     cache: Mutex<HashMap<String, Arc<Command>>>,
-    advisory: Arc<AdvisoryLocks>,
+}
+
+impl Schema {
+    fn new(version: i64, map: SchemaMap) -> Schema {
+        let mut typing = map.clone();
+        typing.tables.extend(catalog::tables());
+        Schema {
+            version,
+            map: Arc::new(map),
+            typing: Arc::new(typing),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn command(&self, sql: &str) -> Result<Arc<Command>, translate::SqlError> {
+        if let Some(c) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sql)
+        {
+            return Ok(c.clone());
+        }
+        let command = Arc::new(translate::command(sql, &self.typing)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(sql.to_string(), command.clone());
+        Ok(command)
+    }
+}
+
+/// The file's `schema_version`, which SQLite moves at every change to its
+/// schema (by any process).
+pub(crate) fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA schema_version")?
+        .query_row([], |r| r.get(0))
 }
 
 /// Advisory locks held: key to (session pid, times taken), and the
@@ -92,21 +141,20 @@ impl Engine {
                 "journal_mode is {mode} and could not be set to WAL; readers and the writer need WAL to run side by side"
             )));
         }
+        let version = schema_version(&conn).map_err(|e| fail(e.to_string()))?;
         drop(conn);
         let map = SchemaMap::read_file(path, overrides, 2).map_err(|e| fail(e.to_string()))?;
-        let mut typing = map.clone();
-        typing.tables.extend(catalog::tables());
         Ok(Engine {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 database: database.to_string(),
-                map: Arc::new(map),
-                typing: Arc::new(typing),
+                overrides: overrides.to_vec(),
+                schema: Mutex::new(Arc::new(Schema::new(version, map))),
+                rereading: Mutex::new(()),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
                 next_pid: AtomicI32::new(1),
                 sessions: Mutex::new(HashMap::new()),
                 notify: tokio::sync::broadcast::channel(1024).0,
-                cache: Mutex::new(HashMap::new()),
                 advisory: Arc::new((Mutex::new(HashMap::new()), Condvar::new())),
             }),
         })
@@ -116,8 +164,9 @@ impl Engine {
         &self.inner.database
     }
 
-    pub fn schema_map(&self) -> &SchemaMap {
-        &self.inner.map
+    /// The file's schema map as the engine last read it.
+    pub fn schema_map(&self) -> Arc<SchemaMap> {
+        self.inner.schema().map.clone()
     }
 
     /// A new session: the client's end of an in-memory stream whose other
@@ -166,7 +215,7 @@ impl Engine {
     /// The translation sessions run for `sql`, from the engine's cache
     /// (translated on first use).
     pub fn translation(&self, sql: &str) -> Result<Arc<Command>, translate::SqlError> {
-        self.inner.command(sql)
+        self.inner.schema().command(sql)
     }
 
     /// A CancelRequest for a session of this engine.
@@ -213,22 +262,39 @@ impl Inner {
         }
     }
 
-    pub(crate) fn command(&self, sql: &str) -> Result<Arc<Command>, translate::SqlError> {
-        if let Some(c) = self
-            .cache
+    pub(crate) fn schema(&self) -> Arc<Schema> {
+        self.schema
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(sql)
-        {
-            return Ok(c.clone());
+            .clone()
+    }
+
+    /// The schema at `version`, which `conn` has just seen: the engine's
+    /// when it is at that version, else read again on `conn` — tables
+    /// whose CREATE statement did not change keep their types and codecs —
+    /// and, when `conn` is outside a transaction (what it sees is
+    /// committed), kept as the engine's.
+    pub(crate) fn schema_at(
+        &self,
+        version: i64,
+        conn: &Connection,
+    ) -> Result<Arc<Schema>, cutover_sqlite::SqliteError> {
+        let _reading = self.rereading.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.schema();
+        if current.version == version {
+            return Ok(current);
         }
-        let command = Arc::new(translate::command(sql, &self.typing)?);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_LIMIT {
-            cache.clear();
+        let map = SchemaMap::reread(conn, &current.map, &self.overrides)?;
+        let schema = Arc::new(Schema::new(version, map));
+        if conn.is_autocommit() {
+            *self.schema.lock().unwrap_or_else(|p| p.into_inner()) = schema.clone();
+            tracing::info!(
+                file = %self.path.display(),
+                tables = schema.map.tables.len(),
+                "the SQLite file's schema changed; read it again"
+            );
         }
-        cache.insert(sql.to_string(), command.clone());
-        Ok(command)
+        Ok(schema)
     }
 
     /// A connection for one session, set up as every session needs it.
@@ -236,6 +302,7 @@ impl Inner {
         &self,
         clock: Arc<functions::SessionClock>,
         identity: Arc<functions::Identity>,
+        map: &SchemaMap,
     ) -> rusqlite::Result<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
@@ -249,7 +316,7 @@ impl Inner {
         )?;
         conn.set_prepared_statement_cache_capacity(256);
         let pid = identity.pid;
-        catalog::install(&conn, &self.map, &self.database)?;
+        catalog::install(&conn, map, &self.database)?;
         functions::install(&conn, clock, identity)?;
         self.install_advisory(&conn, pid)?;
         Ok(conn)

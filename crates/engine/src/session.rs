@@ -11,7 +11,7 @@ use crate::errors::{from_sqlite, Failure};
 use crate::functions::{now_micros, Identity, SessionClock};
 use crate::translate::{self, Command, Lock, Translated};
 use crate::types::{self, PgType};
-use crate::Inner;
+use crate::{Inner, Schema};
 use bytes::{Buf, BytesMut};
 use cutover_sqlite::rusqlite::types::Value;
 use cutover_sqlite::rusqlite::{self, Connection};
@@ -133,6 +133,8 @@ struct Output {
 
 pub(crate) struct Session {
     engine: Arc<Inner>,
+    /// The file's schema this session's statements are translated by.
+    schema: Arc<Schema>,
     key: CancelKey,
     conn: Arc<Mutex<Connection>>,
     clock: Arc<SessionClock>,
@@ -207,7 +209,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         user: user.clone(),
         pid: key.pid,
     });
-    let conn = match engine.open_connection(clock.clone(), identity) {
+    let schema = engine.schema();
+    let conn = match engine.open_connection(clock.clone(), identity, &schema.map) {
         Ok(c) => c,
         Err(e) => {
             ErrorResponse::fatal("58030", format!("cannot open the SQLite file: {e}"))
@@ -220,6 +223,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     engine.set_interrupt(key.pid, conn.get_interrupt_handle());
     let mut session = Session {
         engine: engine.clone(),
+        schema,
         key,
         conn: Arc::new(Mutex::new(conn)),
         clock,
@@ -484,9 +488,38 @@ impl Session {
         self.skipping = true;
     }
 
-    /// The cached translation of `sql`.
-    fn command(&self, sql: &str) -> Result<Arc<Command>, Failure> {
-        self.engine.command(sql).map_err(Failure::from)
+    /// The cached translation of `sql`, by the file's schema as it is
+    /// now.
+    fn command(&mut self, sql: &str) -> Result<Arc<Command>, Failure> {
+        self.follow_schema()?;
+        self.schema.command(sql).map_err(Failure::from)
+    }
+
+    /// Reads the file's schema again when its `schema_version` moved (a
+    /// migration by another process, or DDL in this session), and the
+    /// catalog's tables with it.
+    fn follow_schema(&mut self) -> Result<(), Failure> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let version =
+            crate::schema_version(&conn).map_err(|e| from_sqlite(&e, &self.schema.map))?;
+        if version == self.schema.version {
+            return Ok(());
+        }
+        let schema = self.engine.schema_at(version, &conn).map_err(|e| {
+            Failure::new(
+                "XX000",
+                format!("cannot read the SQLite file's schema: {e}"),
+            )
+        })?;
+        crate::catalog::refresh(&conn, &schema.map, &self.engine.database)
+            .map_err(|e| from_sqlite(&e, &schema.map))?;
+        // A statement prepared before the change describes the old columns
+        // until it is stepped (`SELECT *`).
+        conn.flush_prepared_statement_cache();
+        drop(conn);
+        self.schema = schema;
+        self.shapes.clear();
+        Ok(())
     }
 
     /// Runs a simple query's statements; false when it ended in `COPY …
@@ -623,7 +656,7 @@ impl Session {
             .read_rows(&text)
             .map_err(|e| Failure::new("22P04", format!("bad COPY data: {e}")))?;
         let table = self
-            .engine
+            .schema
             .map
             .tables
             .iter()
@@ -680,7 +713,7 @@ impl Session {
         let autocommit = matches!(self.tx, Tx::Idle);
         self.take_lease(None).await?;
         let conn = self.conn.clone();
-        let engine = self.engine.clone();
+        let schema = self.schema.clone();
         let sql = format!(
             "INSERT INTO {} ({}) VALUES ({})",
             cutover_sqlite::schema_map::quote(&plan.table),
@@ -698,10 +731,10 @@ impl Session {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             let mut stmt = conn
                 .prepare_cached(&sql)
-                .map_err(|e| from_sqlite(&e, &engine.map))?;
+                .map_err(|e| from_sqlite(&e, &schema.map))?;
             for row in &values {
                 stmt.execute(rusqlite::params_from_iter(row.iter()))
-                    .map_err(|e| from_sqlite(&e, &engine.map))?;
+                    .map_err(|e| from_sqlite(&e, &schema.map))?;
             }
             Ok::<u64, Failure>(values.len() as u64)
         })();
@@ -1445,7 +1478,7 @@ impl Session {
     async fn sqlite_batch(&self, sql: String) -> Result<(), Failure> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute_batch(&sql)
-            .map_err(|e| from_sqlite(&e, &self.engine.map))
+            .map_err(|e| from_sqlite(&e, &self.schema.map))
     }
 
     /// A statement's result columns and whether it only reads, worked
@@ -1457,9 +1490,9 @@ impl Session {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let stmt = conn
             .prepare_cached(&t.sql)
-            .map_err(|e| from_sqlite(&e, &self.engine.map))?;
+            .map_err(|e| from_sqlite(&e, &self.schema.map))?;
         let shape = Arc::new(Shape {
-            fields: describe_columns(&stmt, t, &self.engine),
+            fields: describe_columns(&stmt, t, &self.schema),
             readonly: stmt.readonly(),
         });
         drop(stmt);
@@ -1537,7 +1570,7 @@ impl Session {
                 true
             })
         });
-        let result = execute(&conn, t, shape, &params, formats, &self.engine);
+        let result = execute(&conn, t, shape, &params, formats, &self.schema);
         drop(conn);
         if let Some(timer) = timer {
             let fired = timer.is_finished();
@@ -1630,7 +1663,7 @@ fn text_field(name: &str) -> Field {
 fn describe_columns(
     stmt: &rusqlite::Statement<'_>,
     t: &Translated,
-    engine: &Inner,
+    schema: &Schema,
 ) -> Vec<(Field, PgType, Option<Column>)> {
     let names: Vec<String> = stmt.column_names().map(|s| s.to_string()).collect();
     let count = names.len();
@@ -1640,7 +1673,7 @@ fn describe_columns(
             let origin = columns.get(i).and_then(|c| {
                 let table = c.table_name()?;
                 let column = c.origin_name()?;
-                let (t_index, table) = engine
+                let (t_index, table) = schema
                     .typing
                     .tables
                     .iter()
@@ -1667,7 +1700,7 @@ fn describe_columns(
                         .filter(|h| *h != ty && t.result_hints.len() == count)
                         .unwrap_or(ty);
                     // The catalog's own tables are not the file's.
-                    let (oid, number) = if ti < engine.map.tables.len() {
+                    let (oid, number) = if ti < schema.map.tables.len() {
                         (crate::catalog::table_oid(ti), (ci + 1) as i16)
                     } else {
                         (0, 0)
@@ -1714,9 +1747,9 @@ fn execute(
     shape: &Shape,
     params: &[Value],
     formats: Option<&bind::Bind>,
-    engine: &Inner,
+    schema: &Schema,
 ) -> Result<Output, Failure> {
-    let map = &engine.map;
+    let map = &schema.map;
     let mut stmt = conn
         .prepare_cached(&t.sql)
         .map_err(|e| from_sqlite(&e, map))?;

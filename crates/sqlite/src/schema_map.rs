@@ -225,6 +225,8 @@ pub struct Table {
     pub foreign_keys: Vec<ForeignKey>,
     /// CHECK expressions carried over (column and table constraints).
     pub checks: Vec<String>,
+    /// The table's CREATE statement as the file holds it.
+    pub sql: String,
 }
 
 impl Table {
@@ -310,6 +312,34 @@ impl SchemaMap {
         let mut tables = Vec::new();
         for (name, sql) in names {
             tables.push(read_table(conn, &name, &sql, overrides)?);
+        }
+        Ok(SchemaMap { tables, skipped })
+    }
+
+    /// The map after the file's schema changed, read on `conn` (so inside
+    /// its transaction when it has one): a table whose CREATE statement is
+    /// unchanged keeps its types and codecs from `previous` without being
+    /// profiled again (its indexes are read again); a new or altered table
+    /// is read and profiled.
+    pub fn reread(
+        conn: &Connection,
+        previous: &SchemaMap,
+        overrides: &[ColumnSetting],
+    ) -> Result<SchemaMap, SqliteError> {
+        let (names, skipped) = list_tables(conn, overrides)?;
+        let mut tables = Vec::new();
+        for (name, sql) in names {
+            let kept = previous
+                .tables
+                .iter()
+                .find(|t| t.name == name && t.sql == sql);
+            tables.push(match kept {
+                Some(t) => Table {
+                    indexes: indexes(conn, &name)?,
+                    ..t.clone()
+                },
+                None => read_table(conn, &name, &sql, overrides)?,
+            });
         }
         Ok(SchemaMap { tables, skipped })
     }
@@ -853,6 +883,7 @@ fn read_table(
         indexes: indexes(conn, name)?,
         foreign_keys: foreign_keys(conn, name)?,
         checks,
+        sql: sql.to_string(),
     })
 }
 
