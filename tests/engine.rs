@@ -1193,6 +1193,13 @@ async fn a_migration_run_on_the_file_by_another_process_is_served_at_once() {
         .get(0);
     assert_eq!(n, 1);
     let _ = idle.query_one("SELECT 1", &[]).await.unwrap();
+    // Statements prepared before the change.
+    let star = client.prepare("SELECT * FROM users").await.unwrap();
+    let _ = client.query(&star, &[]).await.unwrap();
+    let email = client
+        .prepare("SELECT email FROM users WHERE id = $1")
+        .await
+        .unwrap();
 
     // The app's migration tool, writing SQLite's dialect straight into the
     // file while cutover serves it.
@@ -1207,6 +1214,17 @@ async fn a_migration_run_on_the_file_by_another_process_is_served_at_once() {
              INSERT INTO orders (user_id, total) VALUES (1, 9.5);",
         )
         .unwrap();
+
+    // As in PostgreSQL: a prepared statement whose result columns changed
+    // is refused (drivers prepare it again), others are planned again.
+    let e = client.query(&star, &[]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "0A000", "{e}");
+    assert_eq!(
+        e.as_db_error().unwrap().message(),
+        "cached plan must not change result type"
+    );
+    let row = client.query_one(&email, &[&1i64]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "a@example.com");
 
     // The same session: the new column typed from the file, `*` with it.
     let row = client

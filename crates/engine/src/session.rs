@@ -113,6 +113,10 @@ struct Prepared {
     command: Arc<Command>,
     /// What the client said, then what was inferred.
     param_types: Vec<u32>,
+    /// The client's text, and the file's schema version it was
+    /// translated at.
+    sql: String,
+    version: i64,
 }
 
 struct Portal {
@@ -157,7 +161,8 @@ pub(crate) struct Session {
     skipping: bool,
     /// `COPY … FROM STDIN` under way: the plan and the data so far.
     copy_in: Option<(Arc<Command>, Vec<u8>)>,
-    shapes: HashMap<String, Arc<Shape>>,
+    /// By schema version and translated text.
+    shapes: HashMap<(i64, String), Arc<Shape>>,
     /// The proxy's runtime, for timers that must fire while this
     /// session's thread is inside SQLite.
     timers: tokio::runtime::Handle,
@@ -495,6 +500,45 @@ impl Session {
         self.schema.command(sql).map_err(Failure::from)
     }
 
+    /// A prepared statement after the file's schema changed, translated
+    /// again as PostgreSQL plans it again; as there, a statement whose
+    /// result columns changed is refused (the client prepares it anew).
+    fn replan(&mut self, name: &str, statement: Arc<Prepared>) -> Result<Arc<Prepared>, Failure> {
+        self.follow_schema()?;
+        if statement.version == self.schema.version || statement.sql.is_empty() {
+            return Ok(statement);
+        }
+        let fresh = self.schema.command(&statement.sql)?;
+        if let (Command::Sql(old), Command::Sql(new)) = (statement.command.as_ref(), fresh.as_ref())
+        {
+            let before = self
+                .shapes
+                .get(&(statement.version, old.sql.clone()))
+                .cloned();
+            let after = self.shape(new)?;
+            let types = |s: &Shape| {
+                s.fields
+                    .iter()
+                    .map(|(f, _, _)| f.type_oid)
+                    .collect::<Vec<_>>()
+            };
+            if before.is_some_and(|b| types(&b) != types(&after)) {
+                return Err(Failure::new(
+                    "0A000",
+                    "cached plan must not change result type",
+                ));
+            }
+        }
+        let replanned = Arc::new(Prepared {
+            command: fresh,
+            param_types: statement.param_types.clone(),
+            sql: statement.sql.clone(),
+            version: self.schema.version,
+        });
+        self.statements.insert(name.to_string(), replanned.clone());
+        Ok(replanned)
+    }
+
     /// Reads the file's schema again when its `schema_version` moved (a
     /// migration by another process, or DDL in this session), and the
     /// catalog's tables with it.
@@ -518,7 +562,6 @@ impl Session {
         conn.flush_prepared_statement_cache();
         drop(conn);
         self.schema = schema;
-        self.shapes.clear();
         Ok(())
     }
 
@@ -787,6 +830,8 @@ impl Session {
                     Arc::new(Prepared {
                         command,
                         param_types,
+                        sql: p.sql,
+                        version: self.schema.version,
                     }),
                 );
                 results::empty(&mut self.out, b'1');
@@ -806,6 +851,14 @@ impl Session {
             ));
             self.skipping = true;
             return;
+        };
+        let statement = match self.replan(&b.statement, statement) {
+            Ok(s) => s,
+            Err(e) => {
+                self.error(e);
+                self.skipping = true;
+                return;
+            }
         };
         if b.params.len() != statement.param_types.len() {
             self.error(Failure::new(
@@ -1484,7 +1537,8 @@ impl Session {
     /// A statement's result columns and whether it only reads, worked
     /// out once per statement text (the schema is frozen).
     fn shape(&mut self, t: &Translated) -> Result<Arc<Shape>, Failure> {
-        if let Some(s) = self.shapes.get(&t.sql) {
+        let key = (self.schema.version, t.sql.clone());
+        if let Some(s) = self.shapes.get(&key) {
             return Ok(s.clone());
         }
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -1500,7 +1554,7 @@ impl Session {
         if self.shapes.len() >= 1024 {
             self.shapes.clear();
         }
-        self.shapes.insert(t.sql.clone(), shape.clone());
+        self.shapes.insert(key, shape.clone());
         Ok(shape)
     }
 
