@@ -907,6 +907,117 @@ async fn a_django_app_sees_the_same_as_on_postgresql() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_apps_own_migrations_run_as_on_postgresql() {
+    let python = tokio::task::spawn_blocking(python_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/ddl_app.py");
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new(&python).arg(&script).arg(dsn),
+            "tests/drivers/ddl_app.py",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("DDL through SQLAlchemy and psycopg", run, &sides));
+    // What the file holds: the declarations the schema map reads back,
+    // defaults that write its storage forms.
+    let file = cutover_sqlite::rusqlite::Connection::open(&sides.file).unwrap();
+    let left: i64 = file
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE 'ddl%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0, "every table and index the app dropped is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ddl_is_refused_while_capture_runs_and_names_what_sqlite_cannot_do() {
+    let file = scratch_file(
+        "frozen",
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL);",
+    );
+    let server = serve(&file).await;
+    let client = support::connect(server.proxy_addr).await;
+    client
+        .batch_execute(
+            "CREATE TABLE events (id bigserial PRIMARY KEY, user_id bigint REFERENCES users (id) ON DELETE CASCADE,
+                 at timestamptz NOT NULL DEFAULT now(), seen boolean NOT NULL DEFAULT false, body jsonb)",
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "INSERT INTO events (body) VALUES ('{\"k\": 1}') RETURNING id, seen, at <= now()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.columns()[1].type_(), &tokio_postgres::types::Type::BOOL);
+    assert!(!row.get::<_, bool>(1));
+    assert!(row.get::<_, bool>(2));
+    let file_conn = cutover_sqlite::rusqlite::Connection::open(&file).unwrap();
+    let (seen, at): (i64, String) = file_conn
+        .query_row("SELECT seen, at FROM events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(seen, 0, "false stored as 0");
+    assert!(
+        at.ends_with('Z') && at.contains('T'),
+        "now() stored as ISO text: {at}"
+    );
+    for (sql, construct) in [
+        (
+            "ALTER TABLE events ALTER COLUMN body TYPE text",
+            "ALTER COLUMN",
+        ),
+        ("CREATE TABLE tags (names text[])", "TEXT[]"),
+        ("CREATE INDEX ON events USING gin (body)", "USING GIN"),
+        ("CREATE TABLE t (n serial, m int)", "serial or identity"),
+        ("CREATE VIEW v AS SELECT 1", "CREATE VIEW"),
+        ("CREATE TABLE other.t (id int)", "schema"),
+    ] {
+        let e = client.batch_execute(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "0A000", "{sql}: {db:?}");
+        assert!(
+            db.message()
+                .to_ascii_uppercase()
+                .contains(&construct.to_ascii_uppercase()),
+            "{sql}: {}",
+            db.message()
+        );
+    }
+
+    // The migration's capture freezes the schema until finalize.
+    let map = cutover_sqlite::SchemaMap::read(&file_conn, &[]).unwrap();
+    cutover_sqlite::capture::install(&file_conn, &map).unwrap();
+    let e = client
+        .batch_execute("ALTER TABLE users ADD COLUMN name text")
+        .await
+        .unwrap_err();
+    let db = e.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "0A000");
+    assert!(db.message().contains("frozen"), "{}", db.message());
+    cutover_sqlite::capture::remove(&file_conn, &map).unwrap();
+    client
+        .batch_execute("ALTER TABLE users ADD COLUMN name text")
+        .await
+        .unwrap();
+    let n: i64 = file_conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('users') WHERE name = 'name'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_postgres_and_drizzle_see_the_same_as_on_postgresql() {
     let node_dir = tokio::task::spawn_blocking(node_with_drivers)
         .await

@@ -13,6 +13,7 @@
 
 mod catalog;
 mod copy;
+mod ddl;
 mod decimal;
 mod errors;
 mod functions;

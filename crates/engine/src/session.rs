@@ -1244,29 +1244,34 @@ impl Session {
                 }
                 Ok(Self::tagged("NOTIFY"))
             }
-            Command::Noop(tag) => {
-                self.notice("42P07", "relation already exists, skipping");
+            Command::Noop { tag, notice } => {
+                let code = if tag.starts_with("CREATE") {
+                    "42P07"
+                } else {
+                    "00000"
+                };
+                self.notice(code, notice);
+                Ok(Self::tagged(tag))
+            }
+            Command::Ddl { tag, statements } => {
+                let frozen = {
+                    let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                    cutover_sqlite::capture::installed(&conn)
+                        .map_err(|e| Failure::new("XX000", e.to_string()))?
+                };
+                if frozen {
+                    return Err(Failure::new(
+                        "0A000",
+                        "DDL while the live migration's capture runs is not supported by cutover's SQLite engine: the schema is frozen from mirror start to finalize (change it before mirror start or after finalize)",
+                    ));
+                }
+                self.write_statements(statements).await?;
                 Ok(Self::tagged(tag))
             }
             Command::Sql(t) => self.run_sql(t, params, formats).await,
             Command::Truncate(deletes) => {
-                let autocommit = matches!(self.tx, Tx::Idle);
-                self.take_lease(None).await?;
-                let mut result = Ok(());
-                for sql in deletes {
-                    result = self.sqlite_batch(sql.clone()).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                if autocommit {
-                    if result.is_ok() {
-                        self.finish(true).await?;
-                    } else {
-                        let _ = self.finish(false).await;
-                    }
-                }
-                result.map(|_| Self::tagged("TRUNCATE TABLE"))
+                self.write_statements(deletes).await?;
+                Ok(Self::tagged("TRUNCATE TABLE"))
             }
             Command::Copy(plan) => {
                 let Some(query) = &plan.query else {
@@ -1332,7 +1337,13 @@ impl Session {
 
     fn notice(&mut self, code: &str, message: &str) {
         let mut r = ErrorResponse::error(code, message);
-        r.severity = "WARNING";
+        // Transaction-state complaints are warnings in PostgreSQL; the
+        // rest (`… already exists, skipping`) notices.
+        r.severity = if code.starts_with("25") {
+            "WARNING"
+        } else {
+            "NOTICE"
+        };
         let mut b = BytesMut::new();
         r.encode(&mut b);
         // A NoticeResponse is an ErrorResponse with another tag.
@@ -1524,6 +1535,28 @@ impl Session {
     async fn end(&mut self) {
         let _ = self.finish(false).await;
         self.engine.release_advisory(self.key.pid);
+    }
+
+    /// Runs statements that write and return nothing, under the writer
+    /// lease, all or none (in the open transaction, or one of their own).
+    async fn write_statements(&mut self, statements: &[String]) -> Result<(), Failure> {
+        let autocommit = matches!(self.tx, Tx::Idle);
+        self.take_lease(None).await?;
+        let mut result = Ok(());
+        for sql in statements {
+            result = self.sqlite_batch(sql.clone()).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if autocommit {
+            if result.is_ok() {
+                self.finish(true).await?;
+            } else {
+                let _ = self.finish(false).await;
+            }
+        }
+        result
     }
 
     /// Runs SQL that returns nothing. The session has a thread of its

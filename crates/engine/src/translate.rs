@@ -72,8 +72,17 @@ pub enum Command {
         channel: String,
         payload: String,
     },
-    /// `CREATE … IF NOT EXISTS` of an object that exists: nothing to do.
-    Noop(String),
+    /// `CREATE … IF NOT EXISTS` of an object that exists (or `DROP … IF
+    /// EXISTS` of one that does not): nothing to do but say so.
+    Noop {
+        tag: String,
+        notice: String,
+    },
+    /// DDL: the SQLite statements that make the change, and the tag.
+    Ddl {
+        tag: String,
+        statements: Vec<String>,
+    },
     Copy(Box<CopyPlan>),
     /// TRUNCATE: the DELETEs that empty the tables.
     Truncate(Vec<String>),
@@ -344,12 +353,10 @@ pub fn command(sql: &str, map: &SchemaMap) -> Result<Command, SqlError> {
                 payload: unquote_literal(payload),
             }
         }
-        "CREATE" => create(text, map)?,
-        "DROP" | "ALTER" | "COMMENT" | "GRANT" | "REVOKE" | "REINDEX" | "CLUSTER" => {
+        "CREATE" | "DROP" | "ALTER" => ddl(text, map)?,
+        "COMMENT" | "GRANT" | "REVOKE" | "REINDEX" | "CLUSTER" => {
             return Err(SqlError::unsupported(format!(
-                "{} {} (DDL while the schema is frozen: the SQLite file's schema is served as it is)",
-                first,
-                second
+                "{first} {second} (the SQLite engine runs CREATE/DROP TABLE, CREATE/DROP INDEX and ALTER TABLE ADD/DROP/RENAME)"
             )))
         }
         "TRUNCATE" => truncate(text, map)?,
@@ -647,31 +654,14 @@ fn copy(text: &str, map: &SchemaMap) -> Result<CopyPlan, SqlError> {
     })
 }
 
-/// DDL runs only as `CREATE … IF NOT EXISTS` of something that exists:
-/// the schema is the file's, frozen while it is served.
-fn create(text: &str, map: &SchemaMap) -> Result<Command, SqlError> {
-    let statements =
+/// DDL, written into the file as SQLite's (see ddl.rs).
+fn ddl(text: &str, map: &SchemaMap) -> Result<Command, SqlError> {
+    let mut statements =
         Parser::parse_sql(&PostgreSqlDialect {}, text).map_err(parse_error_in(text))?;
-    if let Some(Statement::CreateTable(t)) = statements.first() {
-        let name = last_part(&t.name);
-        if t.if_not_exists && map.tables.iter().any(|x| x.name == name) {
-            return Ok(Command::Noop("CREATE TABLE".to_string()));
-        }
+    match (statements.pop(), statements.is_empty()) {
+        (Some(statement), true) => crate::ddl::translate(statement, map),
+        _ => Err(SqlError::new("42601", "one statement expected")),
     }
-    if let Some(Statement::CreateIndex(i)) = statements.first() {
-        let exists = i.name.as_ref().is_some_and(|n| {
-            let name = last_part(n);
-            map.tables
-                .iter()
-                .any(|t| t.indexes.iter().any(|x| x.name == name))
-        });
-        if i.if_not_exists && exists {
-            return Ok(Command::Noop("CREATE INDEX".to_string()));
-        }
-    }
-    Err(SqlError::unsupported(
-        "DDL while the schema is frozen (the SQLite file's schema is served as it is)",
-    ))
 }
 
 fn last_part(name: &ObjectName) -> String {
