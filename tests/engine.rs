@@ -931,6 +931,12 @@ async fn an_apps_own_migrations_run_as_on_postgresql() {
         )
         .unwrap();
     assert_eq!(left, 0, "every table and index the app dropped is gone");
+    // Constraints were written into CREATE statements in place: the file
+    // is sound.
+    let check: String = file
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1212,7 +1218,7 @@ async fn sessions_notify_time_out_cancel_and_refuse_as_postgresql() {
     );
     for (sql, construct) in [
         ("PREPARE TRANSACTION 'x'", "two-phase commit"),
-        ("DROP TABLE kids", "DDL while the schema is frozen"),
+        ("CREATE SEQUENCE kid_numbers", "CREATE SEQUENCE"),
         (
             "SELECT id FROM parents WHERE id ~ '1'",
             "regular expression",
@@ -1325,6 +1331,9 @@ async fn a_migration_run_on_the_file_by_another_process_is_served_at_once() {
              INSERT INTO orders (user_id, total) VALUES (1, 9.5);",
         )
         .unwrap();
+    // Statement texts a session has not seen look at the schema at once;
+    // those it has, within SCHEMA_CHECK (100 ms).
+    tokio::time::sleep(Duration::from_millis(150)).await;
 
     // As in PostgreSQL: a prepared statement whose result columns changed
     // is refused (drivers prepare it again), others are planned again.
@@ -1382,6 +1391,10 @@ async fn a_migration_run_on_the_file_by_another_process_is_served_at_once() {
     other
         .execute_batch("ALTER TABLE users DROP COLUMN active; DROP TABLE orders;")
         .unwrap();
+    // At once, before SCHEMA_CHECK: a statement whose result columns
+    // changed under it is refused, never answered in the old shape.
+    let e = client.query(&star, &[]).await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "0A000", "{e}");
     let e = client
         .query("SELECT active FROM users", &[])
         .await

@@ -16,7 +16,9 @@
 //! session refuses these (see `session.rs`), as a schema change would stop
 //! the stream.
 
+use crate::errors::{from_sqlite, Failure};
 use crate::translate::{Command, SqlError};
+use cutover_sqlite::rusqlite::{self, Connection};
 use cutover_sqlite::schema_map::quote;
 use cutover_sqlite::SchemaMap;
 use sqlparser::ast::{
@@ -88,10 +90,40 @@ fn noop(tag: &str, notice: String) -> Command {
 }
 
 fn ddl(tag: &str, statements: Vec<String>) -> Command {
+    steps(tag, statements.into_iter().map(Step::Sql).collect())
+}
+
+fn steps(tag: &str, steps: Vec<Step>) -> Command {
     Command::Ddl {
         tag: tag.to_string(),
-        statements,
+        steps,
     }
+}
+
+/// One step of a DDL statement in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// SQLite DDL as it is.
+    Sql(String),
+    /// A table constraint SQLite's ALTER TABLE cannot add, written into
+    /// the table's CREATE statement (SQLite's documented procedure for
+    /// changes that leave the stored rows as they are), then checked
+    /// against the rows there as PostgreSQL checks them.
+    AddConstraint {
+        table: String,
+        constraint: String,
+        verify: Verify,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verify {
+    /// NOT VALID: the rows there are not checked.
+    Nothing,
+    /// A foreign key: its name.
+    ForeignKeys(String),
+    /// A CHECK: its name and its expression.
+    Check(String, String),
 }
 
 /// The table a name means: `t` or `public.t`, nothing else.
@@ -586,7 +618,7 @@ fn alter_table(
     };
     let has = |c: &str| known.columns.iter().any(|x| x.name == c);
     let target = quote(&table);
-    let mut statements = Vec::new();
+    let mut statements: Vec<Step> = Vec::new();
     let mut skipped = Vec::new();
     for op in operations {
         match op {
@@ -608,10 +640,10 @@ fn alter_table(
                         column_def.name.value
                     )));
                 }
-                statements.push(format!(
+                statements.push(Step::Sql(format!(
                     "ALTER TABLE {target} ADD COLUMN {}",
                     column_sql(&column_def, false)?
-                ));
+                )));
             }
             AlterTableOperation::DropColumn {
                 column_names,
@@ -635,10 +667,30 @@ fn alter_table(
                             ),
                         ));
                     }
-                    statements.push(format!(
+                    let uses = |text: &str| {
+                        text.split(|ch: char| !(ch.is_alphanumeric() || ch == '_'))
+                            .any(|w| w == c.value)
+                    };
+                    if known.checks.iter().any(|x| uses(x))
+                        || known.foreign_keys.iter().any(|f| f.columns.contains(&c.value))
+                    {
+                        return Err(SqlError::unsupported(format!(
+                            "DROP COLUMN {} while a CHECK constraint or foreign key of {table} uses it (SQLite keeps them in the table's definition and cannot drop them with the column)",
+                            c.value
+                        )));
+                    }
+                    // As in PostgreSQL, the indexes on the column go with it.
+                    for index in &known.indexes {
+                        let on_it = index.columns.iter().any(|(col, _)| col.as_deref() == Some(&c.value))
+                            || index.partial.as_deref().is_some_and(uses);
+                        if on_it {
+                            statements.push(Step::Sql(format!("DROP INDEX {}", quote(&index.name))));
+                        }
+                    }
+                    statements.push(Step::Sql(format!(
                         "ALTER TABLE {target} DROP COLUMN {}",
                         quote(&c.value)
-                    ));
+                    )));
                 }
             }
             // A UNIQUE constraint is a unique index of its name.
@@ -666,26 +718,61 @@ fn alter_table(
                             .join("_")
                     )
                 });
-                statements.push(format!(
+                statements.push(Step::Sql(format!(
                     "CREATE UNIQUE INDEX {} ON {target} ({})",
                     quote(&index),
                     keys.join(", ")
-                ));
+                )));
+            }
+            AlterTableOperation::AddConstraint {
+                constraint:
+                    c @ (TableConstraint::ForeignKey { .. } | TableConstraint::Check { .. }),
+                not_valid,
+            } => {
+                let verify = match &c {
+                    _ if not_valid => Verify::Nothing,
+                    TableConstraint::Check { name, expr, .. } => Verify::Check(
+                        name.as_ref()
+                            .map(|n| n.value.clone())
+                            .unwrap_or_else(|| format!("{table}_check")),
+                        expr.to_string(),
+                    ),
+                    TableConstraint::ForeignKey { name, columns, .. } => {
+                        Verify::ForeignKeys(name.as_ref().map(|n| n.value.clone()).unwrap_or_else(
+                            || {
+                                format!(
+                                    "{table}_{}_fkey",
+                                    columns
+                                        .iter()
+                                        .map(|c| c.value.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join("_")
+                                )
+                            },
+                        ))
+                    }
+                    _ => Verify::Nothing,
+                };
+                statements.push(Step::AddConstraint {
+                    table: table.clone(),
+                    constraint: constraint_sql(&c)?,
+                    verify,
+                });
             }
             AlterTableOperation::RenameColumn {
                 old_column_name,
                 new_column_name,
-            } => statements.push(format!(
+            } => statements.push(Step::Sql(format!(
                 "ALTER TABLE {target} RENAME COLUMN {} TO {}",
                 quote(&old_column_name.value),
                 quote(&new_column_name.value)
-            )),
+            ))),
             AlterTableOperation::RenameTable { table_name: to } => {
                 let (RenameTableNameKind::As(to) | RenameTableNameKind::To(to)) = to;
-                statements.push(format!(
+                statements.push(Step::Sql(format!(
                     "ALTER TABLE {target} RENAME TO {}",
                     quote(&table_name(&to)?)
-                ))
+                )))
             }
             other => {
                 return Err(SqlError::unsupported(format!(
@@ -697,5 +784,161 @@ fn alter_table(
     if statements.is_empty() {
         return Ok(noop("ALTER TABLE", skipped.join("; ")));
     }
-    Ok(ddl("ALTER TABLE", statements))
+    Ok(steps("ALTER TABLE", statements))
+}
+
+/// Adds `constraint` to `table` by writing it into the table's CREATE
+/// statement, inside the caller's write transaction: the statement is
+/// tried on an empty in-memory database first, the table's columns must
+/// read back unchanged, the schema version is moved so every connection
+/// reads the schema again, and the rows there are checked as PostgreSQL
+/// checks them (a failure rolls it all back with the transaction).
+pub(crate) fn add_constraint(
+    conn: &Connection,
+    table: &str,
+    constraint: &str,
+    verify: &Verify,
+    map: &SchemaMap,
+) -> Result<(), Failure> {
+    let sqlite = |e: rusqlite::Error| from_sqlite(&e, map);
+    let refuse = |why: String| {
+        Failure::new(
+            "0A000",
+            format!("ALTER TABLE {table} ADD {constraint}: {why}"),
+        )
+    };
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .map_err(sqlite)?;
+    let close = column_list_end(&sql)
+        .ok_or_else(|| refuse("cutover cannot find the end of its column list".to_string()))?;
+    let new_sql = format!("{}, {constraint}{}", &sql[..close], &sql[close..]);
+    Connection::open_in_memory()
+        .and_then(|scratch| scratch.execute_batch(&new_sql))
+        .map_err(|e| refuse(format!("SQLite does not accept it ({e})")))?;
+    let columns = |conn: &Connection| -> rusqlite::Result<Vec<String>> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT name || ' ' || type || ' ' || \"notnull\" || ' ' || ifnull(dflt_value, '') || ' ' || pk FROM pragma_table_xinfo({})",
+            quote_literal(table)
+        ))?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    };
+    let before = columns(conn).map_err(sqlite)?;
+    let version = crate::schema_version(conn).map_err(sqlite)?;
+    conn.execute_batch("PRAGMA writable_schema = ON")
+        .map_err(sqlite)?;
+    let written = conn
+        .execute(
+            "UPDATE sqlite_master SET sql = ?1 WHERE type = 'table' AND name = ?2",
+            [&new_sql, table],
+        )
+        .and_then(|_| conn.execute_batch(&format!("PRAGMA schema_version = {}", version + 1)));
+    conn.execute_batch("PRAGMA writable_schema = OFF")
+        .map_err(sqlite)?;
+    written.map_err(sqlite)?;
+    if columns(conn).map_err(sqlite)? != before {
+        return Err(refuse(
+            "the table's columns would read differently after it".to_string(),
+        ));
+    }
+    match verify {
+        Verify::Nothing => Ok(()),
+        Verify::ForeignKeys(name) => {
+            let broken: i64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT count(*) FROM pragma_foreign_key_check({})",
+                        quote_literal(table)
+                    ),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sqlite)?;
+            if broken > 0 {
+                return Err(violation(
+                    "23503",
+                    format!("insert or update on table \"{table}\" violates foreign key constraint \"{name}\" ({broken} row(s) reference no row)"),
+                    name,
+                ));
+            }
+            Ok(())
+        }
+        Verify::Check(name, expr) => {
+            let broken: i64 = conn
+                .query_row(
+                    &format!("SELECT count(*) FROM {} WHERE NOT ({expr})", quote(table)),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sqlite)?;
+            if broken > 0 {
+                return Err(violation(
+                    "23514",
+                    format!("check constraint \"{name}\" of relation \"{table}\" is violated by some row"),
+                    name,
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn violation(code: &str, message: String, constraint: &str) -> Failure {
+    let mut f = Failure::new(code, message);
+    f.0.constraint = Some(constraint.to_string());
+    f
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Where a CREATE TABLE statement's column list closes: the parenthesis
+/// matching its first, past strings, quoted names and comments.
+fn column_list_end(sql: &str) -> Option<usize> {
+    let b = sql.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += 1;
+                }
+            }
+            b'[' => {
+                while i < b.len() && b[i] != b']' {
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'(' => depth += 1,
+            b')' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }

@@ -52,6 +52,9 @@ pub(crate) struct Inner {
     schema: Mutex<Arc<Schema>>,
     /// Held while the schema is read again, so it is read once.
     rereading: Mutex<()>,
+    /// DDL statements run through the engine, so sessions look at the
+    /// schema at once.
+    pub(crate) ddl_generation: std::sync::atomic::AtomicU64,
     /// The writer lease: whoever holds it may write to the file. tokio's
     /// mutex queues waiters in order.
     pub(crate) writer: Arc<tokio::sync::Mutex<()>>,
@@ -84,14 +87,17 @@ impl Schema {
         }
     }
 
-    pub(crate) fn command(&self, sql: &str) -> Result<Arc<Command>, translate::SqlError> {
-        if let Some(c) = self
-            .cache
+    pub(crate) fn cached(&self, sql: &str) -> Option<Arc<Command>> {
+        self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(sql)
-        {
-            return Ok(c.clone());
+            .cloned()
+    }
+
+    pub(crate) fn command(&self, sql: &str) -> Result<Arc<Command>, translate::SqlError> {
+        if let Some(c) = self.cached(sql) {
+            return Ok(c);
         }
         let command = Arc::new(translate::command(sql, &self.typing)?);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -152,6 +158,7 @@ impl Engine {
                 overrides: overrides.to_vec(),
                 schema: Mutex::new(Arc::new(Schema::new(version, map))),
                 rereading: Mutex::new(()),
+                ddl_generation: std::sync::atomic::AtomicU64::new(0),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
                 next_pid: AtomicI32::new(1),
                 sessions: Mutex::new(HashMap::new()),

@@ -139,6 +139,9 @@ pub(crate) struct Session {
     engine: Arc<Inner>,
     /// The file's schema this session's statements are translated by.
     schema: Arc<Schema>,
+    /// The engine's DDL count and the time when the file's schema version
+    /// was last asked for.
+    schema_seen: std::cell::Cell<(u64, std::time::Instant)>,
     key: CancelKey,
     conn: Arc<Mutex<Connection>>,
     clock: Arc<SessionClock>,
@@ -167,6 +170,11 @@ pub(crate) struct Session {
     /// session's thread is inside SQLite.
     timers: tokio::runtime::Handle,
 }
+
+/// How long a session may go without asking whether another process
+/// changed the file's schema (statement texts it has not seen ask at
+/// once; so does everything after DDL through the engine).
+const SCHEMA_CHECK: Duration = Duration::from_millis(100);
 
 /// Runs a session over `stream` until the client leaves.
 pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -229,6 +237,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut session = Session {
         engine: engine.clone(),
         schema,
+        schema_seen: std::cell::Cell::new((0, std::time::Instant::now() - SCHEMA_CHECK)),
         key,
         conn: Arc::new(Mutex::new(conn)),
         clock,
@@ -496,7 +505,12 @@ impl Session {
     /// The cached translation of `sql`, by the file's schema as it is
     /// now.
     fn command(&mut self, sql: &str) -> Result<Arc<Command>, Failure> {
-        self.follow_schema()?;
+        self.follow_schema(false)?;
+        if let Some(c) = self.schema.cached(sql) {
+            return Ok(c);
+        }
+        // A text not seen before may name what a migration just made.
+        self.follow_schema(true)?;
         self.schema.command(sql).map_err(Failure::from)
     }
 
@@ -504,7 +518,7 @@ impl Session {
     /// again as PostgreSQL plans it again; as there, a statement whose
     /// result columns changed is refused (the client prepares it anew).
     fn replan(&mut self, name: &str, statement: Arc<Prepared>) -> Result<Arc<Prepared>, Failure> {
-        self.follow_schema()?;
+        self.follow_schema(false)?;
         if statement.version == self.schema.version || statement.sql.is_empty() {
             return Ok(statement);
         }
@@ -540,9 +554,18 @@ impl Session {
     }
 
     /// Reads the file's schema again when its `schema_version` moved (a
-    /// migration by another process, or DDL in this session), and the
-    /// catalog's tables with it.
-    fn follow_schema(&mut self) -> Result<(), Failure> {
+    /// migration by another process, or DDL through the engine), and the
+    /// catalog's tables with it. The version is asked for (a read of the
+    /// file's header, a few µs) when `now`, after DDL through the engine,
+    /// and otherwise at most every [`SCHEMA_CHECK`].
+    fn follow_schema(&mut self, now: bool) -> Result<(), Failure> {
+        let generation = self.engine.ddl_generation.load(Ordering::Acquire);
+        let (seen, at) = self.schema_seen.get();
+        if !now && generation == seen && at.elapsed() < SCHEMA_CHECK {
+            return Ok(());
+        }
+        self.schema_seen
+            .set((generation, std::time::Instant::now()));
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let version =
             crate::schema_version(&conn).map_err(|e| from_sqlite(&e, &self.schema.map))?;
@@ -1253,7 +1276,7 @@ impl Session {
                 self.notice(code, notice);
                 Ok(Self::tagged(tag))
             }
-            Command::Ddl { tag, statements } => {
+            Command::Ddl { tag, steps } => {
                 let frozen = {
                     let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
                     cutover_sqlite::capture::installed(&conn)
@@ -1265,7 +1288,9 @@ impl Session {
                         "DDL while the live migration's capture runs is not supported by cutover's SQLite engine: the schema is frozen from mirror start to finalize (change it before mirror start or after finalize)",
                     ));
                 }
-                self.write_statements(statements).await?;
+                let written = self.write_ddl(steps).await;
+                self.engine.ddl_generation.fetch_add(1, Ordering::Release);
+                written?;
                 Ok(Self::tagged(tag))
             }
             Command::Sql(t) => self.run_sql(t, params, formats).await,
@@ -1559,6 +1584,37 @@ impl Session {
         result
     }
 
+    /// Runs a DDL statement's steps under the writer lease, all or none.
+    async fn write_ddl(&mut self, steps: &[crate::ddl::Step]) -> Result<(), Failure> {
+        let autocommit = matches!(self.tx, Tx::Idle);
+        self.take_lease(None).await?;
+        let mut result = Ok(());
+        for step in steps {
+            result = match step {
+                crate::ddl::Step::Sql(sql) => self.sqlite_batch(sql.clone()).await,
+                crate::ddl::Step::AddConstraint {
+                    table,
+                    constraint,
+                    verify,
+                } => {
+                    let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::ddl::add_constraint(&conn, table, constraint, verify, &self.schema.map)
+                }
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        if autocommit {
+            if result.is_ok() {
+                self.finish(true).await?;
+            } else {
+                let _ = self.finish(false).await;
+            }
+        }
+        result
+    }
+
     /// Runs SQL that returns nothing. The session has a thread of its
     /// own, so SQLite runs right here.
     async fn sqlite_batch(&self, sql: String) -> Result<(), Failure> {
@@ -1568,7 +1624,7 @@ impl Session {
     }
 
     /// A statement's result columns and whether it only reads, worked
-    /// out once per statement text (the schema is frozen).
+    /// out once per statement text and schema version.
     fn shape(&mut self, t: &Translated) -> Result<Arc<Shape>, Failure> {
         let key = (self.schema.version, t.sql.clone());
         if let Some(s) = self.shapes.get(&key) {
@@ -1659,6 +1715,11 @@ impl Session {
         });
         let result = execute(&conn, t, shape, &params, formats, &self.schema);
         drop(conn);
+        if result.as_ref().is_err_and(|f| f.code() == "0A000") {
+            // Perhaps the file's schema changed: look at the next statement.
+            self.schema_seen
+                .set((0, std::time::Instant::now() - SCHEMA_CHECK));
+        }
         if let Some(timer) = timer {
             let fired = timer.is_finished();
             timer.abort();
@@ -1862,6 +1923,15 @@ fn execute(
     {
         let mut rows = stmt.raw_query();
         while let Some(row) = rows.next().map_err(|e| from_sqlite(&e, map))? {
+            // SQLite prepared the statement again for a schema changed by
+            // another process since it was described: as PostgreSQL's
+            // cached plans, refuse rather than answer in the old shape.
+            if row.as_ref().column_count() != fields.len() {
+                return Err(Failure::new(
+                    "0A000",
+                    "cached plan must not change result type",
+                ));
+            }
             let mut values = Vec::with_capacity(fields.len());
             for (i, (field, ty, column)) in fields.iter().enumerate() {
                 let v = row.get_ref(i).map_err(|e| from_sqlite(&e, map))?;

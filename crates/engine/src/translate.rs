@@ -81,7 +81,7 @@ pub enum Command {
     /// DDL: the SQLite statements that make the change, and the tag.
     Ddl {
         tag: String,
-        statements: Vec<String>,
+        steps: Vec<crate::ddl::Step>,
     },
     Copy(Box<CopyPlan>),
     /// TRUNCATE: the DELETEs that empty the tables.
