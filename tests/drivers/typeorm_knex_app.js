@@ -3,7 +3,8 @@
 // cutover's SQLite engine can be compared line for line with a run against
 // the converted PostgreSQL. TypeORM connects with `SELECT * FROM
 // current_schema()` and saves several rows in one INSERT with DEFAULT in
-// some rows only; Knex builds its own inserts, updates and transactions.
+// some rows only; Knex builds its own inserts, updates and transactions,
+// and its schema builder runs DDL as Knex migrations do.
 //
 // usage: node typeorm_knex_app.js DSN
 
@@ -84,5 +85,32 @@ const out = (...parts) => console.log(JSON.stringify(parts));
   out("knex aggregate", await knex("posts").whereIn("title", ["k1", "k2"]).sum({ v: "views" }).count({ n: "*" }).first());
   out("knex upsert", await knex("users").insert({ id: 1, email: "a-knex@example.com" }).onConflict("id").merge(["name"]).returning("email"));
   out("knex delete", await knex("posts").whereIn("title", ["k1", "k2"]).del());
+  // Knex's schema builder, as its migrations use it: serial keys (numbers,
+  // not strings, as integer columns), unique and foreign-key constraints
+  // added by ALTER TABLE, defaults, alterations.
+  await knex.schema.createTable("kx_lists", (t) => {
+    t.increments("id"); t.string("name", 80).notNullable().unique(); t.boolean("archived").defaultTo(false);
+    t.timestamps(true, true);
+  });
+  await knex.schema.createTable("kx_items", (t) => {
+    t.bigIncrements("id"); t.integer("list_id").references("kx_lists.id").onDelete("CASCADE"); t.text("body");
+    t.decimal("qty", 8, 2); t.jsonb("meta"); t.uuid("ref").defaultTo(knex.raw("gen_random_uuid()")); t.index(["list_id", "body"]);
+  });
+  out("knex has", await knex.schema.hasTable("kx_items"), await knex.schema.hasColumn("kx_items", "qty"));
+  await knex.schema.alterTable("kx_items", (t) => { t.string("note"); });
+  const [list] = await knex("kx_lists").insert({ name: "L" }).returning("*");
+  out("knex list", list.id, list.name, list.archived, list.created_at instanceof Date);
+  await knex("kx_items").insert([{ list_id: list.id, body: "a", qty: "1.25", meta: { a: 1 } }, { list_id: list.id, body: "b" }]);
+  out("knex items", await knex("kx_items").select("list_id", "body", "qty", "meta", "note").orderBy("body"));
+  try { await knex("kx_lists").insert({ name: "L" }); } catch (e) { out("knex unique", e.code, e.constraint); }
+  try { await knex("kx_items").insert({ list_id: 999, body: "x" }); } catch (e) { out("knex foreign key", e.code); }
+  await knex.schema.alterTable("kx_items", (t) => { t.renameColumn("note", "remark"); });
+  await knex.schema.alterTable("kx_items", (t) => { t.dropColumn("remark"); });
+  out("knex columns", Object.keys(await knex("kx_items").columnInfo()).sort());
+  await knex("kx_lists").del();
+  out("knex cascade", await knex("kx_items").count({ n: "*" }).first());
+  await knex.schema.dropTable("kx_items");
+  await knex.schema.dropTable("kx_lists");
+  out("knex dropped", await knex.schema.hasTable("kx_lists"));
   await knex.destroy();
 })().catch((e) => { console.error(e); process.exit(1); });

@@ -19,7 +19,7 @@
 use crate::errors::{from_sqlite, Failure};
 use crate::translate::{Command, SqlError};
 use cutover_sqlite::rusqlite::{self, Connection};
-use cutover_sqlite::schema_map::quote;
+use cutover_sqlite::schema_map::{quote, DECLARED_TYPES};
 use cutover_sqlite::SchemaMap;
 use sqlparser::ast::{
     AlterTableOperation, ColumnDef, ColumnOption, CreateIndex, CreateTable, DataType, Expr,
@@ -105,6 +105,8 @@ fn steps(tag: &str, steps: Vec<Step>) -> Command {
 pub enum Step {
     /// SQLite DDL as it is.
     Sql(String),
+    /// A change to the declared types' record, made when the file has one.
+    Record(String),
     /// A table constraint SQLite's ALTER TABLE cannot add, written into
     /// the table's CREATE statement (SQLite's documented procedure for
     /// changes that leave the stored rows as they are), then checked
@@ -209,13 +211,46 @@ fn create_table(t: CreateTable, map: &SchemaMap) -> Result<Command, SqlError> {
     } else {
         ""
     };
-    let mut statements = vec![format!(
+    let mut statements = vec![Step::Sql(format!(
         "CREATE TABLE {if_not_exists}{} ({})",
         quote(&name),
         lines.join(", ")
-    )];
-    statements.extend(named);
-    Ok(ddl("CREATE TABLE", statements))
+    ))];
+    statements.extend(named.into_iter().map(Step::Sql));
+    statements.push(Step::Record(format!(
+        "DELETE FROM {DECLARED_TYPES} WHERE tbl = {}",
+        literal(&name)
+    )));
+    for c in &t.columns {
+        statements.extend(declare(&name, c));
+    }
+    Ok(steps("CREATE TABLE", statements))
+}
+
+/// Records a column's PostgreSQL type where SQLite's declaration cannot
+/// say it (`integer`, `smallint`: SQLite spells every integer INTEGER),
+/// so the schema map gives it back (see `DECLARED_TYPES`).
+fn declare(table: &str, c: &ColumnDef) -> Vec<Step> {
+    let text = c.data_type.to_string().to_ascii_lowercase();
+    let ty = match text.as_str() {
+        "smallint" | "int2" | "smallserial" | "serial2" => "smallint",
+        "integer" | "int" | "int4" | "serial" | "serial4" => "integer",
+        _ => return Vec::new(),
+    };
+    vec![
+        Step::Sql(format!(
+            "CREATE TABLE IF NOT EXISTS {DECLARED_TYPES} (tbl TEXT NOT NULL, col TEXT NOT NULL, pg_type TEXT NOT NULL, PRIMARY KEY (tbl, col))"
+        )),
+        Step::Sql(format!(
+            "INSERT OR REPLACE INTO {DECLARED_TYPES} VALUES ({}, {}, '{ty}')",
+            literal(table),
+            literal(&c.name.value)
+        )),
+    ]
+}
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 fn is_serial(ty: &DataType) -> bool {
@@ -583,7 +618,13 @@ fn drop(
             ));
         }
         if exists {
-            statements.push(format!("DROP {what} {}", quote(&name)));
+            statements.push(Step::Sql(format!("DROP {what} {}", quote(&name))));
+            if what == "TABLE" {
+                statements.push(Step::Record(format!(
+                    "DELETE FROM {DECLARED_TYPES} WHERE tbl = {}",
+                    literal(&name)
+                )));
+            }
         } else {
             skipped.push(format!(
                 "{} \"{name}\" does not exist, skipping",
@@ -594,7 +635,7 @@ fn drop(
     if statements.is_empty() {
         return Ok(noop(tag, skipped.join("; ")));
     }
-    Ok(ddl(tag, statements))
+    Ok(steps(tag, statements))
 }
 
 fn alter_table(
@@ -644,6 +685,7 @@ fn alter_table(
                     "ALTER TABLE {target} ADD COLUMN {}",
                     column_sql(&column_def, false)?
                 )));
+                statements.extend(declare(&table, &column_def));
             }
             AlterTableOperation::DropColumn {
                 column_names,
@@ -690,6 +732,11 @@ fn alter_table(
                     statements.push(Step::Sql(format!(
                         "ALTER TABLE {target} DROP COLUMN {}",
                         quote(&c.value)
+                    )));
+                    statements.push(Step::Record(format!(
+                        "DELETE FROM {DECLARED_TYPES} WHERE tbl = {} AND col = {}",
+                        literal(&table),
+                        literal(&c.value)
                     )));
                 }
             }
@@ -762,17 +809,31 @@ fn alter_table(
             AlterTableOperation::RenameColumn {
                 old_column_name,
                 new_column_name,
-            } => statements.push(Step::Sql(format!(
-                "ALTER TABLE {target} RENAME COLUMN {} TO {}",
-                quote(&old_column_name.value),
-                quote(&new_column_name.value)
-            ))),
+            } => {
+                statements.push(Step::Sql(format!(
+                    "ALTER TABLE {target} RENAME COLUMN {} TO {}",
+                    quote(&old_column_name.value),
+                    quote(&new_column_name.value)
+                )));
+                statements.push(Step::Record(format!(
+                    "UPDATE {DECLARED_TYPES} SET col = {} WHERE tbl = {} AND col = {}",
+                    literal(&new_column_name.value),
+                    literal(&table),
+                    literal(&old_column_name.value)
+                )));
+            }
             AlterTableOperation::RenameTable { table_name: to } => {
                 let (RenameTableNameKind::As(to) | RenameTableNameKind::To(to)) = to;
+                let to = table_name(&to)?;
                 statements.push(Step::Sql(format!(
                     "ALTER TABLE {target} RENAME TO {}",
-                    quote(&table_name(&to)?)
-                )))
+                    quote(&to)
+                )));
+                statements.push(Step::Record(format!(
+                    "UPDATE {DECLARED_TYPES} SET tbl = {} WHERE tbl = {}",
+                    literal(&to),
+                    literal(&table)
+                )));
             }
             other => {
                 return Err(SqlError::unsupported(format!(

@@ -1592,6 +1592,23 @@ impl Session {
         for step in steps {
             result = match step {
                 crate::ddl::Step::Sql(sql) => self.sqlite_batch(sql.clone()).await,
+                crate::ddl::Step::Record(sql) => {
+                    let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                    let recorded = conn
+                        .query_row(
+                            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                            [cutover_sqlite::schema_map::DECLARED_TYPES],
+                            |r| r.get::<_, i64>(0),
+                        )
+                        .map_err(|e| from_sqlite(&e, &self.schema.map));
+                    match recorded {
+                        Ok(0) => Ok(()),
+                        Ok(_) => conn
+                            .execute_batch(sql)
+                            .map_err(|e| from_sqlite(&e, &self.schema.map)),
+                        Err(e) => Err(e),
+                    }
+                }
                 crate::ddl::Step::AddConstraint {
                     table,
                     constraint,

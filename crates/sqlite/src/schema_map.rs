@@ -308,6 +308,7 @@ impl SchemaMap {
     /// Reads every user table of `conn` (not `sqlite_*`), profiles every
     /// column's values, and decides types and codecs; `overrides` win.
     pub fn read(conn: &Connection, overrides: &[ColumnSetting]) -> Result<SchemaMap, SqliteError> {
+        let overrides = &with_declared_types(conn, overrides)?;
         let (names, skipped) = list_tables(conn, overrides)?;
         let mut tables = Vec::new();
         for (name, sql) in names {
@@ -326,6 +327,7 @@ impl SchemaMap {
         previous: &SchemaMap,
         overrides: &[ColumnSetting],
     ) -> Result<SchemaMap, SqliteError> {
+        let overrides = &with_declared_types(conn, overrides)?;
         let (names, skipped) = list_tables(conn, overrides)?;
         let mut tables = Vec::new();
         for (name, sql) in names {
@@ -351,7 +353,10 @@ impl SchemaMap {
         overrides: &[ColumnSetting],
         threads: usize,
     ) -> Result<SchemaMap, SqliteError> {
-        let (names, skipped) = list_tables(&crate::open_read_only(path)?, overrides)?;
+        let first = crate::open_read_only(path)?;
+        let overrides = &with_declared_types(&first, overrides)?;
+        let (names, skipped) = list_tables(&first, overrides)?;
+        drop(first);
         let threads = threads.clamp(1, names.len().max(1));
         // Each thread takes the next table not yet taken.
         let taken = std::sync::atomic::AtomicUsize::new(0);
@@ -672,6 +677,51 @@ type NameAnd = (String, String);
 /// The user tables of the file with their CREATE statements (not
 /// `sqlite_*`), and those not converted with the reason: virtual tables and
 /// their shadow tables. Every override must name one of the tables.
+/// Where the SQLite engine records the PostgreSQL types an app declared
+/// through it that the file's declarations cannot say (`integer` and
+/// `smallint`, which SQLite spells `INTEGER` like every integer): table,
+/// column, type.
+pub const DECLARED_TYPES: &str = "_cutover_columns";
+
+/// `overrides` (the configuration's, which win) and the types recorded in
+/// [`DECLARED_TYPES`] for columns the file still has.
+fn with_declared_types(
+    conn: &Connection,
+    overrides: &[ColumnSetting],
+) -> Result<Vec<ColumnSetting>, SqliteError> {
+    let mut all = overrides.to_vec();
+    let recorded: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [DECLARED_TYPES],
+        |r| r.get(0),
+    )?;
+    if recorded == 0 {
+        return Ok(all);
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT d.tbl, d.col, d.pg_type FROM {DECLARED_TYPES} AS d \
+         WHERE EXISTS (SELECT 1 FROM pragma_table_info(d.tbl) AS p WHERE p.name = d.col)"
+    ))?;
+    let rows = stmt.query_map([], |r| {
+        Ok(ColumnSetting {
+            table: r.get(0)?,
+            column: r.get(1)?,
+            pg_type: r.get(2)?,
+            storage: None,
+        })
+    })?;
+    for row in rows {
+        let row = row?;
+        if !all
+            .iter()
+            .any(|o| o.table == row.table && o.column == row.column)
+        {
+            all.push(row);
+        }
+    }
+    Ok(all)
+}
+
 fn list_tables(
     conn: &Connection,
     overrides: &[ColumnSetting],
