@@ -217,6 +217,9 @@ const READS: &[&str] = &[
     "SELECT id, deleted_at FROM {p} ORDER BY deleted_at ASC NULLS FIRST, id LIMIT 6",
     "SELECT u.email, count(p.id) AS posts FROM {u} u LEFT JOIN {p} p ON p.user_id = u.id GROUP BY u.email ORDER BY posts DESC, u.email LIMIT 10",
     "SELECT id FROM {u} WHERE email ILIKE '%USER1%' ORDER BY id",
+    // LIKE's default escape is the backslash; E'' strings carry escapes.
+    "SELECT 'a_b' LIKE 'a\\_b', 'ab' LIKE 'a\\_b', 'a%' LIKE 'a\\%', 'A_b' ILIKE 'a\\_B', 'a_b' LIKE 'a#_b' ESCAPE '#', E'x\\\\y' = 'x\\y', E'a\\tb'",
+    "SELECT count(*) FROM {u} WHERE email LIKE E'user1\\_%' OR email NOT LIKE 'user_%'",
     "SELECT id FROM {u} WHERE name LIKE 'a%' ORDER BY id",
     "SELECT id, is_admin FROM {u} WHERE is_admin ORDER BY id",
     "SELECT id FROM {u} WHERE is_admin = false AND id < 6 ORDER BY id",
@@ -933,6 +936,27 @@ async fn an_apps_own_migrations_run_as_on_postgresql() {
     assert_eq!(left, 0, "every table and index the app dropped is gone");
     // Constraints were written into CREATE statements in place: the file
     // is sound.
+    let check: String = file
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn djangos_own_migrate_runs_as_on_postgresql() {
+    let python = tokio::task::spawn_blocking(python_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/django_migrate.py");
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new(&python).arg(&script).arg(dsn),
+            "tests/drivers/django_migrate.py",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("Django migrate", run, &sides));
+    let file = cutover_sqlite::rusqlite::Connection::open(&sides.file).unwrap();
     let check: String = file
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();

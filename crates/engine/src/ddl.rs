@@ -107,6 +107,13 @@ pub enum Step {
     Sql(String),
     /// A change to the declared types' record, made when the file has one.
     Record(String),
+    /// A change to one column SQLite's ALTER TABLE cannot make, written
+    /// into its definition in the table's CREATE statement the same way.
+    AlterColumn {
+        table: String,
+        column: String,
+        change: ColumnChange,
+    },
     /// A table constraint SQLite's ALTER TABLE cannot add, written into
     /// the table's CREATE statement (SQLite's documented procedure for
     /// changes that leave the stored rows as they are), then checked
@@ -115,6 +122,22 @@ pub enum Step {
         table: String,
         constraint: String,
         verify: Verify,
+    },
+}
+
+/// What ALTER COLUMN changes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnChange {
+    SetNotNull,
+    DropNotNull,
+    /// The default as a SQLite expression.
+    SetDefault(String),
+    DropDefault,
+    /// The new SQLite declaration, which must keep the column's affinity
+    /// and family, and the varchar length the rows there must fit.
+    Type {
+        declared: String,
+        max_length: Option<i64>,
     },
 }
 
@@ -835,6 +858,77 @@ fn alter_table(
                     literal(&table)
                 )));
             }
+            AlterTableOperation::AlterColumn { column_name, op } => {
+                let column = column_name.value.clone();
+                let Some(known_column) = known.columns.iter().find(|c| c.name == column) else {
+                    return Err(SqlError::new(
+                        "42703",
+                        format!("column \"{column}\" of relation \"{table}\" does not exist"),
+                    ));
+                };
+                let change = match op {
+                    sqlparser::ast::AlterColumnOperation::SetNotNull => ColumnChange::SetNotNull,
+                    sqlparser::ast::AlterColumnOperation::DropNotNull => ColumnChange::DropNotNull,
+                    sqlparser::ast::AlterColumnOperation::DropDefault => ColumnChange::DropDefault,
+                    sqlparser::ast::AlterColumnOperation::SetDefault { value } => {
+                        let ty = DataType::Custom(
+                            ObjectName::from(vec![sqlparser::ast::Ident::new(
+                                known_column.pg_type.clone(),
+                            )]),
+                            Vec::new(),
+                        );
+                        ColumnChange::SetDefault(default_sql(&value, &ty)?)
+                    }
+                    sqlparser::ast::AlterColumnOperation::SetDataType {
+                        data_type,
+                        using: None,
+                        ..
+                    } => {
+                        let declared = declared_type(&data_type)?;
+                        let max_length = declared
+                            .strip_prefix("VARCHAR(")
+                            .and_then(|r| r.strip_suffix(')'))
+                            .and_then(|n| n.parse().ok());
+                        statements.push(Step::Record(format!(
+                            "DELETE FROM {DECLARED_TYPES} WHERE tbl = {} AND col = {}",
+                            literal(&table),
+                            literal(&column)
+                        )));
+                        statements.extend(declare(
+                            &table,
+                            &ColumnDef {
+                                name: column_name.clone(),
+                                data_type: data_type.clone(),
+                                options: Vec::new(),
+                            },
+                        ));
+                        ColumnChange::Type {
+                            declared,
+                            max_length,
+                        }
+                    }
+                    other => {
+                        return Err(SqlError::unsupported(format!(
+                            "ALTER COLUMN … {other} in the SQLite engine's DDL"
+                        )))
+                    }
+                };
+                // The record of declared types follows the column's change
+                // (inserted above for a new type); the change goes first.
+                let at = statements
+                    .iter()
+                    .rposition(|s| matches!(s, Step::Record(r) if r.starts_with("DELETE") && r.contains(&literal(&column))))
+                    .filter(|_| matches!(change, ColumnChange::Type { .. }))
+                    .unwrap_or(statements.len());
+                statements.insert(
+                    at,
+                    Step::AlterColumn {
+                        table: table.clone(),
+                        column,
+                        change,
+                    },
+                );
+            }
             other => {
                 return Err(SqlError::unsupported(format!(
                     "ALTER TABLE … {other} (SQLite alters a table only by ADD, DROP and RENAME COLUMN and RENAME TO; a changed column means a new table and a copy, which is a migration of its own)"
@@ -878,35 +972,15 @@ pub(crate) fn add_constraint(
     let close = column_list_end(&sql)
         .ok_or_else(|| refuse("cutover cannot find the end of its column list".to_string()))?;
     let new_sql = format!("{}, {constraint}{}", &sql[..close], &sql[close..]);
-    Connection::open_in_memory()
-        .and_then(|scratch| scratch.execute_batch(&new_sql))
-        .map_err(|e| refuse(format!("SQLite does not accept it ({e})")))?;
-    let columns = |conn: &Connection| -> rusqlite::Result<Vec<String>> {
-        let mut stmt = conn.prepare(&format!(
-            "SELECT name || ' ' || type || ' ' || \"notnull\" || ' ' || ifnull(dflt_value, '') || ' ' || pk FROM pragma_table_xinfo({})",
-            quote_literal(table)
-        ))?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        rows.collect()
-    };
-    let before = columns(conn).map_err(sqlite)?;
-    let version = crate::schema_version(conn).map_err(sqlite)?;
-    conn.execute_batch("PRAGMA writable_schema = ON")
-        .map_err(sqlite)?;
-    let written = conn
-        .execute(
-            "UPDATE sqlite_master SET sql = ?1 WHERE type = 'table' AND name = ?2",
-            [&new_sql, table],
-        )
-        .and_then(|_| conn.execute_batch(&format!("PRAGMA schema_version = {}", version + 1)));
-    conn.execute_batch("PRAGMA writable_schema = OFF")
-        .map_err(sqlite)?;
-    written.map_err(sqlite)?;
-    if columns(conn).map_err(sqlite)? != before {
-        return Err(refuse(
-            "the table's columns would read differently after it".to_string(),
-        ));
-    }
+    let adds_key = matches!(verify, Verify::ForeignKeys(_))
+        || constraint.to_ascii_uppercase().contains("FOREIGN KEY");
+    rewrite_create(conn, table, &new_sql, map, adds_key, |before, after| {
+        before == after
+    })
+    .map_err(|why| match why {
+        Rewrite::Refused(why) => refuse(why),
+        Rewrite::Failed(f) => f,
+    })?;
     match verify {
         Verify::Nothing => Ok(()),
         Verify::ForeignKeys(name) => {
@@ -1002,4 +1076,329 @@ fn column_list_end(sql: &str) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// Changes one column's definition in `table`'s CREATE statement, inside
+/// the caller's write transaction, with the checks of [`add_constraint`]:
+/// the new statement tried on an empty in-memory database, every other
+/// column, the foreign keys and the indexes reading back unchanged, the
+/// changed column changed only as asked, and the rows there checked as
+/// PostgreSQL checks them (NULLs for SET NOT NULL, lengths for a shorter
+/// varchar; a type of another affinity or family is refused).
+pub(crate) fn alter_column(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    change: &ColumnChange,
+    map: &SchemaMap,
+) -> Result<(), Failure> {
+    let sqlite = |e: rusqlite::Error| from_sqlite(&e, map);
+    let refuse = |why: String| {
+        Failure::new(
+            "0A000",
+            format!("ALTER TABLE {table} ALTER COLUMN {column}: {why}"),
+        )
+    };
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .map_err(sqlite)?;
+    let (start, end) = column_definition(&sql, column).ok_or_else(|| {
+        refuse("cutover cannot find its definition in the table's CREATE statement".to_string())
+    })?;
+    let old_item = &sql[start..end];
+    let dialect = sqlparser::dialect::SQLiteDialect {};
+    let mut def = sqlparser::parser::Parser::new(&dialect)
+        .try_with_sql(old_item)
+        .and_then(|mut p| p.parse_column_def())
+        .map_err(|e| refuse(format!("cutover cannot read its definition ({e})")))?;
+    let count = |sql: String| -> Result<i64, Failure> {
+        conn.query_row(&sql, [], |r| r.get(0)).map_err(sqlite)
+    };
+    match change {
+        ColumnChange::SetNotNull => {
+            let nulls = count(format!(
+                "SELECT count(*) FROM {} WHERE {} IS NULL",
+                quote(table),
+                quote(column)
+            ))?;
+            if nulls > 0 {
+                let mut f = Failure::new(
+                    "23502",
+                    format!("column \"{column}\" of relation \"{table}\" contains null values"),
+                );
+                f.0.column = Some(column.to_string());
+                f.0.table = Some(table.to_string());
+                return Err(f);
+            }
+            def.options
+                .retain(|o| !matches!(o.option, ColumnOption::NotNull | ColumnOption::Null));
+            def.options.push(sqlparser::ast::ColumnOptionDef {
+                name: None,
+                option: ColumnOption::NotNull,
+            });
+        }
+        ColumnChange::DropNotNull => def
+            .options
+            .retain(|o| !matches!(o.option, ColumnOption::NotNull)),
+        ColumnChange::DropDefault => def
+            .options
+            .retain(|o| !matches!(o.option, ColumnOption::Default(_))),
+        ColumnChange::SetDefault(expression) => {
+            let value = sqlparser::parser::Parser::new(&dialect)
+                .try_with_sql(expression)
+                .and_then(|mut p| p.parse_expr())
+                .map_err(|e| refuse(format!("cutover cannot write the default ({e})")))?;
+            def.options
+                .retain(|o| !matches!(o.option, ColumnOption::Default(_)));
+            def.options.push(sqlparser::ast::ColumnOptionDef {
+                name: None,
+                option: ColumnOption::Default(value),
+            });
+        }
+        ColumnChange::Type {
+            declared,
+            max_length,
+        } => {
+            let old = def.data_type.to_string();
+            if affinity(&old) != affinity(declared) || type_family(&old) != type_family(declared) {
+                return Err(refuse(format!(
+                    "TYPE from {old} to {declared} would change how SQLite stores its values; a changed type means a new table and a copy, which is a migration of its own"
+                )));
+            }
+            if let Some(n) = max_length {
+                let long = count(format!(
+                    "SELECT count(*) FROM {} WHERE length({}) > {n}",
+                    quote(table),
+                    quote(column)
+                ))?;
+                if long > 0 {
+                    return Err(Failure::new(
+                        "22001",
+                        format!("value too long for type character varying({n})"),
+                    ));
+                }
+            }
+            def.data_type = DataType::Custom(
+                ObjectName::from(vec![sqlparser::ast::Ident::new(declared.clone())]),
+                Vec::new(),
+            );
+        }
+    }
+    let new_item = def.to_string();
+    for keyword in ["AUTOINCREMENT", "COLLATE", "GENERATED", "AS ("] {
+        if old_item.to_ascii_uppercase().contains(keyword)
+            != new_item.to_ascii_uppercase().contains(keyword)
+        {
+            return Err(refuse(format!(
+                "cutover would not write its {keyword} back as it was"
+            )));
+        }
+    }
+    let new_sql = format!("{}{new_item}{}", &sql[..start], &sql[end..]);
+    let expected = |row: &str| -> String {
+        // name type notnull default pk, as the shape query below spells it
+        let mut parts: Vec<String> = row.split('\u{1f}').map(str::to_string).collect();
+        match change {
+            ColumnChange::SetNotNull => parts[2] = "1".to_string(),
+            ColumnChange::DropNotNull => parts[2] = "0".to_string(),
+            ColumnChange::DropDefault => parts[3] = String::new(),
+            ColumnChange::SetDefault(_) | ColumnChange::Type { .. } => {}
+        }
+        parts.join("\u{1f}")
+    };
+    rewrite_create(conn, table, &new_sql, map, false, |before, after| {
+        before.len() == after.len()
+            && before.iter().zip(after).all(|(b, a)| {
+                if b.starts_with(&format!("{column}\u{1f}")) {
+                    let (e, a) = (expected(b), a.clone());
+                    match change {
+                        // The new default or type is the one asked for;
+                        // the rest of the column must be as expected.
+                        ColumnChange::SetDefault(_) | ColumnChange::Type { .. } => {
+                            let keep = |s: &str, skip: usize| -> Vec<String> {
+                                s.split('\u{1f}')
+                                    .enumerate()
+                                    .filter(|(i, _)| *i != skip)
+                                    .map(|(_, x)| x.to_string())
+                                    .collect()
+                            };
+                            let skip = if matches!(change, ColumnChange::Type { .. }) {
+                                1
+                            } else {
+                                3
+                            };
+                            keep(&e, skip) == keep(&a, skip)
+                        }
+                        _ => e == a,
+                    }
+                } else {
+                    b == a
+                }
+            })
+    })
+    .map_err(|why| match why {
+        Rewrite::Refused(why) => refuse(why),
+        Rewrite::Failed(f) => f,
+    })
+}
+
+/// Why a CREATE statement was not rewritten.
+enum Rewrite {
+    Refused(String),
+    Failed(Failure),
+}
+
+/// Replaces `table`'s CREATE statement with `new_sql` by SQLite's
+/// documented procedure for changes that leave stored rows as they are,
+/// after trying it on an empty in-memory database; `same` judges the
+/// table's columns (`name␟type␟notnull␟default␟pk`) before and after, and
+/// the indexes and foreign keys must not change (but for foreign keys
+/// added when `adds_key`).
+fn rewrite_create(
+    conn: &Connection,
+    table: &str,
+    new_sql: &str,
+    map: &SchemaMap,
+    adds_key: bool,
+    same: impl Fn(&[String], &[String]) -> bool,
+) -> Result<(), Rewrite> {
+    let sqlite = |e: rusqlite::Error| Rewrite::Failed(from_sqlite(&e, map));
+    Connection::open_in_memory()
+        .and_then(|scratch| scratch.execute_batch(new_sql))
+        .map_err(|e| Rewrite::Refused(format!("SQLite does not accept the changed table ({e})")))?;
+    let shape = |conn: &Connection| -> rusqlite::Result<(Vec<String>, Vec<String>)> {
+        let lines = |sql: String| -> rusqlite::Result<Vec<String>> {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        };
+        let t = quote_literal(table);
+        let columns = lines(format!(
+            "SELECT name || char(31) || type || char(31) || \"notnull\" || char(31) || ifnull(dflt_value, '') || char(31) || pk FROM pragma_table_xinfo({t}) ORDER BY cid"
+        ))?;
+        let mut rest = lines(format!(
+            "SELECT 'fk' || char(31) || \"table\" || char(31) || \"from\" || char(31) || ifnull(\"to\", '') || char(31) || on_update || char(31) || on_delete FROM pragma_foreign_key_list({t})"
+        ))?;
+        rest.extend(lines(format!(
+            "SELECT 'index' || char(31) || name || char(31) || \"unique\" || char(31) || partial FROM pragma_index_list({t})"
+        ))?);
+        rest.sort();
+        Ok((columns, rest))
+    };
+    let (before, before_rest) = shape(conn).map_err(sqlite)?;
+    let version = crate::schema_version(conn).map_err(sqlite)?;
+    conn.execute_batch("PRAGMA writable_schema = ON")
+        .map_err(sqlite)?;
+    let written = conn
+        .execute(
+            "UPDATE sqlite_master SET sql = ?1 WHERE type = 'table' AND name = ?2",
+            [new_sql, table],
+        )
+        .and_then(|_| conn.execute_batch(&format!("PRAGMA schema_version = {}", version + 1)));
+    conn.execute_batch("PRAGMA writable_schema = OFF")
+        .map_err(sqlite)?;
+    written.map_err(sqlite)?;
+    let (after, after_rest) = shape(conn).map_err(sqlite)?;
+    let rest_kept = if adds_key {
+        before_rest.iter().all(|r| after_rest.contains(r))
+            && after_rest
+                .iter()
+                .all(|r| before_rest.contains(r) || r.starts_with("fk\u{1f}"))
+            && after_rest.len() > before_rest.len()
+    } else {
+        before_rest == after_rest
+    };
+    if !same(&before, &after) || !rest_kept {
+        return Err(Rewrite::Refused(
+            "the table would read differently after it than asked".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// SQLite's affinity of a declared type (its rules, in their order).
+fn affinity(declared: &str) -> &'static str {
+    let d = declared.to_ascii_uppercase();
+    if d.contains("INT") {
+        "INTEGER"
+    } else if d.contains("CHAR") || d.contains("CLOB") || d.contains("TEXT") {
+        "TEXT"
+    } else if d.contains("BLOB") || d.is_empty() {
+        "BLOB"
+    } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
+        "REAL"
+    } else {
+        "NUMERIC"
+    }
+}
+
+/// What the schema map makes of a declaration, by the names it looks for.
+fn type_family(declared: &str) -> &'static str {
+    let d = declared.to_ascii_uppercase();
+    if d.contains("BOOL") {
+        "boolean"
+    } else if d.contains("DATETIME") || d.contains("TIMESTAMP") {
+        "timestamp"
+    } else if d == "DATE" {
+        "date"
+    } else if d.contains("JSON") {
+        "json"
+    } else if d.contains("UUID") {
+        "uuid"
+    } else {
+        affinity(declared)
+    }
+}
+
+/// The byte range of `column`'s definition among the items of a CREATE
+/// TABLE statement's column list.
+fn column_definition(sql: &str, column: &str) -> Option<(usize, usize)> {
+    let close = column_list_end(sql)?;
+    let open = sql.find('(')?;
+    let mut items = Vec::new();
+    let b = sql.as_bytes();
+    let (mut depth, mut i, mut start) = (0usize, open + 1, open + 1);
+    while i < close {
+        match b[i] {
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < close && b[i] != q {
+                    i += 1;
+                }
+            }
+            b'[' => {
+                while i < close && b[i] != b']' {
+                    i += 1;
+                }
+            }
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            b',' if depth == 0 => {
+                items.push((start, i));
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    items.push((start, close));
+    items.into_iter().find_map(|(s, e)| {
+        let text = &sql[s..e];
+        let lead = text.len() - text.trim_start().len();
+        let trimmed = text.trim();
+        let name = match trimmed.as_bytes().first()? {
+            b'"' => trimmed[1..].split('"').next()?.to_string(),
+            b'`' => trimmed[1..].split('`').next()?.to_string(),
+            b'[' => trimmed[1..].split(']').next()?.to_string(),
+            _ => trimmed
+                .split(|c: char| c.is_whitespace())
+                .next()?
+                .to_string(),
+        };
+        (name == column).then(|| (s + lead, s + lead + trimmed.len()))
+    })
 }

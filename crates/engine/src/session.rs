@@ -1169,6 +1169,21 @@ impl Session {
                 self.set(name, value.clone())?;
                 Ok(Self::tagged(if value.is_some() { "SET" } else { "RESET" }))
             }
+            Command::SetConstraints { deferred } => {
+                if matches!(self.tx, Tx::Idle) {
+                    self.notice(
+                        "25P01",
+                        "SET CONSTRAINTS can only be used in transaction blocks",
+                    );
+                    return Ok(Self::tagged("SET CONSTRAINTS"));
+                }
+                self.sqlite_batch(format!(
+                    "PRAGMA defer_foreign_keys = {}",
+                    if *deferred { "ON" } else { "OFF" }
+                ))
+                .await?;
+                Ok(Self::tagged("SET CONSTRAINTS"))
+            }
             Command::SetLocal { name, value } => {
                 if matches!(self.tx, Tx::Idle) {
                     self.notice("25P01", "SET LOCAL can only be used in transaction blocks");
@@ -1608,6 +1623,14 @@ impl Session {
                             .map_err(|e| from_sqlite(&e, &self.schema.map)),
                         Err(e) => Err(e),
                     }
+                }
+                crate::ddl::Step::AlterColumn {
+                    table,
+                    column,
+                    change,
+                } => {
+                    let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::ddl::alter_column(&conn, table, column, change, &self.schema.map)
                 }
                 crate::ddl::Step::AddConstraint {
                     table,

@@ -63,6 +63,13 @@ pub enum Command {
         value: Option<String>,
     },
     Show(String),
+    /// SET CONSTRAINTS … DEFERRED / IMMEDIATE: foreign keys checked at
+    /// commit, or each as it is written (those declared INITIALLY
+    /// DEFERRED are checked at commit either way: SQLite cannot check them
+    /// sooner).
+    SetConstraints {
+        deferred: bool,
+    },
     /// DISCARD ALL, DEALLOCATE, UNLISTEN: reset the named state.
     Discard,
     Deallocate(Option<String>),
@@ -311,6 +318,16 @@ pub fn command(sql: &str, map: &SchemaMap) -> Result<Command, SqlError> {
             return Err(SqlError::unsupported(format!(
                 "{first} PREPARED (two-phase commit)"
             )))
+        }
+        "SET" if second == "CONSTRAINTS" => {
+            let rest = rest_after(2).to_ascii_uppercase();
+            if rest.ends_with("DEFERRED") {
+                Command::SetConstraints { deferred: true }
+            } else if rest.ends_with("IMMEDIATE") {
+                Command::SetConstraints { deferred: false }
+            } else {
+                return Err(SqlError::new("42601", "syntax error in SET CONSTRAINTS"));
+            }
         }
         "SET" => set_command(&rest_after(1))?,
         "RESET" => {
@@ -732,6 +749,7 @@ pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
             return Err(SqlError::unsupported(construct));
         }
     };
+    pg_literals(&mut statement);
     name_columns(&mut statement);
     unnest_laterals(&mut statement)?;
     let scope = Scope::of(&statement, map);
@@ -760,6 +778,29 @@ pub fn translate(text: &str, map: &SchemaMap) -> Result<Translated, SqlError> {
         params,
         result_hints,
     })
+}
+
+/// PostgreSQL's spellings SQLite reads otherwise: `E'…'` strings (whose
+/// escapes the parser has already applied) as plain strings, and LIKE's
+/// default escape character, the backslash, made explicit (SQLite's LIKE
+/// has none).
+fn pg_literals(statement: &mut Statement) {
+    let _ = sqlparser::ast::visit_expressions_mut(statement, |e| {
+        match e {
+            Expr::Value(v) => {
+                if let Value::EscapedStringLiteral(text) = &v.value {
+                    v.value = Value::SingleQuotedString(text.clone());
+                }
+            }
+            Expr::Like { escape_char, .. } | Expr::ILike { escape_char, .. }
+                if escape_char.is_none() =>
+            {
+                *escape_char = Some(Value::SingleQuotedString("\\".to_string()));
+            }
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
 }
 
 /// The tables a statement names, by alias and by name.
