@@ -217,6 +217,8 @@ const READS: &[&str] = &[
     "SELECT id, deleted_at FROM {p} ORDER BY deleted_at ASC NULLS FIRST, id LIMIT 6",
     "SELECT u.email, count(p.id) AS posts FROM {u} u LEFT JOIN {p} p ON p.user_id = u.id GROUP BY u.email ORDER BY posts DESC, u.email LIMIT 10",
     "SELECT id FROM {u} WHERE email ILIKE '%USER1%' ORDER BY id",
+    "SELECT id, email ~ '^user1[0-9]?@', email ~* 'USER2', email !~ 'example', regexp_replace(email, '@.*$', ''), regexp_replace(email, '([a-z]+)([0-9]+)', '\\2-\\1', 'g') FROM {u} ORDER BY id LIMIT 12",
+    "SELECT count(*) FROM {u} WHERE email OPERATOR(pg_catalog.~) '^user' COLLATE pg_catalog.default",
     // LIKE's default escape is the backslash; E'' strings carry escapes.
     "SELECT 'a_b' LIKE 'a\\_b', 'ab' LIKE 'a\\_b', 'a%' LIKE 'a\\%', 'A_b' ILIKE 'a\\_B', 'a_b' LIKE 'a#_b' ESCAPE '#', E'x\\\\y' = 'x\\y', E'a\\tb'",
     "SELECT count(*) FROM {u} WHERE email LIKE E'user1\\_%' OR email NOT LIKE 'user_%'",
@@ -961,6 +963,52 @@ async fn djangos_own_migrate_runs_as_on_postgresql() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(check, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psql_lists_the_files_tables() {
+    let file = scratch_file(
+        "psql",
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL);
+         CREATE TABLE \"Orders\" (id INTEGER PRIMARY KEY, total NUMERIC);",
+    );
+    let server = serve(&file).await;
+    let bindir = cutover_pgcluster::find_bindir().unwrap();
+    let dsn = support::conn_string(server.proxy_addr, support::APP_USER, support::APP_PASSWORD);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bindir.join("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-d",
+                &dsn,
+                "-c",
+                "\\dt",
+                "-c",
+                "\\dt+ users",
+                "-c",
+                "\\dn",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.is_empty(), "psql: {err}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "public|Orders|table|postgres",
+            "public|users|table|postgres",
+            "public|users|table|postgres|permanent|heap||",
+            "public|postgres",
+        ],
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -94,7 +94,23 @@ const SHAPES: &[Shape] = &[
             ("relispartition", "boolean"),
             ("reltuples", "double precision"),
             ("relnatts", "smallint"),
+            ("relam", "oid"),
+            ("reltablespace", "oid"),
+            ("relchecks", "smallint"),
+            ("relhasrules", "boolean"),
+            ("relhastriggers", "boolean"),
+            ("relrowsecurity", "boolean"),
+            ("relforcerowsecurity", "boolean"),
+            ("reloftype", "oid"),
+            ("relreplident", "\"char\""),
+            ("reltoastrelid", "oid"),
         ],
+    ),
+    // Access methods, which psql's \dt joins to pg_class.
+    (
+        "pg_catalog",
+        "pg_am",
+        &[("oid", "oid"), ("amname", "name"), ("amtype", "\"char\"")],
     ),
     (
         "pg_catalog",
@@ -227,7 +243,19 @@ pub fn install(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
         ddl.push_str(&format!("ATTACH DATABASE ':memory:' AS {schema};\n"));
     }
     for (schema, name, columns) in SHAPES {
-        let cols: Vec<String> = columns.iter().map(|(c, _)| format!("\"{c}\"")).collect();
+        // Declared with SQLite's affinity for their type, so `oid =
+        // '16384'` compares as PostgreSQL's cast of the literal would.
+        let cols: Vec<String> = columns
+            .iter()
+            .map(|(c, ty)| {
+                let affinity = match *ty {
+                    "oid" | "smallint" | "integer" | "boolean" => "INTEGER",
+                    "double precision" => "REAL",
+                    _ => "TEXT",
+                };
+                format!("\"{c}\" {affinity}")
+            })
+            .collect();
         ddl.push_str(&format!(
             "CREATE TABLE {schema}.{name} ({});\n",
             cols.join(", ")
@@ -249,6 +277,7 @@ pub fn install(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
             params![database, name],
         )?;
     }
+    tx.execute_batch("INSERT INTO pg_catalog.pg_am VALUES (2, 'heap', 't'), (403, 'btree', 'i');")?;
     for (ty, category) in TYPES {
         let array = ty.array_oid();
         let (byval, len) = (ty.size() > 0 && ty.size() <= 8, ty.size());
@@ -290,12 +319,13 @@ fn fill_tables(tx: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Re
     for (i, table) in map.tables.iter().enumerate() {
         let oid = table_oid(i);
         tx.execute(
-            "INSERT INTO pg_catalog.pg_class VALUES (?1, ?2, 2200, 0, 10, 'r', 'p', ?3, 0, -1, ?4)",
+            "INSERT INTO pg_catalog.pg_class VALUES (?1, ?2, 2200, 0, 10, 'r', 'p', ?3, 0, -1, ?4, 2, 0, ?5, 0, 0, 0, 0, 0, 'd', 0)",
             params![
                 oid,
                 table.name,
                 !table.indexes.is_empty() || !table.primary_key.is_empty(),
-                table.columns.len() as i64
+                table.columns.len() as i64,
+                table.checks.len() as i64
             ],
         )?;
         tx.execute(

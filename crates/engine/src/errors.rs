@@ -56,6 +56,8 @@ pub fn from_sqlite(e: &rusqlite::Error, map: &SchemaMap) -> Failure {
                 "22012"
             } else if text == "integer out of range" {
                 "22003"
+            } else if text.starts_with("invalid regular expression") {
+                "2201B"
             } else {
                 "XX000"
             };
@@ -92,6 +94,8 @@ pub fn from_sqlite(e: &rusqlite::Error, map: &SchemaMap) -> Failure {
                 ErrorResponse::error("42601", message.clone())
             } else if message.starts_with("invalid input syntax") {
                 ErrorResponse::error("22P02", message.clone())
+            } else if message.starts_with("invalid regular expression") {
+                ErrorResponse::error("2201B", message.clone())
             } else if message == "division by zero" {
                 ErrorResponse::error("22012", message.clone())
             } else if message == "numeric value out of range" {

@@ -81,6 +81,7 @@ pub fn install(
 ) -> rusqlite::Result<()> {
     let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
     let nondet = FunctionFlags::SQLITE_UTF8;
+    install_regex(conn)?;
     conn.create_scalar_function("cutover_ts", 1, det, |ctx| {
         Ok(match arg(ctx) {
             ValueRef::Null => None,
@@ -324,6 +325,29 @@ pub fn install(
     conn.create_scalar_function("has_schema_privilege", -1, det, |_| Ok(true))?;
     conn.create_scalar_function("pg_get_userbyid", 1, det, |_| Ok("postgres".to_string()))?;
     conn.create_scalar_function("obj_description", -1, det, |_| Ok(None::<String>))?;
+    // Sizes per table are not known without SQLite's dbstat (psql's \dt+
+    // prints them empty).
+    for f in [
+        "pg_table_size",
+        "pg_relation_size",
+        "pg_total_relation_size",
+    ] {
+        conn.create_scalar_function(f, -1, det, |_| Ok(None::<i64>))?;
+    }
+    conn.create_scalar_function("pg_size_pretty", 1, det, |ctx| {
+        let bytes: Option<i64> = ctx.get(0)?;
+        Ok(bytes.map(|b| {
+            let units = ["bytes", "kB", "MB", "GB", "TB", "PB"];
+            let (mut n, mut unit) = (b, 0);
+            // PostgreSQL moves up a unit from 10 240 of the current one,
+            // rounding half up.
+            while n.abs() >= 10 * 1024 && unit + 1 < units.len() {
+                n = (n + n.signum() * 512) / 1024;
+                unit += 1;
+            }
+            format!("{n} {}", units[unit])
+        }))
+    })?;
     conn.create_scalar_function("col_description", 2, det, |_| Ok(None::<String>))?;
     conn.create_scalar_function("format_type", 2, det, |ctx| {
         let oid: Option<i64> = ctx.get(0)?;
@@ -796,4 +820,97 @@ fn json_contains(a: &serde_json::Value, b: &serde_json::Value, top: bool) -> boo
         (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
         (a, b) => a == b,
     }
+}
+
+/// PostgreSQL's regular expressions: `cutover_regex(text, pattern,
+/// case_insensitive)` for `~ ~* !~ !~*`, and `regexp_replace(source,
+/// pattern, replacement[, flags])`. Patterns are compiled once per
+/// statement (SQLite keeps them as the call's auxiliary data). The
+/// syntax is Rust's `regex`, which has PostgreSQL's common forms (classes,
+/// anchors, groups, alternation, bounded repetition, `\d \w \s`,
+/// `[[:alpha:]]`) but no back-references or look-around; those are refused
+/// with PostgreSQL's 2201B.
+fn install_regex(conn: &Connection) -> rusqlite::Result<()> {
+    let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+    fn compiled(
+        ctx: &rusqlite::functions::Context<'_>,
+        pattern_arg: usize,
+        insensitive: bool,
+    ) -> rusqlite::Result<Option<Arc<regex::Regex>>> {
+        if matches!(ctx.get_raw(pattern_arg), ValueRef::Null) {
+            return Ok(None);
+        }
+        let re = ctx.get_or_create_aux(
+            pattern_arg as i32,
+            |v| -> Result<regex::Regex, rusqlite::Error> {
+                let pattern = cutover_sqlite::value::raw(v);
+                regex::RegexBuilder::new(&pattern)
+                    .case_insensitive(insensitive)
+                    .build()
+                    .map_err(|e| {
+                        err(format!(
+                            "invalid regular expression: {}",
+                            e.to_string().lines().last().unwrap_or("")
+                        ))
+                    })
+            },
+        )?;
+        Ok(Some(re))
+    }
+    conn.create_scalar_function("cutover_regex", 3, det, |ctx| {
+        let insensitive: bool = ctx.get(2)?;
+        let Some(re) = compiled(ctx, 1, insensitive)? else {
+            return Ok(None);
+        };
+        Ok(match ctx.get_raw(0) {
+            ValueRef::Null => None,
+            v => Some(re.is_match(&cutover_sqlite::value::raw(v))),
+        })
+    })?;
+    for arity in [3, 4] {
+        conn.create_scalar_function("regexp_replace", arity, det, move |ctx| {
+            let flags: String = if arity == 4 {
+                ctx.get::<Option<String>>(3)?.unwrap_or_default()
+            } else {
+                String::new()
+            };
+            if let Some(f) = flags.chars().find(|c| !matches!(c, 'g' | 'i' | 'c')) {
+                return Err(err(format!("invalid regular expression option: \"{f}\"")));
+            }
+            let Some(re) = compiled(ctx, 1, flags.contains('i'))? else {
+                return Ok(None);
+            };
+            let (source, replacement) = match (ctx.get_raw(0), ctx.get_raw(2)) {
+                (ValueRef::Null, _) | (_, ValueRef::Null) => return Ok(None),
+                (s, r) => (cutover_sqlite::value::raw(s), cutover_sqlite::value::raw(r)),
+            };
+            let replacement = pg_replacement(&replacement);
+            Ok(Some(if flags.contains('g') {
+                re.replace_all(&source, replacement.as_str()).into_owned()
+            } else {
+                re.replace(&source, replacement.as_str()).into_owned()
+            }))
+        })?;
+    }
+    Ok(())
+}
+
+/// PostgreSQL's replacement text (`\1`…`\9` for groups, `\&` for the
+/// match, `\\` for a backslash) in the regex crate's spelling.
+fn pg_replacement(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => out.push_str("$$"),
+            '\\' => match chars.next() {
+                Some(d @ '1'..='9') => out.push_str(&format!("${{{d}}}")),
+                Some('&') => out.push_str("${0}"),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            },
+            other => out.push(other),
+        }
+    }
+    out
 }

@@ -797,6 +797,16 @@ fn pg_literals(statement: &mut Statement) {
             {
                 *escape_char = Some(Value::SingleQuotedString("\\".to_string()));
             }
+            // The database's default collation (psql's `COLLATE
+            // pg_catalog.default`) and "C" are SQLite's binary order.
+            Expr::Collate { expr, collation }
+                if matches!(
+                    collation.to_string().to_ascii_lowercase().as_str(),
+                    "pg_catalog.default" | "default" | "\"default\"" | "\"c\"" | "pg_catalog.\"c\""
+                ) =>
+            {
+                *e = std::mem::replace(expr.as_mut(), Expr::value(Value::Null));
+            }
             _ => {}
         }
         ControlFlow::<()>::Continue(())
@@ -1407,7 +1417,11 @@ fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
             | BinaryOperator::Gt
             | BinaryOperator::GtEq
             | BinaryOperator::And
-            | BinaryOperator::Or => PgType::Bool,
+            | BinaryOperator::Or
+            | BinaryOperator::PGRegexMatch
+            | BinaryOperator::PGRegexIMatch
+            | BinaryOperator::PGRegexNotMatch
+            | BinaryOperator::PGRegexNotIMatch => PgType::Bool,
             BinaryOperator::StringConcat => {
                 let l = expr_type(left, scope);
                 if l == Some(PgType::Jsonb) {
@@ -1513,9 +1527,12 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         },
         "min" | "max" | "coalesce" | "abs" | "nullif" | "greatest" | "least" => return arg(),
         "lower" | "upper" | "concat" | "trim" | "btrim" | "ltrim" | "rtrim" | "substr"
-        | "substring" | "replace" | "version" | "string_agg" | "to_char" | "md5" => PgType::Text,
+        | "substring" | "replace" | "regexp_replace" | "version" | "string_agg" | "to_char"
+        | "md5" => PgType::Text,
         "current_database" | "current_schema" | "current_user" | "session_user"
         | "pg_get_userbyid" => PgType::Name,
+        "pg_table_size" | "pg_relation_size" | "pg_total_relation_size" => PgType::Int8,
+        "pg_size_pretty" => PgType::Text,
         "current_setting" | "format_type" | "obj_description" | "col_description" => PgType::Text,
         "pg_table_is_visible"
         | "pg_type_is_visible"
@@ -2149,14 +2166,40 @@ impl VisitorMut for Rewrite<'_, '_> {
                     }
                     return ControlFlow::Continue(());
                 }
-                if matches!(
-                    op,
-                    BinaryOperator::PGRegexMatch
-                        | BinaryOperator::PGRegexIMatch
-                        | BinaryOperator::PGRegexNotMatch
-                        | BinaryOperator::PGRegexNotIMatch
-                ) {
-                    return self.refuse("regular expression matching (~)");
+                let regex = match op {
+                    BinaryOperator::PGRegexMatch => Some((false, false)),
+                    BinaryOperator::PGRegexIMatch => Some((true, false)),
+                    BinaryOperator::PGRegexNotMatch => Some((false, true)),
+                    BinaryOperator::PGRegexNotIMatch => Some((true, true)),
+                    // psql spells them OPERATOR(pg_catalog.~).
+                    BinaryOperator::PGCustomBinaryOperator(parts) if matches!(parts.as_slice(), [s, _] if s == "pg_catalog") => {
+                        match parts[1].as_str() {
+                            "~" => Some((false, false)),
+                            "~*" => Some((true, false)),
+                            "!~" => Some((false, true)),
+                            "!~*" => Some((true, true)),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                if let Some((insensitive, negated)) = regex {
+                    let l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
+                    let r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
+                    let flag = Expr::value(Value::Number(
+                        if insensitive { "1" } else { "0" }.to_string(),
+                        false,
+                    ));
+                    let test = call_with("cutover_regex", vec![l, r, flag]);
+                    *e = if negated {
+                        Expr::UnaryOp {
+                            op: sqlparser::ast::UnaryOperator::Not,
+                            expr: Box::new(Expr::Nested(Box::new(test))),
+                        }
+                    } else {
+                        test
+                    };
+                    return ControlFlow::Continue(());
                 }
                 // jsonb's path, containment and key operators.
                 let json = match op {
@@ -2403,6 +2446,7 @@ fn known_function(name: &str) -> bool {
 /// Functions SQLite or the engine provides with PostgreSQL's meaning
 /// (the engine's own `cutover_*` helpers included).
 const KNOWN_FUNCTIONS: &[&str] = &[
+    "regexp_replace",
     "count",
     "sum",
     "avg",
@@ -2451,6 +2495,10 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "has_table_privilege",
     "has_schema_privilege",
     "pg_get_userbyid",
+    "pg_table_size",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_size_pretty",
     "obj_description",
     "col_description",
     "format_type",

@@ -108,6 +108,7 @@ impl PgType {
     /// A type name as SQL spells it in a cast or a declaration.
     pub fn from_name(name: &str) -> Option<PgType> {
         let lower = name.trim().to_ascii_lowercase();
+        let lower = lower.strip_prefix("pg_catalog.").unwrap_or(&lower);
         let base = lower.split('(').next().unwrap_or("").trim();
         Some(match base {
             "bool" | "boolean" => PgType::Bool,
