@@ -1303,14 +1303,16 @@ impl Session {
                         "DDL while the live migration's capture runs is not supported by cutover's SQLite engine: the schema is frozen from mirror start to finalize (change it before mirror start or after finalize)",
                     ));
                 }
-                let written = self.write_ddl(steps).await;
+                let written = self.write_steps(steps).await;
                 self.engine.ddl_generation.fetch_add(1, Ordering::Release);
                 written?;
                 Ok(Self::tagged(tag))
             }
             Command::Sql(t) => self.run_sql(t, params, formats).await,
             Command::Truncate(deletes) => {
-                self.write_statements(deletes).await?;
+                let steps: Vec<crate::ddl::Step> =
+                    deletes.iter().cloned().map(crate::ddl::Step::Sql).collect();
+                self.write_steps(&steps).await?;
                 Ok(Self::tagged("TRUNCATE TABLE"))
             }
             Command::Copy(plan) => {
@@ -1577,30 +1579,10 @@ impl Session {
         self.engine.release_advisory(self.key.pid);
     }
 
-    /// Runs statements that write and return nothing, under the writer
-    /// lease, all or none (in the open transaction, or one of their own).
-    async fn write_statements(&mut self, statements: &[String]) -> Result<(), Failure> {
-        let autocommit = matches!(self.tx, Tx::Idle);
-        self.take_lease(None).await?;
-        let mut result = Ok(());
-        for sql in statements {
-            result = self.sqlite_batch(sql.clone()).await;
-            if result.is_err() {
-                break;
-            }
-        }
-        if autocommit {
-            if result.is_ok() {
-                self.finish(true).await?;
-            } else {
-                let _ = self.finish(false).await;
-            }
-        }
-        result
-    }
-
-    /// Runs a DDL statement's steps under the writer lease, all or none.
-    async fn write_ddl(&mut self, steps: &[crate::ddl::Step]) -> Result<(), Failure> {
+    /// Runs statements that write and return nothing (DDL's steps,
+    /// TRUNCATE's deletes) under the writer lease, all or none: in the open
+    /// transaction, or one of their own.
+    async fn write_steps(&mut self, steps: &[crate::ddl::Step]) -> Result<(), Failure> {
         let autocommit = matches!(self.tx, Tx::Idle);
         self.take_lease(None).await?;
         let mut result = Ok(());
