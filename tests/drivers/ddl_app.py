@@ -120,6 +120,9 @@ with psycopg.connect(dsn, autocommit=True) as conn:
     run("INSERT INTO ddl_authors (email) VALUES ('b@example.com')")
     run("INSERT INTO ddl_books (author_id, title) SELECT id, 'x' FROM ddl_authors")
     out("row", conn.execute("SELECT title, page_count FROM ddl_books").fetchall())
+    # integer columns keep PostgreSQL's range.
+    run("UPDATE ddl_books SET page_count = 3000000000")
+    run("INSERT INTO ddl_reviews_nope (x) VALUES (1)")
     # Constraints SQLite's ALTER TABLE cannot add, checked against the rows
     # there as PostgreSQL checks them.
     run("UPDATE ddl_books SET price = 0")

@@ -54,7 +54,7 @@ pub fn from_sqlite(e: &rusqlite::Error, map: &SchemaMap) -> Failure {
                 "22P02"
             } else if text == "division by zero" {
                 "22012"
-            } else if text == "integer out of range" {
+            } else if text == "integer out of range" || text == "smallint out of range" {
                 "22003"
             } else if text.starts_with("invalid regular expression") {
                 "2201B"
@@ -99,6 +99,8 @@ pub fn from_sqlite(e: &rusqlite::Error, map: &SchemaMap) -> Failure {
             } else if message == "division by zero" {
                 ErrorResponse::error("22012", message.clone())
             } else if message == "numeric value out of range" {
+                ErrorResponse::error("22003", message.clone())
+            } else if message == "smallint out of range" {
                 ErrorResponse::error("22003", message.clone())
             } else if message == "integer out of range" || message.contains("integer overflow") {
                 ErrorResponse::error("22003", "integer out of range")

@@ -82,6 +82,22 @@ pub fn install(
     let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
     let nondet = FunctionFlags::SQLITE_UTF8;
     install_regex(conn)?;
+    conn.create_scalar_function("cutover_int_range", 2, det, |ctx| {
+        let bits: i64 = ctx.get(1)?;
+        if let ValueRef::Integer(n) = ctx.get_raw(0) {
+            let (name, max) = if bits == 16 {
+                ("smallint", i64::from(i16::MAX))
+            } else {
+                ("integer", i64::from(i32::MAX))
+            };
+            if n > max || n < -max - 1 {
+                return Err(err(format!("{name} out of range")));
+            }
+        }
+        Ok(rusqlite::types::Value::from(
+            ctx.get::<rusqlite::types::Value>(0)?,
+        ))
+    })?;
     conn.create_scalar_function("cutover_ts", 1, det, |ctx| {
         Ok(match arg(ctx) {
             ValueRef::Null => None,

@@ -2920,6 +2920,22 @@ fn store_in_codecs(statement: &mut Statement, scope: &Scope) {
         let Some(c) = table.columns.iter().find(|c| c.name == column) else {
             return;
         };
+        // integer and smallint columns (declared through the engine, or
+        // set by the configuration) hold PostgreSQL's ranges.
+        let bits = match c.pg_type.as_str() {
+            "integer" => Some("32"),
+            "smallint" => Some("16"),
+            _ => None,
+        };
+        if let Some(bits) = bits.filter(|_| c.codec == Codec::Native) {
+            let inner = std::mem::replace(e, Expr::value(Value::Null));
+            *e = call2(
+                "cutover_int_range",
+                inner,
+                Expr::value(Value::Number(bits.to_string(), false)),
+            );
+            return;
+        }
         if c.codec == Codec::Native || c.codec == Codec::JsonText || c.codec == Codec::DateText {
             return;
         }
