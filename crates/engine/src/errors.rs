@@ -98,9 +98,8 @@ pub fn from_sqlite(e: &rusqlite::Error, map: &SchemaMap) -> Failure {
                 ErrorResponse::error("2201B", message.clone())
             } else if message == "division by zero" {
                 ErrorResponse::error("22012", message.clone())
-            } else if message == "numeric value out of range" {
-                ErrorResponse::error("22003", message.clone())
-            } else if message == "smallint out of range" {
+            } else if message == "numeric value out of range" || message == "smallint out of range"
+            {
                 ErrorResponse::error("22003", message.clone())
             } else if message == "integer out of range" || message.contains("integer overflow") {
                 ErrorResponse::error("22003", "integer out of range")

@@ -94,9 +94,7 @@ pub fn install(
                 return Err(err(format!("{name} out of range")));
             }
         }
-        Ok(rusqlite::types::Value::from(
-            ctx.get::<rusqlite::types::Value>(0)?,
-        ))
+        ctx.get::<rusqlite::types::Value>(0)
     })?;
     conn.create_scalar_function("cutover_ts", 1, det, |ctx| {
         Ok(match arg(ctx) {
