@@ -1402,3 +1402,34 @@ fn column_definition(sql: &str, column: &str) -> Option<(usize, usize)> {
         (name == column).then(|| (s + lead, s + lead + trimmed.len()))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_definitions_are_found_past_strings_comments_and_nesting() {
+        let sql = "CREATE TABLE \"t\" (\n  -- a (comment), with commas\n  \"id\" INTEGER PRIMARY KEY AUTOINCREMENT,\n  [name] TEXT DEFAULT 'a, (b)' CHECK (length(name) > 0),\n  `price` NUMERIC(10,2),\n  qty INT NOT NULL, /* ) */ FOREIGN KEY (qty) REFERENCES q(id)\n) WITHOUT ROWID";
+        let end = column_list_end(sql).unwrap();
+        assert_eq!(&sql[end..], ") WITHOUT ROWID");
+        let def = |c| column_definition(sql, c).map(|(s, e)| &sql[s..e]);
+        assert_eq!(
+            def("name"),
+            Some("[name] TEXT DEFAULT 'a, (b)' CHECK (length(name) > 0)")
+        );
+        assert_eq!(def("price"), Some("`price` NUMERIC(10,2)"));
+        assert_eq!(def("qty"), Some("qty INT NOT NULL"));
+        assert_eq!(def("missing"), None);
+    }
+
+    #[test]
+    fn type_changes_keep_affinity_and_family() {
+        assert_eq!(affinity("VARCHAR(20)"), affinity("TEXT"));
+        assert_eq!(affinity("BIGINT"), "INTEGER");
+        assert_eq!(affinity("DOUBLE PRECISION"), "REAL");
+        assert_eq!(affinity("NUMERIC(10,2)"), "NUMERIC");
+        assert_ne!(type_family("TEXT"), type_family("JSONB"));
+        assert_ne!(type_family("INTEGER"), type_family("BOOLEAN"));
+        assert_eq!(type_family("DATETIME"), type_family("TIMESTAMP"));
+    }
+}
