@@ -106,6 +106,56 @@ const SHAPES: &[Shape] = &[
             ("reltoastrelid", "oid"),
         ],
     ),
+    // Indexes (the primary key's too), as Sequelize's sync and psql read
+    // them; `cutover_indexdef` answers pg_get_indexdef.
+    (
+        "pg_catalog",
+        "pg_index",
+        &[
+            ("indexrelid", "oid"),
+            ("indrelid", "oid"),
+            ("indnatts", "smallint"),
+            ("indnkeyatts", "smallint"),
+            ("indisunique", "boolean"),
+            ("indisprimary", "boolean"),
+            ("indisexclusion", "boolean"),
+            ("indimmediate", "boolean"),
+            ("indisclustered", "boolean"),
+            ("indisvalid", "boolean"),
+            ("indisready", "boolean"),
+            ("indislive", "boolean"),
+            ("indisreplident", "boolean"),
+            ("indkey", "int2vector"),
+            ("indexprs", "text"),
+            ("indpred", "text"),
+        ],
+    ),
+    (
+        "pg_catalog",
+        "cutover_indexdef",
+        &[("oid", "oid"), ("def", "text")],
+    ),
+    // Comments (none: the file has no COMMENT ON), and the statistics
+    // view Sequelize joins them through.
+    (
+        "pg_catalog",
+        "pg_description",
+        &[
+            ("objoid", "oid"),
+            ("classoid", "oid"),
+            ("objsubid", "integer"),
+            ("description", "text"),
+        ],
+    ),
+    (
+        "pg_catalog",
+        "pg_statio_all_tables",
+        &[
+            ("relid", "oid"),
+            ("schemaname", "name"),
+            ("relname", "name"),
+        ],
+    ),
     // Access methods, which psql's \dt joins to pg_class.
     (
         "pg_catalog",
@@ -189,6 +239,67 @@ const SHAPES: &[Shape] = &[
             ("numeric_precision", "integer"),
             ("udt_name", "name"),
             ("is_identity", "varchar"),
+        ],
+    ),
+    // Constraints as the converted schema names them: `t_pkey`,
+    // `t_a_b_key`, `t_fkeyN`, `t_checkN`.
+    (
+        "information_schema",
+        "table_constraints",
+        &[
+            ("constraint_catalog", "name"),
+            ("constraint_schema", "name"),
+            ("constraint_name", "name"),
+            ("table_catalog", "name"),
+            ("table_schema", "name"),
+            ("table_name", "name"),
+            ("constraint_type", "varchar"),
+            ("is_deferrable", "varchar"),
+            ("initially_deferred", "varchar"),
+            ("enforced", "varchar"),
+        ],
+    ),
+    (
+        "information_schema",
+        "key_column_usage",
+        &[
+            ("constraint_catalog", "name"),
+            ("constraint_schema", "name"),
+            ("constraint_name", "name"),
+            ("table_catalog", "name"),
+            ("table_schema", "name"),
+            ("table_name", "name"),
+            ("column_name", "name"),
+            ("ordinal_position", "integer"),
+            ("position_in_unique_constraint", "integer"),
+        ],
+    ),
+    (
+        "information_schema",
+        "constraint_column_usage",
+        &[
+            ("table_catalog", "name"),
+            ("table_schema", "name"),
+            ("table_name", "name"),
+            ("column_name", "name"),
+            ("constraint_catalog", "name"),
+            ("constraint_schema", "name"),
+            ("constraint_name", "name"),
+        ],
+    ),
+    (
+        "information_schema",
+        "referential_constraints",
+        &[
+            ("constraint_catalog", "name"),
+            ("constraint_schema", "name"),
+            ("constraint_name", "name"),
+            ("unique_constraint_catalog", "name"),
+            ("unique_constraint_schema", "name"),
+            ("unique_constraint_name", "name"),
+            ("match_option", "varchar"),
+            ("update_rule", "varchar"),
+            ("delete_rule", "varchar"),
         ],
     ),
 ];
@@ -304,7 +415,14 @@ pub fn refresh(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
          DELETE FROM pg_catalog.pg_class;
          DELETE FROM pg_catalog.pg_attribute;
          DELETE FROM information_schema.tables;
-         DELETE FROM information_schema.columns;",
+         DELETE FROM information_schema.columns;
+         DELETE FROM information_schema.table_constraints;
+         DELETE FROM information_schema.key_column_usage;
+         DELETE FROM information_schema.constraint_column_usage;
+         DELETE FROM information_schema.referential_constraints;
+         DELETE FROM pg_catalog.pg_index;
+         DELETE FROM pg_catalog.cutover_indexdef;
+         DELETE FROM pg_catalog.pg_statio_all_tables;",
     )?;
     match fill_tables(conn, map, database) {
         Ok(()) => conn.execute_batch("RELEASE cutover_catalog"),
@@ -316,6 +434,8 @@ pub fn refresh(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
 }
 
 fn fill_tables(tx: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Result<()> {
+    fill_constraints(tx, map, database)?;
+    fill_indexes(tx, map)?;
     for (i, table) in map.tables.iter().enumerate() {
         let oid = table_oid(i);
         tx.execute(
@@ -331,6 +451,10 @@ fn fill_tables(tx: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Re
         tx.execute(
             "INSERT INTO information_schema.tables VALUES (?1, 'public', ?2, 'BASE TABLE', 'YES')",
             params![database, table.name],
+        )?;
+        tx.execute(
+            "INSERT INTO pg_catalog.pg_statio_all_tables VALUES (?1, 'public', ?2)",
+            params![oid, table.name],
         )?;
         for (n, c) in table.columns.iter().enumerate() {
             let ty = PgType::of_column(&c.pg_type);
@@ -376,4 +500,202 @@ fn fill_tables(tx: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Re
         }
     }
     Ok(())
+}
+
+/// information_schema's constraint views for the file's tables: keys,
+/// UNIQUE constraints, foreign keys and checks, with the names the
+/// converted schema gives them.
+fn fill_constraints(tx: &Connection, map: &SchemaMap, database: &str) -> rusqlite::Result<()> {
+    let constraint = |table: &str, name: &str, kind: &str| {
+        tx.execute(
+            "INSERT INTO information_schema.table_constraints VALUES (?1, 'public', ?2, ?1, 'public', ?3, ?4, 'NO', 'NO', 'YES')",
+            params![database, name, table, kind],
+        )
+    };
+    let key_columns = |table: &str, name: &str, columns: &[&str], unique_positions: bool| {
+        for (n, c) in columns.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO information_schema.key_column_usage VALUES (?1, 'public', ?2, ?1, 'public', ?3, ?4, ?5, ?6)",
+                params![
+                    database,
+                    name,
+                    table,
+                    c,
+                    n as i64 + 1,
+                    unique_positions.then_some(n as i64 + 1)
+                ],
+            )?;
+        }
+        Ok::<(), rusqlite::Error>(())
+    };
+    for t in &map.tables {
+        let pkey = format!("{}_pkey", t.name);
+        if !t.primary_key.is_empty() {
+            constraint(&t.name, &pkey, "PRIMARY KEY")?;
+            let cols: Vec<&str> = t.primary_key.iter().map(String::as_str).collect();
+            key_columns(&t.name, &pkey, &cols, false)?;
+            for c in &cols {
+                tx.execute(
+                    "INSERT INTO information_schema.constraint_column_usage VALUES (?1, 'public', ?2, ?3, ?1, 'public', ?4)",
+                    params![database, t.name, c, pkey],
+                )?;
+            }
+        }
+        for i in t.indexes.iter().filter(|i| i.unique && i.constraint) {
+            let cols: Vec<&str> = i.columns.iter().filter_map(|(c, _)| c.as_deref()).collect();
+            if cols.len() != i.columns.len() {
+                continue;
+            }
+            let name = format!("{}_{}_key", t.name, cols.join("_"));
+            constraint(&t.name, &name, "UNIQUE")?;
+            key_columns(&t.name, &name, &cols, false)?;
+        }
+        for (n, fk) in t.foreign_keys.iter().enumerate() {
+            let name = format!("{}_fkey{}", t.name, n + 1);
+            constraint(&t.name, &name, "FOREIGN KEY")?;
+            let cols: Vec<&str> = fk.columns.iter().map(String::as_str).collect();
+            key_columns(&t.name, &name, &cols, true)?;
+            let referenced: Vec<String> = if fk.referenced.is_empty() {
+                map.tables
+                    .iter()
+                    .find(|r| r.name == fk.references)
+                    .map(|r| r.primary_key.clone())
+                    .unwrap_or_default()
+            } else {
+                fk.referenced.clone()
+            };
+            for c in &referenced {
+                tx.execute(
+                    "INSERT INTO information_schema.constraint_column_usage VALUES (?1, 'public', ?2, ?3, ?1, 'public', ?4)",
+                    params![database, fk.references, c, name],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO information_schema.referential_constraints VALUES (?1, 'public', ?2, ?1, 'public', ?3, 'NONE', ?4, ?5)",
+                params![
+                    database,
+                    name,
+                    format!("{}_pkey", fk.references),
+                    fk.on_update,
+                    fk.on_delete
+                ],
+            )?;
+        }
+        for n in 0..t.checks.len() {
+            constraint(&t.name, &format!("{}_check{}", t.name, n + 1), "CHECK")?;
+        }
+    }
+    Ok(())
+}
+
+/// An index as the catalog shows it: name, unique, primary, key columns
+/// (None for an expression) with DESC, predicate.
+type IndexRow = (
+    String,
+    bool,
+    bool,
+    Vec<(Option<String>, bool)>,
+    Option<String>,
+);
+
+/// pg_index, the indexes' pg_class rows and their definitions, named as
+/// the converted schema names them; OIDs follow the tables'.
+fn fill_indexes(tx: &Connection, map: &SchemaMap) -> rusqlite::Result<()> {
+    let mut next = table_oid(map.tables.len());
+    for (ti, t) in map.tables.iter().enumerate() {
+        let attnum = |c: &str| {
+            t.columns
+                .iter()
+                .position(|x| x.name == c)
+                .map_or(0, |n| n as i64 + 1)
+        };
+        let mut indexes: Vec<IndexRow> = Vec::new();
+        if !t.primary_key.is_empty() {
+            indexes.push((
+                format!("{}_pkey", t.name),
+                true,
+                true,
+                t.primary_key
+                    .iter()
+                    .map(|c| (Some(c.clone()), false))
+                    .collect(),
+                None,
+            ));
+        }
+        for i in &t.indexes {
+            let name = if i.constraint {
+                let cols: Vec<&str> = i.columns.iter().filter_map(|(c, _)| c.as_deref()).collect();
+                format!("{}_{}_key", t.name, cols.join("_"))
+            } else {
+                i.name.clone()
+            };
+            indexes.push((name, i.unique, false, i.columns.clone(), i.partial.clone()));
+        }
+        for (name, unique, primary, columns, predicate) in indexes {
+            let oid = next;
+            next += 1;
+            let keys: Vec<String> = columns
+                .iter()
+                .map(|(c, _)| c.as_deref().map_or(0, attnum).to_string())
+                .collect();
+            tx.execute(
+                "INSERT INTO pg_catalog.pg_class VALUES (?1, ?2, 2200, 0, 10, 'i', 'p', 0, 0, -1, ?3, 403, 0, 0, 0, 0, 0, 0, 0, 'n', 0)",
+                params![oid, name, columns.len() as i64],
+            )?;
+            tx.execute(
+                "INSERT INTO pg_catalog.pg_index VALUES (?1, ?2, ?3, ?3, ?4, ?5, 0, 1, 0, 1, 1, 1, 0, ?6, NULL, ?7)",
+                params![
+                    oid,
+                    table_oid(ti),
+                    columns.len() as i64,
+                    unique,
+                    primary,
+                    keys.join(" "),
+                    predicate
+                ],
+            )?;
+            let list: Vec<String> = columns
+                .iter()
+                .map(|(c, desc)| {
+                    let c = c.as_deref().map_or("?".to_string(), quote_ident);
+                    if *desc {
+                        format!("{c} DESC")
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            let def = format!(
+                "CREATE {}INDEX {} ON public.{} USING btree ({}){}",
+                if unique { "UNIQUE " } else { "" },
+                quote_ident(&name),
+                quote_ident(&t.name),
+                list.join(", "),
+                predicate
+                    .map(|p| format!(" WHERE ({p})"))
+                    .unwrap_or_default()
+            );
+            tx.execute(
+                "INSERT INTO pg_catalog.cutover_indexdef VALUES (?1, ?2)",
+                params![oid, def],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// An identifier as PostgreSQL prints it: bare when it can be.
+fn quote_ident(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
 }

@@ -253,6 +253,7 @@ pub fn install(
     })?;
     conn.create_aggregate_function("cutover_sum_numeric", 1, det, NumericSum)?;
     conn.create_aggregate_function("cutover_json_agg", 1, det, JsonAgg)?;
+    conn.create_aggregate_function("cutover_array_agg", 1, det, ArrayAgg)?;
     conn.create_scalar_function("cutover_to_json", 2, det, |ctx| {
         let ty: String = ctx.get(1)?;
         to_json(ctx.get_raw(0), &ty)
@@ -597,6 +598,51 @@ impl Aggregate<Vec<String>, Option<String>> for JsonAgg {
         Ok(acc
             .filter(|a| !a.is_empty())
             .map(|a| format!("[{}]", joined(a.into_iter()))))
+    }
+}
+
+/// `array_agg` of numbers and text: PostgreSQL's array text, `{a,b}`,
+/// elements quoted where its array input would misread them.
+struct ArrayAgg;
+
+impl Aggregate<Vec<Option<String>>, Option<String>> for ArrayAgg {
+    fn init(&self, _: &mut Context<'_>) -> rusqlite::Result<Vec<Option<String>>> {
+        Ok(Vec::new())
+    }
+
+    fn step(&self, ctx: &mut Context<'_>, acc: &mut Vec<Option<String>>) -> rusqlite::Result<()> {
+        acc.push(match ctx.get_raw(0) {
+            ValueRef::Null => None,
+            ValueRef::Real(f) => Some(crate::types::float_text(f)),
+            v => Some(cutover_sqlite::value::raw(v)),
+        });
+        Ok(())
+    }
+
+    fn finalize(
+        &self,
+        _: &mut Context<'_>,
+        acc: Option<Vec<Option<String>>>,
+    ) -> rusqlite::Result<Option<String>> {
+        Ok(acc.filter(|a| !a.is_empty()).map(|a| {
+            let items: Vec<String> = a
+                .into_iter()
+                .map(|item| match item {
+                    None => "NULL".to_string(),
+                    Some(t)
+                        if t.is_empty()
+                            || t.eq_ignore_ascii_case("null")
+                            || t.chars().any(|c| {
+                                matches!(c, '{' | '}' | ',' | '"' | '\\') || c.is_whitespace()
+                            }) =>
+                    {
+                        format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\""))
+                    }
+                    Some(t) => t,
+                })
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }))
     }
 }
 

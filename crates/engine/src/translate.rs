@@ -1130,6 +1130,7 @@ fn category(t: PgType) -> char {
         PgType::Jsonb => 'j',
         PgType::Uuid => 'U',
         PgType::Bytea => 'X',
+        PgType::Array(_) => 'A',
     }
 }
 
@@ -1526,12 +1527,14 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
             _ => PgType::Numeric,
         },
         "min" | "max" | "coalesce" | "abs" | "nullif" | "greatest" | "least" => return arg(),
+        "array_agg" => return arg().map(PgType::array),
         "lower" | "upper" | "concat" | "trim" | "btrim" | "ltrim" | "rtrim" | "substr"
         | "substring" | "replace" | "regexp_replace" | "version" | "string_agg" | "to_char"
         | "md5" => PgType::Text,
         "current_database" | "current_schema" | "current_user" | "session_user"
         | "pg_get_userbyid" => PgType::Name,
         "pg_table_size" | "pg_relation_size" | "pg_total_relation_size" => PgType::Int8,
+        "pg_get_indexdef" => PgType::Text,
         "pg_size_pretty" => PgType::Text,
         "current_setting" | "format_type" | "obj_description" | "col_description" => PgType::Text,
         "pg_table_is_visible"
@@ -1995,9 +1998,12 @@ impl VisitorMut for Rewrite<'_, '_> {
                     PgType::Timestamptz | PgType::Timestamp => call("cutover_ts_text", inner),
                     PgType::Json | PgType::Jsonb => call("cutover_json", inner),
                     PgType::Numeric => call("cutover_numeric", inner),
-                    PgType::Date | PgType::Uuid | PgType::Bytea | PgType::Char | PgType::Oid => {
-                        inner
-                    }
+                    PgType::Date
+                    | PgType::Uuid
+                    | PgType::Bytea
+                    | PgType::Char
+                    | PgType::Oid
+                    | PgType::Array(_) => inner,
                 };
             }
             Expr::ILike {
@@ -2184,6 +2190,18 @@ impl VisitorMut for Rewrite<'_, '_> {
                     _ => None,
                 };
                 if let Some((insensitive, negated)) = regex {
+                    // Text only, as in PostgreSQL (integer ~ text is 42883).
+                    if let Some(t) = expr_type(left, self.scope) {
+                        if category(t) != 'S' {
+                            if self.error.is_none() {
+                                self.error = Some(SqlError::new(
+                                    "42883",
+                                    format!("operator does not exist: {} ~ unknown", t.name()),
+                                ));
+                            }
+                            return ControlFlow::Break(());
+                        }
+                    }
                     let l = std::mem::replace(left.as_mut(), Expr::value(Value::Null));
                     let r = std::mem::replace(right.as_mut(), Expr::value(Value::Null));
                     let flag = Expr::value(Value::Number(
@@ -2326,6 +2344,25 @@ impl VisitorMut for Rewrite<'_, '_> {
                     ],
                 );
             }
+            Expr::Function(f) if last_part(&f.name).eq_ignore_ascii_case("pg_get_indexdef") => {
+                // The catalog keeps each index's definition; only the
+                // whole definition is given (not one column's).
+                let Some(index) = first_arg(f).cloned() else {
+                    return self.refuse("pg_get_indexdef()");
+                };
+                let template = "SELECT def FROM pg_catalog.cutover_indexdef WHERE oid = NULL";
+                let Ok(Some(Statement::Query(mut q))) =
+                    Parser::parse_sql(&PostgreSqlDialect {}, template).map(|mut s| s.pop())
+                else {
+                    return self.refuse("pg_get_indexdef()");
+                };
+                if let SetExpr::Select(select) = q.body.as_mut() {
+                    if let Some(Expr::BinaryOp { right, .. }) = &mut select.selection {
+                        **right = index;
+                    }
+                }
+                *e = Expr::Subquery(q);
+            }
             Expr::Function(f) => {
                 let name = last_part(&f.name).to_ascii_lowercase();
                 if name == "date_trunc" {
@@ -2369,6 +2406,33 @@ impl VisitorMut for Rewrite<'_, '_> {
                     }
                     _ => None,
                 };
+                if name == "array_agg" {
+                    // Arrays of what PostgreSQL and the file spell alike
+                    // (catalog queries aggregate names and numbers).
+                    let ok = matches!(
+                        arg,
+                        Some(
+                            PgType::Int2
+                                | PgType::Int4
+                                | PgType::Int8
+                                | PgType::Oid
+                                | PgType::Text
+                                | PgType::Varchar
+                                | PgType::Name
+                        )
+                    );
+                    if !ok || f.over.is_some() {
+                        return self.refuse(&format!(
+                            "array_agg of {}",
+                            arg.map(|t| t.name())
+                                .unwrap_or("an expression of unknown type")
+                        ));
+                    }
+                    f.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(
+                        "cutover_array_agg",
+                    ))]);
+                    return ControlFlow::Continue(());
+                }
                 if let Some(json) = json_function(&name) {
                     // Each argument becomes JSON text the way PostgreSQL
                     // renders its type; the functions only assemble.
@@ -2447,6 +2511,7 @@ fn known_function(name: &str) -> bool {
 /// (the engine's own `cutover_*` helpers included).
 const KNOWN_FUNCTIONS: &[&str] = &[
     "regexp_replace",
+    "array_agg",
     "count",
     "sum",
     "avg",
@@ -2869,6 +2934,14 @@ fn column_name(e: &Expr) -> Option<String> {
 fn name_columns(statement: &mut Statement) {
     fn name_items(items: &mut [SelectItem]) {
         for item in items {
+            // An unquoted alias is folded to lower case, as PostgreSQL
+            // folds it, and quoted, so that a keyword of SQLite's
+            // (Sequelize's `AS primary`) stays a name.
+            if let SelectItem::ExprWithAlias { alias, .. } = item {
+                if alias.quote_style.is_none() {
+                    *alias = Ident::with_quote('"', alias.value.to_lowercase());
+                }
+            }
             if let SelectItem::UnnamedExpr(e) = item {
                 if let Some(name) = column_name(e) {
                     let expr = std::mem::replace(e, Expr::value(Value::Null));

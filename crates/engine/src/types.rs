@@ -33,6 +33,9 @@ pub enum PgType {
     Jsonb,
     Bytea,
     Uuid,
+    /// A one-dimensional array of the `ALL[i]` type, as `array_agg`
+    /// builds it (its text form comes ready-made).
+    Array(u8),
 }
 
 impl PgType {
@@ -56,11 +59,18 @@ impl PgType {
             PgType::Jsonb => 3802,
             PgType::Bytea => 17,
             PgType::Uuid => 2950,
+            PgType::Array(i) => ALL.get(usize::from(i)).map_or(1009, |t| t.array_oid()),
         }
     }
 
     pub fn from_oid(oid: u32) -> Option<PgType> {
         ALL.iter().copied().find(|t| t.oid() == oid)
+    }
+
+    /// The array type of `self`.
+    pub fn array(self) -> PgType {
+        let i = ALL.iter().position(|t| *t == self).unwrap_or(6);
+        PgType::Array(i as u8)
     }
 }
 
@@ -153,6 +163,7 @@ impl PgType {
             PgType::Jsonb => "jsonb",
             PgType::Bytea => "bytea",
             PgType::Uuid => "uuid",
+            PgType::Array(_) => "ARRAY",
         }
     }
 
@@ -177,6 +188,7 @@ impl PgType {
             PgType::Jsonb => 3807,
             PgType::Bytea => 1001,
             PgType::Uuid => 2951,
+            PgType::Array(_) => 0,
         }
     }
 
@@ -206,6 +218,7 @@ impl PgType {
             PgType::Jsonb => "jsonb",
             PgType::Bytea => "bytea",
             PgType::Uuid => "uuid",
+            PgType::Array(_) => "anyarray",
         }
     }
 
@@ -456,6 +469,8 @@ pub fn binary(ty: PgType, text: &str) -> Result<Vec<u8>, BadInput> {
             }
             b
         }
+        // Arrays are sent as text only.
+        PgType::Array(_) => return Err(bad()),
         PgType::Oid => text
             .parse::<u32>()
             .map_err(|_| bad())?
@@ -691,7 +706,7 @@ pub fn param_text(ty: PgType, format: i16, bytes: &[u8]) -> Result<String, BadIn
         PgType::Text | PgType::Varchar | PgType::Name | PgType::Char | PgType::Json => {
             String::from_utf8(bytes.to_vec()).map_err(|_| bad())?
         }
-        PgType::Uuid => return Err(bad()),
+        PgType::Uuid | PgType::Array(_) => return Err(bad()),
     })
 }
 
@@ -815,7 +830,7 @@ pub fn to_storage(ty: PgType, codec: Option<Codec>, text: &str) -> Result<Value,
             None => Value::Blob(text.as_bytes().to_vec()),
         },
         PgType::Oid => Value::Integer(t.parse::<u32>().map_err(|_| bad())?.into()),
-        PgType::Text | PgType::Varchar | PgType::Name | PgType::Char => {
+        PgType::Text | PgType::Varchar | PgType::Name | PgType::Char | PgType::Array(_) => {
             Value::Text(text.to_string())
         }
     })
