@@ -1,6 +1,9 @@
 //! The system catalog drivers and ORMs read at connect and for
-//! introspection: `pg_catalog` (pg_namespace, pg_type, pg_class,
-//! pg_attribute) and `information_schema` (schemata, tables, columns),
+//! introspection: `pg_catalog` (pg_namespace, pg_type, pg_class with the
+//! indexes, pg_attribute, pg_index, pg_am, pg_range, pg_enum,
+//! pg_description, pg_statio_all_tables) and `information_schema`
+//! (schemata, tables, columns, table_constraints, key_column_usage,
+//! constraint_column_usage, referential_constraints),
 //! built from the schema map into in-memory databases attached to every
 //! session's connection, so their queries run as ordinary SQL. Only
 //! built-in type OIDs are used; the file's tables get OIDs from 16384 up
