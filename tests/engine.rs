@@ -503,6 +503,20 @@ async fn transactions_behave_as_in_postgresql() {
         "SHOW application_name",
         "SET LOCAL statement_timeout = '1s'",
         "SHOW statement_timeout",
+        // ROLLBACK TO SAVEPOINT takes back what was SET after it.
+        "BEGIN",
+        "SET application_name = 'before'",
+        "SAVEPOINT a",
+        "SET application_name = 'after a'",
+        "SAVEPOINT b",
+        "SET statement_timeout = '9s'",
+        "ROLLBACK TO SAVEPOINT a",
+        "SHOW application_name",
+        "SHOW statement_timeout",
+        "SET application_name = 'again'",
+        "RELEASE SAVEPOINT a",
+        "COMMIT",
+        "SHOW application_name",
     ];
     for sql in script {
         let (te, tp) = (

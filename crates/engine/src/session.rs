@@ -153,6 +153,9 @@ pub(crate) struct Session {
     /// The settings when the transaction began, restored when it rolls
     /// back, and the names SET LOCAL changed, restored when it ends.
     saved_settings: Option<BTreeMap<String, String>>,
+    /// The settings at each open savepoint, innermost last: ROLLBACK TO
+    /// takes back what was SET after it.
+    savepoint_settings: Vec<(String, BTreeMap<String, String>)>,
     local_settings: Vec<String>,
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
@@ -245,6 +248,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         tx: Tx::Idle,
         implicit: false,
         saved_settings: None,
+        savepoint_settings: Vec::new(),
         local_settings: Vec::new(),
         statements: HashMap::new(),
         portals: HashMap::new(),
@@ -1137,11 +1141,16 @@ impl Session {
                 self.take_lease(None).await?;
                 self.sqlite_batch(format!("SAVEPOINT \"{}\"", name.replace('"', "\"\"")))
                     .await?;
+                self.savepoint_settings
+                    .push((name.clone(), self.settings.clone()));
                 Ok(Self::tagged("SAVEPOINT"))
             }
             Command::Release(name) => {
                 self.in_block("RELEASE SAVEPOINT")?;
                 self.savepoint_op("RELEASE", name).await?;
+                if let Some(at) = self.savepoint_settings.iter().rposition(|(n, _)| n == name) {
+                    self.savepoint_settings.truncate(at);
+                }
                 Ok(Self::tagged("RELEASE"))
             }
             Command::RollbackTo(name) => {
@@ -1149,6 +1158,11 @@ impl Session {
                 self.savepoint_op("ROLLBACK TO", name).await?;
                 if let Tx::Block { failed, .. } = &mut self.tx {
                     *failed = false;
+                }
+                if let Some(at) = self.savepoint_settings.iter().rposition(|(n, _)| n == name) {
+                    self.savepoint_settings.truncate(at + 1);
+                    let restored = self.savepoint_settings[at].1.clone();
+                    self.apply_settings(restored);
                 }
                 Ok(Self::tagged("ROLLBACK"))
             }
@@ -1538,6 +1552,7 @@ impl Session {
         };
         self.saved_settings = Some(self.settings.clone());
         self.local_settings.clear();
+        self.savepoint_settings.clear();
     }
 
     /// The settings after a transaction: all as they were when it began if
@@ -1559,6 +1574,13 @@ impl Session {
         } else {
             restored = saved;
         }
+        self.savepoint_settings.clear();
+        self.apply_settings(restored);
+    }
+
+    /// Makes `restored` the session's settings, sending the reported
+    /// parameters that change to the client again.
+    fn apply_settings(&mut self, restored: BTreeMap<String, String>) {
         if restored == self.settings {
             return;
         }
