@@ -1094,6 +1094,13 @@ async fn ddl_is_refused_while_capture_runs_and_names_what_sqlite_cannot_do() {
     let db = e.as_db_error().unwrap();
     assert_eq!(db.code().code(), "0A000");
     assert!(db.message().contains("frozen"), "{}", db.message());
+    // A session's temporary tables are not the file's schema.
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE scratch (id int, note text); INSERT INTO scratch VALUES (1, 'x'); DROP TABLE scratch",
+        )
+        .await
+        .unwrap();
     cutover_sqlite::capture::remove(&file_conn, &map).unwrap();
     client
         .batch_execute("ALTER TABLE users ADD COLUMN name text")

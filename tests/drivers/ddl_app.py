@@ -167,6 +167,19 @@ with psycopg.connect(dsn, autocommit=True) as conn:
     run("SELECT * FROM ddl_gone")
     run("DROP TABLE IF EXISTS ddl_gone")
     run("DROP TABLE ddl_gone")
+    # Temporary tables are the session's own.
+    run("CREATE TEMP TABLE ddl_staging (email text NOT NULL, n integer, seen boolean DEFAULT false)")
+    run("INSERT INTO ddl_staging (email, n) VALUES ('c@example.com', 1), ('d@example.com', 2)")
+    out("staged", conn.execute("SELECT email, n, seen FROM ddl_staging ORDER BY email").fetchall())
+    run("INSERT INTO ddl_authors (email) SELECT email FROM ddl_staging WHERE n > 1")
+    with psycopg.connect(dsn, autocommit=True) as other:
+        try:
+            other.execute("SELECT * FROM ddl_staging")
+        except psycopg.Error as e:
+            out("other session", e.sqlstate)
+    run("DROP TABLE ddl_staging")
+    run("SELECT * FROM ddl_staging")
+    out("moved", conn.execute("SELECT email FROM ddl_authors ORDER BY email").fetchall())
     run("DROP INDEX ddl_books_price_idx")
     run("DROP TABLE ddl_volumes, ddl_authors")
 out("left", inspect(engine).has_table("ddl_authors"), inspect(engine).has_table("ddl_volumes"))

@@ -97,6 +97,7 @@ fn steps(tag: &str, steps: Vec<Step>) -> Command {
     Command::Ddl {
         tag: tag.to_string(),
         steps,
+        temporary: false,
     }
 }
 
@@ -173,8 +174,12 @@ fn create_table(t: CreateTable, map: &SchemaMap) -> Result<Command, SqlError> {
     if map.tables.iter().any(|x| x.name == name) {
         return exists(t.if_not_exists, "CREATE TABLE", &name);
     }
-    if t.temporary {
-        return Err(SqlError::unsupported("CREATE TEMPORARY TABLE"));
+    if t.on_commit
+        .is_some_and(|o| !matches!(o, sqlparser::ast::OnCommit::PreserveRows))
+    {
+        return Err(SqlError::unsupported(
+            "CREATE TEMPORARY TABLE … ON COMMIT DELETE ROWS / DROP",
+        ));
     }
     if t.query.is_some() {
         return Err(SqlError::unsupported("CREATE TABLE … AS"));
@@ -234,12 +239,21 @@ fn create_table(t: CreateTable, map: &SchemaMap) -> Result<Command, SqlError> {
     } else {
         ""
     };
+    let temp = if t.temporary { "TEMP " } else { "" };
     let mut statements = vec![Step::Sql(format!(
-        "CREATE TABLE {if_not_exists}{} ({})",
+        "CREATE {temp}TABLE {if_not_exists}{} ({})",
         quote(&name),
         lines.join(", ")
     ))];
     statements.extend(named.into_iter().map(Step::Sql));
+    if t.temporary {
+        // The session's own: nothing of it goes into the file.
+        return Ok(Command::Ddl {
+            tag: "CREATE TABLE".to_string(),
+            steps: statements,
+            temporary: true,
+        });
+    }
     statements.push(Step::Record(format!(
         "DELETE FROM {DECLARED_TYPES} WHERE tbl = {}",
         literal(&name)

@@ -137,8 +137,13 @@ struct Output {
 
 pub(crate) struct Session {
     engine: Arc<Inner>,
-    /// The file's schema this session's statements are translated by.
+    /// The file's schema this session's statements are translated by
+    /// (with the session's temporary tables when it has some).
     schema: Arc<Schema>,
+    /// The file's schema as the engine has it, and the session's
+    /// temporary tables.
+    base: Arc<Schema>,
+    temp: Vec<cutover_sqlite::Table>,
     /// The engine's DDL count and the time when the file's schema version
     /// was last asked for.
     schema_seen: std::cell::Cell<(u64, std::time::Instant)>,
@@ -239,6 +244,8 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     engine.set_interrupt(key.pid, conn.get_interrupt_handle());
     let mut session = Session {
         engine: engine.clone(),
+        base: schema.clone(),
+        temp: Vec::new(),
         schema,
         schema_seen: std::cell::Cell::new((0, std::time::Instant::now() - SCHEMA_CHECK)),
         key,
@@ -518,6 +525,84 @@ impl Session {
         self.schema.command(sql).map_err(Failure::from)
     }
 
+    /// The schema statements are translated by: the file's, and the
+    /// session's temporary tables over it (as pg_temp comes first in
+    /// PostgreSQL's search path).
+    fn overlay_temp(&mut self) {
+        if self.temp.is_empty() {
+            self.schema = self.base.clone();
+            return;
+        }
+        let mut map = (*self.base.map).clone();
+        map.tables
+            .retain(|t| !self.temp.iter().any(|x| x.name == t.name));
+        map.tables.extend(self.temp.iter().cloned());
+        self.schema = Arc::new(Schema::new(self.base.version, map));
+    }
+
+    /// Reads the session's temporary tables again (after DDL).
+    fn follow_temp(&mut self) -> Result<(), Failure> {
+        let temp = {
+            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            cutover_sqlite::SchemaMap::read_temp(&conn).map_err(|e| {
+                Failure::new("XX000", format!("cannot read the temporary tables: {e}"))
+            })?
+        };
+        if temp != self.temp {
+            self.temp = temp;
+            self.overlay_temp();
+            self.shapes.clear();
+            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            conn.flush_prepared_statement_cache();
+        }
+        Ok(())
+    }
+
+    /// Whether `steps` drop only this session's temporary tables (which
+    /// capture does not see, so they may go while it runs).
+    fn drops_only_temp(&self, steps: &[crate::ddl::Step]) -> bool {
+        let mut dropped = false;
+        for step in steps {
+            match step {
+                crate::ddl::Step::Record(_) => {}
+                crate::ddl::Step::Sql(sql) => {
+                    let temp = sql.strip_prefix("DROP TABLE ").is_some_and(|name| {
+                        self.temp
+                            .iter()
+                            .any(|t| cutover_sqlite::schema_map::quote(&t.name) == name)
+                    });
+                    if !temp {
+                        return false;
+                    }
+                    dropped = true;
+                }
+                _ => return false,
+            }
+        }
+        dropped
+    }
+
+    /// Drops the session's temporary tables (DISCARD ALL, DISCARD TEMP).
+    fn drop_temp(&mut self) -> Result<(), Failure> {
+        if self.temp.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = self.temp.iter().map(|t| t.name.clone()).collect();
+        {
+            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            for name in names {
+                conn.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS temp.{}",
+                    cutover_sqlite::schema_map::quote(&name)
+                ))
+                .map_err(|e| from_sqlite(&e, &self.schema.map))?;
+            }
+        }
+        self.temp.clear();
+        self.overlay_temp();
+        Ok(())
+    }
+
     /// A prepared statement after the file's schema changed, translated
     /// again as PostgreSQL plans it again; as there, a statement whose
     /// result columns changed is refused (the client prepares it anew).
@@ -588,7 +673,8 @@ impl Session {
         // until it is stepped (`SELECT *`).
         conn.flush_prepared_statement_cache();
         drop(conn);
-        self.schema = schema;
+        self.base = schema;
+        self.overlay_temp();
         Ok(())
     }
 
@@ -1251,6 +1337,7 @@ impl Session {
                 self.portals.clear();
                 self.listening.clear();
                 self.engine.release_advisory(self.key.pid);
+                self.drop_temp()?;
                 Ok(Self::tagged("DISCARD ALL"))
             }
             Command::Deallocate(name) => {
@@ -1305,8 +1392,12 @@ impl Session {
                 self.notice(code, notice);
                 Ok(Self::tagged(tag))
             }
-            Command::Ddl { tag, steps } => {
-                let frozen = {
+            Command::Ddl {
+                tag,
+                steps,
+                temporary,
+            } => {
+                let frozen = !*temporary && !self.drops_only_temp(steps) && {
                     let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
                     cutover_sqlite::capture::installed(&conn)
                         .map_err(|e| Failure::new("XX000", e.to_string()))?
@@ -1318,8 +1409,12 @@ impl Session {
                     ));
                 }
                 let written = self.write_steps(steps).await;
-                self.engine.ddl_generation.fetch_add(1, Ordering::Release);
+                if !*temporary {
+                    self.engine.ddl_generation.fetch_add(1, Ordering::Release);
+                }
+                let followed = self.follow_temp();
                 written?;
+                followed?;
                 Ok(Self::tagged(tag))
             }
             Command::Sql(t) => self.run_sql(t, params, formats).await,

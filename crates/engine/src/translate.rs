@@ -89,6 +89,9 @@ pub enum Command {
     Ddl {
         tag: String,
         steps: Vec<crate::ddl::Step>,
+        /// CREATE TEMPORARY TABLE: the session's own, not the file's
+        /// schema (allowed while capture runs).
+        temporary: bool,
     },
     Copy(Box<CopyPlan>),
     /// TRUNCATE: the DELETEs that empty the tables.

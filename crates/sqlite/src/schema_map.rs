@@ -346,6 +346,26 @@ impl SchemaMap {
         Ok(SchemaMap { tables, skipped })
     }
 
+    /// The connection's temporary tables (its `temp` schema), read and
+    /// profiled as the file's are.
+    pub fn read_temp(conn: &Connection) -> Result<Vec<Table>, SqliteError> {
+        let mut stmt = conn.prepare(
+            "SELECT name, sql FROM temp.sqlite_master WHERE type = 'table' ORDER BY name",
+        )?;
+        let names: Vec<(String, String)> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        names
+            .iter()
+            .map(|(name, sql)| read_table(conn, name, sql, &[]))
+            .collect()
+    }
+
     /// As [`SchemaMap::read`] for the file at `path`, with the tables
     /// profiled on up to `threads` read-only connections at once.
     pub fn read_file(
