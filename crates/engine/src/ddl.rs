@@ -108,6 +108,9 @@ pub enum Step {
     Sql(String),
     /// A change to the declared types' record, made when the file has one.
     Record(String),
+    /// DROP TABLE of this name (a session's temporary table first, as
+    /// SQLite and PostgreSQL's search path resolve it).
+    DropTable(String),
     /// A change to one column SQLite's ALTER TABLE cannot make, written
     /// into its definition in the table's CREATE statement the same way.
     AlterColumn {
@@ -655,7 +658,11 @@ fn drop(
             ));
         }
         if exists {
-            statements.push(Step::Sql(format!("DROP {what} {}", quote(&name))));
+            statements.push(if what == "TABLE" {
+                Step::DropTable(name.clone())
+            } else {
+                Step::Sql(format!("DROP INDEX {}", quote(&name)))
+            });
             if what == "TABLE" {
                 statements.push(Step::Record(format!(
                     "DELETE FROM {DECLARED_TYPES} WHERE tbl = {}",

@@ -565,15 +565,7 @@ impl Session {
         for step in steps {
             match step {
                 crate::ddl::Step::Record(_) => {}
-                crate::ddl::Step::Sql(sql) => {
-                    let temp = sql.strip_prefix("DROP TABLE ").is_some_and(|name| {
-                        self.temp
-                            .iter()
-                            .any(|t| cutover_sqlite::schema_map::quote(&t.name) == name)
-                    });
-                    if !temp {
-                        return false;
-                    }
+                crate::ddl::Step::DropTable(name) if self.temp.iter().any(|t| &t.name == name) => {
                     dropped = true;
                 }
                 _ => return false,
@@ -1706,6 +1698,13 @@ impl Session {
         for step in steps {
             result = match step {
                 crate::ddl::Step::Sql(sql) => self.sqlite_batch(sql.clone()).await,
+                crate::ddl::Step::DropTable(name) => {
+                    self.sqlite_batch(format!(
+                        "DROP TABLE {}",
+                        cutover_sqlite::schema_map::quote(name)
+                    ))
+                    .await
+                }
                 crate::ddl::Step::Record(sql) => {
                     let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
                     let recorded = conn
