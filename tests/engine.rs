@@ -1161,6 +1161,29 @@ async fn a_sequelize_app_sees_the_same_as_on_postgresql() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drizzles_own_migrator_runs_as_on_postgresql() {
+    let node_dir = tokio::task::spawn_blocking(node_with_drivers)
+        .await
+        .unwrap();
+    let sides = sides(Style::Hand).await;
+    let script = node_dir.join("drizzle_migrate.mjs");
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/drizzle_migrate.mjs"),
+        &script,
+    )
+    .unwrap();
+    let scratch = sides.file.parent().unwrap().join("drizzle");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let run = |dsn: &str| {
+        run_ok(
+            Command::new("node").arg(&script).arg(dsn).arg(&scratch),
+            "tests/drivers/drizzle_migrate.mjs",
+        )
+    };
+    tokio::task::block_in_place(|| same_output("drizzle migrate", run, &sides));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sequelize_app_syncs_its_tables_as_on_postgresql() {
     let node_dir = tokio::task::spawn_blocking(node_with_drivers)
         .await

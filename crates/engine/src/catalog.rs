@@ -138,6 +138,17 @@ const SHAPES: &[Shape] = &[
         "cutover_indexdef",
         &[("oid", "oid"), ("def", "text")],
     ),
+    (
+        "pg_catalog",
+        "pg_indexes",
+        &[
+            ("schemaname", "name"),
+            ("tablename", "name"),
+            ("indexname", "name"),
+            ("tablespace", "name"),
+            ("indexdef", "text"),
+        ],
+    ),
     // Comments (none: the file has no COMMENT ON), and the statistics
     // view Sequelize joins them through.
     (
@@ -425,6 +436,7 @@ pub fn refresh(conn: &Connection, map: &SchemaMap, database: &str) -> rusqlite::
          DELETE FROM information_schema.referential_constraints;
          DELETE FROM pg_catalog.pg_index;
          DELETE FROM pg_catalog.cutover_indexdef;
+         DELETE FROM pg_catalog.pg_indexes;
          DELETE FROM pg_catalog.pg_statio_all_tables;",
     )?;
     match fill_tables(conn, map, database) {
@@ -681,6 +693,10 @@ fn fill_indexes(tx: &Connection, map: &SchemaMap) -> rusqlite::Result<()> {
             tx.execute(
                 "INSERT INTO pg_catalog.cutover_indexdef VALUES (?1, ?2)",
                 params![oid, def],
+            )?;
+            tx.execute(
+                "INSERT INTO pg_catalog.pg_indexes VALUES ('public', ?1, ?2, NULL, ?3)",
+                params![t.name, name, def],
             )?;
         }
     }
