@@ -17,6 +17,7 @@ mod ddl;
 mod decimal;
 mod errors;
 mod functions;
+mod rewrite;
 mod session;
 mod time;
 pub mod translate;

@@ -1728,7 +1728,7 @@ impl Session {
                     change,
                 } => {
                     let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-                    crate::ddl::alter_column(&conn, table, column, change, &self.schema.map)
+                    crate::rewrite::alter_column(&conn, table, column, change, &self.schema.map)
                 }
                 crate::ddl::Step::AddConstraint {
                     table,
@@ -1736,7 +1736,13 @@ impl Session {
                     verify,
                 } => {
                     let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-                    crate::ddl::add_constraint(&conn, table, constraint, verify, &self.schema.map)
+                    crate::rewrite::add_constraint(
+                        &conn,
+                        table,
+                        constraint,
+                        verify,
+                        &self.schema.map,
+                    )
                 }
             };
             if result.is_err() {
