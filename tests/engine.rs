@@ -1071,6 +1071,7 @@ async fn ddl_is_refused_while_capture_runs_and_names_what_sqlite_cannot_do() {
         ("CREATE TABLE t (n serial, m int)", "serial or identity"),
         ("CREATE VIEW v AS SELECT 1", "CREATE VIEW"),
         ("CREATE TABLE other.t (id int)", "schema"),
+        ("CREATE EXTENSION IF NOT EXISTS postgis", "CREATE EXTENSION"),
     ] {
         let e = client.batch_execute(sql).await.unwrap_err();
         let db = e.as_db_error().unwrap();
@@ -1083,6 +1084,19 @@ async fn ddl_is_refused_while_capture_runs_and_names_what_sqlite_cannot_do() {
             db.message()
         );
     }
+
+    // Extensions whose functions the engine has built in are there.
+    client
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\"; CREATE EXTENSION IF NOT EXISTS pgcrypto",
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one("SELECT uuid_generate_v4(), gen_random_uuid()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.columns()[0].type_(), &tokio_postgres::types::Type::UUID);
 
     // The migration's capture freezes the schema until finalize.
     let map = cutover_sqlite::SchemaMap::read(&file_conn, &[]).unwrap();

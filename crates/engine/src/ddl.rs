@@ -51,8 +51,31 @@ pub(crate) fn translate(statement: Statement, map: &SchemaMap) -> Result<Command
         } if schema_name.to_string().trim_matches('"') == "public" => {
             Ok(noop("CREATE SCHEMA", "schema \"public\" already exists, skipping".to_string()))
         }
+        // The extensions whose functions the engine has built in (uuid
+        // generation, text types) are there already.
+        Statement::CreateExtension {
+            name,
+            if_not_exists,
+            ..
+        } if matches!(
+            name.value.as_str(),
+            "pgcrypto" | "uuid-ossp" | "citext" | "plpgsql"
+        ) =>
+        {
+            if if_not_exists {
+                Ok(noop(
+                    "CREATE EXTENSION",
+                    format!("extension \"{}\" already exists, skipping", name.value),
+                ))
+            } else {
+                Err(SqlError::new(
+                    "42710",
+                    format!("extension \"{}\" already exists", name.value),
+                ))
+            }
+        }
         other => Err(SqlError::unsupported(format!(
-            "{} (the SQLite engine runs CREATE/DROP TABLE, CREATE/DROP INDEX and ALTER TABLE ADD/DROP/RENAME)",
+            "{} (the SQLite engine runs CREATE/DROP TABLE, CREATE/DROP INDEX, ALTER TABLE and CREATE EXTENSION of pgcrypto, uuid-ossp, citext)",
             statement_kind(&other)
         ))),
     }

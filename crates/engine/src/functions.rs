@@ -470,21 +470,27 @@ pub fn install(
     let id = identity;
     conn.create_scalar_function("pg_backend_pid", 0, det, move |_| Ok(id.pid))?;
     conn.create_scalar_function("random", 0, nondet, |_| Ok(rand::random::<f64>()))?;
-    conn.create_scalar_function("gen_random_uuid", 0, nondet, |_| {
-        let mut b: [u8; 16] = rand::random();
-        b[6] = (b[6] & 0x0f) | 0x40;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        Ok(format!(
-            "{}-{}-{}-{}-{}",
-            &h[..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..]
-        ))
-    })?;
+    // uuid-ossp's uuid_generate_v4 is pgcrypto's gen_random_uuid.
+    for name in ["gen_random_uuid", "uuid_generate_v4"] {
+        conn.create_scalar_function(name, 0, nondet, |ctx| random_uuid(ctx))?;
+    }
     Ok(())
+}
+
+/// A version-4 UUID in its text form.
+fn random_uuid(_: &Context<'_>) -> rusqlite::Result<String> {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
 }
 
 /// A numeric value read from storage: integers, doubles by their

@@ -1565,7 +1565,7 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         "cutover_jsonb_concat" => PgType::Jsonb,
         "cutover_bool" => PgType::Bool,
         "random" => PgType::Float8,
-        "gen_random_uuid" => PgType::Uuid,
+        "gen_random_uuid" | "uuid_generate_v4" => PgType::Uuid,
         "json_agg" | "json_build_object" | "json_build_array" | "to_json" | "json_object_agg" => {
             PgType::Json
         }
@@ -2547,6 +2547,7 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "session_user",
     "pg_backend_pid",
     "gen_random_uuid",
+    "uuid_generate_v4",
     "random",
     "greatest",
     "least",
