@@ -219,6 +219,11 @@ const READS: &[&str] = &[
     "SELECT id FROM {u} WHERE email ILIKE '%USER1%' ORDER BY id",
     "SELECT id, email ~ '^user1[0-9]?@', email ~* 'USER2', email !~ 'example', regexp_replace(email, '@.*$', ''), regexp_replace(email, '([a-z]+)([0-9]+)', '\\2-\\1', 'g') FROM {u} ORDER BY id LIMIT 12",
     "SELECT count(*) FROM {u} WHERE email OPERATOR(pg_catalog.~) '^user' COLLATE pg_catalog.default",
+    // String, math and JSON functions (builtins.rs).
+    "SELECT id, split_part(email, '@', 1), strpos(email, '@'), left(email, 3), right(email, 4), lpad(id::text, 4, '0'), rpad(left(email, 2), 4, '*'), initcap(name), char_length(email), octet_length(name), md5(email), concat_ws('/', email, NULL, id), substring(email from 2 for 3), position('@' in email), reverse(left(email, 4)), translate(left(email, 5), 'user', 'USER'), starts_with(email, 'user1') FROM {u} ORDER BY id LIMIT 6",
+    "SELECT ceil(2.5), floor(-2.5), ceil(7), mod(-7, 3), power(2, 10), sqrt(2), ln(2), log(1000), exp(1), sign(-3), trunc(2.345, 1), greatest(1, NULL, 3), least('b', 'a'), pi(), repeat('ab', 2), btrim('xxaxx', 'x'), chr(65), ascii('A')",
+    "SELECT jsonb_set('{\"a\":1}'::jsonb, '{a}', '2'), jsonb_set('{\"a\":[1,2]}'::jsonb, '{a,-1}', '9'), jsonb_array_length('[1,2,3]'::jsonb), jsonb_typeof('{}'::jsonb), jsonb_extract_path_text('{\"a\":{\"b\":1}}'::jsonb, 'a', 'b'), jsonb_strip_nulls('{\"a\":null,\"b\":[1]}'::jsonb), to_timestamp(1700000000.5)",
+    "SELECT string_agg(email, ',' ORDER BY id DESC) FROM {u} WHERE id < 4",
     // LIKE's default escape is the backslash; E'' strings carry escapes.
     "SELECT 'a_b' LIKE 'a\\_b', 'ab' LIKE 'a\\_b', 'a%' LIKE 'a\\%', 'A_b' ILIKE 'a\\_B', 'a_b' LIKE 'a#_b' ESCAPE '#', E'x\\\\y' = 'x\\y', E'a\\tb'",
     "SELECT count(*) FROM {u} WHERE email LIKE E'user1\\_%' OR email NOT LIKE 'user_%'",

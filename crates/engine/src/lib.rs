@@ -11,6 +11,7 @@
 //! it through [`Engine::connect`], an in-memory byte stream speaking the
 //! protocol; tests can also give it a TCP listener of its own.
 
+mod builtins;
 mod catalog;
 mod copy;
 mod ddl;
@@ -327,6 +328,7 @@ impl Inner {
         let pid = identity.pid;
         catalog::install(&conn, map, &self.database)?;
         functions::install(&conn, clock, identity)?;
+        builtins::install(&conn)?;
         self.install_advisory(&conn, pid)?;
         Ok(conn)
     }

@@ -1413,6 +1413,13 @@ fn expr_type(e: &Expr, scope: &Scope) -> Option<PgType> {
             _ => return None,
         },
         Expr::Cast { data_type, .. } => return PgType::from_name(&data_type.to_string()),
+        Expr::Position { .. } => PgType::Int4,
+        Expr::Substring { .. } => PgType::Text,
+        // PostgreSQL's float8 versions take integers; numeric its own.
+        Expr::Ceil { expr, .. } | Expr::Floor { expr, .. } => match expr_type(expr, scope)? {
+            PgType::Numeric => PgType::Numeric,
+            _ => PgType::Float8,
+        },
         Expr::BinaryOp { left, op, right } => match op {
             BinaryOperator::Eq
             | BinaryOperator::NotEq
@@ -1575,7 +1582,35 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         | "cutover_json_agg"
         | "cutover_json_value"
         | "cutover_to_json" => PgType::Json,
-        "round" | "trunc" | "ceil" | "floor" => return arg(),
+        "round" | "trunc" | "mod" => return arg(),
+        // PostgreSQL's float8 versions take integers; numeric its own.
+        "ceil" | "ceiling" | "floor" => match arg()? {
+            PgType::Numeric => PgType::Numeric,
+            _ => PgType::Float8,
+        },
+        "sqrt" | "exp" | "ln" | "log" | "log10" | "power" | "pow" | "pi" | "cbrt" | "sign" => {
+            PgType::Float8
+        }
+        "split_part"
+        | "left"
+        | "right"
+        | "lpad"
+        | "rpad"
+        | "initcap"
+        | "repeat"
+        | "reverse"
+        | "concat_ws"
+        | "translate"
+        | "chr"
+        | "jsonb_extract_path_text"
+        | "json_extract_path_text"
+        | "jsonb_typeof"
+        | "json_typeof" => PgType::Text,
+        "character_length" | "octet_length" | "ascii" | "jsonb_array_length"
+        | "json_array_length" => PgType::Int4,
+        "starts_with" => PgType::Bool,
+        "jsonb_set" | "jsonb_strip_nulls" => PgType::Jsonb,
+        "to_timestamp" => PgType::Timestamptz,
         "pg_try_advisory_lock" | "pg_advisory_unlock" => PgType::Bool,
         "pg_advisory_lock" | "pg_advisory_unlock_all" => PgType::Text,
         _ => return None,
@@ -2335,6 +2370,29 @@ impl VisitorMut for Rewrite<'_, '_> {
             {
                 *e = call_with("cutover_current_date", vec![]);
             }
+            // SQL's keyword forms, as SQLite's functions.
+            Expr::Position { expr, r#in } => {
+                let needle = std::mem::replace(expr.as_mut(), Expr::value(Value::Null));
+                let haystack = std::mem::replace(r#in.as_mut(), Expr::value(Value::Null));
+                *e = call2("strpos", haystack, needle);
+            }
+            Expr::Substring {
+                expr,
+                substring_from,
+                substring_for,
+                ..
+            } => {
+                let mut args = vec![std::mem::replace(expr.as_mut(), Expr::value(Value::Null))];
+                args.push(
+                    substring_from
+                        .take()
+                        .map_or(Expr::value(Value::Number("1".into(), false)), |f| *f),
+                );
+                if let Some(n) = substring_for.take() {
+                    args.push(*n);
+                }
+                *e = call_with("substr", args);
+            }
             Expr::Extract { field, expr, .. } => {
                 let date = expr_type(expr, self.scope) == Some(PgType::Date);
                 let inner = std::mem::replace(expr.as_mut(), Expr::value(Value::Null));
@@ -2409,6 +2467,22 @@ impl VisitorMut for Rewrite<'_, '_> {
                     }
                     _ => None,
                 };
+                // Computed in doubles: a numeric argument would get a
+                // double's digits, not PostgreSQL's numeric result.
+                if matches!(
+                    name.as_str(),
+                    "sqrt" | "exp" | "ln" | "log" | "log10" | "power" | "pow" | "cbrt"
+                ) && arg == Some(PgType::Numeric)
+                {
+                    return self.refuse(&format!(
+                        "{name}() of numeric (cast it to double precision)"
+                    ));
+                }
+                if name == "string_agg" {
+                    f.name =
+                        ObjectName(vec![ObjectNamePart::Identifier(Ident::new("group_concat"))]);
+                    return ControlFlow::Continue(());
+                }
                 if name == "array_agg" {
                     // Arrays of what PostgreSQL and the file spell alike
                     // (catalog queries aggregate names and numbers).
@@ -2513,6 +2587,53 @@ fn known_function(name: &str) -> bool {
 /// Functions SQLite or the engine provides with PostgreSQL's meaning
 /// (the engine's own `cutover_*` helpers included).
 const KNOWN_FUNCTIONS: &[&str] = &[
+    "substr",
+    "substring",
+    // builtins.rs
+    "split_part",
+    "strpos",
+    "left",
+    "right",
+    "lpad",
+    "rpad",
+    "initcap",
+    "repeat",
+    "reverse",
+    "concat_ws",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "translate",
+    "btrim",
+    "starts_with",
+    "md5",
+    "chr",
+    "ascii",
+    "ceil",
+    "ceiling",
+    "floor",
+    "sign",
+    "exp",
+    "cbrt",
+    "sqrt",
+    "ln",
+    "log",
+    "log10",
+    "power",
+    "pow",
+    "pi",
+    "mod",
+    "trunc",
+    "jsonb_array_length",
+    "json_array_length",
+    "jsonb_typeof",
+    "json_typeof",
+    "jsonb_extract_path_text",
+    "json_extract_path_text",
+    "jsonb_strip_nulls",
+    "jsonb_set",
+    "clock_timestamp",
+    "to_timestamp",
     "regexp_replace",
     "array_agg",
     "count",
@@ -2911,6 +3032,10 @@ fn column_name(e: &Expr) -> Option<String> {
         Expr::Function(f) => last_part(&f.name).to_ascii_lowercase(),
         Expr::Case { .. } => "case".to_string(),
         Expr::Exists { .. } => "exists".to_string(),
+        Expr::Position { .. } => "position".to_string(),
+        Expr::Substring { .. } => "substring".to_string(),
+        Expr::Ceil { .. } => "ceil".to_string(),
+        Expr::Floor { .. } => "floor".to_string(),
         Expr::Value(v) if matches!(v.value, Value::Boolean(_)) => "bool".to_string(),
         Expr::Cast {
             expr, data_type, ..
