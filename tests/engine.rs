@@ -224,6 +224,7 @@ const READS: &[&str] = &[
     "SELECT ceil(2.5), floor(-2.5), ceil(7), mod(-7, 3), power(2, 10), sqrt(2), ln(2), log(1000), exp(1), sign(-3), trunc(2.345, 1), greatest(1, NULL, 3), least('b', 'a'), pi(), repeat('ab', 2), btrim('xxaxx', 'x'), chr(65), ascii('A')",
     "SELECT jsonb_set('{\"a\":1}'::jsonb, '{a}', '2'), jsonb_set('{\"a\":[1,2]}'::jsonb, '{a,-1}', '9'), jsonb_array_length('[1,2,3]'::jsonb), jsonb_typeof('{}'::jsonb), jsonb_extract_path_text('{\"a\":{\"b\":1}}'::jsonb, 'a', 'b'), jsonb_strip_nulls('{\"a\":null,\"b\":[1]}'::jsonb), to_timestamp(1700000000.5)",
     "SELECT string_agg(email, ',' ORDER BY id DESC) FROM {u} WHERE id < 4",
+    "SELECT id, to_char(created_at, 'YYYY-MM-DD HH24:MI:SS'), to_char(created_at, 'FMDay, FMMonth DD YYYY HH12:MI AM'), to_char(created_at, 'IYYY-IW-ID Q DDD'), to_char(birthday, 'DD Mon YYYY') FROM {u} ORDER BY id LIMIT 6",
     // LIKE's default escape is the backslash; E'' strings carry escapes.
     "SELECT 'a_b' LIKE 'a\\_b', 'ab' LIKE 'a\\_b', 'a%' LIKE 'a\\%', 'A_b' ILIKE 'a\\_B', 'a_b' LIKE 'a#_b' ESCAPE '#', E'x\\\\y' = 'x\\y', E'a\\tb'",
     "SELECT count(*) FROM {u} WHERE email LIKE E'user1\\_%' OR email NOT LIKE 'user_%'",

@@ -256,6 +256,22 @@ pub fn install(conn: &Connection) -> rusqlite::Result<()> {
             .unwrap_or(0);
         Ok(crate::types::iso_text(micros))
     })?;
+    // to_char of a date or time (the translator refuses other types).
+    conn.create_scalar_function("to_char", 2, det, |ctx| {
+        let (v, Some(format)) = (ctx.get_raw(0), text(ctx, 1)) else {
+            return Ok(None);
+        };
+        if matches!(v, ValueRef::Null) {
+            return Ok(None);
+        }
+        let micros = crate::functions::micros_of(v).ok_or_else(|| {
+            err(format!(
+                "invalid input syntax for type timestamp with time zone: \"{}\"",
+                cutover_sqlite::value::raw(v)
+            ))
+        })?;
+        Ok(Some(to_char(micros, &format)))
+    })?;
     conn.create_scalar_function("to_timestamp", 1, det, |ctx| {
         Ok(match float(ctx, 0)? {
             None => None,
@@ -586,4 +602,208 @@ fn set_path(
         }
         _ => {}
     }
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
+
+/// A to_char pattern's output, given the pattern as written (its case).
+type Pattern<'a> = Box<dyn Fn(&str) -> String + 'a>;
+
+/// PostgreSQL's `to_char` of a time (UTC, the engine's only zone):
+/// the date and time patterns, `FM` to drop padding, `"…"` literals.
+fn to_char(micros: i64, format: &str) -> String {
+    let days = micros.div_euclid(86_400_000_000);
+    let in_day = micros.rem_euclid(86_400_000_000);
+    let (y, m, d) = crate::types::civil_from_days(days);
+    let (h, mi, sec) = (
+        in_day / 3_600_000_000,
+        in_day / 60_000_000 % 60,
+        in_day / 1_000_000 % 60,
+    );
+    let us = in_day % 1_000_000;
+    let dow = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let doy = days - crate::types::days_from_civil(y, 1, 1) + 1;
+    let h12 = if h % 12 == 0 { 12 } else { h % 12 };
+    // ISO 8601: weeks start on Monday; week 1 holds the year's first
+    // Thursday.
+    let iso_dow = (dow as i64 + 6) % 7 + 1;
+    let thursday = days + 4 - iso_dow;
+    let (iso_year, _, _) = crate::types::civil_from_days(thursday);
+    let iso_week = (thursday - crate::types::days_from_civil(iso_year, 1, 1)) / 7 + 1;
+    let mut out = String::new();
+    let mut rest = format;
+    // Case of a name pattern: all upper, capitalized, or all lower.
+    let cased = |pattern: &str, name: &str| -> String {
+        if pattern
+            .chars()
+            .nth(1)
+            .is_some_and(|c| c.is_ascii_uppercase())
+        {
+            name.to_uppercase()
+        } else if pattern.starts_with(|c: char| c.is_ascii_uppercase()) {
+            name.to_string()
+        } else {
+            name.to_lowercase()
+        }
+    };
+    while !rest.is_empty() {
+        let fill = !rest.starts_with("FM");
+        if !fill {
+            rest = &rest[2..];
+        }
+        let num = |n: i64, width: usize| {
+            if fill {
+                format!("{n:0width$}")
+            } else {
+                n.to_string()
+            }
+        };
+        let name = |pattern: &str, full: &str, short: bool| {
+            let n = cased(pattern, if short { &full[..3] } else { full });
+            if fill && !short {
+                format!("{n:<9}")
+            } else {
+                n
+            }
+        };
+        // Longest patterns first, as PostgreSQL matches them.
+        let patterns: [(&str, Pattern<'_>); 41] = [
+            ("SSSSS", Box::new(|_| (in_day / 1_000_000).to_string())),
+            ("SSSS", Box::new(|_| (in_day / 1_000_000).to_string())),
+            ("IYYY", Box::new(|_| num(iso_year, 4))),
+            ("YYYY", Box::new(|_| num(y, 4))),
+            ("HH24", Box::new(|_| num(h, 2))),
+            ("HH12", Box::new(|_| num(h12, 2))),
+            (
+                "MONTH",
+                Box::new(|p| name(p, MONTHS[(m - 1) as usize], false)),
+            ),
+            (
+                "Month",
+                Box::new(|p| name(p, MONTHS[(m - 1) as usize], false)),
+            ),
+            (
+                "month",
+                Box::new(|p| name(p, MONTHS[(m - 1) as usize], false)),
+            ),
+            (
+                "A.M.",
+                Box::new(|_| if h < 12 { "A.M." } else { "P.M." }.to_string()),
+            ),
+            (
+                "P.M.",
+                Box::new(|_| if h < 12 { "A.M." } else { "P.M." }.to_string()),
+            ),
+            (
+                "a.m.",
+                Box::new(|_| if h < 12 { "a.m." } else { "p.m." }.to_string()),
+            ),
+            (
+                "p.m.",
+                Box::new(|_| if h < 12 { "a.m." } else { "p.m." }.to_string()),
+            ),
+            ("DAY", Box::new(|p| name(p, DAYS[dow], false))),
+            ("Day", Box::new(|p| name(p, DAYS[dow], false))),
+            ("day", Box::new(|p| name(p, DAYS[dow], false))),
+            ("YYY", Box::new(|_| num(y % 1000, 3))),
+            ("MON", Box::new(|p| name(p, MONTHS[(m - 1) as usize], true))),
+            ("Mon", Box::new(|p| name(p, MONTHS[(m - 1) as usize], true))),
+            ("mon", Box::new(|p| name(p, MONTHS[(m - 1) as usize], true))),
+            ("DDD", Box::new(|_| num(doy, 3))),
+            ("DY", Box::new(|p| name(p, DAYS[dow], true))),
+            ("Dy", Box::new(|p| name(p, DAYS[dow], true))),
+            ("dy", Box::new(|p| name(p, DAYS[dow], true))),
+            ("YY", Box::new(|_| num(y % 100, 2))),
+            ("IW", Box::new(|_| num(iso_week, 2))),
+            ("ID", Box::new(|_| iso_dow.to_string())),
+            ("WW", Box::new(|_| num((doy - 1) / 7 + 1, 2))),
+            ("CC", Box::new(|_| num((y - 1) / 100 + 1, 2))),
+            ("W", Box::new(|_| ((d - 1) / 7 + 1).to_string())),
+            ("J", Box::new(|_| (days + 2_440_588).to_string())),
+            ("MM", Box::new(|_| num(m, 2))),
+            ("DD", Box::new(|_| num(d, 2))),
+            ("HH", Box::new(|_| num(h12, 2))),
+            ("MI", Box::new(|_| num(mi, 2))),
+            ("SS", Box::new(|_| num(sec, 2))),
+            ("MS", Box::new(|_| num(us / 1000, 3))),
+            ("US", Box::new(|_| num(us, 6))),
+            (
+                "AM",
+                Box::new(|_| if h < 12 { "AM" } else { "PM" }.to_string()),
+            ),
+            (
+                "PM",
+                Box::new(|_| if h < 12 { "AM" } else { "PM" }.to_string()),
+            ),
+            ("TZ", Box::new(|_| "UTC".to_string())),
+        ];
+        // Number patterns match in either case (`hh24:mi`); names by
+        // their case, which sets the output's.
+        let numeric = |p: &str| {
+            p.chars()
+                .all(|c| c.is_ascii_digit() || "YMDHISUWCJ".contains(c))
+        };
+        let found = patterns.iter().find(|(p, _)| {
+            rest.starts_with(p)
+                || (numeric(p)
+                    && rest
+                        .get(..p.len())
+                        .is_some_and(|r| r.eq_ignore_ascii_case(p)))
+        });
+        if let Some((p, f)) = found {
+            out.push_str(&f(p));
+            rest = &rest[p.len()..];
+            continue;
+        }
+        let lower_ampm = [("am", h < 12), ("pm", h < 12)];
+        if let Some((p, morning)) = lower_ampm.iter().find(|(p, _)| rest.starts_with(p)) {
+            out.push_str(if *morning { "am" } else { "pm" });
+            rest = &rest[p.len()..];
+            continue;
+        }
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let end = quoted.find('"').unwrap_or(quoted.len());
+            out.push_str(&quoted[..end]);
+            rest = quoted.get(end + 1..).unwrap_or("");
+            continue;
+        }
+        if rest.starts_with('D') {
+            out.push_str(&(dow + 1).to_string());
+            rest = &rest[1..];
+            continue;
+        }
+        if rest.starts_with('Q') {
+            out.push_str(&((m - 1) / 3 + 1).to_string());
+            rest = &rest[1..];
+            continue;
+        }
+        let mut chars = rest.chars();
+        if let Some(c) = chars.next() {
+            out.push(c);
+        }
+        rest = chars.as_str();
+    }
+    out
 }

@@ -1558,7 +1558,9 @@ fn function_type(f: &Function, scope: &Scope) -> Option<PgType> {
         | "statement_timestamp"
         | "transaction_timestamp"
         | "clock_timestamp" => PgType::Timestamptz,
-        "date_trunc" | "cutover_date_trunc" | "cutover_ts_add" => PgType::Timestamptz,
+        "date_trunc" | "cutover_date_trunc" | "cutover_ts_add" | "cutover_ts_text" => {
+            PgType::Timestamptz
+        }
         "current_date" | "cutover_current_date" | "cutover_date_add" => PgType::Date,
         "date_part" | "cutover_date_part" => PgType::Float8,
         "cutover_extract"
@@ -2478,6 +2480,30 @@ impl VisitorMut for Rewrite<'_, '_> {
                         "{name}() of numeric (cast it to double precision)"
                     ));
                 }
+                if name == "to_char"
+                    && !matches!(
+                        arg,
+                        Some(PgType::Timestamptz | PgType::Timestamp | PgType::Date)
+                    )
+                {
+                    // PostgreSQL has no to_char of text or booleans.
+                    if let Some(t) =
+                        arg.filter(|t| matches!(category(*t), 'S' | 'B' | 'J' | 'j' | 'U' | 'X'))
+                    {
+                        if self.error.is_none() {
+                            self.error = Some(SqlError::new(
+                                "42883",
+                                format!("function to_char({}, unknown) does not exist", t.name()),
+                            ));
+                        }
+                        return ControlFlow::Break(());
+                    }
+                    return self.refuse(&format!(
+                        "to_char of {}",
+                        arg.map(|t| t.name())
+                            .unwrap_or("an expression of unknown type")
+                    ));
+                }
                 if name == "string_agg" {
                     f.name =
                         ObjectName(vec![ObjectNamePart::Identifier(Ident::new("group_concat"))]);
@@ -2590,6 +2616,7 @@ const KNOWN_FUNCTIONS: &[&str] = &[
     "substr",
     "substring",
     // builtins.rs
+    "to_char",
     "split_part",
     "strpos",
     "left",
