@@ -422,6 +422,20 @@ async fn writes_keep_ids_constraints_and_the_files_conventions() {
             );
             assert_eq!(be, bp, "{}: {sql}", style.name());
         }
+        // ISO text keeps microseconds (epoch columns keep their own
+        // precision, README).
+        if matches!(style, Style::Hand) {
+            let fine = SystemTime::UNIX_EPOCH + Duration::from_micros(1_750_000_000_123_456);
+            let sql = sides.sql(
+                "UPDATE {u} SET created_at = $1 WHERE email = $2 RETURNING created_at, created_at = '2025-06-15 15:06:40.123456+00'",
+            );
+            let params: Vec<&(dyn ToSql + Sync)> = vec![&fine, &"u2@example.com"];
+            let (be, bp) = (
+                extended(&e, &sql, &params).await,
+                extended(&p, &sql, &params).await,
+            );
+            assert_eq!(be, bp, "microseconds: {sql}");
+        }
         // The file keeps its own storage forms for what the engine wrote.
         let file = cutover_sqlite::rusqlite::Connection::open(&sides.file).unwrap();
         let (admin, created): (

@@ -836,21 +836,9 @@ pub fn to_storage(ty: PgType, codec: Option<Codec>, text: &str) -> Result<Value,
     })
 }
 
-/// A time as ISO-8601 UTC text with milliseconds, as JavaScript's
-/// `toISOString` writes it (the form ORMs leave in SQLite files).
-pub fn iso_text(micros: i64) -> String {
-    let days = micros.div_euclid(86_400_000_000);
-    let in_day = micros.rem_euclid(86_400_000_000);
-    let (y, m, d) = civil_from_days(days);
-    let ms = in_day / 1000;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        ms / 3_600_000,
-        ms / 60_000 % 60,
-        ms / 1000 % 60,
-        ms % 1000
-    )
-}
+/// A time as the file's ISO text: milliseconds as JavaScript's
+/// `toISOString` writes them, microseconds when the time has them.
+pub use cutover_sqlite::value::iso_text;
 
 #[cfg(test)]
 mod tests {

@@ -153,7 +153,7 @@ impl Column {
                     Codec::Time(TimeCodec::UnixSeconds) => {
                         Value::Integer(micros.div_euclid(1_000_000))
                     }
-                    _ => Value::Text(iso_millis(micros)),
+                    _ => Value::Text(iso_text(micros)),
                 }
             }
             "bytea" => {
@@ -175,7 +175,7 @@ impl Column {
 /// `toISOString` writes it (the form ORMs leave in SQLite files), or with
 /// microseconds when the time has them (PostgreSQL's `now()` does), so
 /// nothing is cut off.
-fn iso_millis(micros: i64) -> String {
+pub fn iso_text(micros: i64) -> String {
     let seconds = micros.div_euclid(1_000_000);
     let text = epoch_text(seconds, 0);
     let date_time = text.trim_end_matches("+00").replacen(' ', "T", 1);
