@@ -23,6 +23,41 @@ use support::*;
 
 const TOKEN: &str = "sqlite-token";
 
+/// Every row of the file, read through the schema map `config` gives,
+/// equals PostgreSQL's value for value (convert's verify: content hashes
+/// per table, key by key where one differs); fails naming what differs.
+async fn assert_file_equals_postgresql(
+    file: &std::path::Path,
+    config: &str,
+    pg: &cutover_pgcluster::Cluster,
+) {
+    let columns = cutover_config::Config::from_toml(config)
+        .unwrap()
+        .schema_columns;
+    let map = SchemaMap::read_file(file, &columns, 1).unwrap();
+    let control = || async {
+        let (client, connection) = tokio_postgres::connect(
+            &conn_string(direct_addr(pg), SUPERUSER, SUPERUSER_PASSWORD),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let checks = cutover_sqlite::convert::verify(file, &map, &[control().await, control().await])
+        .await
+        .unwrap();
+    for check in &checks {
+        assert!(
+            check.clean(),
+            "{} differs: {:?}",
+            check.table,
+            check.differences
+        );
+    }
+}
+
 async fn wait_streaming_and_drained(server: &cutover::Server, file: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -241,35 +276,7 @@ async fn a_live_sqlite_file_is_copied_streamed_and_read_from_postgresql() {
     }
     neighbour.join().unwrap();
     wait_streaming_and_drained(&server, &file).await;
-    let map = SchemaMap::read_file(
-        &file,
-        &cutover_config::Config::from_toml(&config)
-            .unwrap()
-            .schema_columns,
-        1,
-    )
-    .unwrap();
-    let control = || async {
-        let (client, connection) = tokio_postgres::connect(
-            &conn_string(direct_addr(&pg), SUPERUSER, SUPERUSER_PASSWORD),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        client
-    };
-    let checks = cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
-        .await
-        .unwrap();
-    for check in &checks {
-        assert!(
-            check.clean(),
-            "{} differs: {:?}",
-            check.table,
-            check.differences
-        );
-    }
+    assert_file_equals_postgresql(&file, &config, &pg).await;
     server.shutdown().await;
 }
 
@@ -422,35 +429,7 @@ async fn sigkill_mid_copy_and_mid_apply_loses_nothing() {
         on_new as usize >= acknowledged.len(),
         "every acknowledged write reached PostgreSQL"
     );
-    let map = SchemaMap::read_file(
-        &file,
-        &cutover_config::Config::from_toml(&config)
-            .unwrap()
-            .schema_columns,
-        1,
-    )
-    .unwrap();
-    let control = || async {
-        let (client, connection) = tokio_postgres::connect(
-            &conn_string(direct_addr(&pg), SUPERUSER, SUPERUSER_PASSWORD),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        client
-    };
-    let checks = cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
-        .await
-        .unwrap();
-    for check in &checks {
-        assert!(
-            check.clean(),
-            "{} differs: {:?}",
-            check.table,
-            check.differences
-        );
-    }
+    assert_file_equals_postgresql(&file, &config, &pg).await;
 
     // With async commits (`sync = false`) the dial still gives each
     // session its own writes: a read right after the session's commit,
@@ -722,35 +701,7 @@ async fn walk(style: Style) {
             acknowledged.len()
         );
     }
-    let map = SchemaMap::read_file(
-        &file,
-        &cutover_config::Config::from_toml(&config)
-            .unwrap()
-            .schema_columns,
-        1,
-    )
-    .unwrap();
-    let control = || async {
-        let (client, connection) = tokio_postgres::connect(
-            &conn_string(direct_addr(&pg), SUPERUSER, SUPERUSER_PASSWORD),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        client
-    };
-    let checks = cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
-        .await
-        .unwrap();
-    for check in &checks {
-        assert!(
-            check.clean(),
-            "{} differs: {:?}",
-            check.table,
-            check.differences
-        );
-    }
+    assert_file_equals_postgresql(&file, &config, &pg).await;
     let finalized = admin_ok(&server, "POST", "/v1/finalize", "{}", Some(TOKEN));
     assert!(
         finalized["dropped"].to_string().contains("old:capture"),
@@ -945,35 +896,7 @@ async fn sigkill_in_each_phase_after_promote_loses_nothing() {
             .unwrap();
         assert_eq!(n, 1, "acknowledged write {slug} is in the file once");
     }
-    let map = SchemaMap::read_file(
-        &file,
-        &cutover_config::Config::from_toml(&config)
-            .unwrap()
-            .schema_columns,
-        1,
-    )
-    .unwrap();
-    let control = || async {
-        let (client, connection) = tokio_postgres::connect(
-            &conn_string(direct_addr(&pg), SUPERUSER, SUPERUSER_PASSWORD),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        client
-    };
-    let checks = cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
-        .await
-        .unwrap();
-    for check in &checks {
-        assert!(
-            check.clean(),
-            "{} differs: {:?}",
-            check.table,
-            check.differences
-        );
-    }
+    assert_file_equals_postgresql(&file, &config, &pg).await;
 
     // Rolled back: the file is the primary again; SIGKILL under the writes
     // and the forward stream resumes; PostgreSQL gets every acknowledged
@@ -1035,17 +958,7 @@ async fn sigkill_in_each_phase_after_promote_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for check in cutover_sqlite::convert::verify(&file, &map, &[control().await, control().await])
-        .await
-        .unwrap()
-    {
-        assert!(
-            check.clean(),
-            "{} differs: {:?}",
-            check.table,
-            check.differences
-        );
-    }
+    assert_file_equals_postgresql(&file, &config, &pg).await;
 
     // Promoted again and finalized; a restart keeps the finalized phase,
     // writes go to PostgreSQL and the file holds no capture.

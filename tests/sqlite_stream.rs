@@ -72,13 +72,21 @@ fn writes(conn: &Connection, style: Style, round: i64) {
     .unwrap();
 }
 
-/// The tables without a key, which capture refuses, as skipped ones.
-fn keyless(map: &SchemaMap) -> Vec<(String, String)> {
-    map.tables
+/// The map capture takes: the tables with a key, those without (which
+/// capture refuses) moved to the skipped ones.
+fn keyed(map: &SchemaMap) -> Arc<SchemaMap> {
+    let (tables, keyless): (Vec<_>, Vec<_>) = map
+        .tables
         .iter()
-        .filter(|t| t.primary_key.is_empty())
-        .map(|t| (t.name.clone(), "no key".to_string()))
-        .collect()
+        .cloned()
+        .partition(|t| !t.primary_key.is_empty());
+    Arc::new(SchemaMap {
+        tables,
+        skipped: keyless
+            .into_iter()
+            .map(|t| (t.name, "no key".to_string()))
+            .collect(),
+    })
 }
 
 /// A table with a partial unique index, as soft-deleting apps have: one
@@ -132,16 +140,8 @@ async fn captured_writes_stream_into_postgresql_and_compare_equal() {
             .filter(|p| p.contains("no primary key"))
             .count();
         assert_eq!(unkeyed, problems.len(), "{problems:?}");
-        let keyed = Arc::new(SchemaMap {
-            tables: map
-                .tables
-                .iter()
-                .filter(|t| !t.primary_key.is_empty())
-                .cloned()
-                .collect(),
-            // (The keyless table stays out of this test's capture.)
-            skipped: keyless(&map),
-        });
+        // (The keyless table stays out of this test's capture.)
+        let keyed = keyed(&map);
         writes(&app, style, 1);
         cutover_sqlite::capture::install(&app, &keyed).unwrap();
         assert_eq!(cutover_sqlite::capture::last_seq(&app).unwrap(), 0);
@@ -236,14 +236,7 @@ async fn a_copy_under_concurrent_writes_and_the_stream_converge() {
     );
     let config = cutover_config::Config::from_toml(&config_text).unwrap();
     let map = SchemaMap::read_file(&file, &config.schema_columns, 1).unwrap();
-    let keyed = Arc::new(SchemaMap {
-        skipped: keyless(&map),
-        tables: map
-            .tables
-            .into_iter()
-            .filter(|t| !t.primary_key.is_empty())
-            .collect(),
-    });
+    let keyed = keyed(&map);
     let app = Connection::open(&file).unwrap();
     cutover_sqlite::capture::install(&app, &keyed).unwrap();
 
@@ -322,14 +315,7 @@ async fn a_schema_change_in_the_file_stops_the_stream_naming_it() {
     drop(sqlite_app::build(&file, style, 20));
     let pg = support::cluster(HostAuth::ScramSha256);
     let map = SchemaMap::read_file(&file, &[], 1).unwrap();
-    let keyed = Arc::new(SchemaMap {
-        skipped: keyless(&map),
-        tables: map
-            .tables
-            .into_iter()
-            .filter(|t| !t.primary_key.is_empty())
-            .collect(),
-    });
+    let keyed = keyed(&map);
     let app = Connection::open(&file).unwrap();
     cutover_sqlite::capture::install(&app, &keyed).unwrap();
     let config_path = dir.join("convert.toml");

@@ -36,13 +36,7 @@ pub(crate) fn add_constraint(
             format!("ALTER TABLE {table} ADD {constraint}: {why}"),
         )
     };
-    let sql: String = conn
-        .query_row(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [table],
-            |r| r.get(0),
-        )
-        .map_err(sqlite)?;
+    let sql = create_statement(conn, table).map_err(sqlite)?;
     let close = column_list_end(&sql)
         .ok_or_else(|| refuse("cutover cannot find the end of its column list".to_string()))?;
     let new_sql = format!("{}, {constraint}{}", &sql[..close], &sql[close..]);
@@ -51,10 +45,7 @@ pub(crate) fn add_constraint(
     rewrite_create(conn, table, &new_sql, map, adds_key, |before, after| {
         before == after
     })
-    .map_err(|why| match why {
-        Rewrite::Refused(why) => refuse(why),
-        Rewrite::Failed(f) => f,
-    })?;
+    .map_err(|why| why.into_failure(refuse))?;
     match verify {
         Verify::Nothing => Ok(()),
         Verify::ForeignKeys(name) => {
@@ -107,11 +98,14 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// Where a CREATE TABLE statement's column list closes: the parenthesis
-/// matching its first, past strings, quoted names and comments.
-fn column_list_end(sql: &str) -> Option<usize> {
+/// A CREATE TABLE statement's column list: the byte ranges of its
+/// top-level items (columns and table constraints) and where it closes
+/// (the parenthesis matching its first), past strings, quoted names and
+/// comments.
+fn column_list(sql: &str) -> Option<(Vec<(usize, usize)>, usize)> {
     let b = sql.as_bytes();
-    let mut depth = 0usize;
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
     let mut i = 0;
     while i < b.len() {
         match b[i] {
@@ -138,11 +132,21 @@ fn column_list_end(sql: &str) -> Option<usize> {
                 }
                 i += 1;
             }
-            b'(' => depth += 1,
+            b'(' => {
+                depth += 1;
+                if depth == 1 {
+                    start = i + 1;
+                }
+            }
+            b',' if depth == 1 => {
+                items.push((start, i));
+                start = i + 1;
+            }
             b')' => {
                 depth = depth.checked_sub(1)?;
                 if depth == 0 {
-                    return Some(i);
+                    items.push((start, i));
+                    return Some((items, i));
                 }
             }
             _ => {}
@@ -150,6 +154,11 @@ fn column_list_end(sql: &str) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// Where a CREATE TABLE statement's column list closes.
+fn column_list_end(sql: &str) -> Option<usize> {
+    column_list(sql).map(|(_, close)| close)
 }
 
 /// Changes one column's definition in `table`'s CREATE statement, inside
@@ -173,13 +182,7 @@ pub(crate) fn alter_column(
             format!("ALTER TABLE {table} ALTER COLUMN {column}: {why}"),
         )
     };
-    let sql: String = conn
-        .query_row(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [table],
-            |r| r.get(0),
-        )
-        .map_err(sqlite)?;
+    let sql = create_statement(conn, table).map_err(sqlite)?;
     let (start, end) = column_definition(&sql, column).ok_or_else(|| {
         refuse("cutover cannot find its definition in the table's CREATE statement".to_string())
     })?;
@@ -273,57 +276,43 @@ pub(crate) fn alter_column(
         }
     }
     let new_sql = format!("{}{new_item}{}", &sql[..start], &sql[end..]);
-    let expected = |row: &str| -> String {
-        // name type notnull default pk, as the shape query below spells it
-        let mut parts: Vec<String> = row.split('\u{1f}').map(str::to_string).collect();
-        match change {
-            ColumnChange::SetNotNull => parts[2] = "1".to_string(),
-            ColumnChange::DropNotNull => parts[2] = "0".to_string(),
-            ColumnChange::DropDefault => parts[3] = String::new(),
-            ColumnChange::SetDefault(_) | ColumnChange::Type { .. } => {}
-        }
-        parts.join("\u{1f}")
-    };
     rewrite_create(conn, table, &new_sql, map, false, |before, after| {
         before.len() == after.len()
             && before.iter().zip(after).all(|(b, a)| {
                 if b.starts_with(&format!("{column}\u{1f}")) {
-                    let (e, a) = (expected(b), a.clone());
-                    match change {
-                        // The new default or type is the one asked for;
-                        // the rest of the column must be as expected.
-                        ColumnChange::SetDefault(_) | ColumnChange::Type { .. } => {
-                            let keep = |s: &str, skip: usize| -> Vec<String> {
-                                s.split('\u{1f}')
-                                    .enumerate()
-                                    .filter(|(i, _)| *i != skip)
-                                    .map(|(_, x)| x.to_string())
-                                    .collect()
-                            };
-                            let skip = if matches!(change, ColumnChange::Type { .. }) {
-                                1
-                            } else {
-                                3
-                            };
-                            keep(&e, skip) == keep(&a, skip)
-                        }
-                        _ => e == a,
-                    }
+                    changed_as_asked(b, a, change)
                 } else {
                     b == a
                 }
             })
     })
-    .map_err(|why| match why {
-        Rewrite::Refused(why) => refuse(why),
-        Rewrite::Failed(f) => f,
-    })
+    .map_err(|why| why.into_failure(refuse))
 }
 
 /// Why a CREATE statement was not rewritten.
 enum Rewrite {
     Refused(String),
     Failed(Failure),
+}
+
+impl Rewrite {
+    /// The error for the client: a refusal worded by `refuse`, or the
+    /// failure as it came.
+    fn into_failure(self, refuse: impl Fn(String) -> Failure) -> Failure {
+        match self {
+            Rewrite::Refused(why) => refuse(why),
+            Rewrite::Failed(f) => f,
+        }
+    }
+}
+
+/// `table`'s CREATE statement as the file holds it.
+fn create_statement(conn: &Connection, table: &str) -> rusqlite::Result<String> {
+    conn.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [table],
+        |r| r.get(0),
+    )
 }
 
 /// Replaces `table`'s CREATE statement with `new_sql` by SQLite's
@@ -394,6 +383,26 @@ fn rewrite_create(
     Ok(())
 }
 
+/// Whether the changed column's row (`name␟type␟notnull␟default␟pk`)
+/// after the rewrite differs from the one before only as `change` asks:
+/// the NULL-ness set, the default dropped, or the default or type (whose
+/// new spelling is SQLite's) left free.
+fn changed_as_asked(before: &str, after: &str, change: &ColumnChange) -> bool {
+    let mut expected: Vec<&str> = before.split('\u{1f}').collect();
+    let mut got: Vec<&str> = after.split('\u{1f}').collect();
+    if expected.len() != 5 || got.len() != 5 {
+        return false;
+    }
+    match change {
+        ColumnChange::SetNotNull => expected[2] = "1",
+        ColumnChange::DropNotNull => expected[2] = "0",
+        ColumnChange::DropDefault => expected[3] = "",
+        ColumnChange::SetDefault(_) => (expected[3], got[3]) = ("", ""),
+        ColumnChange::Type { .. } => (expected[1], got[1]) = ("", ""),
+    }
+    expected == got
+}
+
 /// SQLite's affinity of a declared type (its rules, in their order).
 fn affinity(declared: &str) -> &'static str {
     let d = declared.to_ascii_uppercase();
@@ -429,41 +438,13 @@ fn type_family(declared: &str) -> &'static str {
 }
 
 /// The byte range of `column`'s definition among the items of a CREATE
-/// TABLE statement's column list.
+/// TABLE statement's column list (comments before it left out).
 fn column_definition(sql: &str, column: &str) -> Option<(usize, usize)> {
-    let close = column_list_end(sql)?;
-    let open = sql.find('(')?;
-    let mut items = Vec::new();
-    let b = sql.as_bytes();
-    let (mut depth, mut i, mut start) = (0usize, open + 1, open + 1);
-    while i < close {
-        match b[i] {
-            q @ (b'\'' | b'"' | b'`') => {
-                i += 1;
-                while i < close && b[i] != q {
-                    i += 1;
-                }
-            }
-            b'[' => {
-                while i < close && b[i] != b']' {
-                    i += 1;
-                }
-            }
-            b'(' => depth += 1,
-            b')' => depth = depth.saturating_sub(1),
-            b',' if depth == 0 => {
-                items.push((start, i));
-                start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    items.push((start, close));
+    let (items, _) = column_list(sql)?;
     items.into_iter().find_map(|(s, e)| {
         let text = &sql[s..e];
-        let lead = text.len() - text.trim_start().len();
-        let trimmed = text.trim();
+        let lead = text.len() - skip_comments(text).len();
+        let trimmed = text[lead..].trim_end();
         let name = match trimmed.as_bytes().first()? {
             b'"' => trimmed[1..].split('"').next()?.to_string(),
             b'`' => trimmed[1..].split('`').next()?.to_string(),
@@ -475,6 +456,20 @@ fn column_definition(sql: &str, column: &str) -> Option<(usize, usize)> {
         };
         (name == column).then(|| (s + lead, s + lead + trimmed.len()))
     })
+}
+
+/// `text` past leading whitespace and comments.
+fn skip_comments(mut text: &str) -> &str {
+    loop {
+        text = text.trim_start();
+        if let Some(rest) = text.strip_prefix("--") {
+            text = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(rest) = text.strip_prefix("/*") {
+            text = rest.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return text;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -494,6 +489,8 @@ mod tests {
         assert_eq!(def("price"), Some("`price` NUMERIC(10,2)"));
         assert_eq!(def("qty"), Some("qty INT NOT NULL"));
         assert_eq!(def("missing"), None);
+        // The column after a comment holding a comma and parentheses.
+        assert_eq!(def("id"), Some("\"id\" INTEGER PRIMARY KEY AUTOINCREMENT"));
     }
 
     #[test]
